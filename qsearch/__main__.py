@@ -1,0 +1,3 @@
+from qsearch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Calibration: one pass over the data -> per-tensor statistics -> ranges for every method.
+
+The pass records, for each candidate activation, its min/max and a fine histogram. MinMax,
+Percentile, Entropy (KL) and MSE ranges are pure functions of those statistics, so the search can
+try any method for any layer without touching the data again. Weight scales need no data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qsearch.errors import QsearchError
+
+METHODS = ("minmax", "entropy", "percentile", "mse")
+GRANULARITIES = ("per_channel", "per_tensor")
+NUM_BINS = 2048
+STATS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Running statistics of one tensor: exact min/max and a histogram over [lo, hi]."""
+
+    min: float
+    max: float
+    counts: np.ndarray  # int64, NUM_BINS
+    lo: float
+    hi: float
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.lo, self.hi, len(self.counts) + 1)
+
+    @property
+    def centers(self) -> np.ndarray:
+        e = self.edges
+        return (e[:-1] + e[1:]) / 2
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    tensors: Mapping[str, TensorStats]
+    samples: int
+    batches: int
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = {"__meta__": np.array([STATS_VERSION, self.samples, self.batches], dtype=np.int64)}
+        names = sorted(self.tensors)
+        arrays["__names__"] = np.array(names)
+        for i, n in enumerate(names):
+            s = self.tensors[n]
+            arrays[f"c{i}"] = s.counts
+            arrays[f"r{i}"] = np.array([s.min, s.max, s.lo, s.hi], dtype=np.float64)
+        tmp = Path(str(path) + ".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        with np.load(path, allow_pickle=False) as z:
+            version, samples, batches = (int(v) for v in z["__meta__"])
+            if version != STATS_VERSION:
+                raise ValueError("stale statistics cache")
+            tensors = {}
+            for i, n in enumerate(z["__names__"].tolist()):
+                mn, mx, lo, hi = z[f"r{i}"].tolist()
+                tensors[n] = TensorStats(mn, mx, z[f"c{i}"], lo, hi)
+        return cls(tensors, samples, batches)
+
+
+class _Histogram:
+    """Streaming histogram whose range grows; old counts are re-binned on growth."""
+
+    def __init__(self, bins: int = NUM_BINS):
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.lo = self.hi = None
+        self.min = np.inf
+        self.max = -np.inf
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        if x.size == 0:
+            return
+        mn, mx = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, mn), max(self.max, mx)
+        if self.lo is None:
+            lo, hi = mn, mx
+            if hi - lo < 1e-12:
+                lo, hi = lo - 1e-6, hi + 1e-6
+            self.lo, self.hi = lo, hi
+        elif mn < self.lo or mx > self.hi:
+            self._grow(min(mn, self.lo), max(mx, self.hi))
+        scale = self.bins / (self.hi - self.lo)
+        idx = np.clip(((x - self.lo) * scale).astype(np.int64), 0, self.bins - 1)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+    def _grow(self, lo: float, hi: float) -> None:
+        # Grow by at least 25% so a slowly widening tensor is not re-binned every batch.
+        width = self.hi - self.lo
+        lo = min(lo, self.lo - 0.25 * width) if lo < self.lo else lo
+        hi = max(hi, self.hi + 0.25 * width) if hi > self.hi else hi
+        old_centers = np.linspace(self.lo, self.hi, self.bins + 1)
+        old_centers = (old_centers[:-1] + old_centers[1:]) / 2
+        idx = np.clip(((old_centers - lo) * (self.bins / (hi - lo))).astype(np.int64), 0, self.bins - 1)
+        self.counts = np.bincount(idx, weights=self.counts, minlength=self.bins).astype(np.int64)
+        self.lo, self.hi = lo, hi
+
+    def stats(self) -> TensorStats:
+        if self.lo is None:
+            return TensorStats(0.0, 0.0, self.counts, -1e-6, 1e-6)
+        return TensorStats(self.min, self.max, self.counts, self.lo, self.hi)
+
+
+def collect(
+    model: onnx.ModelProto,
+    tensors: Iterable[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    threads: int = 0,
+) -> CalibrationStats:
+    """The single calibration pass: every candidate tensor is a graph output of one session."""
+    import onnxruntime as ort
+
+    names = sorted(set(tensors))
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    present = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in present:
+            m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    hists = {n: _Histogram() for n in names}
+    samples = batches = 0
+    for feed in feeds:
+        outs = sess.run(names, dict(feed))
+        for n, arr in zip(names, outs):
+            hists[n].add(arr)
+        batches += 1
+        samples += len(next(iter(feed.values())))
+    if batches == 0:
+        raise QsearchError("calibration data is empty: no batch to calibrate on")
+    return CalibrationStats({n: h.stats() for n, h in hists.items()}, samples, batches)
+
+
+def cache_key(*parts: str) -> str:
+    h = hashlib.sha256(f"stats-v{STATS_VERSION}".encode())
+    for p in parts:
+        h.update(b"\0" + p.encode())
+    return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------- ranges (pure functions)
+
+
+def tensor_range(s: TensorStats, method: str, percentile: float = 99.99) -> tuple[float, float]:
+    """The [rmin, rmax] to quantize a tensor with, always containing 0 (uint8 asymmetric)."""
+    if method == "minmax":
+        lo, hi = s.min, s.max
+    elif method == "percentile":
+        lo, hi = _percentile_range(s, percentile)
+    elif method == "entropy":
+        lo, hi = _entropy_range(s)
+    elif method == "mse":
+        lo, hi = _mse_range(s)
+    else:
+        raise ValueError(f"unknown calibration method {method!r}")
+    return float(min(lo, 0.0)), float(max(hi, 0.0))
+
+
+def _percentile_range(s: TensorStats, p: float) -> tuple[float, float]:
+    total = s.counts.sum()
+    if total == 0:
+        return s.min, s.max
+    cdf = np.cumsum(s.counts) / total
+    edges = s.edges
+    hi = edges[1:][min(np.searchsorted(cdf, p / 100.0), len(cdf) - 1)]
+    lo = s.min
+    if s.min < 0:  # two-sided: clip the low tail the same way
+        lo = edges[:-1][min(np.searchsorted(cdf, 1.0 - p / 100.0), len(cdf) - 1)]
+    return max(lo, s.min), min(hi, s.max)
+
+
+def _abs_histogram(s: TensorStats) -> tuple[np.ndarray, float]:
+    """Histogram of |x| over [0, max|x|] (same bin count), from the signed histogram."""
+    amax = max(abs(s.lo), abs(s.hi))
+    idx = np.clip((np.abs(s.centers) / amax * len(s.counts)).astype(np.int64), 0, len(s.counts) - 1)
+    return np.bincount(idx, weights=s.counts, minlength=len(s.counts)), amax
+
+
+def kl_threshold(hist: np.ndarray, levels: int, stride: int = 8) -> int:
+    """TensorRT-style entropy calibration: the bin count whose clipped, `levels`-quantized
+    distribution is closest (KL divergence) to the reference; returns that bin count."""
+    hist = hist.astype(np.float64)
+    n = len(hist)
+    best_i, best_kl = n, np.inf
+    for i in range(max(levels, stride), n + 1, stride):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        nz = p > 0
+        # quantize the first i bins into `levels` groups, spread each group over its non-empty bins
+        groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
+        gsum = np.bincount(groups, weights=hist[:i], minlength=levels)
+        gnz = np.bincount(groups, weights=(hist[:i] > 0).astype(np.float64), minlength=levels)
+        q = np.where(hist[:i] > 0, gsum[groups] / np.maximum(gnz[groups], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if ps == 0 or qs == 0:
+            continue
+        pn, qn = p / ps, q / qs
+        ok = nz & (qn > 0)
+        # bins where P has mass but Q does not: penalize with a small epsilon instead of infinity
+        kl = float(np.sum(pn[ok] * np.log(pn[ok] / qn[ok])) + np.sum(pn[nz & ~ok]) * np.log(1e4))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+def _entropy_range(s: TensorStats) -> tuple[float, float]:
+    if s.counts.sum() == 0:
+        return s.min, s.max
+    if s.min >= 0:  # one-sided (post-ReLU): all 256 levels on [0, T]
+        i = kl_threshold(s.counts, 256)
+        return 0.0, min(s.lo + (s.hi - s.lo) * i / len(s.counts), s.max)
+    hist, amax = _abs_histogram(s)
+    i = kl_threshold(hist, 128)
+    t = amax * i / len(hist)
+    return max(-t, s.min), min(t, s.max)
+
+
+def _mse_range(s: TensorStats, steps: int = 100) -> tuple[float, float]:
+    """Shrink [min, max] towards 0 by the factor that minimizes expected quantization MSE."""
+    if s.counts.sum() == 0:
+        return s.min, s.max
+    lo0, hi0 = min(s.min, 0.0), max(s.max, 0.0)
+    alphas = np.linspace(0.05, 1.0, steps)[:, None]
+    lo, hi = alphas * lo0, alphas * hi0
+    step = np.maximum((hi - lo) / 255.0, 1e-12)
+    c = s.centers[None, :]
+    clipped = np.clip(c, lo, hi)
+    err = (c - clipped) ** 2 + np.where((c >= lo) & (c <= hi), step**2 / 12.0, 0.0)
+    mse = (err * s.counts[None, :]).sum(axis=1)
+    a = float(alphas[int(np.argmin(mse)), 0])
+    return a * lo0, a * hi0
+
+
+def activation_qparams(rmin: float, rmax: float) -> tuple[np.float32, np.uint8]:
+    """uint8 asymmetric scale / zero point, the fast path for x86 VNNI kernels."""
+    rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)
+    if rmax - rmin < 1e-12:
+        return np.float32(1.0), np.uint8(0)
+    scale = (rmax - rmin) / 255.0
+    zp = int(np.clip(round(-rmin / scale), 0, 255))
+    return np.float32(scale), np.uint8(zp)
+
+
+def quantize_weight(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 symmetric weights ([-127, 127], zero point 0); scale per output channel or per tensor."""
+    w = np.asarray(w, dtype=np.float32)
+    if per_channel:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=red) if red else np.abs(w)
+    else:
+        amax = np.array(np.abs(w).max())
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    if per_channel:
+        shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale

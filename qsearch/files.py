@@ -1,0 +1,100 @@
+"""Safe file I/O shared by every stage: atomic writes and YAML that remembers line numbers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qsearch.errors import QsearchError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise QsearchError(f"{p}: cannot write output ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class LinedDict(dict):
+    """A YAML mapping that knows the line of each key, so errors can point at it."""
+
+    lines: dict[str, int]
+    line: int
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LinedDict:
+    loader.flatten_mapping(node)
+    d = LinedDict()
+    d.lines = {}
+    d.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in d:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        d[key] = loader.construct_object(value_node, deep=True)
+        d.lines[key] = key_node.start_mark.line + 1
+    return d
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Safe-load YAML (no Python objects) with line-aware mappings; one-line errors."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QsearchError(f"{p}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QsearchError(f"{p}: cannot read {what}: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise QsearchError(f"{p}:{where.split()[-1]}: YAML error: {problem}") from None
+
+
+def where(path: str | os.PathLike, mapping: Any, key: str | None = None) -> str:
+    """'file:line' for a key of a loaded mapping (or the mapping itself)."""
+    line = None
+    if isinstance(mapping, LinedDict):
+        line = mapping.lines.get(key) if key is not None else mapping.line
+    return f"{path}:{line}" if line else str(path)
+
+
+def check_keys(path: str | os.PathLike, mapping: Any, allowed: set[str], section: str) -> None:
+    if not isinstance(mapping, dict):
+        raise QsearchError(f"{where(path, mapping)}: '{section}' must be a mapping")
+    for key in mapping:
+        if key not in allowed:
+            raise QsearchError(
+                f"{where(path, mapping, key)}: unknown key '{section + '.' if section else ''}{key}'"
+                f" (expected one of: {', '.join(sorted(allowed))})"
+            )

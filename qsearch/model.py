@@ -1,0 +1,284 @@
+"""Load an ONNX model and prepare the float graph every later stage works on.
+
+Preparation mirrors what quantizers do first (ORT's `quant_pre_process`): opset 13+ for
+per-channel QDQ, ONNX Runtime's basic float optimizations (constant folding, BatchNorm and
+bias folding), shape inference. The result also lists the quantizable *layers*: a compute node
+plus the Relu/Clip that ONNX Runtime folds into its quantized kernel, named after the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qsearch.errors import QsearchError
+
+MIN_OPSET = 13
+# Ops whose int8 form ONNX Runtime runs as a fused kernel when wrapped in QDQ.
+LAYER_OPS = ("Conv", "Gemm", "MatMul", "Add", "Mul")
+# A single-consumer activation after a layer is quantized at its output (ORT drops it into the Q).
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+# Ops that only move or select values: their output may share their input's quantization.
+PASSTHROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One deployable quantization unit (what becomes a QLinearConv, QGemm, QLinearAdd...)."""
+
+    name: str
+    op_type: str
+    nodes: tuple[str, ...]  # the compute node, then a fused activation if any
+    activations: tuple[str, ...]  # float activation inputs that get Q/DQ
+    output: str  # tensor whose Q/DQ follows the unit
+    weight: str | None = None
+    bias: str | None = None
+    weight_axis: int = 0  # output-channel axis of the weight, for per-channel scales
+    macs: int = 0  # multiply-accumulates per sample
+    weight_bytes: int = 0  # FP32 bytes of weight + bias
+
+    @property
+    def has_weight(self) -> bool:
+        return self.weight is not None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]  # None for symbolic dims (usually the batch)
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The optimized float graph plus what every stage needs to know about it."""
+
+    name: str
+    fingerprint: str  # of the model as the user gave it, so plans bind to the user's file
+    proto: onnx.ModelProto
+    layers: tuple[Layer, ...]
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file, with its external weight data, or fail with a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise QsearchError(f"{p}: model file not found")
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # protobuf raises several unrelated types on garbage
+        raise QsearchError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise QsearchError(f"{p}: not a readable ONNX model (the graph has no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QsearchError(f"{p}: invalid ONNX model: {first}") from None
+    return model
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """Content hash of the graph (weights included) and opsets; names the model in plans."""
+    h = hashlib.sha256()
+    h.update(model.graph.SerializeToString(deterministic=True))
+    for op in sorted((o.domain, o.version) for o in model.opset_import):
+        h.update(repr(op).encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique, stable name: layer names in plans depend on it."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def _ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="qsearch-") as tmp:
+        out = os.path.join(tmp, "opt.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = out
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0]
+            raise QsearchError(f"model '{model.graph.name}': ONNX Runtime cannot load it: {msg}") from None
+        return onnx.load(out)
+
+
+def prepare(model: onnx.ModelProto, name: str = "model") -> PreparedModel:
+    """Opset upgrade, float optimizations and shape inference; inputs/outputs stay the same."""
+    fp = fingerprint(model)
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    _name_nodes(model)
+    if _default_opset(model) < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:
+            raise QsearchError(f"{name}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
+    model = _ort_basic_optimize(model)
+    model = onnx.shape_inference.infer_shapes(model)
+    inputs = tuple(_input_specs(model))
+    return PreparedModel(
+        name=name,
+        fingerprint=fp,
+        proto=model,
+        layers=tuple(find_layers(model)),
+        inputs=inputs,
+        outputs=tuple(o.name for o in model.graph.output),
+    )
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedModel:
+    return prepare(load_model(path), name=Path(path).stem)
+
+
+def _input_specs(model: onnx.ModelProto):
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        yield InputSpec(vi.name, dtype, shape)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Known tensor shapes, symbolic dims (the batch) counted as 1: MACs are per sample."""
+    out: dict[str, tuple[int, ...]] = {}
+    for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
+    for init in model.graph.initializer:
+        out[init.name] = tuple(init.dims)
+    return out
+
+
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
+    """Every node ONNX Runtime can run as an int8 kernel in QDQ form, in graph order."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    graph_outputs = {o.name for o in g.output}
+    shapes = _shapes(model)
+    layers = []
+    for node in g.node:
+        if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = bias = None
+        axis = 0
+        ins = [t for t in node.input if t]
+        if node.op_type == "Conv":
+            if len(ins) < 2 or ins[1] not in inits:
+                continue
+            acts, weight = (ins[0],), ins[1]
+            bias = ins[2] if len(ins) > 2 and ins[2] in inits else None
+        elif node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if ins[1] not in inits or attrs.get("transA", 0) or ins[0] in inits:
+                continue
+            acts, weight = (ins[0],), ins[1]
+            axis = 0 if attrs.get("transB", 0) else 1
+            bias = ins[2] if len(ins) > 2 and ins[2] in inits and len(inits[ins[2]].dims) == 1 else None
+            if bias is not None and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+                continue
+        elif node.op_type == "MatMul":
+            if ins[0] in inits:
+                continue
+            if ins[1] in inits:
+                if len(inits[ins[1]].dims) != 2:
+                    continue
+                acts, weight, axis = (ins[0],), ins[1], 1
+            else:
+                acts = (ins[0], ins[1])
+        else:  # Add / Mul: only between two activations (residuals, gates), not bias adds
+            if any(t in inits for t in ins) or len(set(ins)) != 2:
+                continue
+            acts = (ins[0], ins[1])
+        out = node.output[0]
+        unit = [node.name]
+        nxt = consumers.get(out, [])
+        if (
+            len(nxt) == 1
+            and nxt[0].op_type in FUSED_ACTIVATIONS
+            and out not in graph_outputs
+            and all(t in inits or t == out for t in nxt[0].input if t)
+        ):
+            unit.append(nxt[0].name)
+            out = nxt[0].output[0]
+        layers.append(
+            Layer(
+                name=node.name,
+                op_type=node.op_type,
+                nodes=tuple(unit),
+                activations=acts,
+                output=out,
+                weight=weight,
+                bias=bias,
+                weight_axis=axis,
+                macs=_macs(node, shapes, inits),
+                weight_bytes=4 * sum(int(np.prod(inits[t].dims)) for t in (weight, bias) if t),
+            )
+        )
+    return layers
+
+
+def _macs(node: onnx.NodeProto, shapes: dict, inits: dict) -> int:
+    out = shapes.get(node.output[0])
+    if out is None:
+        return 0
+    n_out = int(np.prod(out))
+    if node.op_type == "Conv":
+        w = tuple(inits[node.input[1]].dims)
+        return n_out * int(np.prod(w[1:]))
+    if node.op_type in ("Gemm", "MatMul"):
+        a = shapes.get(node.input[0])
+        if not a:
+            return 0
+        attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        k = a[0] if attrs.get("transA", 0) else a[-1]
+        return n_out * int(k)
+    return n_out
+
+
+def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    raise KeyError(name)

@@ -1,0 +1,268 @@
+"""The mixed-precision plan: what to do with each layer, and the ranges to do it with.
+
+A plan is self-contained (activation ranges included, so `apply` needs no data and is
+deterministic), bound to one model by fingerprint, and written with a stable key order so two
+plans diff cleanly in review.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from qsearch import __version__
+from qsearch.calibration import GRANULARITIES, METHODS, CalibrationStats, tensor_range
+from qsearch.errors import QsearchError
+from qsearch.files import atomic_write_text, check_keys, load_yaml, where
+from qsearch.model import PASSTHROUGH_OPS, PreparedModel
+
+SCHEMA_VERSION = 1
+PRECISIONS = ("int8", "fp16", "fp32")
+TARGETS = ("cpu", "fp16")  # cpu: float layers run FP32; fp16: GPU/NPU, float layers run FP16
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    precision: str = "int8"
+    calibration: str = "minmax"
+    granularity: str = "per_channel"
+
+    @property
+    def is_int8(self) -> bool:
+        return self.precision == "int8"
+
+    def label(self) -> str:
+        return f"int8/{self.calibration}/{self.granularity}" if self.is_int8 else self.precision
+
+    @classmethod
+    def parse(cls, label: str) -> LayerChoice:
+        parts = label.split("/")
+        if parts[0] == "int8" and len(parts) == 3:
+            return cls("int8", parts[1], parts[2])
+        return cls(parts[0])
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_name: str
+    fingerprint: str
+    target: str = "cpu"
+    defaults: LayerChoice = LayerChoice()
+    layers: Mapping[str, LayerChoice] = field(default_factory=dict)  # overrides, graph order
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    percentile: float = 99.99
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def choice(self, layer: str) -> LayerChoice:
+        return self.layers.get(layer, self.defaults)
+
+    def with_info(self, metrics: Mapping[str, Any] | None = None, **provenance: Any) -> Plan:
+        return replace(
+            self,
+            metrics={**self.metrics, **(metrics or {})},
+            provenance={**self.provenance, **provenance},
+        )
+
+    # ------------------------------------------------------------------ YAML
+    def to_yaml(self) -> str:
+        doc = {
+            "qsearch_plan": SCHEMA_VERSION,
+            "model": {"name": self.model_name, "fingerprint": self.fingerprint},
+            "target": self.target,
+            "defaults": _choice_dict(self.defaults, None),
+            "layers": {n: _choice_dict(c, self.defaults) for n, c in self.layers.items()},
+            "calibration": {"percentile": self.percentile},
+            "activation_ranges": {t: [_f(a), _f(b)] for t, (a, b) in sorted(self.ranges.items())},
+            "metrics": _plain(self.metrics),
+            "provenance": _plain({"qsearch": __version__, **self.provenance}),
+        }
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
+
+    def write(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Plan:
+        doc = load_yaml(path, "plan")
+        return cls.from_doc(doc, path)
+
+    @classmethod
+    def from_doc(cls, doc: Any, path: str | os.PathLike = "<plan>") -> Plan:
+        if not isinstance(doc, dict) or "qsearch_plan" not in doc:
+            raise QsearchError(f"{path}: not a qsearch plan (missing 'qsearch_plan' version key)")
+        version = doc["qsearch_plan"]
+        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+            raise QsearchError(
+                f"{where(path, doc, 'qsearch_plan')}: plan schema version {version!r} is not supported "
+                f"by qsearch {__version__} (supports 1..{SCHEMA_VERSION})"
+            )
+        check_keys(path, doc, {"qsearch_plan", "model", "target", "defaults", "layers", "calibration",
+                               "activation_ranges", "metrics", "provenance"}, "")
+        model = doc.get("model") or {}
+        check_keys(path, model, {"name", "fingerprint"}, "model")
+        if not isinstance(model.get("fingerprint"), str):
+            raise QsearchError(f"{where(path, doc, 'model')}: 'model.fingerprint' is missing")
+        target = doc.get("target", "cpu")
+        if target not in TARGETS:
+            raise QsearchError(f"{where(path, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")
+        defaults = _parse_choice(path, doc.get("defaults") or {}, LayerChoice(), "defaults")
+        layers_doc = doc.get("layers") or {}
+        if not isinstance(layers_doc, dict):
+            raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a mapping")
+        layers = {str(n): _parse_choice(path, c or {}, defaults, f"layers.{n}") for n, c in layers_doc.items()}
+        calib = doc.get("calibration") or {}
+        check_keys(path, calib, {"percentile"}, "calibration")
+        ranges_doc = doc.get("activation_ranges") or {}
+        if not isinstance(ranges_doc, dict):
+            raise QsearchError(f"{where(path, doc, 'activation_ranges')}: must be a mapping")
+        ranges = {}
+        for t, r in ranges_doc.items():
+            ok = isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r)
+            if not ok or not (r[0] <= 0 <= r[1]) or any(v != v or abs(v) == float("inf") for v in r):
+                raise QsearchError(
+                    f"{where(path, ranges_doc, t)}: activation_ranges.{t} must be [min <= 0, max >= 0], got {r!r}"
+                )
+            ranges[str(t)] = (float(r[0]), float(r[1]))
+        return cls(
+            model_name=str(model.get("name", "model")),
+            fingerprint=model["fingerprint"],
+            target=target,
+            defaults=defaults,
+            layers=layers,
+            ranges=ranges,
+            percentile=float(calib.get("percentile", 99.99)),
+            metrics=dict(doc.get("metrics") or {}),
+            provenance=dict(doc.get("provenance") or {}),
+        )
+
+    def validate(self, prepared: PreparedModel, path: str | os.PathLike = "plan") -> None:
+        """Refuse a plan for another model, or one naming layers/tensors the model lacks."""
+        if self.fingerprint != prepared.fingerprint:
+            raise QsearchError(
+                f"{path}: plan is for model '{self.model_name}' ({self.fingerprint}), "
+                f"not for '{prepared.name}' ({prepared.fingerprint})"
+            )
+        known = set(prepared.layer_names)
+        for name, c in self.layers.items():
+            if name not in known:
+                raise QsearchError(f"{path}: layer '{name}' does not exist in model '{prepared.name}'")
+            if c.precision == "fp16" and self.target != "fp16":
+                raise QsearchError(f"{path}: layer '{name}' is fp16 but target '{self.target}' runs float layers in FP32")
+        for layer in prepared.layers:
+            if self.choice(layer.name).is_int8:
+                for t in (*layer.activations, layer.output):
+                    if t not in self.ranges:
+                        raise QsearchError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
+
+
+def _f(v: float) -> float:
+    return float(f"{v:.8g}")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item"):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return _f(obj)
+    return obj
+
+
+def _choice_dict(c: LayerChoice, defaults: LayerChoice | None) -> dict:
+    d = {"precision": c.precision}
+    if c.is_int8:
+        if defaults is None or c.calibration != defaults.calibration or not defaults.is_int8:
+            d["calibration"] = c.calibration
+        if defaults is None or c.granularity != defaults.granularity or not defaults.is_int8:
+            d["granularity"] = c.granularity
+    return d
+
+
+def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
+    check_keys(path, d, {"precision", "calibration", "granularity"}, section)
+    for key, allowed in (("precision", PRECISIONS), ("calibration", METHODS), ("granularity", GRANULARITIES)):
+        if key in d and d[key] not in allowed:
+            raise QsearchError(
+                f"{where(path, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}"
+            )
+    return LayerChoice(
+        d.get("precision", base.precision), d.get("calibration", base.calibration), d.get("granularity", base.granularity)
+    )
+
+
+# ---------------------------------------------------------------------- building plans
+
+
+def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice]) -> dict[str, str]:
+    """Which activation tensors get Q/DQ, and with which layer's calibration method.
+
+    A layer's method calibrates its *inputs*; a tensor feeding several int8 layers takes the first
+    consumer's method (graph order). An int8 layer's output, needed for the fused kernel, takes
+    its own method when no int8 layer consumes it.
+    """
+    methods: dict[str, str] = {}
+    for layer in prepared.layers:
+        c = choices.get(layer.name)
+        if c is not None and c.is_int8:
+            for t in layer.activations:
+                methods.setdefault(t, c.calibration)
+    for layer in prepared.layers:
+        c = choices.get(layer.name)
+        if c is not None and c.is_int8:
+            methods.setdefault(layer.output, c.calibration)
+    return methods
+
+
+def passthrough_sources(prepared: PreparedModel) -> dict[str, str]:
+    """Output -> input of value-moving ops (MaxPool, Reshape...): quantizing both sides with the
+    same scale lets ONNX Runtime drop the Q/DQ pair and run the op on int8."""
+    out = {}
+    for node in prepared.proto.graph.node:
+        if node.op_type in PASSTHROUGH_OPS and node.input and node.output:
+            out[node.output[0]] = node.input[0]
+    return out
+
+
+def build_plan(
+    prepared: PreparedModel,
+    choices: Mapping[str, LayerChoice],
+    stats: CalibrationStats,
+    target: str = "cpu",
+    percentile: float = 99.99,
+    defaults: LayerChoice | None = None,
+) -> Plan:
+    """Choices per layer + calibration statistics -> a self-contained plan."""
+    float_precision = "fp16" if target == "fp16" else "fp32"
+    full = {n: choices.get(n, LayerChoice(float_precision)) for n in prepared.layer_names}
+    methods = tensor_methods(prepared, full)
+    sources = passthrough_sources(prepared)
+    ranges: dict[str, tuple[float, float]] = {}
+    for t, method in methods.items():
+        if t not in stats.tensors:
+            raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
+        ranges[t] = tensor_range(stats.tensors[t], method, percentile)
+    for node in prepared.proto.graph.node:  # graph order, so chains of such ops share one scale
+        src = sources.get(node.output[0]) if node.output else None
+        if node.output and node.output[0] in ranges and src in ranges:
+            ranges[node.output[0]] = ranges[src]
+    if defaults is None:
+        labels = [c.label() for c in full.values()]
+        defaults = LayerChoice.parse(max(set(labels), key=lambda s: (labels.count(s), s)))
+    overrides = {n: c for n, c in full.items() if c != defaults}
+    return Plan(
+        model_name=prepared.name,
+        fingerprint=prepared.fingerprint,
+        target=target,
+        defaults=defaults,
+        layers=overrides,
+        ranges=ranges,
+        percentile=percentile,
+    )

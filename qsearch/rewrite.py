@@ -1,0 +1,256 @@
+"""Plan + prepared model -> QDQ / FP16 ONNX model. The only module that edits graphs.
+
+QDQ layout follows what ONNX Runtime's optimizer fuses into int8 kernels: every int8 layer has
+Q/DQ on its activation inputs and on its (post-Relu) output, int8 weights stored quantized behind a
+DequantizeLinear, int32 bias with scale s_x * s_w. A quantized tensor's producer is renamed and
+the DequantizeLinear takes the tensor's original name, so consumers and graph outputs need no
+rewiring and the model keeps its input/output names and dtypes.
+
+Edits are expressed as a small `_Graph` (producers, consumers, new nodes, new initializers) and
+materialized once, followed by dead-node removal and a topological sort.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import lru_cache
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qsearch.calibration import activation_qparams, quantize_weight
+from qsearch.errors import QsearchError
+from qsearch.model import PreparedModel
+from qsearch.plan import LayerChoice, Plan
+
+# Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
+FP16_FOLLOWERS = {
+    "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape",
+    "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Sigmoid", "Tanh", "Erf", "Gelu", "Div", "Sub", "Mul",
+    "Add", "Concat", "LayerNormalization", "Identity", "Sqrt", "Pow",
+}
+
+
+class Rewriter:
+    """Applies plans to one prepared model; caches quantized weights across plans (the search
+    rewrites the same model hundreds of times)."""
+
+    def __init__(self, prepared: PreparedModel):
+        self.prepared = prepared
+        self.inits = {i.name: i for i in prepared.proto.graph.initializer}
+        self._quant = lru_cache(maxsize=None)(self._quantize_weight)
+
+    def _quantize_weight(self, name: str, axis: int, per_channel: bool):
+        w = numpy_helper.to_array(self.inits[name])
+        return quantize_weight(w, axis, per_channel)
+
+    def __call__(self, plan: Plan) -> onnx.ModelProto:
+        return self.apply(plan)
+
+    def apply(self, plan: Plan) -> onnx.ModelProto:
+        choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
+        g = _Graph(self.prepared.proto)
+        int8 = [layer for layer in self.prepared.layers if choices[layer.name].is_int8]
+        act_params = {}
+        for layer in int8:
+            for t in (*layer.activations, layer.output):
+                if t not in act_params:
+                    if t not in plan.ranges:
+                        raise QsearchError(f"plan has no activation range for tensor '{t}' of layer '{layer.name}'")
+                    act_params[t] = activation_qparams(*plan.ranges[t])
+        for layer in int8:
+            self._quantize_layer(g, layer, choices[layer.name], act_params)
+        for t in sorted(act_params, key=g.order_of):
+            g.insert_qdq(t, *act_params[t])
+        if plan.target == "fp16":
+            fp16_nodes = {n for layer in self.prepared.layers if choices[layer.name].precision == "fp16"
+                          for n in layer.nodes}
+            g.convert_fp16(fp16_nodes)
+        return g.build()
+
+    def _quantize_layer(self, g: _Graph, layer, choice: LayerChoice, act_params) -> None:
+        if layer.weight is None:
+            return
+        per_channel = choice.granularity == "per_channel"
+        q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel)
+        suffix = "pc" if per_channel else "pt"
+        node = g.node(layer.name)
+        wq = g.add_dequantized_init(f"{layer.weight}_{suffix}", q, w_scale, np.zeros(w_scale.shape, np.int8),
+                                    layer.weight_axis if per_channel else None)
+        g.replace_input(node, layer.weight, wq)
+        if layer.bias is not None:
+            x_scale = act_params[layer.activations[0]][0]
+            b_scale = (w_scale.astype(np.float64) * float(x_scale)).astype(np.float32)
+            b = numpy_helper.to_array(self.inits[layer.bias]).astype(np.float64)
+            bq = np.clip(np.round(b / b_scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+            bname = g.add_dequantized_init(f"{layer.bias}_{layer.name}", bq, b_scale,
+                                           np.zeros(b_scale.shape, np.int32), 0 if per_channel else None)
+            g.replace_input(node, layer.bias, bname)
+
+
+class _Graph:
+    """A mutable view of a graph for one rewrite: nodes by name, producers, consumers."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in model.graph.node]
+        self.by_name = {n.name: n for n in self.nodes}
+        self.position = {n.name: i for i, n in enumerate(self.nodes)}
+        self.producer = {t: n for n in self.nodes for t in n.output}
+        self.graph_inputs = {i.name for i in model.graph.input}
+        self.graph_outputs = {o.name for o in model.graph.output}
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.new_inits: dict[str, TensorProto] = {}
+        self.extra: list[onnx.NodeProto] = []
+
+    def node(self, name: str) -> onnx.NodeProto:
+        return self.by_name[name]
+
+    def order_of(self, tensor: str) -> int:
+        p = self.producer.get(tensor)
+        return -1 if p is None else self.position.get(p.name, len(self.nodes))
+
+    @staticmethod
+    def replace_input(node: onnx.NodeProto, old: str, new: str) -> None:
+        for i, t in enumerate(node.input):
+            if t == old:
+                node.input[i] = new
+
+    def _init(self, name: str, array: np.ndarray) -> str:
+        if name not in self.new_inits:
+            self.new_inits[name] = numpy_helper.from_array(np.asarray(array), name)
+        return name
+
+    def add_dequantized_init(self, base: str, q, scale, zp, axis: int | None) -> str:
+        out = f"{base}_dequantized"
+        if out in self.new_inits or any(n.output[0] == out for n in self.extra):
+            return out
+        qn = self._init(f"{base}_quantized", q)
+        sn = self._init(f"{base}_scale", scale if axis is not None else np.asarray(scale).reshape(()))
+        zn = self._init(f"{base}_zero_point", zp if axis is not None else np.asarray(zp).reshape(()))
+        attrs = {"axis": axis} if axis is not None else {}
+        self.extra.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_DequantizeLinear", **attrs))
+        return out
+
+    def insert_qdq(self, tensor: str, scale: np.float32, zp: np.uint8) -> None:
+        """Q/DQ after `tensor`; the DQ output keeps the tensor's name (see module docstring)."""
+        sn = self._init(f"{tensor}_scale", np.asarray(scale, np.float32).reshape(()))
+        zn = self._init(f"{tensor}_zero_point", np.asarray(zp, np.uint8).reshape(()))
+        q_out, dq_out = f"{tensor}_quantized", tensor
+        src = tensor
+        prod = self.producer.get(tensor)
+        if prod is not None:
+            src = f"{tensor}_prequant"
+            for i, t in enumerate(prod.output):
+                if t == tensor:
+                    prod.output[i] = src
+            self.producer[src] = prod
+        elif tensor in self.graph_inputs:
+            dq_out = f"{tensor}_dequantized"
+            for n in self.nodes:
+                self.replace_input(n, tensor, dq_out)
+        else:
+            raise QsearchError(f"cannot quantize tensor '{tensor}': it has no producer")
+        self.extra.append(helper.make_node("QuantizeLinear", [src, sn, zn], [q_out], name=f"{tensor}_QuantizeLinear"))
+        self.extra.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out], name=f"{tensor}_DequantizeLinear"))
+        self.producer[dq_out] = self.extra[-1]
+
+    def convert_fp16(self, seeds: set[str]) -> None:
+        """Run `seeds` (and float ops fed only by them) in FP16; Cast only at region borders."""
+        order = self._sorted(self.nodes + self.extra)
+        fp16: set[str] = set()
+        for n in order:
+            float_ins = [t for t in n.input if t and t not in self.inits and t not in self.new_inits]
+            if n.name in seeds or (
+                n.op_type in FP16_FOLLOWERS and float_ins
+                and all(self.producer.get(t) is not None and self.producer[t].name in fp16 for t in float_ins)
+            ):
+                fp16.add(n.name)
+        if not fp16:
+            return
+        float_inits = {**{k: v for k, v in self.inits.items() if v.data_type == TensorProto.FLOAT},
+                       **{k: v for k, v in self.new_inits.items() if v.data_type == TensorProto.FLOAT}}
+        renamed: dict[str, str] = {}
+        casts_in: dict[str, str] = {}
+        for n in order:
+            if n.name not in fp16:
+                continue
+            for i, t in enumerate(n.input):
+                if not t:
+                    continue
+                if t in float_inits:
+                    name = f"{t}_fp16"
+                    if name not in self.new_inits:
+                        arr = numpy_helper.to_array(float_inits[t]).astype(np.float16)
+                        self.new_inits[name] = numpy_helper.from_array(arr, name)
+                    n.input[i] = name
+                elif t in renamed:
+                    n.input[i] = renamed[t]
+                elif self._is_float(t):
+                    if t not in casts_in:
+                        casts_in[t] = f"{t}_to_fp16"
+                        self.extra.append(helper.make_node("Cast", [t], [casts_in[t]], name=f"{t}_CastToFp16",
+                                                           to=TensorProto.FLOAT16))
+                    n.input[i] = casts_in[t]
+            for j, t in enumerate(n.output):
+                renamed[t] = f"{t}_fp16"
+                n.output[j] = renamed[t]
+        consumers_outside = {t for n in self.nodes + self.extra if n.name not in fp16 for t in n.input}
+        for t, t16 in renamed.items():
+            if t in consumers_outside or t in self.graph_outputs:
+                self.extra.append(helper.make_node("Cast", [t16], [t], name=f"{t}_CastToFp32", to=TensorProto.FLOAT))
+
+    def _is_float(self, t: str) -> bool:
+        # Every activation the FP16 region reads is float unless shape inference said otherwise.
+        for vi in [*self.model.graph.value_info, *self.model.graph.input]:
+            if vi.name == t:
+                return vi.type.tensor_type.elem_type == TensorProto.FLOAT
+        return True
+
+    @staticmethod
+    def _sorted(nodes: Iterable[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """Kahn's topological sort, stable in the given order."""
+        nodes = list(nodes)
+        produced_by = {t: i for i, n in enumerate(nodes) for t in n.output}
+        deps = [{produced_by[t] for t in n.input if t in produced_by} for n in nodes]
+        users: dict[int, list[int]] = {}
+        for i, d in enumerate(deps):
+            for j in d:
+                users.setdefault(j, []).append(i)
+        waiting = [len(d) for d in deps]
+        import heapq
+
+        ready = [i for i, w in enumerate(waiting) if w == 0]
+        heapq.heapify(ready)
+        out = []
+        while ready:
+            i = heapq.heappop(ready)
+            out.append(nodes[i])
+            for u in users.get(i, ()):
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    heapq.heappush(ready, u)
+        if len(out) != len(nodes):
+            raise QsearchError("rewritten graph has a cycle (internal error)")
+        return out
+
+    def build(self) -> onnx.ModelProto:
+        nodes = self._sorted(self.nodes + self.extra)
+        used = set(self.graph_outputs)
+        alive = []
+        for n in reversed(nodes):  # drop nodes whose outputs nobody reads any more
+            if any(t in used for t in n.output):
+                alive.append(n)
+                used.update(n.input)
+        nodes = alive[::-1]
+        inits = [i for name, i in {**self.inits, **self.new_inits}.items() if name in used]
+        g = self.model.graph
+        graph = helper.make_graph(
+            nodes, g.name, list(g.input), list(g.output), inits,
+        )
+        m = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        m.producer_name = "qsearch"
+        for p in self.model.metadata_props:
+            m.metadata_props.append(p)
+        return m
