@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
-from qsearch.model import PreparedModel
+from qsearch.model import Layer, PreparedModel
 from qsearch.plan import LayerChoice, Plan
 
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
@@ -60,7 +60,7 @@ class Rewriter:
                         raise QsearchError(f"plan has no activation range for tensor '{t}' of layer '{layer.name}'")
                     act_params[t] = activation_qparams(*plan.ranges[t])
         for layer in int8:
-            self._quantize_layer(g, layer, choices[layer.name], act_params)
+            self._quantize_layer(g, layer, choices[layer.name], act_params, g.node(layer.name))
         for t in sorted(act_params, key=g.order_of):
             g.insert_qdq(t, *act_params[t])
         if plan.target == "fp16":
@@ -69,13 +69,39 @@ class Rewriter:
             g.convert_fp16(fp16_nodes)
         return g.build()
 
-    def _quantize_layer(self, g: _Graph, layer, choice: LayerChoice, act_params) -> None:
+    def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+        """One model that computes, beside the float graph, a quantized twin of each listed layer
+        fed with the *float* inputs: the error of each layer alone, for every layer, in one pass.
+        Returns the model and, per entry, (float output, quantized twin output) tensor names."""
+        g = _Graph(self.prepared.proto)
+        pairs = []
+        for k, (layer, choice) in enumerate(entries):
+            tag = f"__probe{k}"
+            twins = [onnx.NodeProto.FromString(g.node(n).SerializeToString()) for n in layer.nodes]
+            inner = {t: f"{t}{tag}" for n in twins for t in n.output}
+            for n in twins:
+                n.name = f"{n.name}{tag}"
+                for i, t in enumerate(n.input):
+                    n.input[i] = inner.get(t, t)
+                for i, t in enumerate(n.output):
+                    n.output[i] = inner[t]
+            act_params = {t: activation_qparams(*ranges[t]) for t in (*layer.activations, layer.output)}
+            for t in layer.activations:
+                g.fake_quant(t, f"{t}{tag}_fq", *act_params[t])
+                g.replace_input(twins[0], t, f"{t}{tag}_fq")
+            self._quantize_layer(g, layer, choice, act_params, twins[0])
+            g.extra.extend(twins)
+            g.fake_quant(inner[layer.output], f"{layer.output}{tag}_fq", *act_params[layer.output])
+            pairs.append((layer.output, f"{layer.output}{tag}_fq"))
+        model = g.build(extra_outputs=[t for pair in pairs for t in pair])
+        return model, pairs
+
+    def _quantize_layer(self, g: _Graph, layer: Layer, choice: LayerChoice, act_params, node) -> None:
         if layer.weight is None:
             return
         per_channel = choice.granularity == "per_channel"
         q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel)
         suffix = "pc" if per_channel else "pt"
-        node = g.node(layer.name)
         wq = g.add_dequantized_init(f"{layer.weight}_{suffix}", q, w_scale, np.zeros(w_scale.shape, np.int8),
                                     layer.weight_axis if per_channel else None)
         g.replace_input(node, layer.weight, wq)
@@ -156,6 +182,13 @@ class _Graph:
         self.extra.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out], name=f"{tensor}_DequantizeLinear"))
         self.producer[dq_out] = self.extra[-1]
 
+    def fake_quant(self, tensor: str, out: str, scale: np.float32, zp: np.uint8) -> None:
+        """Q/DQ reading `tensor` into a new name, leaving existing consumers alone (probes)."""
+        sn = self._init(f"{out}_scale", np.asarray(scale, np.float32).reshape(()))
+        zn = self._init(f"{out}_zero_point", np.asarray(zp, np.uint8).reshape(()))
+        self.extra.append(helper.make_node("QuantizeLinear", [tensor, sn, zn], [f"{out}_q"], name=f"{out}_Q"))
+        self.extra.append(helper.make_node("DequantizeLinear", [f"{out}_q", sn, zn], [out], name=f"{out}_DQ"))
+
     def convert_fp16(self, seeds: set[str]) -> None:
         """Run `seeds` (and float ops fed only by them) in FP16; Cast only at region borders."""
         order = self._sorted(self.nodes + self.extra)
@@ -235,9 +268,10 @@ class _Graph:
             raise QsearchError("rewritten graph has a cycle (internal error)")
         return out
 
-    def build(self) -> onnx.ModelProto:
+    def build(self, extra_outputs: Iterable[str] = ()) -> onnx.ModelProto:
+        extra_outputs = [t for t in extra_outputs if t not in self.graph_outputs]
         nodes = self._sorted(self.nodes + self.extra)
-        used = set(self.graph_outputs)
+        used = set(self.graph_outputs) | set(extra_outputs)
         alive = []
         for n in reversed(nodes):  # drop nodes whose outputs nobody reads any more
             if any(t in used for t in n.output):
@@ -247,7 +281,8 @@ class _Graph:
         inits = [i for name, i in {**self.inits, **self.new_inits}.items() if name in used]
         g = self.model.graph
         graph = helper.make_graph(
-            nodes, g.name, list(g.input), list(g.output), inits,
+            nodes, g.name, list(g.input),
+            list(g.output) + [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra_outputs], inits,
         )
         m = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         m.producer_name = "qsearch"

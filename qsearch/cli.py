@@ -1,0 +1,90 @@
+"""Command line: parse arguments, call the workflow, turn errors into one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qsearch import __version__
+from qsearch.calibration import GRANULARITIES, METHODS
+from qsearch.errors import QsearchError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qsearch", description="Sensitivity-driven selective INT8 quantization search.")
+    p.add_argument("--version", action="version", version=f"qsearch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, out_default="qsearch-out"):
+        sp.add_argument("--config", help="workload YAML (default: the embedded digits workload)")
+        sp.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+
+    a = sub.add_parser("analyze", help="per-layer sensitivity, ranked")
+    common(a)
+    a.add_argument("--samples", type=int, help="score on the first N search samples only")
+    a.add_argument("--reverse", action="store_true", help="also measure all-INT8-but-this-layer (accuracy restored)")
+    a.add_argument("--workers", type=int, default=1, help="worker processes for scoring")
+
+    o = sub.add_parser("optimize", help="search the mixed-precision plan (the main job)")
+    common(o)
+    o.add_argument("--budget", type=int, default=50, help="number of trials (default: %(default)s)")
+    o.add_argument("--timeout", type=float, help="stop the search after this many seconds")
+    o.add_argument("--storage", help="Optuna storage URL (default: sqlite in --out); journal:FILE for a journal file")
+    o.add_argument("--study", help="study name (default: derived from the model); same name resumes")
+    o.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples only")
+    o.add_argument("--workers", type=int, default=1, help="worker processes for the sensitivity analysis")
+
+    ap = sub.add_parser("apply", help="apply a plan to a model (no data needed)")
+    ap.add_argument("plan")
+    ap.add_argument("model")
+    ap.add_argument("-o", "--output", required=True)
+
+    e = sub.add_parser("evaluate", help="score a model on the workload's data: metric, latency, size")
+    e.add_argument("model")
+    common(e)
+
+    b = sub.add_parser("baseline", help="write a baseline plan: naive all-INT8, fp32/fp16, or hybrid (greedy)")
+    b.add_argument("kind", choices=["naive", "hybrid", "fp32", "fp16"])
+    common(b)
+    b.add_argument("-o", "--output", required=True)
+    b.add_argument("--calibration", choices=METHODS, default="minmax")
+    b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from qsearch import workflow
+
+    try:
+        out = Path(getattr(args, "out", "qsearch-out"))
+        if args.command == "analyze":
+            if args.samples is not None and args.samples < 1:
+                raise QsearchError(f"--samples must be >= 1, got {args.samples}")
+            workflow.run_analyze(args.config, out, args.samples, args.reverse, max(1, args.workers))
+            return 0
+        if args.command == "optimize":
+            return workflow.run_optimize(args.config, out, args.budget, args.timeout, args.storage, args.study,
+                                         args.samples, max(1, args.workers))
+        if args.command == "apply":
+            workflow.run_apply(args.plan, args.model, args.output)
+            return 0
+        if args.command == "evaluate":
+            workflow.run_evaluate(args.model, args.config, out)
+            return 0
+        if args.command == "baseline":
+            workflow.run_baseline(args.kind, args.config, out, args.output, args.calibration, args.granularity)
+            return 0
+    except QsearchError as exc:
+        print(f"qsearch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qsearch: interrupted; completed trials are kept in the study, re-run with the same --study to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Workload YAML -> validated, frozen `Workload` and `SearchSpace`.
+
+Every error names the file, the line and the key. Paths are relative to the config file.
+A search space may be inline, a path, or the name of one shipped in `search_spaces/`, optionally
+with overrides (`search_space: {extends: cnn_cpu, calibration: [minmax]}`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qsearch.calibration import GRANULARITIES, METHODS
+from qsearch.data import DataSpec
+from qsearch.errors import QsearchError
+from qsearch.files import LinedDict, check_keys, load_yaml, where
+from qsearch.model import LAYER_OPS
+from qsearch.plan import TARGETS
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SPACES_DIRS = (PACKAGE_DIR.parent / "search_spaces", PACKAGE_DIR / "search_spaces")
+DEFAULT_WORKLOAD = PACKAGE_DIR / "examples" / "digits" / "workload.yaml"
+METRICS = ("top1", "cosine", "sqnr")
+OBJECTIVES = ("latency", "size", "bitops")
+SAMPLERS = ("tpe", "nsga2", "random", "gp", "qmc")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    op_types: tuple[str, ...] = LAYER_OPS
+    include: tuple[str, ...] = ()  # regexes on layer names; empty = all
+    exclude: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ("int8", "float")
+    calibration: tuple[str, ...] = METHODS
+    granularity: tuple[str, ...] = GRANULARITIES
+    percentile: float = 99.99
+    objective: str = "latency"  # cost to minimize under the accuracy budget
+    multi_objective: bool = False  # True: Pareto search over (metric, cost) with NSGA-II
+    sampler: str = "tpe"
+    seed: int = 0
+    fix_below: float = 0.05  # layers whose best single-layer drop is below this share of the budget: fixed int8
+    options_per_layer: int = 3  # best int8 options kept per searched layer (plus float)
+    warm_start: bool = True
+    prune: bool = True
+    prune_fraction: float = 0.3  # share of the search data scored before deciding to prune
+
+    def matches(self, name: str, op_type: str) -> bool:
+        if op_type not in self.op_types:
+            return False
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # top1 | cosine | sqnr | custom
+    search_entry: str | None = None
+    test_entry: str | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    path: Path
+    name: str
+    model: Path
+    calibration: DataSpec
+    search: DataSpec
+    test: DataSpec
+    metric: MetricSpec
+    max_drop: float
+    relative: bool  # max_drop is a fraction of the FP32 score
+    target: str
+    space: SearchSpace
+    batch_size: int = 64
+    threads: int = 1  # ORT intra-op threads per session: 1 keeps latency stable and lets workers scale
+    latency_batch: int = 64
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    def allowed_drop(self, fp32_score: float) -> float:
+        return self.max_drop * abs(fp32_score) if self.relative else self.max_drop
+
+
+TOP_KEYS = {"name", "model", "target", "data", "metric", "max_drop", "search_space", "runtime"}
+
+
+def load_workload(path: str | Path | None) -> Workload:
+    p = Path(path) if path is not None else DEFAULT_WORKLOAD
+    doc = load_yaml(p, "config")
+    if not isinstance(doc, dict):
+        raise QsearchError(f"{p}: config must be a YAML mapping")
+    check_keys(p, doc, TOP_KEYS, "")
+    base = p.resolve().parent
+    for key in ("model", "data", "metric", "max_drop"):
+        if key not in doc:
+            raise QsearchError(f"{p}: missing required key '{key}'")
+    model = _path(p, doc, "model", base)
+    target = doc.get("target", "cpu")
+    if target not in TARGETS:
+        raise QsearchError(f"{where(p, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")
+    data = doc["data"]
+    check_keys(p, data, {"calibration", "search", "test", "batch_size"}, "data")
+    batch = _int(p, data, "batch_size", 64, 1)
+    splits = {}
+    for split in ("calibration", "search", "test"):
+        if split not in data:
+            raise QsearchError(f"{where(p, data)}: missing required key 'data.{split}'")
+        splits[split] = _data_spec(p, data, split, base)
+    metric = _metric(p, doc)
+    if metric.name == "top1":
+        for split in ("search", "test"):
+            if splits[split].labels is None:
+                raise QsearchError(f"{where(p, data, split)}: metric top1 needs 'labels' for data.{split}")
+    max_drop, relative = _budget(p, doc)
+    runtime = doc.get("runtime") or LinedDict()
+    check_keys(p, runtime, {"threads", "latency_batch"}, "runtime")
+    space = load_space(p, doc.get("search_space", "default"), base, "search_space", doc)
+    return Workload(
+        path=p, name=str(doc.get("name", model.stem)), model=model, calibration=splits["calibration"],
+        search=splits["search"], test=splits["test"], metric=metric, max_drop=max_drop, relative=relative,
+        target=target, space=space, batch_size=batch, threads=_int(p, runtime, "threads", 1, 0),
+        latency_batch=_int(p, runtime, "latency_batch", 64, 1),
+    )
+
+
+def _path(p: Path, d: dict, key: str, base: Path) -> Path:
+    v = d.get(key)
+    if not isinstance(v, str) or not v:
+        raise QsearchError(f"{where(p, d, key)}: '{key}' must be a file path")
+    return (base / v).resolve()
+
+
+def _int(p: Path, d: dict, key: str, default: int, lo: int) -> int:
+    v = d.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise QsearchError(f"{where(p, d, key)}: '{key}' must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _data_spec(p: Path, data: dict, split: str, base: Path) -> DataSpec:
+    d = data[split]
+    if isinstance(d, str):
+        d = LinedDict({"npz": d} if d.endswith(".npz") else {"entry": d} if ":" in d else {"npy_dir": d})
+        d.lines, d.line = {}, data.lines.get(split, 0) if isinstance(data, LinedDict) else 0
+    check_keys(p, d, {"npz", "npy_dir", "entry", "labels", "limit"}, f"data.{split}")
+    kinds = [k for k in ("npz", "npy_dir", "entry") if k in d]
+    if len(kinds) != 1:
+        raise QsearchError(f"{where(p, data, split)}: data.{split} needs exactly one of npz, npy_dir, entry")
+    kind = kinds[0]
+    if not isinstance(d[kind], str):
+        raise QsearchError(f"{where(p, d, kind)}: data.{split}.{kind} must be a string")
+    labels = d.get("labels")
+    if labels is not None and not isinstance(labels, str):
+        raise QsearchError(f"{where(p, d, 'labels')}: data.{split}.labels must be an array name")
+    limit = _int(p, d, "limit", 0, 1) if "limit" in d else None
+    return DataSpec(
+        name=split, where=where(p, data, split),
+        npz=(base / d["npz"]) if kind == "npz" else None,
+        npy_dir=(base / d["npy_dir"]) if kind == "npy_dir" else None,
+        entry=d["entry"] if kind == "entry" else None,
+        labels=labels, limit=limit,
+    )
+
+
+def _metric(p: Path, doc: dict) -> MetricSpec:
+    m = doc["metric"]
+    if isinstance(m, str):
+        if m not in METRICS:
+            raise QsearchError(f"{where(p, doc, 'metric')}: metric {m!r} is not one of {', '.join(METRICS)} "
+                               "(or {search: module:function, test: module:function})")
+        return MetricSpec(m)
+    check_keys(p, m, {"search", "test"}, "metric")
+    if not all(isinstance(m.get(k), str) and ":" in m[k] for k in ("search", "test")):
+        raise QsearchError(f"{where(p, doc, 'metric')}: a custom metric needs 'search' and 'test' entry points "
+                           "('package.module:function')")
+    return MetricSpec("custom", m["search"], m["test"])
+
+
+def _budget(p: Path, doc: dict) -> tuple[float, bool]:
+    v = doc["max_drop"]
+    relative = isinstance(v, str) and v.strip().endswith("%")
+    try:
+        x = float(v.strip().rstrip("%")) if isinstance(v, str) else float(v)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not x >= 0 or x == float("inf") or isinstance(v, bool):
+        raise QsearchError(f"{where(p, doc, 'max_drop')}: max_drop must be a number >= 0 or a percentage like '1%', got {v!r}")
+    return (x / 100.0, True) if relative else (x, False)
+
+
+def _find_space(name: str, base: Path) -> Path | None:
+    for cand in (base / name, base / f"{name}.yaml", *(d / f"{name}.yaml" for d in SPACES_DIRS)):
+        if cand.is_file():
+            return cand
+    return None
+
+
+SPACE_KEYS = {
+    "extends", "candidates", "precision", "calibration", "granularity", "percentile", "objective", "multi_objective",
+    "sampler", "seed", "fix_below", "options_per_layer", "warm_start", "prune", "prune_fraction",
+}
+
+
+def load_space(p: Path, v: Any, base: Path, section: str = "search_space", parent: Any = None, depth: int = 0) -> SearchSpace:
+    """A search space from a name, a file, or an inline mapping that may extend one of those."""
+    if depth > 5:
+        raise QsearchError(f"{p}: search_space 'extends' chain is too deep (a cycle?)")
+    if isinstance(v, str):
+        f = _find_space(v, base)
+        if f is None:
+            raise QsearchError(f"{where(p, parent, section)}: search space {v!r} not found (looked next to the config "
+                               f"and in {SPACES_DIRS[0]})")
+        doc = load_yaml(f, "search space")
+        if isinstance(doc, dict) and "search_space" in doc and len(doc) == 1:
+            doc = doc["search_space"]
+        return load_space(f, doc if doc is not None else LinedDict(), f.parent, "search_space", None, depth + 1)
+    if not isinstance(v, dict):
+        raise QsearchError(f"{where(p, parent, section)}: '{section}' must be a name, a path or a mapping")
+    check_keys(p, v, SPACE_KEYS, section)
+    s = load_space(p, v["extends"], base, "extends", v, depth + 1) if "extends" in v else SearchSpace()
+    kw: dict[str, Any] = {}
+    if "candidates" in v:
+        c = v["candidates"]
+        check_keys(p, c, {"op_types", "include", "exclude"}, f"{section}.candidates")
+        if "op_types" in c:
+            kw["op_types"] = _choice_list(p, c, "op_types", LAYER_OPS, f"{section}.candidates")
+        for key in ("include", "exclude"):
+            if key in c:
+                pats = c[key] if isinstance(c[key], list) else [c[key]]
+                for pat in pats:
+                    try:
+                        re.compile(str(pat))
+                    except re.error as exc:
+                        raise QsearchError(f"{where(p, c, key)}: {section}.candidates.{key}: {pat!r} is not a valid "
+                                           f"regular expression ({exc})") from None
+                kw[key] = tuple(str(x) for x in pats)
+    if "precision" in v:
+        kw["precisions"] = _choice_list(p, v, "precision", ("int8", "float"), section)
+    if "calibration" in v:
+        kw["calibration"] = _choice_list(p, v, "calibration", METHODS, section)
+    if "granularity" in v:
+        kw["granularity"] = _choice_list(p, v, "granularity", GRANULARITIES, section)
+    if "objective" in v:
+        kw["objective"] = _one_of(p, v, "objective", OBJECTIVES, section)
+    if "sampler" in v:
+        kw["sampler"] = _one_of(p, v, "sampler", SAMPLERS, section)
+    for key, lo, hi in (("percentile", 50.0, 100.0), ("fix_below", 0.0, 1.0), ("prune_fraction", 0.05, 1.0)):
+        if key in v:
+            x = v[key]
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not lo <= x <= hi:
+                raise QsearchError(f"{where(p, v, key)}: {section}.{key} must be a number in [{lo}, {hi}], got {x!r}")
+            kw[key] = float(x)
+    for key in ("options_per_layer", "seed"):
+        if key in v:
+            kw[key] = _int(p, v, key, 0, 1 if key == "options_per_layer" else 0)
+    for key in ("warm_start", "prune", "multi_objective"):
+        if key in v:
+            if not isinstance(v[key], bool):
+                raise QsearchError(f"{where(p, v, key)}: {section}.{key} must be true or false")
+            kw[key] = v[key]
+    from dataclasses import replace
+
+    return replace(s, **kw)
+
+
+def _choice_list(p: Path, d: dict, key: str, allowed: tuple[str, ...], section: str) -> tuple[str, ...]:
+    v = d[key]
+    items = v if isinstance(v, list) else [v]
+    if not items:
+        raise QsearchError(f"{where(p, d, key)}: {section}.{key} must not be empty")
+    for x in items:
+        if x not in allowed:
+            raise QsearchError(f"{where(p, d, key)}: {section}.{key}: {x!r} is not one of {', '.join(allowed)}")
+    return tuple(items)
+
+
+def _one_of(p: Path, d: dict, key: str, allowed: tuple[str, ...], section: str) -> str:
+    if d[key] not in allowed:
+        raise QsearchError(f"{where(p, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}")
+    return d[key]

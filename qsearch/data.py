@@ -1,0 +1,200 @@
+"""Data sources (.npz, folder of .npy, Python entry point) -> validated batches of feeds.
+
+Data is loaded once and kept in memory as batches: calibration, analysis and every trial of the
+search reuse the same arrays. Everything is checked against the model's inputs up front, so a
+mismatch is one clear error instead of an ONNX Runtime failure in trial 37.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qsearch.errors import QsearchError
+from qsearch.model import InputSpec
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where one split comes from. Exactly one of npz / npy_dir / entry is set."""
+
+    name: str  # calibration | search | test
+    where: str  # 'config.yaml:12' for error messages
+    npz: Path | None = None
+    npy_dir: Path | None = None
+    entry: str | None = None
+    labels: str | None = None
+    limit: int | None = None  # first N samples only
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    batches: tuple[Mapping[str, np.ndarray], ...]
+    labels: tuple[np.ndarray | None, ...]
+    samples: int
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def head(self, samples: int) -> Dataset:
+        """The first batches holding at least `samples` samples (for quick analyses)."""
+        out, lab, n = [], [], 0
+        for b, y in zip(self.batches, self.labels):
+            if n >= samples:
+                break
+            out.append(b)
+            lab.append(y)
+            n += len(next(iter(b.values())))
+        return Dataset(self.name, tuple(out), tuple(lab), n, f"{self.fingerprint}:{samples}")
+
+
+def import_entry(spec: str, where: str, base: Path | None = None):
+    """Import `package.module:function` from the config's folder or PYTHONPATH."""
+    if ":" not in spec:
+        raise QsearchError(f"{where}: entry point '{spec}' must look like 'package.module:function'")
+    mod_name, func_name = spec.split(":", 1)
+    added = False
+    if base is not None and str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+        added = True
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise QsearchError(f"{where}: cannot import '{mod_name}' for entry point '{spec}': {type(exc).__name__}: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(str(base))
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise QsearchError(f"{where}: entry point '{spec}': '{mod_name}' has no function '{func_name}'")
+    return func
+
+
+def _raw(spec: DataSpec, base: Path | None) -> tuple[list[dict], list[np.ndarray | None], bytes]:
+    """Arrays as the source gives them: one dict per chunk, plus labels and content bytes."""
+    if spec.npz is not None:
+        try:
+            with np.load(spec.npz, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise QsearchError(f"{spec.npz}: {spec.name} data file not found ({spec.where})") from None
+        except Exception as exc:
+            raise QsearchError(f"{spec.npz}: cannot read {spec.name} data: {type(exc).__name__}: {exc}") from None
+        labels = None
+        if spec.labels is not None:
+            if spec.labels not in arrays:
+                raise QsearchError(f"{spec.npz}: no labels array '{spec.labels}' (arrays: {', '.join(sorted(arrays))})")
+            labels = arrays.pop(spec.labels)
+        return [arrays], [labels], Path(spec.npz).read_bytes()
+    if spec.npy_dir is not None:
+        d = Path(spec.npy_dir)
+        if not d.is_dir():
+            raise QsearchError(f"{d}: {spec.name} data folder not found ({spec.where})")
+        arrays, labels, h = {}, None, hashlib.sha256()
+        for f in sorted(d.glob("*.npy")):
+            try:
+                a = np.load(f, allow_pickle=False)
+            except Exception as exc:
+                raise QsearchError(f"{f}: cannot read array: {type(exc).__name__}: {exc}") from None
+            h.update(f.name.encode() + a.tobytes())
+            if spec.labels is not None and f.stem == spec.labels:
+                labels = a
+            else:
+                arrays[f.stem] = a
+        if spec.labels is not None and labels is None:
+            raise QsearchError(f"{d}: no labels file '{spec.labels}.npy'")
+        return [arrays], [labels], h.digest()
+    func = import_entry(spec.entry, spec.where, base)
+    try:
+        items = list(func())
+    except QsearchError:
+        raise
+    except Exception as exc:
+        raise QsearchError(f"{spec.where}: data entry point '{spec.entry}' raised {type(exc).__name__}: {exc}") from None
+    feeds, labels, h = [], [], hashlib.sha256()
+    for item in items:
+        feed, label = (item if isinstance(item, tuple) and len(item) == 2 else (item, None))
+        if not isinstance(feed, Mapping):
+            raise QsearchError(f"{spec.where}: data entry point '{spec.entry}' must yield dicts of arrays "
+                               f"(or (dict, label) pairs), got {type(feed).__name__}")
+        feed = {k: np.asarray(v) for k, v in feed.items()}
+        for k in sorted(feed):
+            h.update(k.encode() + feed[k].tobytes())
+        feeds.append(feed)
+        labels.append(None if label is None else np.asarray(label))
+    return feeds, labels, h.digest()
+
+
+def load(spec: DataSpec, inputs: Sequence[InputSpec], batch_size: int, base: Path | None = None) -> Dataset:
+    """Load, validate against the model inputs, and cut into batches."""
+    chunks, labels, content = _raw(spec, base)
+    src = spec.npz or spec.npy_dir or spec.entry
+    want = {i.name: i for i in inputs}
+    batches: list[dict] = []
+    batch_labels: list[np.ndarray | None] = []
+    fixed_batch = any(i.shape and i.shape[0] is not None for i in inputs)
+    for chunk, lab in zip(chunks, labels):
+        missing = sorted(set(want) - set(chunk))
+        extra = sorted(set(chunk) - set(want))
+        if missing or extra:
+            raise QsearchError(f"{src}: {spec.name} data has arrays {sorted(chunk)} but the model's inputs are "
+                               f"{sorted(want)}" + (f" (missing {missing})" if missing else f" (unexpected {extra})"))
+        n = None
+        for name, arr in chunk.items():
+            _check_array(src, spec.name, name, arr, want[name])
+            n = len(arr) if n is None else n
+            if len(arr) != n:
+                raise QsearchError(f"{src}: {spec.name} arrays have different sample counts ({name}: {len(arr)} vs {n})")
+        if lab is not None and len(lab) != n:
+            raise QsearchError(f"{src}: {spec.name} labels have {len(lab)} entries for {n} samples")
+        if spec.entry is not None:  # entry points give batches already shaped for the model
+            batches.append(chunk)
+            batch_labels.append(lab)
+            continue
+        step = 1 if fixed_batch else batch_size
+        for i in range(0, n, step):
+            batches.append({k: np.ascontiguousarray(v[i : i + step]) for k, v in chunk.items()})
+            batch_labels.append(None if lab is None else lab[i : i + step])
+    ds = Dataset(spec.name, tuple(batches), tuple(batch_labels),
+                 sum(len(next(iter(b.values()))) for b in batches) if batches else 0,
+                 hashlib.sha256(content + f"{batch_size}".encode()).hexdigest()[:16])
+    if spec.limit is not None:
+        ds = ds.head(spec.limit)
+    if ds.samples == 0:
+        raise QsearchError(f"{src}: {spec.name} data set is empty (zero samples)")
+    if spec.labels is not None and any(y is None for y in ds.labels):
+        raise QsearchError(f"{src}: {spec.name} data needs labels for every batch")
+    return ds
+
+
+def _check_array(src, split: str, name: str, arr: np.ndarray, spec: InputSpec) -> None:
+    if arr.dtype == object:
+        raise QsearchError(f"{src}: {split} input '{name}' holds Python objects, not numbers")
+    if arr.dtype != spec.dtype:
+        raise QsearchError(f"{src}: {split} input '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
+    if arr.ndim != len(spec.shape):
+        raise QsearchError(f"{src}: {split} input '{name}' has shape {arr.shape}, the model expects rank {len(spec.shape)} "
+                           f"{_shape_str(spec.shape)}")
+    for got, exp in zip(arr.shape[1:], spec.shape[1:]):
+        if exp is not None and got != exp:
+            raise QsearchError(f"{src}: {split} input '{name}' has shape {arr.shape}, the model expects {_shape_str(spec.shape)}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise QsearchError(f"{src}: {split} input '{name}' contains {bad} NaN/Inf values")
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
+def fingerprint_path(p: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]

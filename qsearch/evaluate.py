@@ -1,0 +1,148 @@
+"""ONNX Runtime sessions, metrics, latency and size: how a candidate model is judged.
+
+Metrics are kept as additive partial sums per batch, so a trial can score a slice of the search
+data, decide whether to prune, and then finish the rest without rescoring the slice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qsearch.data import Dataset
+from qsearch.errors import QsearchError
+
+
+def make_session(model: onnx.ModelProto | bytes | str, threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Op types after ONNX Runtime's optimizer: shows which QDQ groups became int8 kernels."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qsearch-") as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = os.path.join(tmp, "fused.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        fused = onnx.load(so.optimized_model_filepath)
+    counts: dict[str, int] = {}
+    for n in fused.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+def _top1(outs: list[np.ndarray], ref: list[np.ndarray] | None, labels: np.ndarray | None) -> np.ndarray:
+    pred = outs[0].reshape(len(labels), -1).argmax(axis=1)
+    return np.array([(pred == labels.reshape(-1)).sum(), len(labels)], dtype=np.float64)
+
+
+def _cosine(outs, ref, labels) -> np.ndarray:
+    total, n = 0.0, 0
+    for o, r in zip(outs, ref):
+        o = o.reshape(len(o), -1).astype(np.float64)
+        r = r.reshape(len(r), -1).astype(np.float64)
+        num = (o * r).sum(1)
+        den = np.linalg.norm(o, axis=1) * np.linalg.norm(r, axis=1)
+        total += float(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0).sum())
+        n += len(o)
+    return np.array([total, n], dtype=np.float64)
+
+
+def _sqnr(outs, ref, labels) -> np.ndarray:
+    sig = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    noise = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outs, ref))
+    return np.array([sig, noise], dtype=np.float64)
+
+
+def _finish(metric: str, acc: np.ndarray) -> float:
+    if metric == "sqnr":  # dB; capped so an exact match is a large finite number
+        return 10 * math.log10(max(acc[0], 1e-30) / max(acc[1], 1e-30 * max(acc[0], 1e-30))) if acc[1] > 0 else 120.0
+    return float(acc[0] / acc[1]) if acc[1] else float("nan")
+
+
+PARTIALS: dict[str, Callable] = {"top1": _top1, "cosine": _cosine, "sqnr": _sqnr}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    score: float
+    latency_ms: float | None = None
+    size_bytes: int | None = None
+
+
+class Scorer:
+    """Scores sessions on one split with the workload's metric (built-in or custom)."""
+
+    def __init__(self, metric: str, data: Dataset | None, reference: Sequence[list[np.ndarray]] | None = None,
+                 custom: Callable | None = None, custom_name: str = ""):
+        self.metric, self.data, self.reference = metric, data, reference
+        self.custom, self.custom_name = custom, custom_name
+
+    @property
+    def sliceable(self) -> bool:
+        return self.custom is None
+
+    @property
+    def batches(self) -> int:
+        return len(self.data) if self.data is not None else 0
+
+    def partial(self, sess: ort.InferenceSession, start: int, stop: int) -> np.ndarray:
+        f = PARTIALS[self.metric]
+        acc = np.zeros(2)
+        for i in range(start, min(stop, len(self.data))):
+            outs = sess.run(None, dict(self.data.batches[i]))
+            ref = self.reference[i] if self.reference is not None else None
+            acc += f(outs, ref, self.data.labels[i])
+        return acc
+
+    def finish(self, acc: np.ndarray) -> float:
+        return _finish(self.metric, acc)
+
+    def score(self, sess: ort.InferenceSession) -> float:
+        if self.custom is not None:
+            try:
+                v = self.custom(sess)
+            except Exception as exc:
+                raise QsearchError(f"score function '{self.custom_name}' raised {type(exc).__name__}: {exc}") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+                raise QsearchError(f"score function '{self.custom_name}' returned {v!r}, not a finite number")
+            return float(v)
+        return self.finish(self.partial(sess, 0, len(self.data)))
+
+
+def reference_outputs(sess: ort.InferenceSession, data: Dataset) -> list[list[np.ndarray]]:
+    return [sess.run(None, dict(b)) for b in data.batches]
+
+
+def latency_ms(sess: ort.InferenceSession, feed: dict, warmup: int = 3, repeat: int = 15) -> float:
+    """Median wall time of one batch after warm-up: robust to the odd scheduler hiccup."""
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    return model.ByteSize()

@@ -1,0 +1,132 @@
+"""The loaded workload every command works on: prepared model, data, statistics, scorers.
+
+Built once per command. Calibration statistics are cached on disk by model + data fingerprint,
+so `analyze` and `optimize` on the same workload never recalibrate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from qsearch import calibration, data
+from qsearch.calibration import CalibrationStats
+from qsearch.config import Workload
+from qsearch.errors import QsearchError
+from qsearch.evaluate import Evaluation, Scorer, latency_ms, make_session, model_size, reference_outputs
+from qsearch.model import Layer, PreparedModel, load_model, prepare
+from qsearch.plan import LayerChoice, Plan, build_plan
+from qsearch.rewrite import Rewriter
+
+
+@dataclass(frozen=True)
+class Baseline:
+    fp32_search: float
+    fp32_test: float
+    fp32_latency_ms: float
+    fp32_size: int
+
+
+class Context:
+    def __init__(self, workload: Workload, cache_dir: Path | None = None, log=print):
+        self.workload = workload
+        self.log = log
+        self.prepared: PreparedModel = prepare(load_model(workload.model), name=workload.name)
+        self.rewriter = Rewriter(self.prepared)
+        bs, base = workload.batch_size, workload.base
+        self.calib_data = data.load(workload.calibration, self.prepared.inputs, bs, base)
+        self.search_data = data.load(workload.search, self.prepared.inputs, bs, base)
+        self.test_data = data.load(workload.test, self.prepared.inputs, bs, base)
+        self.cache_dir = cache_dir
+        self.calibration_passes = 0
+        self.stats = self._stats()
+        fp32 = make_session(self.prepared.proto, workload.threads)
+        self.search_scorer = self._scorer(fp32, self.search_data, workload.metric.search_entry)
+        self.test_scorer = self._scorer(fp32, self.test_data, workload.metric.test_entry)
+        self.latency_feed = self._latency_feed()
+        self.baseline = Baseline(
+            fp32_search=self.search_scorer.score(fp32),
+            fp32_test=self.test_scorer.score(fp32),
+            fp32_latency_ms=latency_ms(fp32, self.latency_feed),
+            fp32_size=model_size(self.prepared.proto),
+        )
+
+    # ------------------------------------------------------------------ setup
+    def _scorer(self, fp32, ds, entry: str | None) -> Scorer:
+        m = self.workload.metric
+        if m.name == "custom":
+            fn = data.import_entry(entry, f"{self.workload.path}: metric", self.workload.base)
+            return Scorer("custom", ds, custom=fn, custom_name=entry)
+        ref = reference_outputs(fp32, ds) if m.name in ("cosine", "sqnr") else None
+        return Scorer(m.name, ds, reference=ref)
+
+    def _latency_feed(self) -> dict:
+        b = self.search_data.batches[0]
+        n = len(next(iter(b.values())))
+        want = self.workload.latency_batch
+        if n >= want or any(i.shape and i.shape[0] is not None for i in self.prepared.inputs):
+            return {k: v[:want] for k, v in b.items()}
+        import numpy as np
+
+        return {k: np.concatenate([v] * (want // n + 1))[:want] for k, v in b.items()}
+
+    def calibration_tensors(self) -> list[str]:
+        return sorted({t for layer in self.prepared.layers for t in (*layer.activations, layer.output)})
+
+    def _stats(self) -> CalibrationStats:
+        tensors = self.calibration_tensors()
+        key = calibration.cache_key(self.prepared.fingerprint, self.calib_data.fingerprint, json.dumps(tensors))
+        path = self.cache_dir / f"calibration-{key}.npz" if self.cache_dir else None
+        if path is not None and path.is_file():
+            try:
+                return CalibrationStats.load(path)
+            except Exception:
+                pass  # stale or damaged cache: recalibrate below
+        self.log(f"calibrating on {self.calib_data.samples} samples ({len(tensors)} tensors, one pass)")
+        self.calibration_passes += 1
+        stats = calibration.collect(self.prepared.proto, tensors, self.calib_data.batches, self.workload.threads)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stats.save(path)
+        return stats
+
+    # ------------------------------------------------------------------ plans
+    def candidates(self) -> list[Layer]:
+        space = self.workload.space
+        layers = [la for la in self.prepared.layers if space.matches(la.name, la.op_type)]
+        if not layers:
+            raise QsearchError(
+                f"{self.workload.path}: the search space's candidates (op_types {list(space.op_types)}, include "
+                f"{list(space.include)}, exclude {list(space.exclude)}) match no layer of '{self.prepared.name}'"
+            )
+        return layers
+
+    @property
+    def float_precision(self) -> str:
+        return "fp16" if self.workload.target == "fp16" else "fp32"
+
+    def plan(self, choices: Mapping[str, LayerChoice]) -> Plan:
+        """Layers not named in `choices` stay float."""
+        return build_plan(self.prepared, choices, self.stats, self.workload.target, self.workload.space.percentile)
+
+    def uniform_plan(self, method: str = "minmax", granularity: str = "per_tensor",
+                     keep_float: tuple[str, ...] = ()) -> Plan:
+        """All candidate layers INT8 with one method: the naive baseline (or hybrid with keep_float)."""
+        fp = LayerChoice(self.float_precision)
+        return self.plan({la.name: fp if la.name in keep_float else LayerChoice("int8", method, granularity)
+                          for la in self.candidates()})
+
+    def evaluate(self, model: Plan | onnx.ModelProto, split: str = "search", timing: bool = True) -> Evaluation:
+        proto = self.rewriter(model) if isinstance(model, Plan) else model
+        sess = make_session(proto, self.workload.threads)
+        scorer = self.search_scorer if split == "search" else self.test_scorer
+        score = scorer.score(sess)
+        lat = latency_ms(sess, self.latency_feed) if timing else None
+        return Evaluation(score, lat, model_size(proto))
+
+    def allowed_drop(self) -> float:
+        return self.workload.allowed_drop(self.baseline.fp32_search)

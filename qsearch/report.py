@@ -1,0 +1,98 @@
+"""Markdown / HTML report of a search: the chosen plan against FP32, naive INT8 and hybrid."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qsearch.files import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    search_score: float
+    test_score: float
+    latency_ms: float
+    size_bytes: int
+    int8_layers: int
+    evaluations: int | None = None
+    note: str = ""
+
+
+def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: int) -> str:
+    lines = [f"| plan | {metric} search | {metric} test | latency ms | speed-up | size KiB | size ratio | INT8 layers | evaluations |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.search_score:.4f} | {r.test_score:.4f} | {r.latency_ms:.3f} | "
+            f"{fp32_latency / r.latency_ms:.2f}x | {r.size_bytes / 1024:.1f} | {r.size_bytes / fp32_size:.2f} | "
+            f"{r.int8_layers} | {'' if r.evaluations is None else r.evaluations} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_pareto(results, best_number: int | None, allowed: float, fp32: float, objective: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    feas = [r for r in results if r.feasible]
+    infeas = [r for r in results if not r.feasible]
+    ax.scatter([r.cost for r in infeas], [r.score for r in infeas], s=14, c="#bbbbbb", label="over budget")
+    ax.scatter([r.cost for r in feas], [r.score for r in feas], s=18, c="#2166ac", label="within budget")
+    front = sorted(results, key=lambda r: (r.cost, -r.score))
+    fx, fy, best_s = [], [], -1e300
+    for r in front:
+        if r.score > best_s:
+            fx.append(r.cost)
+            fy.append(r.score)
+            best_s = r.score
+    ax.step(fx, fy, where="post", c="#2166ac", lw=1, alpha=0.6, label="Pareto front")
+    ax.axhline(fp32 - allowed, c="#b2182b", ls="--", lw=1, label="accuracy budget")
+    for r in results:
+        if r.number == best_number:
+            ax.scatter([r.cost], [r.score], s=90, marker="*", c="#b2182b", label=f"chosen (trial {r.number})", zorder=5)
+    ax.set_xlabel({"latency": "latency (ms / batch)", "size": "size (bytes)", "bitops": "GBOPs"}[objective])
+    ax.set_ylabel("score on search data")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, title: str, summary: list[str], rows: list[Row], metric: str, fp32_latency: float,
+                 fp32_size: int, images: list[tuple[str, Path]], plan_yaml: str | None) -> None:
+    table = rows_markdown(rows, metric, fp32_latency, fp32_size)
+    md = [f"# {title}", "", *summary, "", table, ""]
+    for caption, img in images:
+        md += [f"![{caption}]({img.name})", ""]
+    if plan_yaml:
+        md += ["## Chosen plan (layers and defaults)", "", "```yaml", plan_yaml.strip(), "```", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    parts += [f"<p>{html.escape(s)}</p>" for s in summary if s]
+    head, _, *body = table.splitlines()
+    parts.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head.strip("|").split("|")) + "</tr>")
+    for line in body:
+        parts.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
+    parts.append("</table>")
+    for caption, img in images:
+        if img.is_file():
+            b64 = base64.b64encode(img.read_bytes()).decode()
+            parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>")
+    if plan_yaml:
+        parts.append(f"<h2>Chosen plan</h2><pre>{html.escape(plan_yaml)}</pre>")
+    parts.append("</body></html>")
+    atomic_write_text(out / "report.html", "\n".join(parts))

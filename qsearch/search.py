@@ -1,0 +1,299 @@
+"""The mixed-precision search: an Optuna study over per-layer choices, guided by sensitivity.
+
+Dimensions come from the search space and the profile: layers that are harmless in INT8 are
+fixed there, each sensitive layer chooses among its few best INT8 options or float. The first
+trials are enqueued from the profile (all-INT8 at each layer's best option, then "keep the k most
+sensitive layers float"), the accuracy budget is an Optuna constraint, and hopeless trials are
+pruned after scoring a slice of the search data. A trial never recalibrates: plan -> rewrite with
+cached ranges -> session -> score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from qsearch.errors import QsearchError
+from qsearch.evaluate import latency_ms, make_session, model_size
+from qsearch.plan import LayerChoice, Plan
+from qsearch.sensitivity import SensitivityProfile
+
+BITS = {"int8": 8, "fp16": 16, "fp32": 32}
+
+
+@dataclass(frozen=True)
+class Dimensions:
+    fixed: dict[str, str]  # layer -> option label, not searched
+    searched: dict[str, tuple[str, ...]]  # layer -> option labels, best first, float last
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    number: int
+    choices: dict[str, str]
+    score: float
+    drop: float
+    cost: float
+    latency_ms: float
+    size_bytes: int
+    bitops: float
+    feasible: bool
+
+
+def build_dimensions(ctx, profile: SensitivityProfile) -> Dimensions:
+    space = ctx.workload.space
+    allowed = ctx.allowed_drop()
+    fp = LayerChoice(ctx.float_precision).label()
+    fixed, searched = {}, {}
+    for la in ctx.candidates():
+        try:
+            s = profile.layer(la.name)
+        except StopIteration:
+            raise QsearchError(f"sensitivity profile has no entry for layer '{la.name}' (re-run analyze)") from None
+        options = s.ranked_options()[: space.options_per_layer]
+        if "int8" not in space.precisions:
+            fixed[la.name] = fp
+        elif "float" not in space.precisions or s.best_drop <= space.fix_below * allowed:
+            fixed[la.name] = options[0]
+        else:
+            searched[la.name] = (*options, fp)
+    return Dimensions(fixed, searched)
+
+
+def bitops(ctx, choices: dict[str, str]) -> float:
+    """Analytic cost for targets we cannot time: MACs x weight bits x activation bits (GBOPs)."""
+    total = 0.0
+    for la in ctx.prepared.layers:
+        c = LayerChoice.parse(choices.get(la.name, ctx.float_precision))
+        b = BITS[c.precision]
+        total += la.macs * b * b
+    return total / 1e9
+
+
+def _storage(url: str | None, out: Path):
+    if url is None:
+        out.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(out / 'study.db').resolve()}"
+    try:
+        if url.startswith(("sqlite:", "postgresql", "mysql")):
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=30, grace_period=90,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+            )
+        if url.startswith("journal:") or url.endswith((".log", ".journal")):
+            path = url.removeprefix("journal:")
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
+        if url.startswith("redis://"):
+            from optuna.storages.journal import JournalRedisBackend
+
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+    except Exception as exc:
+        raise QsearchError(f"storage '{url}' cannot be opened: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    raise QsearchError(f"storage '{url}' is not a supported Optuna storage URL (sqlite:///, postgresql://, "
+                       "mysql://, journal:FILE, redis://)")
+
+
+def _sampler(ctx, n_dims: int, budget: int) -> optuna.samplers.BaseSampler:
+    space = ctx.workload.space
+    cons = _constraints
+    startup = max(4, min(10, budget // 5))
+    if space.sampler == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, constraints_func=cons, seed=space.seed,
+                                          n_startup_trials=startup, warn_independent_sampling=False)
+    if space.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(constraints_func=cons, seed=space.seed,
+                                             population_size=max(8, min(30, budget // 4)))
+    if space.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=space.seed)
+    if space.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=space.seed)
+    try:
+        return optuna.samplers.GPSampler(constraints_func=cons, seed=space.seed, n_startup_trials=startup)
+    except Exception as exc:
+        raise QsearchError(f"sampler 'gp' is not usable here ({exc}); pick tpe, nsga2, random or qmc") from None
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return [trial.user_attrs.get("constraint", 1.0)]
+
+
+class Search:
+    def __init__(self, ctx, profile: SensitivityProfile, out: Path, storage: str | None = None,
+                 study_name: str | None = None):
+        self.ctx, self.profile, self.out = ctx, profile, out
+        self.allowed = ctx.allowed_drop()
+        self.dims = build_dimensions(ctx, profile)
+        self.storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        self.study_name = study_name or f"qsearch-{ctx.prepared.name}-{ctx.prepared.fingerprint[7:15]}"
+        space = ctx.workload.space
+        directions = ["maximize", "minimize"] if space.multi_objective else ["minimize"]
+        self.study = self._open(storage, directions)
+        if self.study.user_attrs.get("fingerprint") not in (None, ctx.prepared.fingerprint):
+            raise QsearchError(f"study '{self.study_name}' belongs to another model "
+                               f"({self.study.user_attrs['fingerprint']}), not '{ctx.prepared.name}' "
+                               f"({ctx.prepared.fingerprint}); pick another --study")
+        self.study.set_user_attr("fingerprint", ctx.prepared.fingerprint)
+        self.study.set_user_attr("fp32_search", ctx.baseline.fp32_search)
+        self.study.set_user_attr("allowed_drop", self.allowed)
+        self.scoring_seconds = 0.0
+        self.trial_seconds = 0.0
+
+    def _open(self, storage: str | None, directions: list[str]) -> optuna.Study:
+        st = _storage(storage, self.out)
+        budget_hint = 50
+        sampler = _sampler(self.ctx, len(self.dims.searched), budget_hint)
+        try:
+            return optuna.create_study(storage=st, study_name=self.study_name, directions=directions,
+                                       sampler=sampler, load_if_exists=True)
+        except ValueError as exc:
+            raise QsearchError(f"study '{self.study_name}': {exc}") from None
+
+    # ---------------------------------------------------------------- trials
+    def choices(self, params: dict[str, str]) -> dict[str, str]:
+        return {**self.dims.fixed, **params}
+
+    def _objective(self, trial: optuna.Trial):
+        import time
+
+        t0 = time.perf_counter()
+        params = {n: trial.suggest_categorical(n, list(opts)) for n, opts in self.dims.searched.items()}
+        choices = self.choices(params)
+        plan = self.ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
+        proto = self.ctx.rewriter(plan)
+        sess = make_session(proto, self.ctx.workload.threads)
+        scorer = self.ctx.search_scorer
+        fp32 = self.ctx.baseline.fp32_search
+        ts = time.perf_counter()
+        if scorer.sliceable and self.ctx.workload.space.prune and scorer.batches >= 3:
+            k = max(1, round(scorer.batches * self.ctx.workload.space.prune_fraction))
+            head = scorer.partial(sess, 0, k)
+            est = fp32 - scorer.finish(head)
+            if est > self._prune_margin(head):
+                trial.set_user_attr("drop_estimate", est)
+                self.scoring_seconds += time.perf_counter() - ts
+                raise optuna.TrialPruned(f"drop {est:.4f} on the first {k} batches")
+            score = scorer.finish(head + scorer.partial(sess, k, scorer.batches))
+        else:
+            score = scorer.score(sess)
+        lat = latency_ms(sess, self.ctx.latency_feed)
+        self.scoring_seconds += time.perf_counter() - ts
+        drop = fp32 - score
+        size = model_size(proto)
+        bops = bitops(self.ctx, choices)
+        cost = {"latency": lat, "size": float(size), "bitops": bops}[self.ctx.workload.space.objective]
+        for k, v in (("score", score), ("drop", drop), ("latency_ms", lat), ("size_bytes", size), ("bitops", bops),
+                     ("cost", cost), ("constraint", drop - self.allowed)):
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("choices", choices)
+        self.trial_seconds += time.perf_counter() - t0
+        return (score, cost) if self.ctx.workload.space.multi_objective else cost
+
+    def _prune_margin(self, head: np.ndarray) -> float:
+        """Prune only when the slice is clearly over budget: twice the budget plus 3 sigma of a
+        binomial accuracy estimate on the slice (for top-1), so borderline plans finish."""
+        margin = 2 * self.allowed
+        if self.ctx.workload.metric.name == "top1" and head[1] > 0:
+            p = max(min(head[0] / head[1], 1 - 1e-3), 1e-3)
+            margin += 3 * math.sqrt(p * (1 - p) / head[1])
+        return max(margin, 1e-9)
+
+    def warm_start(self) -> int:
+        """Enqueue plans from the profile: the best all-INT8 plan, then k most sensitive float."""
+        if not self.ctx.workload.space.warm_start or not self.dims.searched or len(self.study.trials) > 0:
+            return 0
+        best = {n: opts[0] for n, opts in self.dims.searched.items()}
+        fp = LayerChoice(self.ctx.float_precision).label()
+        ranked = [x.name for x in self.profile.layers if x.name in self.dims.searched]
+        plans = [best]
+        for k in (1, 2, 3, 5, 8):
+            if k <= len(ranked):
+                plans.append({**best, **{n: fp for n in ranked[:k]}})
+        for p in plans:
+            self.study.enqueue_trial(p, skip_if_exists=True)
+        return len(plans)
+
+    def run(self, budget: int, timeout: float | None = None, progress: Callable | None = None) -> None:
+        from optuna.study import MaxTrialsCallback
+        from optuna.trial import TrialState
+
+        if not self.dims.searched:
+            # nothing to search: the profile already decides every layer; score that one plan
+            budget = min(budget, 1)
+        done = self._finished()
+        if done >= budget:
+            return
+        self.warm_start()
+        stop = MaxTrialsCallback(budget, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        callbacks = [stop]
+        if progress is not None:
+            callbacks.append(lambda study, trial: progress(study, trial))
+        self.study.sampler = _sampler(self.ctx, len(self.dims.searched), budget)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study.optimize(self._objective, n_trials=budget - done, timeout=timeout, callbacks=callbacks,
+                            catch=(Exception,), gc_after_trial=False)
+
+    def _finished(self) -> int:
+        from optuna.trial import TrialState
+
+        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self.study.trials)
+
+    # ---------------------------------------------------------------- results
+    def results(self) -> list[TrialResult]:
+        from optuna.trial import TrialState
+
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            a = t.user_attrs
+            if "score" not in a:
+                continue
+            out.append(TrialResult(t.number, dict(a["choices"]), a["score"], a["drop"], a["cost"], a["latency_ms"],
+                                   a["size_bytes"], a["bitops"], a["drop"] <= self.allowed + 1e-12))
+        return out
+
+    def best(self) -> TrialResult | None:
+        feasible = [r for r in self.results() if r.feasible]
+        return min(feasible, key=lambda r: (r.cost, -r.score, r.number)) if feasible else None
+
+    def closest(self, n: int = 3) -> list[TrialResult]:
+        return sorted(self.results(), key=lambda r: (r.drop, r.cost))[:n]
+
+    def pareto(self) -> list[TrialResult]:
+        """Non-dominated trials on (score up, cost down), cheapest first."""
+        rs = sorted(self.results(), key=lambda r: (r.cost, -r.score))
+        front, best_score = [], -math.inf
+        for r in rs:
+            if r.score > best_score + 1e-12:
+                front.append(r)
+                best_score = r.score
+        return front
+
+    def plan_for(self, r: TrialResult) -> Plan:
+        plan = self.ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in r.choices.items()})
+        return plan.with_info(study=self.study_name, trial=r.number)
+
+
+def greedy_fallback(ctx, profile: SensitivityProfile, method: str = "minmax", granularity: str = "per_tensor"):
+    """The peers' accuracy-control loop: start all-INT8 with one method, revert the most sensitive
+    layer to float, re-score, repeat until within budget. Returns (plan, evaluations)."""
+    allowed = ctx.allowed_drop()
+    fp = LayerChoice(ctx.float_precision)
+    label = LayerChoice("int8", method, granularity).label()
+    order = sorted(ctx.candidates(), key=lambda la: -profile.layer(la.name).drops.get(
+        label, profile.layer(la.name).worst_drop))
+    reverted: list[str] = []
+    evals = 0
+    for k in range(len(order) + 1):
+        reverted = [la.name for la in order[:k]]
+        plan = ctx.uniform_plan(method, granularity, keep_float=tuple(reverted))
+        score = ctx.search_scorer.score(make_session(ctx.rewriter(plan), ctx.workload.threads))
+        evals += 1
+        if ctx.baseline.fp32_search - score <= allowed:
+            return plan, evals
+    return ctx.plan({la.name: fp for la in order}), evals

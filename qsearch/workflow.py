@@ -1,0 +1,241 @@
+"""What each command does, stage by stage; `cli.py` only parses arguments and reports errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+from qsearch import sensitivity
+from qsearch.config import load_workload
+from qsearch.errors import QsearchError
+from qsearch.evaluate import fused_op_counts, latency_ms, make_session, model_size
+from qsearch.files import atomic_write_bytes, atomic_write_text
+from qsearch.model import load_model, prepare
+from qsearch.pipeline import Context
+from qsearch.plan import LayerChoice, Plan
+from qsearch.report import Row, plot_pareto, write_report
+from qsearch.search import Search, TrialResult, greedy_fallback
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A one-line progress bar with ETA on stderr (plain lines when not a terminal)."""
+
+    def __init__(self, label: str):
+        self.label, self.t0, self.last = label, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, what: str = "", extra: str = "") -> None:
+        now = time.perf_counter()
+        if done not in (0, total) and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        el = now - self.t0
+        eta = el / done * (total - done) if done else float("nan")
+        bar = "#" * int(24 * done / max(total, 1))
+        line = f"{self.label} {what} [{bar:<24}] {done}/{total} {el:5.1f}s elapsed, ~{eta:5.1f}s left {extra}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:150])
+            if done == total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def open_context(config: str | None, out: Path) -> Context:
+    workload = load_workload(config)
+    log(f"workload '{workload.name}': {workload.model.name}, metric {workload.metric.name}, "
+        f"max_drop {workload.max_drop * 100 if workload.relative else workload.max_drop}{'%' if workload.relative else ''}")
+    return Context(workload, cache_dir=out / "cache", log=log)
+
+
+def run_analyze(config, out: Path, samples=None, reverse=False, workers=1) -> sensitivity.SensitivityProfile:
+    ctx = open_context(config, out)
+    profile = sensitivity.analyze(ctx, samples=samples, reverse=reverse, workers=workers, cache_dir=out / "cache",
+                                  progress=Progress("analyze"))
+    paths = sensitivity.save_profile(profile, out)
+    print(profile.table())
+    log(f"fp32 {profile.metric} {profile.fp32_score:.4f} on {profile.samples} samples; "
+        f"{profile.meta.get('evaluations')} evaluations in {profile.seconds:.1f}s; wrote {', '.join(str(p) for p in paths)}")
+    return profile
+
+
+def _row(ctx, name: str, plan: Plan, evaluations=None) -> tuple[Row, Plan, onnx.ModelProto]:
+    proto = ctx.rewriter(plan)
+    sess = make_session(proto, ctx.workload.threads)
+    search = ctx.search_scorer.score(sess)
+    test = ctx.test_scorer.score(sess)
+    lat = latency_ms(sess, ctx.latency_feed, repeat=30)
+    n8 = sum(plan.choice(la.name).is_int8 for la in ctx.prepared.layers)
+    return Row(name, search, test, lat, model_size(proto), n8, evaluations), plan, proto
+
+
+def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, study=None, samples=None,
+                 workers=1) -> int:
+    if budget < 1:
+        raise QsearchError(f"--budget must be a positive number of trials, got {budget}")
+    t_start = time.perf_counter()
+    ctx = open_context(config, out)
+    profile = sensitivity.analyze(ctx, samples=samples, workers=workers, cache_dir=out / "cache",
+                                  progress=Progress("analyze"))
+    sensitivity.save_profile(profile, out)
+    t_analyzed = time.perf_counter()
+    search = Search(ctx, profile, out, storage=storage, study_name=study)
+    log(f"study '{search.study_name}' in {search.storage_url}: {len(search.dims.searched)} layers searched, "
+        f"{len(search.dims.fixed)} fixed by sensitivity; budget {budget} trials, allowed drop {search.allowed:.4g}")
+    bar = Progress("optimize")
+
+    def progress(study, trial):
+        best = search.best()
+        extra = f"best {best.cost:.3f} @ drop {best.drop:.4f} (trial {best.number})" if best else "no plan within budget yet"
+        bar(search._finished(), budget, "", extra)
+
+    search.run(budget, timeout=timeout, progress=progress)
+    t_searched = time.perf_counter()
+    results = search.results()
+    trials_csv(out / "trials.csv", search)
+    best = search.best()
+    if best is None:
+        closest = search.closest()
+        for r in closest:
+            search.plan_for(r).with_info({"search_drop": r.drop, "search_score": r.score}).write(
+                out / "closest" / f"plan-trial{r.number:04d}.yaml")
+        drops = ", ".join(f"trial {r.number}: drop {r.drop:.4f}" for r in closest)
+        log(f"no plan within max_drop {search.allowed:.4g} after {len(results)} trials; closest: {drops or 'none'}; "
+            f"their plans are in {out / 'closest'}. Raise max_drop, allow float layers, or raise --budget.")
+        return 1
+    # the chosen plan and the baselines, all scored the same way, test data once
+    rows = []
+    fp = LayerChoice(ctx.float_precision)
+    fp32_plan = ctx.plan({})
+    naive = ctx.uniform_plan("minmax", "per_tensor")
+    hybrid, hybrid_evals = greedy_fallback(ctx, profile)
+    chosen = search.plan_for(best)
+    for name, plan, ev in (("fp32", fp32_plan, None), ("naive int8 (minmax, per-tensor)", naive, 1),
+                           ("hybrid (greedy fallback)", hybrid, hybrid_evals),
+                           (f"qsearch (trial {best.number})", chosen, len(results))):
+        row, plan, proto = _row(ctx, name, plan, ev)
+        rows.append(row)
+    chosen_row = rows[-1]
+    fp32_row = rows[0]
+    metrics = {
+        "metric": ctx.workload.metric.name,
+        "fp32": {"search": fp32_row.search_score, "test": fp32_row.test_score, "latency_ms": fp32_row.latency_ms,
+                 "size_bytes": fp32_row.size_bytes},
+        "plan": {"search": chosen_row.search_score, "test": chosen_row.test_score, "latency_ms": chosen_row.latency_ms,
+                 "size_bytes": chosen_row.size_bytes},
+        "max_drop": search.allowed,
+        "test_drop": fp32_row.test_score - chosen_row.test_score,
+    }
+    chosen = chosen.with_info(metrics, storage=search.storage_url)
+    chosen.write(out / "plan.yaml")
+    atomic_write_bytes(out / "model.qsearch.onnx", ctx.rewriter(chosen).SerializeToString())
+    pareto = search.pareto()
+    for r in pareto:
+        search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost}).write(
+            out / "pareto" / f"plan-trial{r.number:04d}.yaml")
+    plot_pareto(results, best.number, search.allowed, ctx.baseline.fp32_search, ctx.workload.space.objective,
+                out / "pareto.png")
+    t_end = time.perf_counter()
+    per_trial = search.trial_seconds / max(len(search.study.trials), 1)
+    overhead = 1 - search.scoring_seconds / max(search.trial_seconds, 1e-9)
+    summary = [
+        f"Model `{ctx.prepared.name}` ({ctx.prepared.fingerprint}), metric {ctx.workload.metric.name}, "
+        f"allowed drop {search.allowed:.4g} on search data; target {ctx.workload.target}.",
+        f"{len(search.study.trials)} trials ({len(results)} complete), {len(search.dims.searched)} layers searched, "
+        f"{len(search.dims.fixed)} fixed by sensitivity. Time: analysis {t_analyzed - t_start:.1f}s, search "
+        f"{t_searched - t_analyzed:.1f}s ({per_trial:.2f}s/trial, {overhead:.0%} of it not scoring), "
+        f"report {t_end - t_searched:.1f}s.",
+        f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
+        f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32, "
+        f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size. Fused ops: {fused_op_counts(ctx.rewriter(chosen))}.",
+    ]
+    write_report(out, f"qsearch report: {ctx.prepared.name}", summary, rows, ctx.workload.metric.name,
+                 fp32_row.latency_ms, fp32_row.size_bytes,
+                 [("Pareto front", out / "pareto.png"), ("Layer sensitivity", out / "sensitivity.png")],
+                 chosen.to_yaml().split("activation_ranges:")[0])
+    print("\n".join(summary))
+    from qsearch.report import rows_markdown
+
+    print(rows_markdown(rows, ctx.workload.metric.name, fp32_row.latency_ms, fp32_row.size_bytes))
+    log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
+        f"{len(pareto)} Pareto plans in {out / 'pareto'}")
+    return 0
+
+
+def trials_csv(path: Path, search: Search) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", "state", "score", "drop", "cost", "latency_ms", "size_bytes", "bitops", "feasible"])
+    for t in search.study.trials:
+        a = t.user_attrs
+        w.writerow([t.number, t.state.name, a.get("score", ""), a.get("drop", a.get("drop_estimate", "")),
+                    a.get("cost", ""), a.get("latency_ms", ""), a.get("size_bytes", ""), a.get("bitops", ""),
+                    "" if "drop" not in a else a["drop"] <= search.allowed + 1e-12])
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_apply(plan_path: str, model_path: str, output: str) -> None:
+    plan = Plan.read(plan_path)
+    prepared = prepare(load_model(model_path), name=Path(model_path).stem)
+    plan.validate(prepared, plan_path)
+    from qsearch.rewrite import Rewriter
+
+    t0 = time.perf_counter()
+    model = Rewriter(prepared)(plan)
+    dt = time.perf_counter() - t0
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise QsearchError(f"{plan_path}: rewritten model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    atomic_write_bytes(output, model.SerializeToString())
+    n8 = sum(plan.choice(la.name).is_int8 for la in prepared.layers)
+    log(f"wrote {output}: {n8}/{len(prepared.layers)} layers INT8, rewrite {dt * 1e3:.0f} ms")
+
+
+def run_evaluate(model_path: str, config: str | None, out: Path) -> dict:
+    ctx = open_context(config, out)
+    model = load_model(model_path)
+    sess = make_session(model, ctx.workload.threads)
+    r = {
+        "model": model_path,
+        "metric": ctx.workload.metric.name,
+        "search": ctx.search_scorer.score(sess),
+        "test": ctx.test_scorer.score(sess),
+        "latency_ms": latency_ms(sess, ctx.latency_feed, repeat=30),
+        "size_bytes": model_size(model),
+        "fp32_test": ctx.baseline.fp32_test,
+        "fp32_latency_ms": ctx.baseline.fp32_latency_ms,
+    }
+    print(f"{model_path}: {r['metric']} search {r['search']:.4f}, test {r['test']:.4f} (fp32 {r['fp32_test']:.4f}); "
+          f"latency {r['latency_ms']:.3f} ms ({r['fp32_latency_ms'] / r['latency_ms']:.2f}x vs fp32); "
+          f"size {r['size_bytes'] / 1024:.1f} KiB")
+    return r
+
+
+def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str) -> None:
+    ctx = open_context(config, out)
+    if kind == "naive":
+        plan = ctx.uniform_plan(method, granularity)
+    elif kind in ("fp32", "fp16"):
+        if kind == "fp16" and ctx.workload.target != "fp16":
+            raise QsearchError(f"{ctx.workload.path}: baseline fp16 needs 'target: fp16' (target is {ctx.workload.target})")
+        plan = ctx.plan({})
+    else:  # hybrid: the greedy fallback, which needs the sensitivity profile
+        profile = sensitivity.analyze(ctx, cache_dir=out / "cache", progress=Progress("analyze"))
+        plan, _ = greedy_fallback(ctx, profile, method, granularity)
+    ev = ctx.evaluate(plan, "test")
+    plan = plan.with_info({"test": ev.score, "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes,
+                           "fp32_test": ctx.baseline.fp32_test}, baseline=kind)
+    plan.write(output)
+    log(f"wrote {output}: {kind} plan, test {ctx.workload.metric.name} {ev.score:.4f} "
+        f"(fp32 {ctx.baseline.fp32_test:.4f}), latency {ev.latency_ms:.3f} ms")
