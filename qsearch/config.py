@@ -42,6 +42,7 @@ class SearchSpace:
     seed: int = 0
     fix_below: float = 0.05  # layers whose best single-layer drop is below this share of the budget: fixed int8
     options_per_layer: int = 3  # best int8 options kept per searched layer (plus float)
+    min_searched: int = 8  # the most sensitive layers are searched even when each alone looks harmless
     warm_start: bool = True
     prune: bool = True
     prune_fraction: float = 0.3  # share of the search data scored before deciding to prune
@@ -203,7 +204,7 @@ def _find_space(name: str, base: Path) -> Path | None:
 
 SPACE_KEYS = {
     "extends", "candidates", "precision", "calibration", "granularity", "percentile", "objective", "multi_objective",
-    "sampler", "seed", "fix_below", "options_per_layer", "warm_start", "prune", "prune_fraction",
+    "sampler", "seed", "fix_below", "options_per_layer", "min_searched", "warm_start", "prune", "prune_fraction",
 }
 
 
@@ -256,7 +257,7 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not lo <= x <= hi:
                 raise QsearchError(f"{where(p, v, key)}: {section}.{key} must be a number in [{lo}, {hi}], got {x!r}")
             kw[key] = float(x)
-    for key in ("options_per_layer", "seed"):
+    for key in ("options_per_layer", "seed", "min_searched"):
         if key in v:
             kw[key] = _int(p, v, key, 0, 1 if key == "options_per_layer" else 0)
     for key in ("warm_start", "prune", "multi_objective"):

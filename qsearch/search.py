@@ -50,6 +50,9 @@ def build_dimensions(ctx, profile: SensitivityProfile) -> Dimensions:
     allowed = ctx.allowed_drop()
     fp = LayerChoice(ctx.float_precision).label()
     fixed, searched = {}, {}
+    # single-layer drops hide compounding error; the proxy breaks ties among "harmless" layers
+    order = sorted(ctx.candidates(), key=lambda la: _sensitivity_key(profile, la.name))
+    always = {la.name for la in order[: space.min_searched]}
     for la in ctx.candidates():
         try:
             s = profile.layer(la.name)
@@ -58,11 +61,16 @@ def build_dimensions(ctx, profile: SensitivityProfile) -> Dimensions:
         options = s.ranked_options()[: space.options_per_layer]
         if "int8" not in space.precisions:
             fixed[la.name] = fp
-        elif "float" not in space.precisions or s.best_drop <= space.fix_below * allowed:
+        elif "float" not in space.precisions or (s.best_drop <= space.fix_below * allowed and la.name not in always):
             fixed[la.name] = options[0]
         else:
             searched[la.name] = (*options, fp)
     return Dimensions(fixed, searched)
+
+
+def _sensitivity_key(profile: SensitivityProfile, name: str):
+    s = profile.layer(name)
+    return (-s.best_drop, -s.worst_drop, s.proxy_sqnr.get(s.best_option, 0.0), name)
 
 
 def bitops(ctx, choices: dict[str, str]) -> float:
@@ -83,7 +91,7 @@ def _storage(url: str | None, out: Path):
         if url.startswith(("sqlite:", "postgresql", "mysql")):
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=30, grace_period=90,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
             )
         if url.startswith("journal:") or url.endswith((".log", ".journal")):
             path = url.removeprefix("journal:")
@@ -102,26 +110,20 @@ def _storage(url: str | None, out: Path):
 
 def _sampler(ctx, n_dims: int, budget: int) -> optuna.samplers.BaseSampler:
     space = ctx.workload.space
-    cons = _constraints
     startup = max(4, min(10, budget // 5))
     if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, constraints_func=cons, seed=space.seed,
-                                          n_startup_trials=startup, warn_independent_sampling=False)
+        return optuna.samplers.TPESampler(multivariate=True, seed=space.seed, n_startup_trials=startup)
     if space.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(constraints_func=cons, seed=space.seed,
+        return optuna.samplers.NSGAIISampler(seed=space.seed,
                                              population_size=max(8, min(30, budget // 4)))
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=space.seed)
     if space.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=space.seed)
     try:
-        return optuna.samplers.GPSampler(constraints_func=cons, seed=space.seed, n_startup_trials=startup)
+        return optuna.samplers.GPSampler(seed=space.seed, n_startup_trials=startup)
     except Exception as exc:
         raise QsearchError(f"sampler 'gp' is not usable here ({exc}); pick tpe, nsga2, random or qmc") from None
-
-
-def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return [trial.user_attrs.get("constraint", 1.0)]
 
 
 class Search:
@@ -149,6 +151,7 @@ class Search:
         st = _storage(storage, self.out)
         budget_hint = 50
         sampler = _sampler(self.ctx, len(self.dims.searched), budget_hint)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             return optuna.create_study(storage=st, study_name=self.study_name, directions=directions,
                                        sampler=sampler, load_if_exists=True)
@@ -177,6 +180,7 @@ class Search:
             est = fp32 - scorer.finish(head)
             if est > self._prune_margin(head):
                 trial.set_user_attr("drop_estimate", est)
+                trial.set_constraint("max_drop", est - self.allowed)
                 self.scoring_seconds += time.perf_counter() - ts
                 raise optuna.TrialPruned(f"drop {est:.4f} on the first {k} batches")
             score = scorer.finish(head + scorer.partial(sess, k, scorer.batches))
@@ -192,6 +196,7 @@ class Search:
                      ("cost", cost), ("constraint", drop - self.allowed)):
             trial.set_user_attr(k, v)
         trial.set_user_attr("choices", choices)
+        trial.set_constraint("max_drop", drop - self.allowed)  # the accuracy budget, as Optuna's constraint
         self.trial_seconds += time.perf_counter() - t0
         return (score, cost) if self.ctx.workload.space.multi_objective else cost
 
@@ -235,7 +240,7 @@ class Search:
         if progress is not None:
             callbacks.append(lambda study, trial: progress(study, trial))
         self.study.sampler = _sampler(self.ctx, len(self.dims.searched), budget)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.study.optimize(self._objective, n_trials=budget - done, timeout=timeout, callbacks=callbacks,
                             catch=(Exception,), gc_after_trial=False)
 

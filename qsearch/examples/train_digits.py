@@ -13,6 +13,12 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).parent / "digits"
+NOISE = 0.35  # std of additive sensor noise; pixels are in [0, 1]
+
+
+def _noisy(x: np.ndarray, y: np.ndarray, rng, draws: int = 2):
+    xs = np.concatenate([x + NOISE * rng.standard_normal(x.shape).astype(np.float32) for _ in range(draws)])
+    return xs, np.concatenate([y] * draws)
 
 
 def _net():
@@ -71,6 +77,13 @@ def main(seed: int = 0, epochs: int = 40) -> None:
     y = digits.target.astype(np.int64)
     order = rng.permutation(len(x))
     calib, search, test, train = order[:200], order[200:600], order[600:1000], order[1000:]
+    # Noisy sensor readings (fixed draws, two per image for search/test): low-margin samples make
+    # quantization error visible in top-1, as on real edge data.
+    noisy = {
+        "calib": (x[calib] + NOISE * rng.standard_normal(x[calib].shape).astype(np.float32), y[calib]),
+        "search": _noisy(x[search], y[search], rng),
+        "test": _noisy(x[test], y[test], rng),
+    }
 
     net = _net()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -80,13 +93,14 @@ def main(seed: int = 0, epochs: int = 40) -> None:
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):
             idx = perm[i : i + 64]
-            loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+            xb = xt[idx] + NOISE * torch.randn_like(xt[idx])
+            loss = torch.nn.functional.cross_entropy(net(xb), yt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     net.eval()
     with torch.no_grad():
-        acc = (net(torch.from_numpy(x[test])).argmax(1).numpy() == y[test]).mean()
+        acc = (net(torch.from_numpy(noisy["test"][0])).argmax(1).numpy() == noisy["test"][1]).mean()
     print(f"fp32 test top-1 {acc:.4f}")
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -99,8 +113,8 @@ def main(seed: int = 0, epochs: int = 40) -> None:
     onnx.save(model, str(OUT / "model.onnx"))  # one self-contained file
     for p in OUT.glob("_export.onnx*"):
         p.unlink()
-    for name, idx in (("calib", calib), ("search", search), ("test", test)):
-        np.savez_compressed(OUT / f"{name}.npz", image=x[idx], label=y[idx])
+    for name, (xs, ys) in noisy.items():
+        np.savez_compressed(OUT / f"{name}.npz", image=xs, label=ys)
 
 
 if __name__ == "__main__":
