@@ -220,6 +220,8 @@ class _Graph:
                     n.input[i] = name
                 elif t in renamed:
                     n.input[i] = renamed[t]
+                elif t in self.inits or t in self.new_inits:
+                    continue  # non-float constants (shapes, axes) stay as they are
                 elif self._is_float(t):
                     if t not in casts_in:
                         casts_in[t] = f"{t}_to_fp16"

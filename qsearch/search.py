@@ -11,6 +11,7 @@ cached ranges -> session -> score.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ from qsearch.errors import QsearchError
 from qsearch.evaluate import latency_ms, make_session, model_size
 from qsearch.plan import LayerChoice, Plan
 from qsearch.sensitivity import SensitivityProfile
+
+# heartbeats and stale-trial retries are what make interrupted runs resumable; they are stable
+# enough for us even though Optuna still labels them experimental
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 BITS = {"int8": 8, "fp16": 16, "fp32": 32}
 

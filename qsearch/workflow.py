@@ -17,9 +17,9 @@ from qsearch.evaluate import fused_op_counts, latency_ms, make_session, model_si
 from qsearch.files import atomic_write_bytes, atomic_write_text
 from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
-from qsearch.plan import LayerChoice, Plan
+from qsearch.plan import Plan
 from qsearch.report import Row, plot_pareto, write_report
-from qsearch.search import Search, TrialResult, greedy_fallback
+from qsearch.search import Search, greedy_fallback
 
 
 def log(*args) -> None:
@@ -117,7 +117,6 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
         return 1
     # the chosen plan and the baselines, all scored the same way, test data once
     rows = []
-    fp = LayerChoice(ctx.float_precision)
     fp32_plan = ctx.plan({})
     naive = ctx.uniform_plan("minmax", "per_tensor")
     hybrid, hybrid_evals = greedy_fallback(ctx, profile)

@@ -88,7 +88,7 @@ def main(seed: int = 0, epochs: int = 40) -> None:
     net = _net()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-    for epoch in range(epochs):
+    for _ in range(epochs):
         net.train()
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):

@@ -1,0 +1,89 @@
+"""Small models built in the tests themselves (onnx.helper): real graphs, real ORT sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+DIGITS = Path(__file__).resolve().parent.parent / "qsearch" / "examples" / "digits"
+
+
+def make_cnn(seed: int = 0, outlier_layer: str | None = None, opset: int = 17) -> onnx.ModelProto:
+    """x(N,3,8,8) -> conv_a+relu -> conv_b -> add(residual)+relu -> GAP -> flatten -> fc.
+
+    `outlier_layer` gives that conv one output channel with a huge weight, so its output range
+    (and per-tensor weight scale) is dominated by one channel: the textbook sensitive layer.
+    """
+    rng = np.random.default_rng(seed)
+    inits = {
+        "wa": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
+        "ba": rng.normal(0, 0.1, 8).astype(np.float32),
+        "wb": rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32),
+        "bb": rng.normal(0, 0.1, 8).astype(np.float32),
+        "wfc": rng.normal(0, 0.3, (10, 8)).astype(np.float32),
+        "bfc": rng.normal(0, 0.1, 10).astype(np.float32),
+        "shape": np.array([0, -1], dtype=np.int64),
+    }
+    if outlier_layer == "conv_b":  # a huge channel the classifier ignores: it only costs resolution
+        inits["wb"][0] *= 60.0
+        inits["wfc"][:, 0] = 0.0
+    if outlier_layer == "conv_a":
+        inits["wa"][0] *= 60.0
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["a_relu"], name="relu_a"),
+        helper.make_node("Conv", ["a_relu", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["a_relu", "b"], ["s"], name="add_res"),
+        helper.make_node("Relu", ["s"], ["s_relu"], name="relu_s"),
+        helper.make_node("GlobalAveragePool", ["s_relu"], ["g"], name="gap"),
+        helper.make_node("Reshape", ["g", "shape"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wfc", "bfc"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def write_workload(tmp: Path, model: onnx.ModelProto, n: int = 96, metric: str = "top1", max_drop="0.02",
+                   extra: str = "", seed: int = 1) -> Path:
+    """A complete workload folder: model, npz splits labelled by the FP32 model, config."""
+    import onnxruntime as ort
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    # centre the logits so the FP32 labels use every class (random weights favour one class)
+    probe = rng.normal(0, 1, (256, 3, 8, 8)).astype(np.float32)
+    logits = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": probe})[0]
+    for init in model.graph.initializer:
+        if init.name == "bfc":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) - logits.mean(0), "bfc"))
+    onnx.save(model, tmp / "model.onnx")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for split in ("calib", "search", "test"):
+        x = rng.normal(0, 1, (n, 3, 8, 8)).astype(np.float32)
+        y = sess.run(None, {"x": x})[0].argmax(1)
+        np.savez(tmp / f"{split}.npz", x=x, label=y)
+    cfg = tmp / "workload.yaml"
+    cfg.write_text(
+        "name: tiny\nmodel: model.onnx\ndata:\n  batch_size: 32\n"
+        "  calibration: {npz: calib.npz, labels: label}\n"
+        "  search: {npz: search.npz, labels: label}\n  test: {npz: test.npz, labels: label}\n"
+        f"metric: {metric}\nmax_drop: {max_drop}\n" + extra
+    )
+    return cfg
+
+
+@pytest.fixture
+def cnn() -> onnx.ModelProto:
+    return make_cnn()

@@ -1,0 +1,153 @@
+"""Plans, workload configs and the command line, as users run them (real subprocess-free CLI calls)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+
+from qsearch.cli import main
+from qsearch.plan import LayerChoice, Plan
+
+from .conftest import make_cnn, write_workload
+
+
+@pytest.fixture
+def workload(tmp_path):
+    return write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"))
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_plan_yaml_roundtrip_is_stable(tmp_path):
+    plan = Plan("m", "sha256:abc", defaults=LayerChoice("int8", "minmax", "per_channel"),
+                layers={"b": LayerChoice("fp32"), "a": LayerChoice("int8", "entropy", "per_channel")},
+                ranges={"t2": (-1.0, 2.5), "t1": (0.0, 3.0)}, metrics={"x": np.float32(0.5)})
+    text = plan.to_yaml()
+    path = tmp_path / "p.yaml"
+    plan.write(path)
+    again = Plan.read(path)
+    assert again.to_yaml() == text
+    assert list(again.layers) == ["b", "a"]  # graph order kept, not re-sorted
+    assert again.choice("a").calibration == "entropy" and again.choice("zzz") == plan.defaults
+    assert list(yaml.safe_load(text)["activation_ranges"]) == ["t1", "t2"]
+
+
+def test_baseline_apply_evaluate_roundtrip(workload, tmp_path, capsys):
+    out = tmp_path / "out"
+    plan = tmp_path / "naive.yaml"
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(out), "-o", str(plan),
+                 "--granularity", "per_channel"]) == 0
+    model_int8 = tmp_path / "m.int8.onnx"
+    assert main(["apply", str(plan), str(workload.parent / "model.onnx"), "-o", str(model_int8)]) == 0
+    m = onnx.load(model_int8)
+    onnx.checker.check_model(m)
+    assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) >= 3
+    # apply is deterministic and needs no data: same plan, same bytes
+    again = tmp_path / "again.onnx"
+    main(["apply", str(plan), str(workload.parent / "model.onnx"), "-o", str(again)])
+    assert again.read_bytes() == model_int8.read_bytes()
+    assert main(["evaluate", str(model_int8), "--config", str(workload), "--out", str(out)]) == 0
+    assert "top1 search" in capsys.readouterr().out
+
+
+def _bad(tmp_path, workload, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing_model", "model file not found"),
+    ("corrupt_model", "not a readable ONNX model"),
+    ("foreign_plan", "plan is for model"),
+    ("unknown_layer", "layer 'nope' does not exist"),
+    ("bad_value", "layers.conv_a.calibration is 'kl'"),
+    ("future_plan", "schema version 99"),
+])
+def test_apply_bad_inputs(case, expect, workload, tmp_path, capsys):
+    model = workload.parent / "model.onnx"
+    plan = tmp_path / "plan.yaml"
+    main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(plan)])
+    capsys.readouterr()
+    doc = plan.read_text()
+    if case == "missing_model":
+        model = tmp_path / "nope.onnx"
+    elif case == "corrupt_model":
+        model = tmp_path / "bad.onnx"
+        model.write_bytes(b"\x08\x07garbage" * 10)
+    elif case == "foreign_plan":
+        model = tmp_path / "other.onnx"
+        onnx.save(make_cnn(seed=5), model)
+    elif case == "unknown_layer":
+        plan.write_text(doc.replace("layers: {}", "layers: {nope: {precision: fp32}}"))
+    elif case == "bad_value":
+        plan.write_text(doc.replace("layers: {}", "layers:\n  conv_a: {precision: int8, calibration: kl}"))
+    elif case == "future_plan":
+        plan.write_text(doc.replace("qsearch_plan: 1", "qsearch_plan: 99"))
+    out = tmp_path / "out.onnx"
+    assert main(["apply", str(plan), str(model), "-o", str(out)]) == 2
+    assert expect in _err(capsys)
+    assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda t: t.replace("metric: top1", "metric: top1\nbogus_key: 3"), ":9: unknown key 'bogus_key'"),
+    (lambda t: t.replace("max_drop: 0.02", "max_drop: [oops"), "YAML error"),
+    (lambda t: t.replace("max_drop: 0.02", "max_drop: -1"), "max_drop must be a number >= 0"),
+    (lambda t: t + "search_space: {candidates: {include: ['conv_(']}}\n", "is not a valid regular expression"),
+    (lambda t: t + "search_space: {candidates: {include: ['^nomatch$']}}\n", "match no layer"),
+    (lambda t: t.replace("search: {npz: search.npz", "search: {npz: nan.npz"), "NaN/Inf"),
+    (lambda t: t.replace("search: {npz: search.npz", "search: {npz: wrongshape.npz"), "the model expects"),
+    (lambda t: t.replace("search: {npz: search.npz", "search: {npz: empty.npz"), "zero samples"),
+    (lambda t: t.replace("calibration: {npz: calib.npz, labels: label}", "calibration: {entry: 'nomod:data'}"),
+     "cannot import 'nomod'"),
+])
+def test_workload_bad_inputs(edit, expect, workload, tmp_path, capsys):
+    d = workload.parent
+    x = np.load(d / "search.npz")["x"]
+    np.savez(d / "nan.npz", x=np.where(x > 2.5, np.nan, x).astype(np.float32), label=np.zeros(len(x), np.int64))
+    np.savez(d / "wrongshape.npz", x=x[:, :, :4], label=np.zeros(len(x), np.int64))
+    np.savez(d / "empty.npz", x=x[:0], label=np.zeros(0, np.int64))
+    workload.write_text(edit(workload.read_text()))
+    out = tmp_path / "out"
+    assert main(["analyze", "--config", str(workload), "--out", str(out), "--samples", "32"]) == 2
+    assert expect in _err(capsys)
+    assert not (out / "sensitivity.yaml").exists()
+
+
+def test_custom_score_that_returns_garbage(workload, tmp_path, capsys):
+    (workload.parent / "myscore.py").write_text("def bad(session):\n    return 'high'\n")
+    workload.write_text(workload.read_text().replace("metric: top1", "metric: {search: 'myscore:bad', test: 'myscore:bad'}"))
+    assert main(["analyze", "--config", str(workload), "--out", str(tmp_path / "o")]) == 2
+    assert "returned 'high', not a finite number" in _err(capsys)
+
+
+def test_optimize_end_to_end(workload, tmp_path, capsys):
+    """The main job through the CLI on a small model: plan within budget on test data, reports,
+    a resumable study, and a plan that re-applies to the same model."""
+    out = tmp_path / "run"
+    args = ["optimize", "--config", str(workload), "--budget", "8", "--out", str(out)]
+    assert main(args) == 0
+    for f in ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "sensitivity.png",
+              "study.db", "trials.csv"):
+        assert (out / f).is_file(), f
+    plan = Plan.read(out / "plan.yaml")
+    assert plan.metrics["test_drop"] <= plan.metrics["max_drop"] + 0.05  # small test set: search budget + noise
+    assert plan.metrics["plan"]["search"] >= plan.metrics["fp32"]["search"] - plan.metrics["max_drop"]
+    assert "naive int8" in (out / "report.md").read_text()
+    sess = ort.InferenceSession(str(out / "model.qsearch.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["y"]
+    # resume: the same study with a larger budget keeps its trials and adds the rest
+    import optuna
+
+    assert main(["optimize", "--config", str(workload), "--budget", "11", "--out", str(out)]) == 0
+    study = optuna.load_study(study_name=plan.provenance["study"], storage=f"sqlite:///{out / 'study.db'}")
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 11
+    assert main(["optimize", "--config", str(workload), "--budget", "-3", "--out", str(out)]) == 2
+    assert "--budget must be a positive" in _err(capsys)

@@ -1,0 +1,172 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from qsearch.calibration import collect
+from qsearch.evaluate import fused_op_counts
+from qsearch.model import prepare
+from qsearch.plan import LayerChoice, build_plan
+from qsearch.rewrite import Rewriter
+
+from .conftest import make_cnn
+
+
+def _run(model, feed):
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feed)
+
+
+def _calibrated(model, seed=0, shape=(4, 3, 8, 8)):
+    prepared = prepare(model)
+    rng = np.random.default_rng(seed)
+    feeds = [{prepared.inputs[0].name: rng.normal(0, 1, shape).astype(np.float32)} for _ in range(3)]
+    tensors = [t for la in prepared.layers for t in (*la.activations, la.output)]
+    return prepared, collect(prepared.proto, tensors, feeds), feeds
+
+
+def test_layers_of_the_small_cnn(cnn):
+    prepared = prepare(cnn)
+    names = [(la.name, la.op_type, la.nodes) for la in prepared.layers]
+    assert names == [
+        ("conv_a", "Conv", ("conv_a", "relu_a")),
+        ("conv_b", "Conv", ("conv_b",)),
+        ("add_res", "Add", ("add_res", "relu_s")),
+        ("fc", "Gemm", ("fc",)),
+    ]
+    assert prepared.layer("conv_b").macs == 8 * 8 * 8 * 8 * 9
+    assert prepared.layer("fc").weight_axis == 0  # transB=1: output channels on axis 0
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_all_int8_fuses_into_int8_kernels(cnn, granularity):
+    """Golden op counts after ONNX Runtime's optimizer: every layer became an int8 kernel."""
+    prepared, stats, feeds = _calibrated(cnn)
+    plan = build_plan(prepared, {n: LayerChoice("int8", "minmax", granularity) for n in prepared.layer_names}, stats)
+    model = Rewriter(prepared)(plan)
+    onnx.checker.check_model(model)
+    ops = fused_op_counts(model)
+    assert ops.get("QLinearConv") == 2
+    assert ops.get("QLinearAdd") == 1
+    assert ops.get("QGemm") == 1
+    assert "Conv" not in ops and "Relu" not in ops  # Relu folded into the output Q (zero point 0)
+    assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["y"]
+    ref, out = _run(cnn, feeds[0])[0], _run(model, feeds[0])[0]
+    assert np.abs(ref - out).max() < 0.1 * np.abs(ref).max()
+
+
+def test_mixed_plan_quantizes_only_int8_layers(cnn):
+    prepared, stats, feeds = _calibrated(cnn)
+    plan = build_plan(prepared, {"conv_a": LayerChoice("int8", "entropy", "per_tensor")}, stats)
+    assert set(plan.ranges) == {"x", "a_relu"}
+    ops = fused_op_counts(Rewriter(prepared)(plan))
+    assert ops.get("QLinearConv") == 1 and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 1
+
+
+def test_all_float_plan_is_bit_identical(cnn):
+    prepared, stats, feeds = _calibrated(cnn)
+    model = Rewriter(prepared)(build_plan(prepared, {}, stats))
+    for a, b in zip(_run(cnn, feeds[0]), _run(model, feeds[0])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fp16_target_casts_only_at_region_borders(cnn):
+    prepared, stats, feeds = _calibrated(cnn)
+    choices = {"conv_a": LayerChoice("int8"), "conv_b": LayerChoice("fp16"), "add_res": LayerChoice("fp16"),
+               "fc": LayerChoice("fp16")}
+    model = Rewriter(prepared)(build_plan(prepared, choices, stats, target="fp16"))
+    onnx.checker.check_model(model)
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    # into the FP16 region: the int8 conv's dequantized output (read by conv_b and the residual add);
+    # out of it: the model output. GAP/Reshape between add and fc stay inside the region.
+    assert len(casts) == 2
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    ref, out = _run(cnn, feeds[0])[0], _run(model, feeds[0])[0]
+    assert out.dtype == np.float32 and np.abs(ref - out).max() < 0.1 * np.abs(ref).max()
+
+
+def test_opset11_model_is_upgraded_for_per_channel():
+    prepared, stats, feeds = _calibrated(make_cnn(opset=11))
+    plan = build_plan(prepared, {n: LayerChoice("int8") for n in prepared.layer_names}, stats)
+    model = Rewriter(prepared)(plan)
+    assert max(o.version for o in model.opset_import if o.domain == "") >= 13
+    assert any(n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute) for n in model.graph.node)
+    assert _run(model, feeds[0])[0].shape == (4, 10)
+
+
+# ----------------------------------------------------------------- property tests (hypothesis)
+
+C = 4
+
+
+@st.composite
+def random_graphs(draw):
+    """Chains and branches of Conv/Relu/Add/Mul/MatMul/Concat/Reshape with shared initializers."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    nodes, inits = [], {}
+    tensors = ["x"]  # all (N, C, 4, 4)
+    shared = rng.normal(0, 0.5, (C, C, 3, 3)).astype(np.float32)
+    inits["w_shared"] = shared
+    n_ops = draw(st.integers(1, 7))
+    for i in range(n_ops):
+        op = draw(st.sampled_from(["Conv", "ConvShared", "Relu", "Add", "Mul", "Concat"]))
+        src = draw(st.sampled_from(tensors))
+        out = f"t{i}"
+        if op in ("Conv", "ConvShared"):
+            w = "w_shared" if op == "ConvShared" else f"w{i}"
+            if op == "Conv":
+                inits[w] = rng.normal(0, 0.5, (C, C, 3, 3)).astype(np.float32)
+            inits[f"b{i}"] = rng.normal(0, 0.1, C).astype(np.float32)
+            nodes.append(helper.make_node("Conv", [src, w, f"b{i}"], [out], name=f"n{i}", pads=[1, 1, 1, 1]))
+        elif op == "Relu":
+            nodes.append(helper.make_node("Relu", [src], [out], name=f"n{i}"))
+        elif op in ("Add", "Mul"):
+            other = draw(st.sampled_from(tensors))
+            if other == src:
+                nodes.append(helper.make_node("Relu", [src], [out], name=f"n{i}"))
+            else:
+                nodes.append(helper.make_node(op, [src, other], [out], name=f"n{i}"))
+        else:  # Concat then a 1x1 conv back to C channels
+            other = draw(st.sampled_from(tensors))
+            nodes.append(helper.make_node("Concat", [src, other], [f"{out}_cat"], name=f"n{i}_cat", axis=1))
+            inits[f"w{i}"] = rng.normal(0, 0.5, (C, 2 * C, 1, 1)).astype(np.float32)
+            nodes.append(helper.make_node("Conv", [f"{out}_cat", f"w{i}"], [out], name=f"n{i}"))
+        tensors.append(out)
+    last = tensors[-1]
+    inits["shape"] = np.array([0, -1], dtype=np.int64)
+    inits["wm"] = rng.normal(0, 0.3, (C * 16, 5)).astype(np.float32)
+    nodes.append(helper.make_node("Reshape", [last, "shape"], ["flat"], name="flatten"))
+    nodes.append(helper.make_node("MatMul", ["flat", "wm"], ["y"], name="head"))
+    graph = helper.make_graph(
+        nodes, "random",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+OPTIONS = [LayerChoice("fp32")] + [LayerChoice("int8", m, g) for m in ("minmax", "entropy", "percentile", "mse")
+                                   for g in ("per_channel", "per_tensor")]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=random_graphs(), data=st.data())
+def test_random_plans_on_random_graphs_give_valid_runnable_models(model, data):
+    onnx.checker.check_model(model)
+    prepared, stats, feeds = _calibrated(model, shape=(2, C, 4, 4))
+    choices = {n: data.draw(st.sampled_from(OPTIONS), label=n) for n in prepared.layer_names}
+    rewriter = Rewriter(prepared)
+    out = rewriter(build_plan(prepared, choices, stats))
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    y = _run(out, feeds[0])[0]
+    assert y.shape == (2, 5) and y.dtype == np.float32 and np.isfinite(y).all()
+    # and the all-float plan of the same graph reproduces the original exactly
+    ref = _run(model, feeds[0])[0]
+    np.testing.assert_array_equal(ref, _run(rewriter(build_plan(prepared, {}, stats)), feeds[0])[0])

@@ -1,0 +1,68 @@
+import numpy as np
+
+from qsearch.config import load_workload
+from qsearch.pipeline import Context
+from qsearch.search import Search, bitops, build_dimensions, greedy_fallback
+from qsearch.sensitivity import analyze, spearman
+
+from .conftest import make_cnn, write_workload
+
+
+def _ctx(tmp_path, max_drop="0.02", extra=""):
+    cfg = write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"), n=128, max_drop=max_drop, extra=extra)
+    return Context(load_workload(cfg), cache_dir=tmp_path / "cache", log=lambda *a: None)
+
+
+def test_outlier_layer_is_ranked_first_and_hurts_most(tmp_path):
+    ctx = _ctx(tmp_path, extra="search_space: {granularity: [per_tensor], calibration: [minmax]}\n")
+    profile = analyze(ctx, cache_dir=tmp_path / "cache")
+    # the two layers that quantize the outlier tensor come first, with real accuracy drops
+    assert {x.name for x in profile.layers[:2]} == {"conv_b", "add_res"}
+    assert min(x.best_drop for x in profile.layers[:2]) > 0.05
+    # the measured drops are real: quantizing the top half together hurts more than the bottom half
+    names = [x.name for x in profile.layers]
+    half = len(names) // 2
+
+    def drop(layers):
+        plan = ctx.uniform_plan("minmax", "per_tensor", keep_float=tuple(n for n in names if n not in layers))
+        return ctx.baseline.fp32_search - ctx.evaluate(plan, timing=False).score
+
+    assert drop(names[:half]) > drop(names[half:])
+    # the probe proxy agrees on the worst layer, with no scoring function involved
+    sq = {x.name: x.proxy_sqnr["int8/minmax/per_tensor"] for x in profile.layers}
+    assert sq["conv_a"] > sq["conv_b"] + 3  # dB
+
+
+def test_profile_is_cached_and_calibration_runs_once(tmp_path):
+    ctx = _ctx(tmp_path)
+    assert ctx.calibration_passes == 1
+    p1 = analyze(ctx, samples=64, cache_dir=tmp_path / "cache")
+    ctx2 = Context(ctx.workload, cache_dir=tmp_path / "cache", log=lambda *a: None)
+    assert ctx2.calibration_passes == 0  # statistics came from the on-disk cache
+    p2 = analyze(ctx2, samples=64, cache_dir=tmp_path / "cache")
+    assert p2.to_yaml() == p1.to_yaml()
+
+
+def test_spearman_matches_hand_computed():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert abs(spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) - 0.8) < 1e-12
+
+
+def test_search_meets_budget_and_is_at_least_as_good_as_greedy(tmp_path):
+    # on a model this tiny int8 is neither faster nor smaller (Q/DQ overhead), so use the analytic cost
+    ctx = _ctx(tmp_path, max_drop="0.02", extra="search_space: {objective: bitops}\n")
+    profile = analyze(ctx, cache_dir=tmp_path / "cache")
+    dims = build_dimensions(ctx, profile)
+    assert "conv_b" in dims.searched and dims.searched["conv_b"][-1] == "fp32"
+    search = Search(ctx, profile, tmp_path / "out")
+    search.run(12)
+    best = search.best()
+    assert best is not None and best.drop <= ctx.allowed_drop()
+    greedy, evals = greedy_fallback(ctx, profile)
+    greedy_int8 = sum(greedy.choice(n).is_int8 for n in ctx.prepared.layer_names)
+    best_int8 = sum(lbl.startswith("int8") for lbl in best.choices.values())
+    greedy_choices = {n: greedy.choice(n).label() for n in ctx.prepared.layer_names}
+    assert best_int8 >= greedy_int8 and best.cost <= bitops(ctx, greedy_choices)
+    pareto = search.pareto()
+    assert pareto and all(np.diff([r.cost for r in pareto]) >= 0)
