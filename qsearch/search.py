@@ -269,7 +269,12 @@ class Search:
 
     def best(self) -> TrialResult | None:
         feasible = [r for r in self.results() if r.feasible]
-        return min(feasible, key=lambda r: (r.cost, -r.score, r.number)) if feasible else None
+        if not feasible:
+            return None
+        # costs within 2% are within timing noise: among those, prefer the more accurate plan
+        floor = min(r.cost for r in feasible)
+        near = [r for r in feasible if r.cost <= floor * 1.02]
+        return max(near, key=lambda r: (r.score, -r.cost, -r.number))
 
     def closest(self, n: int = 3) -> list[TrialResult]:
         return sorted(self.results(), key=lambda r: (r.drop, r.cost))[:n]

@@ -1,0 +1,87 @@
+"""The search against its baselines on the embedded default workload, in one run.
+
+qsearch (TPE, sensitivity-guided, warm-started) vs random search with the same trial budget, plus
+naive INT8 and the greedy fallback; trials until the first within-budget plan; time per trial
+that is not scoring. Writes search.md.
+
+    python experiments/bench_search.py [--budget 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+from qsearch.config import load_workload
+from qsearch.pipeline import Context
+from qsearch.search import Search, greedy_fallback
+from qsearch.sensitivity import analyze
+
+HERE = Path(__file__).resolve().parent
+
+
+def first_feasible(search: Search) -> int | None:
+    for r in sorted(search.results(), key=lambda r: r.number):
+        if r.feasible:
+            return r.number + 1
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=int, default=50)
+    args = ap.parse_args()
+    wl = load_workload(None)
+    ctx = Context(wl, cache_dir=None, log=lambda *a: None)
+    t0 = time.perf_counter()
+    profile = analyze(ctx)
+    t_analyze = time.perf_counter() - t0
+    rows = []
+    fp32_lat = ctx.baseline.fp32_latency_ms
+    naive = ctx.evaluate(ctx.uniform_plan("minmax", "per_tensor"), "test")
+    naive_s = ctx.evaluate(ctx.uniform_plan("minmax", "per_tensor"), "search", timing=False).score
+    rows.append(("naive int8 (minmax, per-tensor)", naive_s, naive, 1, None, None))
+    greedy, evals = greedy_fallback(ctx, profile)
+    g = ctx.evaluate(greedy, "test")
+    rows.append(("greedy fallback", ctx.evaluate(greedy, "search", timing=False).score, g, evals, None, None))
+    for label, sampler, warm in (("qsearch (TPE, warm start)", "tpe", True), ("random search", "random", False)):
+        ctx.workload = replace(wl, space=replace(wl.space, sampler=sampler, warm_start=warm))
+        with tempfile.TemporaryDirectory() as tmp:
+            s = Search(ctx, profile, Path(tmp))
+            t1 = time.perf_counter()
+            s.run(args.budget)
+            wall = time.perf_counter() - t1
+            best = s.best()
+            if best is None:
+                rows.append((label, float("nan"), None, args.budget, None, wall))
+                continue
+            ev = ctx.evaluate(s.plan_for(best), "test")
+            nonscore = 1 - s.scoring_seconds / max(s.trial_seconds, 1e-9)
+            rows.append((label, best.score, ev, len(s.study.trials), (first_feasible(s), nonscore), wall))
+    ctx.workload = wl
+    lines = [f"# Search vs baselines, default workload ({date.today()}, {platform.machine()}, 2 cores, 1 ORT thread)",
+             "", f"FP32: search {ctx.baseline.fp32_search:.4f}, test {ctx.baseline.fp32_test:.4f}, "
+             f"latency {fp32_lat:.3f} ms; allowed drop {ctx.allowed_drop():.4f}; analysis {t_analyze:.1f}s "
+             f"({profile.meta['evaluations']} evaluations, proxy Spearman {profile.spearman:.2f})", "",
+             "| plan | search | test | test drop | latency ms | speed-up | size KiB | trials | first within budget | non-scoring share | search wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, ss, ev, n, extra, wall in rows:
+        if ev is None:
+            lines.append(f"| {name} | no plan within budget | | | | | | {n} | | | {wall:.1f} |")
+            continue
+        ff, ns = extra if extra else ("", None)
+        lines.append(f"| {name} | {ss:.4f} | {ev.score:.4f} | {ctx.baseline.fp32_test - ev.score:.4f} | "
+                     f"{ev.latency_ms:.3f} | {fp32_lat / ev.latency_ms:.2f}x | {ev.size_bytes / 1024:.1f} | {n} | {ff} | "
+                     f"{'' if ns is None else f'{ns:.0%}'} | {'' if wall is None else f'{wall:.1f}'} |")
+    text = "\n".join(lines) + "\n"
+    (HERE / "search.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
