@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -194,7 +193,3 @@ def _check_array(src, split: str, name: str, arr: np.ndarray, spec: InputSpec) -
 
 def _shape_str(shape) -> str:
     return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
-
-
-def fingerprint_path(p: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]

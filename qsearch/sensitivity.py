@@ -136,11 +136,6 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples) -> list[float]:
     """Per-entry output SQNR (dB) of the layer quantized alone, from one probe-model pass."""
-    ranges = {}
-    for layer, choice in entries:
-        for t in (*layer.activations, layer.output):
-            ranges[t] = tensor_range(ctx.stats.tensors[t], choice.calibration, ctx.workload.space.percentile)
-    sqnr = []
     # one probe per calibration method (ranges differ by method), every layer and granularity in it
     by_method: dict[str, list[int]] = {}
     for i, (_, c) in enumerate(entries):
@@ -163,8 +158,7 @@ def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples) -> list[f
                 noise[j] += float(np.sum((q - f) ** 2))
         for j, i in enumerate(idx):
             result[i] = 10 * math.log10(max(sig[j], 1e-30) / max(noise[j], 1e-30)) if noise[j] > 0 else 120.0
-    sqnr.extend(result)
-    return sqnr
+    return result
 
 
 # worker-process state (spawned workers rebuild the context from the workload once)
