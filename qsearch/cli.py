@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
-from qsearch.errors import QsearchError
+from qsearch.errors import INTERRUPTED, QsearchError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,8 +55,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    """Raise at once where it is safe; inside a GC callback the raise is swallowed (the hook in
+    main() keeps it quiet) and the search stops at its next check of INTERRUPTED instead."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's kill) takes the same clean path as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    INTERRUPTED.clear()
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else hook(u)
+    try:
+        return _main(args)
+    finally:
+        sys.unraisablehook = hook
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _main(args) -> int:
     from qsearch import workflow
 
     try:

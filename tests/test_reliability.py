@@ -1,0 +1,160 @@
+"""Interrupted searches and several workers on one study, as users run them: real `qsearch
+optimize` processes, real signals, real SQLite / journal / PostgreSQL storages."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from .conftest import make_cnn, write_workload
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    return write_workload(tmp_path_factory.mktemp("w"), make_cnn(outlier_layer="conv_b"))
+
+
+def _optimize(workload: Path, out: Path, budget: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qsearch", "optimize", "--config", str(workload), "--budget", str(budget),
+           "--out", str(out), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _study(storage: str) -> optuna.Study:
+    names = optuna.get_all_study_names(storage)
+    assert len(names) == 1
+    return optuna.load_study(study_name=names[0], storage=storage)
+
+
+def _wait_for_running_trial(storage_file: Path, proc: subprocess.Popen, complete: int, timeout: float = 120) -> None:
+    """Poll the study until `complete` trials are done and another one is running."""
+    url = f"sqlite:///{storage_file}"
+    t = time.time()
+    while time.time() - t < timeout:
+        assert proc.poll() is None, proc.communicate()
+        if storage_file.exists():
+            try:
+                trials = _study(url).get_trials(deepcopy=False)
+            except Exception:  # the study is being created
+                trials = []
+            done = sum(tr.state in FINISHED for tr in trials)
+            if done >= complete and any(tr.state == TrialState.RUNNING and tr.params for tr in trials):
+                return
+        time.sleep(0.01)
+    raise AssertionError("the search never reached the expected trial")
+
+
+def _snapshot(study: optuna.Study) -> dict[int, tuple]:
+    return {t.number: (t.state, t.values, t.params) for t in study.trials if t.state in FINISHED}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_killed_search_resumes_keeping_every_finished_trial(sig, workload, tmp_path):
+    out = tmp_path / "run"
+    budget = 10
+    proc = _optimize(workload, out, budget)
+    _wait_for_running_trial(out / "study.db", proc, complete=3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # Ctrl-C and a scheduler's SIGTERM: clean exit, one line, no traceback
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+    url = f"sqlite:///{out / 'study.db'}"
+    before = _snapshot(_study(url))
+    lost = [t for t in _study(url).trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+    assert len(lost) <= 1  # the trial in flight when the signal came (if it had not just finished)
+    assert not (out / "plan.yaml").exists()  # nothing half-written: the plan comes only at the end
+
+    proc = _optimize(workload, out, budget)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    study = _study(url)
+    after = _snapshot(study)
+    assert all(after[n] == v for n, v in before.items())  # every finished trial kept as it was
+    assert len(after) == budget
+    for t in lost:
+        assert study.trials[t.number].state == TrialState.FAIL
+        retry = [r for r in study.trials if r.user_attrs.get("retry_of") == t.number]
+        # the interrupted plan ran again, once (a trial killed before its plan was sampled has none)
+        assert len(retry) == (1 if t.params else 0)
+        assert all(r.state in FINISHED and r.params == t.params for r in retry)
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert (out / "plan.yaml").is_file()
+
+
+def _check_shared(study: optuna.Study, budget: int, workers: int) -> None:
+    finished = [t for t in study.trials if t.state in FINISHED]
+    # each worker stops once the study holds `budget` finished trials; trials already running finish
+    assert budget <= len(finished) <= budget + workers - 1
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    # the enqueued warm-start plans ran once each, not once per worker
+    warm = [tuple(sorted(t.params.items())) for t in study.trials if t.system_attrs.get("fixed_params")]
+    assert len(warm) == len(set(warm))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_workers_share_one_study(kind, workload, tmp_path):
+    budget, workers = 12, 2
+    out = tmp_path / "shared"
+    extra = [] if kind == "sqlite" else ["--storage", f"journal:{tmp_path / 'study.journal'}"]
+    procs = [_optimize(workload, out, budget, *extra) for _ in range(workers)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    url = f"sqlite:///{out / 'study.db'}" if kind == "sqlite" else None
+    if url:
+        study = _study(url)
+    else:
+        from optuna.storages.journal import JournalFileBackend
+
+        st = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "study.journal")))
+        study = _study(st)
+    _check_shared(study, budget, workers)
+
+
+def _postgres_bin() -> Path | None:
+    for cand in [shutil.which("initdb"), *sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))]:
+        if cand:
+            return Path(cand).parent
+    return None
+
+
+def test_two_workers_on_postgresql(workload, tmp_path):
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    pytest.importorskip("psycopg2", reason="psycopg2 (PostgreSQL driver for SQLAlchemy) is not installed")
+    if os.geteuid() == 0:
+        pytest.skip("PostgreSQL refuses to run as root")
+    data = tmp_path / "pg"
+    subprocess.run([bindir / "initdb", "-D", data, "-U", "qsearch", "--auth=trust"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([bindir / "pg_ctl", "-D", data, "-o", f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1",
+                    "-l", tmp_path / "pg.log", "-w", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "qsearch", "studies"],
+                       check=True, capture_output=True)
+        url = f"postgresql://qsearch@127.0.0.1:{port}/studies"
+        budget, workers = 12, 2
+        procs = [_optimize(workload, tmp_path / f"out{i}", budget, "--storage", url) for i in range(workers)]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+        _check_shared(_study(url), budget, workers)
+    finally:
+        subprocess.run([bindir / "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
