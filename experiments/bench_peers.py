@@ -48,7 +48,8 @@ class Row:
 
 
 def ort_static(ctx, method: str, per_channel: bool) -> Row:
-    """onnxruntime.quantization.quantize_static, QDQ, uint8 activations / int8 weights, same op types."""
+    """onnxruntime.quantization.quantize_static as its users run it: QDQ, uint8 activations / int8
+    weights, ORT's default op types (it also quantizes Clip/Relu, pooling, Gather... where it can)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -66,7 +67,6 @@ def ort_static(ctx, method: str, per_channel: bool) -> Row:
             b = next(self.it, None)
             return None if b is None else dict(b)
 
-    ops = sorted({la.op_type for la in ctx.candidates()})
     extra = {"CalibMovingAverage": False}
     if method == "Percentile":
         extra["CalibPercentile"] = ctx.workload.space.percentile
@@ -75,7 +75,7 @@ def ort_static(ctx, method: str, per_channel: bool) -> Row:
         onnx.save(ctx.prepared.proto, src, save_as_external_data=ctx.prepared.proto.ByteSize() > 1 << 30)
         t = time.perf_counter()
         try:
-            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
+            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
         except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
@@ -144,6 +144,21 @@ def qsearch_opt(ctx, profile, budget: int, t_analyze: float, evals_analyze: int)
                "incl. the sensitivity analysis" if best is not None else "no plan within budget")
 
 
+def retrieval_agreement(ctx, model) -> float:
+    """Embed the test sentences with `model`; first half queries, second half corpus."""
+    import numpy as np
+
+    from qsearch.evaluate import make_session
+    from qsearch.examples.minilm import retrieval_agreement as agree
+
+    def embed(m):
+        sess = make_session(m, ctx.workload.threads)
+        return np.concatenate([sess.run(None, dict(b))[0] for b in ctx.test_data.batches])
+
+    ref = embed(ctx.prepared.proto)
+    return agree(embed(model), ref, queries=len(ref) // 2)
+
+
 def context(workload: str, samples: int | None):
     from qsearch.config import load_workload
     from qsearch.pipeline import Context
@@ -190,7 +205,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf")
     args = ap.parse_args()
     require(args.workload)
-    from qsearch.sensitivity import analyze
+    from qsearch.sensitivity import analyze, save_profile
 
     t0 = time.perf_counter()
     ctx = context(args.workload, args.samples)
@@ -198,6 +213,7 @@ def main() -> None:
     t0 = time.perf_counter()
     profile = analyze(ctx, samples=args.samples)
     t_analyze, n_analyze = time.perf_counter() - t0, int(profile.meta["evaluations"])
+    save_profile(profile, HERE / f"profile_{args.workload}")
     rows = [Row("FP32", ctx.prepared.proto, 0.0, 0), Row("naive INT8 (qsearch, minmax per-tensor)",
                                                            ctx.rewriter(ctx.uniform_plan("minmax", "per_tensor")), 0.0, 0)]
     if "ort" not in args.skip:
@@ -213,6 +229,8 @@ def main() -> None:
     allowed = ctx.allowed_drop()
     evals = [(r, ctx.evaluate(r.model, "test") if r.model is not None else None) for r in rows]
     metric = ctx.workload.metric.name
+    retrieval = {r.name: retrieval_agreement(ctx, r.model) for r in rows if r.model is not None} \
+        if args.workload == "minilm" else {}
     lines = [f"# Peers on `{ctx.workload.name}` ({date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
              f"ONNX Runtime {__import__('onnxruntime').__version__}, 1 thread)", "",
              f"Metric: {metric} on the test split; budget: drop <= {allowed:.4f} (from `max_drop`). "
@@ -220,16 +238,21 @@ def main() -> None:
              f"Calibration + reference outputs: {t_ctx:.1f} s (one pass, shared). "
              f"Sensitivity analysis: {t_analyze:.1f} s, {n_analyze} evaluations"
              f"{f' on {args.samples} samples' if args.samples else ''}.", "",
-             f"| tool | test {metric} | drop | within budget | latency ms | speed-up | size MiB | tuning s | model evaluations | note |",
-             "|---|---:|---:|:-:|---:|---:|---:|---:|---:|---|"]
+             f"Sensitivity profile: `profile_{args.workload}/` (proxy vs measured Spearman {profile.spearman:.2f})."
+             + (" Retrieval: share of 200 test queries whose nearest neighbour among 200 other test sentences "
+                "is the FP32 one." if retrieval else ""), "",
+             f"| tool | test {metric} | drop | within budget | latency ms | speed-up | size MiB | tuning s | model evaluations |"
+             + (" retrieval@1 |" if retrieval else "") + " note |",
+             "|---|---:|---:|:-:|---:|---:|---:|---:|---:|" + ("---:|" if retrieval else "") + "---|"]
     for r, ev in evals:
+        ret = (f" {retrieval[r.name]:.3f} |" if r.name in retrieval else " |") if retrieval else ""
         if ev is None:
-            lines.append(f"| {r.name} | | | | | | | {r.wall_s:.1f} | {r.evals} | {r.note} |")
+            lines.append(f"| {r.name} | | | | | | | {r.wall_s:.1f} | {r.evals} |{ret} {r.note} |")
             continue
         drop = fp.fp32_test - ev.score
         lines.append(f"| {r.name} | {ev.score:.4f} | {drop:.4f} | {'yes' if drop <= allowed + 1e-12 else 'no'} | "
                      f"{ev.latency_ms:.2f} | {fp.fp32_latency_ms / ev.latency_ms:.2f}x | {ev.size_bytes / 2**20:.2f} | "
-                     f"{r.wall_s:.1f} | {r.evals} | {r.note} |")
+                     f"{r.wall_s:.1f} | {r.evals} |{ret} {r.note} |")
     png = HERE / f"peers_{args.workload}.png"
     plot(ctx, evals, png)
     lines += ["", f"![accuracy vs speed]({png.name})", ""]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ METHODS = ("minmax", "entropy", "percentile", "mse")
 GRANULARITIES = ("per_channel", "per_tensor")
 NUM_BINS = 2048
 STATS_VERSION = 1
+RANGES_VERSION = 2  # bump when a method's range maths changes: cached profiles are then stale
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TensorStats:
     counts: np.ndarray  # int64, NUM_BINS
     lo: float
     hi: float
+    ranges: dict = field(default_factory=dict, compare=False, repr=False)  # memo of tensor_range
 
     @property
     def edges(self) -> np.ndarray:
@@ -163,7 +165,15 @@ def cache_key(*parts: str) -> str:
 
 
 def tensor_range(s: TensorStats, method: str, percentile: float = 99.99) -> tuple[float, float]:
-    """The [rmin, rmax] to quantize a tensor with, always containing 0 (uint8 asymmetric)."""
+    """The [rmin, rmax] to quantize a tensor with, always containing 0 (uint8 asymmetric).
+    Memoized on the stats: every trial's plan asks again, entropy costs ~50 ms per tensor."""
+    key = (method, percentile if method == "percentile" else None)
+    if key not in s.ranges:
+        s.ranges[key] = _range(s, method, percentile)
+    return s.ranges[key]
+
+
+def _range(s: TensorStats, method: str, percentile: float) -> tuple[float, float]:
     if method == "minmax":
         lo, hi = s.min, s.max
     elif method == "percentile":
@@ -190,35 +200,55 @@ def _percentile_range(s: TensorStats, p: float) -> tuple[float, float]:
     return max(lo, s.min), min(hi, s.max)
 
 
-def _abs_histogram(s: TensorStats) -> tuple[np.ndarray, float]:
-    """Histogram of |x| over [0, max|x|] (same bin count), from the signed histogram."""
-    amax = max(abs(s.lo), abs(s.hi))
-    idx = np.clip((np.abs(s.centers) / amax * len(s.counts)).astype(np.int64), 0, len(s.counts) - 1)
-    return np.bincount(idx, weights=s.counts, minlength=len(s.counts)), amax
+def _symmetric_histogram(s: TensorStats, bins: int = NUM_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """The stored histogram re-binned onto [-max|x|, max|x|], zero at the centre bin."""
+    amax = max(abs(s.lo), abs(s.hi), 1e-12)
+    edges = np.linspace(-amax, amax, bins + 1)
+    idx = np.clip(np.searchsorted(edges, s.centers, side="right") - 1, 0, bins - 1)
+    return np.bincount(idx, weights=s.counts, minlength=bins), edges
 
 
-def kl_threshold(hist: np.ndarray, levels: int, stride: int = 8) -> int:
-    """TensorRT-style entropy calibration: the bin count whose clipped, `levels`-quantized
-    distribution is closest (KL divergence) to the reference; returns that bin count."""
-    hist = hist.astype(np.float64)
+def _smoothed(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Move eps of mass into empty bins so KL stays finite (as TensorRT and ONNX Runtime do)."""
+    zeros = p == 0
+    nonzero = int((~zeros).sum())
+    if nonzero == 0:
+        return None
+    return p + eps * zeros - (eps * float(zeros.sum()) / nonzero) * (~zeros)
+
+
+def kl_threshold(hist: np.ndarray, levels: int = 128) -> int:
+    """Entropy calibration: the half-width i (in bins, around the centre bin) of the window whose
+    clipped, `levels`-quantized distribution is closest (KL divergence) to the reference.
+
+    Windows grow symmetrically around zero and the clipped mass folds into the end bins, the
+    TensorRT scheme as ONNX Runtime's quantizer runs it; a one-sided variant with one level per
+    bin at the smallest window over-clips ReLU6 outputs, whose saturated values carry signal."""
+    hist = np.asarray(hist, dtype=np.float64)
     n = len(hist)
-    best_i, best_kl = n, np.inf
-    for i in range(max(levels, stride), n + 1, stride):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        nz = p > 0
-        # quantize the first i bins into `levels` groups, spread each group over its non-empty bins
-        groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
-        gsum = np.bincount(groups, weights=hist[:i], minlength=levels)
-        gnz = np.bincount(groups, weights=(hist[:i] > 0).astype(np.float64), minlength=levels)
-        q = np.where(hist[:i] > 0, gsum[groups] / np.maximum(gnz[groups], 1), 0.0)
-        ps, qs = p.sum(), q.sum()
-        if ps == 0 or qs == 0:
+    zero = n // 2
+    cum = np.concatenate([[0.0], np.cumsum(hist)])
+    best_i, best_kl = zero, np.inf
+    for i in range(levels // 2, zero + 1):
+        a, b = zero - i, min(zero + i + 1, n)
+        window = hist[a:b]
+        p = window.copy()
+        p[0] += cum[a]
+        p[-1] += cum[n] - cum[b]
+        m = len(window) // levels
+        body = m * levels
+        group = window[:body].reshape(levels, m).sum(1)
+        group[-1] += window[body:].sum()
+        nz = p != 0
+        per = nz[:body].reshape(levels, m).sum(1)
+        q = np.zeros(len(p))
+        q[:body] = np.repeat(np.where(per > 0, np.floor(group / np.maximum(per, 1)), 0.0), m) * nz[:body]
+        ps, qs = _smoothed(p), _smoothed(q)
+        if ps is None or qs is None:
             continue
-        pn, qn = p / ps, q / qs
-        ok = nz & (qn > 0)
-        # bins where P has mass but Q does not: penalize with a small epsilon instead of infinity
-        kl = float(np.sum(pn[ok] * np.log(pn[ok] / qn[ok])) + np.sum(pn[nz & ~ok]) * np.log(1e4))
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        pos = ps > 0
+        kl = float(np.sum(ps[pos] * np.log(ps[pos] / qs[pos])))
         if kl < best_kl:
             best_kl, best_i = kl, i
     return best_i
@@ -227,13 +257,10 @@ def kl_threshold(hist: np.ndarray, levels: int, stride: int = 8) -> int:
 def _entropy_range(s: TensorStats) -> tuple[float, float]:
     if s.counts.sum() == 0:
         return s.min, s.max
-    if s.min >= 0:  # one-sided (post-ReLU): all 256 levels on [0, T]
-        i = kl_threshold(s.counts, 256)
-        return 0.0, min(s.lo + (s.hi - s.lo) * i / len(s.counts), s.max)
-    hist, amax = _abs_histogram(s)
-    i = kl_threshold(hist, 128)
-    t = amax * i / len(hist)
-    return max(-t, s.min), min(t, s.max)
+    hist, edges = _symmetric_histogram(s)
+    i = kl_threshold(hist)
+    zero = len(hist) // 2
+    return max(float(edges[zero - i]), s.min), min(float(edges[min(zero + i + 1, len(hist))]), s.max)
 
 
 def _mse_range(s: TensorStats, steps: int = 100) -> tuple[float, float]:

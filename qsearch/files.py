@@ -33,6 +33,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Fail before the work, not after it: create the folder and prove a file can be made there."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".qsearch-probe-", dir=p)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise QsearchError(f"{what} {p}: not a writable folder ({exc.strerror or exc})") from None
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise QsearchError(f"{what} {p}: is a folder, expected a file path")
+    try:
+        ensure_writable_dir(p.parent, what)
+    except QsearchError:
+        raise QsearchError(f"{what} {p}: cannot write there ({p.parent} is not a writable folder)") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

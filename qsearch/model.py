@@ -121,7 +121,7 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
-def _ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+def _ort_basic_optimize(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="qsearch-") as tmp:
@@ -134,12 +134,14 @@ def _ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
             ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0]
-            raise QsearchError(f"model '{model.graph.name}': ONNX Runtime cannot load it: {msg}") from None
+            raise QsearchError(f"{source}: ONNX Runtime cannot load the model: {msg}") from None
         return onnx.load(out)
 
 
-def prepare(model: onnx.ModelProto, name: str = "model") -> PreparedModel:
-    """Opset upgrade, float optimizations and shape inference; inputs/outputs stay the same."""
+def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = None) -> PreparedModel:
+    """Opset upgrade, float optimizations and shape inference; inputs/outputs stay the same.
+    `source` (the file) is what error messages name."""
+    source = source or f"model '{name}'"
     fp = fingerprint(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _name_nodes(model)
@@ -147,8 +149,8 @@ def prepare(model: onnx.ModelProto, name: str = "model") -> PreparedModel:
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)
         except Exception as exc:
-            raise QsearchError(f"{name}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
-    model = _ort_basic_optimize(model)
+            raise QsearchError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
+    model = _ort_basic_optimize(model, source)
     model = onnx.shape_inference.infer_shapes(model)
     inputs = tuple(_input_specs(model))
     return PreparedModel(
@@ -162,7 +164,7 @@ def prepare(model: onnx.ModelProto, name: str = "model") -> PreparedModel:
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedModel:
-    return prepare(load_model(path), name=Path(path).stem)
+    return prepare(load_model(path), name=Path(path).stem, source=str(path))
 
 
 def _input_specs(model: onnx.ModelProto):

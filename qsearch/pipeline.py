@@ -35,7 +35,8 @@ class Context:
     def __init__(self, workload: Workload, cache_dir: Path | None = None, log=print):
         self.workload = workload
         self.log = log
-        self.prepared: PreparedModel = prepare(load_model(workload.model), name=workload.name)
+        self.prepared: PreparedModel = prepare(load_model(workload.model), name=workload.name,
+                                                 source=str(workload.model))
         self.rewriter = Rewriter(self.prepared)
         bs, base = workload.batch_size, workload.base
         self.calib_data = data.load(workload.calibration, self.prepared.inputs, bs, base)

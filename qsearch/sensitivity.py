@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from qsearch.calibration import tensor_range
+from qsearch.calibration import RANGES_VERSION, tensor_range
 from qsearch.errors import QsearchError
 from qsearch.evaluate import Scorer, make_session
 from qsearch.files import atomic_write_text
@@ -199,7 +199,7 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     space = ctx.workload.space
     layers = ctx.candidates()
     scorer = _subset_scorer(ctx, samples)
-    key_src = json.dumps([ctx.prepared.fingerprint, ctx.search_data.fingerprint, ctx.calib_data.fingerprint,
+    key_src = json.dumps([PROFILE_VERSION, RANGES_VERSION, ctx.prepared.fingerprint, ctx.search_data.fingerprint, ctx.calib_data.fingerprint,
                           samples, reverse, list(space.calibration), list(space.granularity), space.percentile,
                           [la.name for la in layers], ctx.workload.metric.name, ctx.workload.metric.search_entry,
                           ctx.workload.target])

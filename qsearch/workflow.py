@@ -14,7 +14,7 @@ from qsearch import sensitivity
 from qsearch.config import load_workload
 from qsearch.errors import QsearchError
 from qsearch.evaluate import fused_op_counts, latency_ms, make_session, model_size
-from qsearch.files import atomic_write_bytes, atomic_write_text
+from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir, ensure_writable_file
 from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
 from qsearch.plan import Plan
@@ -52,6 +52,7 @@ class Progress:
 
 
 def open_context(config: str | None, out: Path) -> Context:
+    ensure_writable_dir(out, "--out")
     workload = load_workload(config)
     log(f"workload '{workload.name}': {workload.model.name}, metric {workload.metric.name}, "
         f"max_drop {workload.max_drop * 100 if workload.relative else workload.max_drop}{'%' if workload.relative else ''}")
@@ -186,8 +187,9 @@ def trials_csv(path: Path, search: Search) -> None:
 
 
 def run_apply(plan_path: str, model_path: str, output: str) -> None:
+    ensure_writable_file(output, "-o")
     plan = Plan.read(plan_path)
-    prepared = prepare(load_model(model_path), name=Path(model_path).stem)
+    prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
     plan.validate(prepared, plan_path)
     from qsearch.rewrite import Rewriter
 
@@ -224,6 +226,7 @@ def run_evaluate(model_path: str, config: str | None, out: Path) -> dict:
 
 
 def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str) -> None:
+    ensure_writable_file(output, "-o")
     ctx = open_context(config, out)
     if kind == "naive":
         plan = ctx.uniform_plan(method, granularity)

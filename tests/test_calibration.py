@@ -73,8 +73,17 @@ def test_entropy_and_mse_clip_outliers_but_keep_bulk():
 
 
 def test_kl_threshold_keeps_uniform_distribution_whole():
-    hist = np.ones(1024)
-    assert kl_threshold(hist, 256) == 1024
+    hist = np.ones(2048)
+    assert kl_threshold(hist) == 1024
+
+
+def test_entropy_keeps_relu6_saturation():
+    """Post-ReLU6 data: most values near 0, a spike at 6 that carries signal; KL must not cut it."""
+    rng = np.random.default_rng(1)
+    x = np.clip(np.abs(rng.normal(0, 1.2, 100_000)), 0, 6).astype(np.float32)
+    x[:3000] = 6.0
+    lo, hi = tensor_range(_stats(x), "entropy")
+    assert lo == 0.0 and hi > 4.5
 
 
 def test_histogram_growth_keeps_counts_and_extremes():

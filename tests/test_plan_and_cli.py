@@ -151,3 +151,77 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     assert len(finished) == 11
     assert main(["optimize", "--config", str(workload), "--budget", "-3", "--out", str(out)]) == 2
     assert "--budget must be a positive" in _err(capsys)
+
+
+def _custom_op_model():
+    m = make_cnn()
+    m.graph.node[1].domain, m.graph.node[1].op_type = "com.acme", "Frobnicate"
+    m.opset_import.append(onnx.helper.make_opsetid("com.acme", 1))
+    return m
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("truncated_model", "trunc.onnx: not a readable ONNX model"),
+    ("custom_op_model", "custom.onnx: ONNX Runtime cannot load the model: "),
+    ("unsupported_op_type", "op_types: 'ConvTranspose' is not one of"),
+    ("wrong_input_name", "wrongname.npz: search data has arrays ['image'] but the model's inputs are ['x']"),
+    ("wrong_dtype", "wrongdtype.npz: search input 'x' has dtype int32, the model expects float32"),
+    ("pickled_objects", "obj.npz: cannot read search data"),
+    ("entry_raises", "data entry point 'raiser:data' raised RuntimeError: db down"),
+    ("out_is_under_a_file", "not a writable folder"),
+    ("missing_config", "nope.yaml: config not found"),
+])
+def test_more_bad_workload_inputs(case, expect, workload, tmp_path, capsys):
+    d = workload.parent
+    text = workload.read_text()
+    out = tmp_path / "out"
+    x = np.load(d / "search.npz")["x"]
+    if case == "truncated_model":
+        b = (d / "model.onnx").read_bytes()
+        (d / "trunc.onnx").write_bytes(b[: len(b) // 2])
+        text = text.replace("model: model.onnx", "model: trunc.onnx")
+    elif case == "custom_op_model":
+        onnx.save(_custom_op_model(), d / "custom.onnx")
+        text = text.replace("model: model.onnx", "model: custom.onnx")
+    elif case == "unsupported_op_type":
+        text += "search_space: {candidates: {op_types: [ConvTranspose]}}\n"
+    elif case in ("wrong_input_name", "wrong_dtype", "pickled_objects"):
+        name = {"wrong_input_name": "wrongname", "wrong_dtype": "wrongdtype", "pickled_objects": "obj"}[case]
+        arrays = {"wrong_input_name": {"image": x}, "wrong_dtype": {"x": x.astype(np.int32)},
+                  "pickled_objects": {"x": np.array([object()] * 3, dtype=object)}}[case]
+        np.savez(d / f"{name}.npz", label=np.zeros(len(arrays[next(iter(arrays))]), np.int64), **arrays)
+        text = text.replace("search: {npz: search.npz", f"search: {{npz: {name}.npz")
+    elif case == "entry_raises":
+        (d / "raiser.py").write_text("def data():\n    raise RuntimeError('db down')\n")
+        text = text.replace("calibration: {npz: calib.npz, labels: label}", "calibration: {entry: 'raiser:data'}")
+    elif case == "out_is_under_a_file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "sub"
+    workload.write_text(text)
+    config = str(tmp_path / "nope.yaml") if case == "missing_config" else str(workload)
+    for cmd in (["analyze"], ["optimize", "--budget", "2"]):
+        assert main([*cmd, "--config", config, "--out", str(out)]) == 2
+        assert expect in _err(capsys)
+        assert not list(out.glob("*.yaml")) if out.is_dir() else True  # nothing half-written
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("plan_yaml_syntax", ":3: YAML error"),
+    ("plan_mistyped_key", ":3: unknown key 'targte'"),
+    ("output_not_writable", "cannot write there"),
+])
+def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(plan)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out.onnx"
+    if case == "plan_yaml_syntax":
+        plan.write_text("qsearch_plan: 1\nmodel: {name: x\n")
+    elif case == "plan_mistyped_key":
+        plan.write_text(plan.read_text().replace("target:", "targte:"))
+    else:
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "out.onnx"
+    assert main(["apply", str(plan), str(workload.parent / "model.onnx"), "-o", str(out)]) == 2
+    assert expect in _err(capsys)
+    assert not out.exists()

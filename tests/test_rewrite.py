@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -104,7 +106,8 @@ C = 4
 
 @st.composite
 def random_graphs(draw):
-    """Chains and branches of Conv/Relu/Add/Mul/MatMul/Concat/Reshape with shared initializers."""
+    """Chains and branches of Conv/Relu/Add/Mul/Concat/Reshape with shared initializers, then a
+    MatMul or Gemm head (transposed weight or not, with or without bias)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     nodes, inits = [], {}
     tensors = ["x"]  # all (N, C, 4, 4)
@@ -137,9 +140,19 @@ def random_graphs(draw):
         tensors.append(out)
     last = tensors[-1]
     inits["shape"] = np.array([0, -1], dtype=np.int64)
-    inits["wm"] = rng.normal(0, 0.3, (C * 16, 5)).astype(np.float32)
     nodes.append(helper.make_node("Reshape", [last, "shape"], ["flat"], name="flatten"))
-    nodes.append(helper.make_node("MatMul", ["flat", "wm"], ["y"], name="head"))
+    head = draw(st.sampled_from(["MatMul", "Gemm", "GemmT", "GemmBias"]))
+    if head == "MatMul":
+        inits["wm"] = rng.normal(0, 0.3, (C * 16, 5)).astype(np.float32)
+        nodes.append(helper.make_node("MatMul", ["flat", "wm"], ["y"], name="head"))
+    else:
+        trans = head == "GemmT"
+        inits["wm"] = rng.normal(0, 0.3, (5, C * 16) if trans else (C * 16, 5)).astype(np.float32)
+        ins = ["flat", "wm"]
+        if head == "GemmBias":
+            inits["bm"] = rng.normal(0, 0.1, 5).astype(np.float32)
+            ins.append("bm")
+        nodes.append(helper.make_node("Gemm", ins, ["y"], name="head", transB=int(trans)))
     graph = helper.make_graph(
         nodes, "random",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, 4, 4])],
@@ -155,7 +168,7 @@ OPTIONS = [LayerChoice("fp32")] + [LayerChoice("int8", m, g) for m in ("minmax",
                                    for g in ("per_channel", "per_tensor")]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("QSEARCH_FUZZ_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=random_graphs(), data=st.data())
 def test_random_plans_on_random_graphs_give_valid_runnable_models(model, data):
     onnx.checker.check_model(model)

@@ -15,11 +15,13 @@ docstrings, a fixed, offline, license-clean corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import inspect
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -140,7 +142,8 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     for name, sl in splits.items():
         np.savez(out / f"{name}.npz", input_ids=ids[sl], attention_mask=mask[sl])
     tmp = out / "_export.onnx"
-    with torch.no_grad():
+    # the exporter chats on stdout; keep stdout for the workload path (`--config "$(python -m ...)"`)
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         torch.onnx.export(
             net, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), str(tmp),
             input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
