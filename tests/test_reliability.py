@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,26 +127,42 @@ def test_two_workers_share_one_study(kind, workload, tmp_path):
 
 
 def _postgres_bin() -> Path | None:
-    for cand in [shutil.which("initdb"), *sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))]:
-        if cand:
-            return Path(cand).parent
+    dirs = [*sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]
+    if shutil.which("initdb"):
+        dirs.append(Path(shutil.which("initdb")).parent)
+    for d in dirs:
+        if all((d / tool).exists() for tool in ("initdb", "pg_ctl", "createdb")):
+            return d
     return None
 
 
 def test_two_workers_on_postgresql(workload, tmp_path):
+    """A real PostgreSQL server on loopback (started here, as the `postgres` user when we are root)."""
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    pytest.importorskip("psycopg2", reason="psycopg2 (PostgreSQL driver for SQLAlchemy) is not installed")
-    if os.geteuid() == 0:
-        pytest.skip("PostgreSQL refuses to run as root")
+    pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver SQLAlchemy uses) is not installed")
+    as_user: list = []
     data = tmp_path / "pg"
-    subprocess.run([bindir / "initdb", "-D", data, "-U", "qsearch", "--auth=trust"], check=True, capture_output=True)
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser to start PostgreSQL as another user")
+        import pwd
+
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to start the server as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        data = Path(tempfile.mkdtemp(prefix="qsearch-pg-"))
+        os.chown(data, pw.pw_uid, pw.pw_gid)
+    subprocess.run([*as_user, bindir / "initdb", "-D", data, "-U", "qsearch", "--auth=trust"], check=True,
+                   capture_output=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([bindir / "pg_ctl", "-D", data, "-o", f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1",
-                    "-l", tmp_path / "pg.log", "-w", "start"], check=True, capture_output=True)
+    subprocess.run([*as_user, bindir / "pg_ctl", "-D", data, "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+                    "-l", data / "pg.log", "-w", "start"], check=True, capture_output=True)
     try:
         subprocess.run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "qsearch", "studies"],
                        check=True, capture_output=True)
@@ -157,4 +174,6 @@ def test_two_workers_on_postgresql(workload, tmp_path):
             assert p.returncode == 0, err
         _check_shared(_study(url), budget, workers)
     finally:
-        subprocess.run([bindir / "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+        subprocess.run([*as_user, bindir / "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+        if as_user:
+            shutil.rmtree(data, ignore_errors=True)
