@@ -1,10 +1,12 @@
-"""The search against its baselines on the embedded default workload, in one run.
+"""The search against its baselines, in one run: `qsearch optimize`'s study (TPE, sensitivity-guided
+space, warm start) vs TPE without warm start, random search in the same guided space, and random
+search in the raw space (every layer, every option: what a search without the analyzer faces),
+all with the same trial budget and several seeds; plus naive INT8 and the greedy fallback; trials
+until the first within-budget plan; the share of trial time that is not scoring. Writes
+search_<workload>.md.
 
-qsearch (TPE, sensitivity-guided, warm-started) vs random search with the same trial budget, plus
-naive INT8 and the greedy fallback; trials until the first within-budget plan; time per trial
-that is not scoring. Writes search.md.
-
-    python experiments/bench_search.py [--budget 50]
+    python experiments/bench_search.py --workload digits [--budget 50]
+    python experiments/bench_search.py --workload minilm --budget 40 --samples 100 --seeds 2
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-from qsearch.config import load_workload
-from qsearch.pipeline import Context
-from qsearch.search import Search, greedy_fallback
+from bench_peers import context, require
+
+from qsearch.plan import LayerChoice
+from qsearch.search import Dimensions, Search, build_dimensions, greedy_fallback
 from qsearch.sensitivity import analyze
 
 HERE = Path(__file__).resolve().parent
@@ -36,11 +39,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=3, help="sampler seeds per strategy for the trials-to-budget count")
+    ap.add_argument("--workload", choices=["digits", "minilm"], default="digits")
+    ap.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples")
     args = ap.parse_args()
-    wl = load_workload(None)
-    ctx = Context(wl, cache_dir=None, log=lambda *a: None)
+    require(args.workload)
+    ctx = context(args.workload, args.samples)
+    wl = ctx.workload
     t0 = time.perf_counter()
-    profile = analyze(ctx)
+    profile = analyze(ctx, samples=args.samples, cache_dir=HERE / ".cache" / "profiles")
     t_analyze = time.perf_counter() - t0
     rows = []
     fp32_lat = ctx.baseline.fp32_latency_ms
@@ -51,13 +57,21 @@ def main() -> None:
     g = ctx.evaluate(greedy, "test")
     rows.append(("greedy fallback", ctx.evaluate(greedy, "search", timing=False).score, g, evals, None, None))
     seeds_summary = []
-    for label, sampler, warm in (("qsearch (TPE, warm start)", "tpe", True), ("TPE, no warm start", "tpe", False),
-                                 ("random search", "random", False)):
+    space = wl.space
+    raw = Dimensions({}, {la.name: (*(LayerChoice("int8", m, g).label() for m in space.calibration
+                                      for g in space.granularity), LayerChoice(ctx.float_precision).label())
+                          for la in ctx.candidates()})
+    for label, sampler, warm, guided in (("qsearch (TPE, warm start)", "tpe", True, True),
+                                         ("TPE, no warm start", "tpe", False, True),
+                                         ("random search, guided space", "random", False, True),
+                                         ("random search, raw space", "random", False, False)):
         firsts, costs = [], []
         for seed in range(args.seeds):
             ctx.workload = replace(wl, space=replace(wl.space, sampler=sampler, warm_start=warm, seed=seed))
             with tempfile.TemporaryDirectory() as tmp:
                 s = Search(ctx, profile, Path(tmp))
+                if not guided:
+                    s.dims = raw
                 t1 = time.perf_counter()
                 s.run(args.budget)
                 wall = time.perf_counter() - t1
@@ -74,10 +88,11 @@ def main() -> None:
                 rows.append((label, best.score, ev, len(s.study.trials), (first_feasible(s), nonscore), wall))
         seeds_summary.append((label, firsts, costs))
     ctx.workload = wl
-    lines = [f"# Search vs baselines, default workload ({date.today()}, {platform.machine()}, 2 cores, 1 ORT thread)",
+    lines = [f"# Search vs baselines, `{wl.name}` ({date.today()}, {platform.machine()}, 2 cores, 1 ORT thread)",
              "", f"FP32: search {ctx.baseline.fp32_search:.4f}, test {ctx.baseline.fp32_test:.4f}, "
              f"latency {fp32_lat:.3f} ms; allowed drop {ctx.allowed_drop():.4f}; analysis {t_analyze:.1f}s "
-             f"({profile.meta['evaluations']} evaluations, proxy Spearman {profile.spearman:.2f})", "",
+             f"({profile.meta['evaluations']} evaluations, proxy Spearman {profile.spearman:.2f}); guided space: "
+             f"{len(build_dimensions(ctx, profile).searched)} of {len(ctx.candidates())} layers searched", "",
              "| plan | search | test | test drop | latency ms | speed-up | size KiB | trials | first within budget | non-scoring share | search wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, ss, ev, n, extra, wall in rows:
@@ -93,19 +108,19 @@ def main() -> None:
     for label, firsts, costs in seeds_summary:
         lines.append(f"| {label} | {', '.join(str(f) if f else 'none' for f in firsts)} | "
                      f"{', '.join(f'{c:.3f}' for c in costs)} |")
-    # the main command as users run it, end to end (analysis, search, baselines, report)
-    import subprocess
-    import sys
+    if args.workload == "digits":  # the main command as users run it, end to end
+        import subprocess
+        import sys
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "qsearch", "optimize", "--budget", str(args.budget), "--out", tmp],
-                           capture_output=True, text=True)
-        total = time.perf_counter() - t
-    lines += ["", f"`qsearch optimize --budget {args.budget}` on the embedded default, end to end (fresh output "
-              f"folder: calibration, analysis, search, baselines, report): {total:.1f} s wall, exit {r.returncode}."]
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "qsearch", "optimize", "--budget", str(args.budget),
+                                "--out", tmp], capture_output=True, text=True)
+            total = time.perf_counter() - t
+        lines += ["", f"`qsearch optimize --budget {args.budget}` on the embedded default, end to end (fresh output "
+                  f"folder: calibration, analysis, search, baselines, report): {total:.1f} s wall, exit {r.returncode}."]
     text = "\n".join(lines) + "\n"
-    (HERE / "search.md").write_text(text)
+    (HERE / f"search_{args.workload}.md").write_text(text)
     print(text)
 
 

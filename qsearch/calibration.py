@@ -8,16 +8,17 @@ try any method for any layer without touching the data again. Weight scales need
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from qsearch.errors import QsearchError
+from qsearch.files import atomic_write_bytes
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -61,9 +62,9 @@ class CalibrationStats:
             s = self.tensors[n]
             arrays[f"c{i}"] = s.counts
             arrays[f"r{i}"] = np.array([s.min, s.max, s.lo, s.hi], dtype=np.float64)
-        tmp = Path(str(path) + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())  # unique temp name: workers may save the same cache
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:

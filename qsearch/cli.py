@@ -104,10 +104,18 @@ def _main(args) -> int:
         print(f"qsearch: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("qsearch: interrupted; completed trials are kept in the study, re-run with the same --study to resume",
-              file=sys.stderr)
-        return 130
+        return _interrupted()
+    except Exception:
+        if INTERRUPTED.is_set():  # a library wrapped the KeyboardInterrupt in its own error
+            return _interrupted()
+        raise
     return 0
+
+
+def _interrupted() -> int:
+    print("qsearch: interrupted; completed trials are kept in the study, re-run the same command to resume",
+          file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

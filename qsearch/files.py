@@ -33,6 +33,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """A matplotlib figure as PNG, atomically (several workers may write the same report)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def ensure_writable_dir(path: str | os.PathLike, what: str) -> None:
     """Fail before the work, not after it: create the folder and prove a file can be made there."""
     p = Path(path)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qsearch.files import atomic_write_text
+from qsearch.files import atomic_write_text, save_figure
 
 
 @dataclass(frozen=True)
@@ -62,10 +61,7 @@ def plot_pareto(results, best_number: int | None, allowed: float, fp32: float, o
     ax.set_ylabel("score on search data")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_report(out: Path, title: str, summary: list[str], rows: list[Row], metric: str, fp32_latency: float,

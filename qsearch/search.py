@@ -110,12 +110,16 @@ def _storage(url: str | None, out: Path):
         if url.startswith(("sqlite:", "postgresql", "mysql")):
             for attempt in range(5):
                 try:
-                    return optuna.storages.RDBStorage(
+                    st = optuna.storages.RDBStorage(
                         url, heartbeat_interval=30, grace_period=90,
                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                     )
+                    if url.startswith("sqlite:"):
+                        _serialize_sqlite(st.engine)
+                    return st
                 except Exception as exc:  # workers starting together race to create the schema: retry
-                    if attempt == 4 or "already exists" not in str(exc):
+                    if attempt == 4 or not any(m in str(exc) for m in ("already exists", "UNIQUE constraint",
+                                                                       "database is locked")):
                         raise
                     time.sleep(0.2 * (attempt + 1))
         if url.startswith("journal:") or url.endswith((".log", ".journal")):
@@ -135,6 +139,26 @@ def _storage(url: str | None, out: Path):
         raise QsearchError(f"storage '{url}' cannot be opened: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     raise QsearchError(f"storage '{url}' is not a supported Optuna storage URL (sqlite:///, postgresql://, "
                        "mysql://, journal:FILE, redis://)")
+
+
+def _serialize_sqlite(engine) -> None:
+    """Make every SQLite transaction take the write lock up front (BEGIN IMMEDIATE).
+
+    Optuna hands a waiting (enqueued) trial to a worker by reading its state and then updating
+    it; on SQLite, which ignores SELECT ... FOR UPDATE, two workers can both read WAITING and both
+    run the same trial. Immediate transactions serialize that read-then-write (the SQLAlchemy
+    recipe for pysqlite isolation)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN itself
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks would still begin lazily
 
 
 def _check_interrupt(study, trial) -> None:
@@ -193,7 +217,7 @@ class Search:
         self._lock_fd: int | None = None
         lock = _storage_file(self.storage_url)
         if lock is not None:  # a study in a local file: a lock tells live workers from dead ones
-            self._lock(lock.with_name(lock.name + ".lock"))
+            self._lock(lock.with_name(lock.name + ".workers.lock"))  # not ".lock": the journal backend owns that
 
     def _lock(self, path: Path) -> None:
         """Every worker on a file study holds a shared lock; a worker that can take it

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ import yaml
 from qsearch.calibration import RANGES_VERSION, tensor_range
 from qsearch.errors import QsearchError
 from qsearch.evaluate import Scorer, make_session
-from qsearch.files import atomic_write_text
+from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
 from qsearch.plan import LayerChoice
 
@@ -315,7 +314,4 @@ def plot_profile(profile: SensitivityProfile, path: Path, top: int = 30) -> None
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -62,7 +62,7 @@ def _snapshot(study: optuna.Study) -> dict[int, tuple]:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_search_resumes_keeping_every_finished_trial(sig, workload, tmp_path):
     out = tmp_path / "run"
-    budget = 10
+    budget = 30
     proc = _optimize(workload, out, budget)
     _wait_for_running_trial(out / "study.db", proc, complete=3)
     proc.send_signal(sig)
