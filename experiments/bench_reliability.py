@@ -68,6 +68,7 @@ def kill_and_resume(sig: signal.Signals, budget: int, after: int) -> dict:
         p.communicate(timeout=120)
         before = {t.number: (t.state, t.values) for t in finished(trials(url))}
         lost = [t for t in trials(url) if t.state.name in ("RUNNING", "FAIL")]
+        with_plan = sum(bool(t.params) for t in lost)
         t0 = time.perf_counter()
         p = optimize(out, budget)
         _, err = p.communicate(timeout=600)
@@ -76,7 +77,7 @@ def kill_and_resume(sig: signal.Signals, budget: int, after: int) -> dict:
         kept = sum(after_map.get(n) == v for n, v in before.items())
         retried = sum(1 for t in ts if t.user_attrs.get("retry_of") in {x.number for x in lost})
         return {"signal": sig.name, "exit": p.returncode, "finished_before": len(before), "kept": kept,
-                "lost": len(lost), "retried": retried, "finished_after": len(after_map), "budget": budget,
+                "lost": len(lost), "with_plan": with_plan, "retried": retried, "finished_after": len(after_map), "budget": budget,
                 "resume_s": time.perf_counter() - t0, "plan": (out / "plan.yaml").is_file()}
 
 
@@ -121,13 +122,17 @@ def main() -> None:
     require()
     lines = [f"# Reliability ({date.today()}, {platform.machine()}, {os.cpu_count()} cores)", "",
              "## Interrupted `qsearch optimize` (default workload), then the same command again", "",
-             "| signal | exit | finished before | kept after resume | lost in flight | re-run | finished after | budget | plan written | resume s |",
+             "| signal | resume exit | finished before | kept after resume | lost in flight (with a sampled plan) | "
+             "plan re-run | finished after | budget | plan written | resume s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|"]
     # single worker baseline for the multi-worker speed-up
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         r = kill_and_resume(sig, args.budget, after=8)
-        lines.append(f"| {r['signal']} | {r['exit']} | {r['finished_before']} | {r['kept']} | {r['lost']} | {r['retried']} | "
+        lines.append(f"| {r['signal']} | {r['exit']} | {r['finished_before']} | {r['kept']} | {r['lost']} ({r['with_plan']}) | "
+                     f"{r['retried']} | "
                      f"{r['finished_after']} | {r['budget']} | {'yes' if r['plan'] else 'no'} | {r['resume_s']:.1f} |")
+    lines += ["", "A trial interrupted before its sampler had chosen a plan holds nothing to re-run; one with a plan is "
+              "re-run once with the same plan."]
     lines += ["", "## Several workers on one study (default workload; each worker also runs its own analysis)", "",
               "| storage | workers | exit codes | budget | finished trials | numbers unique | left RUNNING | duplicated warm-start plans | wall s |",
               "|---|---:|---|---:|---:|:-:|---:|---:|---:|"]

@@ -90,7 +90,8 @@ def main() -> None:
     ctx.workload = wl
     lines = [f"# Search vs baselines, `{wl.name}` ({date.today()}, {platform.machine()}, 2 cores, 1 ORT thread)",
              "", f"FP32: search {ctx.baseline.fp32_search:.4f}, test {ctx.baseline.fp32_test:.4f}, "
-             f"latency {fp32_lat:.3f} ms; allowed drop {ctx.allowed_drop():.4f}; analysis {t_analyze:.1f}s "
+             f"latency {fp32_lat:.3f} ms; allowed drop {ctx.allowed_drop():.4f}; analysis "
+             f"{'cached' if t_analyze < 1 else f'{t_analyze:.1f}s'} "
              f"({profile.meta['evaluations']} evaluations, proxy Spearman {profile.spearman:.2f}); guided space: "
              f"{len(build_dimensions(ctx, profile).searched)} of {len(ctx.candidates())} layers searched", "",
              "| plan | search | test | test drop | latency ms | speed-up | size KiB | trials | first within budget | non-scoring share | search wall s |",
