@@ -18,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import onnx
+from bench_peers import ort_reader
 
 from qsearch.config import load_workload
 from qsearch.evaluate import fused_op_counts, latency_ms, make_session, model_size
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     except ImportError:
         sys.exit("experiments/bench_fidelity.py needs onnxruntime's quantization tools: pip install onnxruntime")
     ctx = Context(load_workload(None), cache_dir=None, log=lambda *a: None)
@@ -39,17 +40,9 @@ def main() -> None:
         ours = ctx.rewriter(plan)
     rewrite_ms = (time.perf_counter() - t0) / reps * 1e3
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(ctx.calib_data.batches)
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else dict(b)
-
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        quantize_static(str(ctx.workload.model), f"{tmp}/ort.onnx", Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(ctx.workload.model), f"{tmp}/ort.onnx", ort_reader(ctx), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         ort_s = time.perf_counter() - t0
         theirs = onnx.load(f"{tmp}/ort.onnx")

@@ -47,17 +47,9 @@ class Row:
     note: str = ""
 
 
-def ort_static(ctx, method: str, per_channel: bool) -> Row:
-    """onnxruntime.quantization.quantize_static as its users run it: QDQ, uint8 activations / int8
-    weights, ORT's default op types (it also quantizes Clip/Relu, pooling, Gather... where it can)."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+def ort_reader(ctx):
+    """The calibration split as ONNX Runtime's quantizer reads it (same batches qsearch calibrates on)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -67,6 +59,20 @@ def ort_static(ctx, method: str, per_channel: bool) -> Row:
             b = next(self.it, None)
             return None if b is None else dict(b)
 
+    return Reader()
+
+
+def ort_static(ctx, method: str, per_channel: bool) -> Row:
+    """onnxruntime.quantization.quantize_static as its users run it: QDQ, uint8 activations / int8
+    weights, ORT's default op types (it also quantizes Clip/Relu, pooling, Gather... where it can)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
     extra = {"CalibMovingAverage": False}
     if method == "Percentile":
         extra["CalibPercentile"] = ctx.workload.space.percentile
@@ -75,7 +81,7 @@ def ort_static(ctx, method: str, per_channel: bool) -> Row:
         onnx.save(ctx.prepared.proto, src, save_as_external_data=ctx.prepared.proto.ByteSize() > 1 << 30)
         t = time.perf_counter()
         try:
-            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ,
+            quantize_static(src, dst, ort_reader(ctx), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
         except Exception as exc:  # a peer failing is a result, not a crash of the benchmark

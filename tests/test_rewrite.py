@@ -180,6 +180,10 @@ def test_random_plans_on_random_graphs_give_valid_runnable_models(model, data):
     assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
     y = _run(out, feeds[0])[0]
     assert y.shape == (2, 5) and y.dtype == np.float32 and np.isfinite(y).all()
-    # and the all-float plan of the same graph reproduces the original exactly
-    ref = _run(model, feeds[0])[0]
-    np.testing.assert_array_equal(ref, _run(rewriter(build_plan(prepared, {}, stats)), feeds[0])[0])
+    # the all-float plan reproduces the float graph plans apply to bit for bit: the rewriter never
+    # touches a float layer. That graph is the user's after ONNX Runtime's own basic float
+    # optimizations (constant folding, BN folding), whose kernels may round differently in the
+    # last bit (seen on 1 of 300 random graphs), hence a tolerance against the user's file.
+    flt = _run(rewriter(build_plan(prepared, {}, stats)), feeds[0])[0]
+    np.testing.assert_array_equal(_run(prepared.proto, feeds[0])[0], flt)
+    np.testing.assert_allclose(_run(model, feeds[0])[0], flt, rtol=1e-5, atol=1e-5)
