@@ -129,6 +129,15 @@ class _Graph:
         self.inits = {i.name: i for i in model.graph.initializer}
         self.new_inits: dict[str, TensorProto] = {}
         self.extra: list[onnx.NodeProto] = []
+        # nodes already dead in the source are the user's business: keep them. Sweeping them would
+        # change which Conv ONNX Runtime fuses a residual Add into, and float results by a few ulps.
+        used = set(self.graph_outputs)
+        self.dead_in_source: set[str] = set()
+        for n in reversed(self.nodes):
+            if any(t in used for t in n.output):
+                used.update(n.input)
+            else:
+                self.dead_in_source.add(n.name)
 
     def node(self, name: str) -> onnx.NodeProto:
         return self.by_name[name]
@@ -275,8 +284,8 @@ class _Graph:
         nodes = self._sorted(self.nodes + self.extra)
         used = set(self.graph_outputs) | set(extra_outputs)
         alive = []
-        for n in reversed(nodes):  # drop nodes whose outputs nobody reads any more
-            if any(t in used for t in n.output):
+        for n in reversed(nodes):  # drop nodes the rewrite left without readers
+            if any(t in used for t in n.output) or n.name in self.dead_in_source:
                 alive.append(n)
                 used.update(n.input)
         nodes = alive[::-1]
