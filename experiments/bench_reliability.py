@@ -68,7 +68,8 @@ def kill_and_resume(sig: signal.Signals, budget: int, after: int) -> dict:
         p.communicate(timeout=120)
         before = {t.number: (t.state, t.values) for t in finished(trials(url))}
         lost = [t for t in trials(url) if t.state.name in ("RUNNING", "FAIL")]
-        with_plan = sum(bool(t.params) for t in lost)
+        n_layers = max(len(t.params) for t in finished(trials(url)))
+        with_plan = sum(len(t.system_attrs.get("fixed_params") or t.params) == n_layers for t in lost)
         t0 = time.perf_counter()
         p = optimize(out, budget)
         _, err = p.communicate(timeout=600)
@@ -122,7 +123,7 @@ def main() -> None:
     require()
     lines = [f"# Reliability ({date.today()}, {platform.machine()}, {os.cpu_count()} cores)", "",
              "## Interrupted `qsearch optimize` (default workload), then the same command again", "",
-             "| signal | resume exit | finished before | kept after resume | lost in flight (with a sampled plan) | "
+             "| signal | resume exit | finished before | kept after resume | lost in flight (with a whole plan) | "
              "plan re-run | finished after | budget | plan written | resume s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|"]
     # single worker baseline for the multi-worker speed-up
@@ -131,8 +132,8 @@ def main() -> None:
         lines.append(f"| {r['signal']} | {r['exit']} | {r['finished_before']} | {r['kept']} | {r['lost']} ({r['with_plan']}) | "
                      f"{r['retried']} | "
                      f"{r['finished_after']} | {r['budget']} | {'yes' if r['plan'] else 'no'} | {r['resume_s']:.1f} |")
-    lines += ["", "A trial interrupted before its sampler had chosen a plan holds nothing to re-run; one with a plan is "
-              "re-run once with the same plan."]
+    lines += ["", "A trial interrupted before its sampler had drawn every layer holds nothing to re-run; one with a "
+              "whole plan (sampled, or enqueued by the warm start) is re-run once with the same plan."]
     lines += ["", "## Several workers on one study (default workload; each worker also runs its own analysis)", "",
               "| storage | workers | exit codes | budget | finished trials | numbers unique | left RUNNING | duplicated warm-start plans | wall s |",
               "|---|---:|---|---:|---:|:-:|---:|---:|---:|"]

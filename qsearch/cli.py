@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _main(args)
     INTERRUPTED.clear()
+    # SQLAlchemy logs a traceback when an interrupted connection goes back to its pool; the
+    # one-line "interrupted" message is what the user needs
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     hook = sys.unraisablehook
     sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else hook(u)

@@ -236,10 +236,10 @@ class Search:
         self._lock_fd = fd
 
     def recover(self, orphans: bool = False) -> int:
-        """Re-run trials a previous run lost: interrupted ones (Ctrl-C/SIGTERM, recorded FAIL) and,
-        when `orphans`, RUNNING ones left by a killed process (marked FAIL first). Each is retried
+        """Re-run trials a previous run lost: interrupted ones (Ctrl-C/SIGTERM: FAIL without a
+        recorded error) and, when `orphans`, RUNNING ones left by a killed process (marked FAIL). Each is retried
         once, with the same plan; completed trials are never touched. A trial lost before its plan
-        was sampled holds nothing to redo. Returns how many are retried."""
+        was fully sampled holds nothing to redo. Returns how many are retried."""
         from optuna.trial import TrialState
 
         trials = self.study.get_trials(deepcopy=False)
@@ -250,9 +250,14 @@ class Search:
             if lost:
                 self.study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
                 self.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            if (lost or (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))) and t.number not in retried \
-                    and "retry_of" not in t.user_attrs and set(t.params) == set(self.dims.searched):
-                self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+            # a FAIL with no recorded error was interrupted: the signal can land anywhere, even
+            # while Optuna records the trial, where no attribute can be added any more
+            interrupted = t.state == TrialState.FAIL and "error" not in t.user_attrs
+            # the plan: enqueued trials carry it whole; sampled ones only once every layer is drawn
+            plan = t.system_attrs.get("fixed_params") or t.params
+            if (lost or interrupted) and t.number not in retried \
+                    and "retry_of" not in t.user_attrs and set(plan) == set(self.dims.searched):
+                self.study.enqueue_trial(dict(plan), user_attrs={"retry_of": t.number})
                 n += 1
         return n
 
@@ -283,8 +288,13 @@ class Search:
     def _objective(self, trial: optuna.Trial):
         try:
             return self._trial(trial)
-        except KeyboardInterrupt:  # Optuna records the trial FAIL; the mark lets a resume retry it
-            trial.set_user_attr("interrupted", True)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            if INTERRUPTED.is_set():  # the signal surfaced as a library's error: still an interruption
+                raise KeyboardInterrupt from exc
+            # a real failure (ORT, bad plan): recorded, the search goes on, never retried
+            trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
 
     def _trial(self, trial: optuna.Trial):

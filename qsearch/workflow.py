@@ -105,7 +105,7 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
 
     def progress(study, trial):
         if trial.state.name == "FAIL":
-            log(f"trial {trial.number} failed (recorded, search goes on): {trial.system_attrs.get('fail_reason', '')}")
+            log(f"trial {trial.number} failed (recorded, search goes on): {trial.user_attrs.get('error', '')}")
         best = search.best()
         extra = f"best {best.cost:.3f} @ drop {best.drop:.4f} (trial {best.number})" if best else "no plan within budget yet"
         bar(search._finished(), budget, "", extra)
