@@ -127,7 +127,9 @@ def _raw(spec: DataSpec, base: Path | None) -> tuple[list[dict], list[np.ndarray
                                f"(or (dict, label) pairs), got {type(feed).__name__}")
         feed = {k: np.asarray(v) for k, v in feed.items()}
         for k in sorted(feed):
-            h.update(k.encode() + feed[k].tobytes())
+            h.update(k.encode() + str(feed[k].dtype).encode() + repr(feed[k].shape).encode() + feed[k].tobytes())
+        if label is not None:  # labels define the scores too: cached profiles must not outlive them
+            h.update(b"\0label" + np.asarray(label).tobytes())
         feeds.append(feed)
         labels.append(None if label is None else np.asarray(label))
     return feeds, labels, h.digest()

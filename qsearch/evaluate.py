@@ -46,6 +46,24 @@ def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+@dataclass(frozen=True)
+class FusionCheck:
+    """What ONNX Runtime really runs: int8 kernels, and Q/DQ nodes its optimizer left standing."""
+
+    int8_kernels: int
+    unfused_qdq: int
+    ops: dict[str, int]
+
+    def line(self) -> str:
+        return f"{self.int8_kernels} int8 kernels, {self.unfused_qdq} Q/DQ nodes left unfused"
+
+
+def fusion_check(model: onnx.ModelProto) -> FusionCheck:
+    ops = fused_op_counts(model)
+    int8 = sum(n for op, n in ops.items() if op.startswith(("QLinear", "QGemm", "MatMulInteger", "ConvInteger")))
+    return FusionCheck(int8, ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0), ops)
+
+
 # ------------------------------------------------------------------------ metrics
 
 
@@ -72,7 +90,7 @@ def _sqnr(outs, ref, labels) -> np.ndarray:
     return np.array([sig, noise], dtype=np.float64)
 
 
-def _finish(metric: str, acc: np.ndarray) -> float:
+def finish_metric(metric: str, acc: np.ndarray) -> float:
     if metric == "sqnr":  # dB; capped so an exact match is a large finite number
         return 10 * math.log10(max(acc[0], 1e-30) / max(acc[1], 1e-30 * max(acc[0], 1e-30))) if acc[1] > 0 else 120.0
     return float(acc[0] / acc[1]) if acc[1] else float("nan")
@@ -114,7 +132,7 @@ class Scorer:
         return acc
 
     def finish(self, acc: np.ndarray) -> float:
-        return _finish(self.metric, acc)
+        return finish_metric(self.metric, acc)
 
     def score(self, sess: ort.InferenceSession) -> float:
         if self.custom is not None:

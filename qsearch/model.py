@@ -151,6 +151,7 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
         except Exception as exc:
             raise QsearchError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
     model = _ort_basic_optimize(model, source)
+    _name_nodes(model)  # ORT's optimizer adds unnamed nodes (e.g. HardSwish inlined as HardSigmoid + Mul)
     model = onnx.shape_inference.infer_shapes(model)
     inputs = tuple(_input_specs(model))
     return PreparedModel(
@@ -198,6 +199,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         for t in node.input:
             consumers.setdefault(t, []).append(node)
     graph_outputs = {o.name for o in g.output}
+    producers = {t: n for n in g.node for t in n.output}
     shapes = _shapes(model)
     layers = []
     for node in g.node:
@@ -230,7 +232,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             else:
                 acts = (ins[0], ins[1])
         else:  # Add / Mul: only between two activations (residuals, gates), not bias adds
-            if any(t in inits for t in ins) or len(set(ins)) != 2:
+            if any(t in inits for t in ins) or len(set(ins)) != 2 or _is_self_gated(node, producers, inits):
                 continue
             acts = (ins[0], ins[1])
         out = node.output[0]
@@ -259,6 +261,30 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             )
         )
     return layers
+
+
+GATE_OPS = ("HardSigmoid", "Sigmoid", "Clip", "Relu", "Add", "Sub", "Mul", "Div")
+
+
+def _is_self_gated(node: onnx.NodeProto, producers: dict, inits: dict) -> bool:
+    """x * f(x) with f elementwise (HardSwish as ORT inlines it: x * HardSigmoid(x); PaddleOCR's
+    x * Clip(x + 3, 0, 6) / 6; SiLU): an activation, not a gate between two tensors. ORT has no int8
+    kernel for it; quantizing the Mul only adds a QLinearMul and more Q/DQ on a full feature map."""
+    if node.op_type != "Mul":
+        return False
+    for a, b in ((0, 1), (1, 0)):
+        t = node.input[b]
+        for _ in range(4):
+            p = producers.get(t)
+            if p is None or p.op_type not in GATE_OPS:
+                break
+            live = [x for x in p.input if x and x not in inits]
+            if len(live) != 1:
+                break
+            t = live[0]
+            if t == node.input[a]:
+                return True
+    return False
 
 
 def _macs(node: onnx.NodeProto, shapes: dict, inits: dict) -> int:

@@ -7,6 +7,7 @@ so `analyze` and `optimize` on the same workload never recalibrate.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,33 @@ class Context:
             fp32_latency_ms=latency_ms(fp32, self.latency_feed),
             fp32_size=model_size(self.prepared.proto),
         )
+        self._check_deterministic(fp32)
 
     # ------------------------------------------------------------------ setup
+    def _check_deterministic(self, fp32) -> None:
+        """A metric that scores the same FP32 model differently twice makes every drop noise."""
+        again = self.search_scorer.score(make_session(self.prepared.proto, self.workload.threads))
+        first = self.baseline.fp32_search
+        if not math.isclose(again, first, rel_tol=1e-9, abs_tol=1e-12):
+            what = f"score function '{self.search_scorer.custom_name}'" if self.search_scorer.custom else \
+                f"metric {self.workload.metric.name}"
+            raise QsearchError(f"{self.workload.path}: {what} is not deterministic: the FP32 model scored {first!r} "
+                               f"then {again!r} on the same search data; every measured drop would be noise")
+
+    def study_key(self) -> str:
+        """Hash of everything that defines a trial's meaning: model, data, metric, budget, search
+        space, target, runtime, plan schema. A study is bound to it."""
+        import hashlib
+
+        from qsearch.plan import SCHEMA_VERSION
+
+        w = self.workload
+        parts = [self.prepared.fingerprint, self.calib_data.fingerprint, self.search_data.fingerprint,
+                 self.test_data.fingerprint, repr(w.metric), repr(self.allowed_drop()), repr(w.space), w.target,
+                 w.threads, w.latency_batch, SCHEMA_VERSION]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
     def _scorer(self, fp32, ds, entry: str | None) -> Scorer:
         m = self.workload.metric
         if m.name == "custom":

@@ -20,14 +20,16 @@ class Row:
     int8_layers: int
     evaluations: int | None = None
     note: str = ""
+    latency_spread: float = 0.0  # (slowest - fastest) / fastest over the interleaved timing rounds
 
 
 def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: int) -> str:
-    lines = [f"| plan | {metric} search | {metric} test | latency ms | speed-up | size KiB | size ratio | INT8 layers | evaluations |",
+    lines = [f"| plan | {metric} search | {metric} test | latency ms (spread) | speed-up | size KiB | size ratio | "
+             "INT8 layers | evaluations |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r.name} | {r.search_score:.4f} | {r.test_score:.4f} | {r.latency_ms:.3f} | "
+            f"| {r.name} | {r.search_score:.4f} | {r.test_score:.4f} | {r.latency_ms:.3f} (±{r.latency_spread:.0%}) | "
             f"{fp32_latency / r.latency_ms:.2f}x | {r.size_bytes / 1024:.1f} | {r.size_bytes / fp32_size:.2f} | "
             f"{r.int8_layers} | {'' if r.evaluations is None else r.evaluations} |"
         )
@@ -65,9 +67,12 @@ def plot_pareto(results, best_number: int | None, allowed: float, fp32: float, o
 
 
 def write_report(out: Path, title: str, summary: list[str], rows: list[Row], metric: str, fp32_latency: float,
-                 fp32_size: int, images: list[tuple[str, Path]], plan_yaml: str | None) -> None:
+                 fp32_size: int, images: list[tuple[str, Path]], plan_yaml: str | None,
+                 attribution: str | None = None) -> None:
     table = rows_markdown(rows, metric, fp32_latency, fp32_size)
     md = [f"# {title}", "", *summary, "", table, ""]
+    if attribution:
+        md += ["## Where the time goes (ONNX Runtime per-node profile, one batch)", "", attribution, ""]
     for caption, img in images:
         md += [f"![{caption}]({img.name})", ""]
     if plan_yaml:
@@ -84,6 +89,14 @@ def write_report(out: Path, title: str, summary: list[str], rows: list[Row], met
     for line in body:
         parts.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
     parts.append("</table>")
+    if attribution:
+        parts.append("<h2>Where the time goes (ONNX Runtime per-node profile, one batch)</h2><table>")
+        head2, _, *body2 = attribution.splitlines()
+        parts.append("<tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head2.strip("|").split("|")) + "</tr>")
+        for line in body2:
+            parts.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
+                         + "</tr>")
+        parts.append("</table>")
     for caption, img in images:
         if img.is_file():
             b64 = base64.b64encode(img.read_bytes()).decode()

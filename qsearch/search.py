@@ -1,11 +1,18 @@
 """The mixed-precision search: an Optuna study over per-layer choices, guided by sensitivity.
 
-Dimensions come from the search space and the profile: layers that are harmless in INT8 are
-fixed there, each sensitive layer chooses among its few best INT8 options or float. The first
-trials are enqueued from the profile (all-INT8 at each layer's best option, then "keep the k most
-sensitive layers float"), the accuracy budget is an Optuna constraint, and hopeless trials are
-pruned after scoring a slice of the search data. A trial never recalibrates: plan -> rewrite with
-cached ranges -> session -> score.
+The pieces are separable, the way Optuna's samplers are:
+- `choose_fixed`: which layers are fixed to INT8 before the search. Only layers whose INT8 form
+  pays (measured latency attribution) and whose summed output noise is small; the candidate set
+  is then *scored together* with the user's metric, and shrunk until its joint drop uses at most
+  `fix_below` of the budget (single-layer drops below a metric's resolution hide compounding).
+- `build_dimensions`: one categorical per remaining layer (its best INT8 options, float).
+- `warm_start_plans`: FP32-in-the-searched-layers, "INT8 only where it pays", the best all-INT8
+  plan, additive noise-model knapsacks (benefit per unit of output noise within shrinking noise
+  budgets calibrated by the all-INT8 measurement), k noisiest layers float.
+- `repair`: when no trial meets the budget, revert INT8 layers of the closest trial by measured
+  noise per benefit, doubling then bisecting, each step scored; FP32 always meets a budget.
+The accuracy budget is an Optuna constraint; hopeless trials are pruned after a slice of the data.
+A trial never recalibrates: plan -> rewrite with cached ranges -> session -> score.
 """
 
 from __future__ import annotations
@@ -52,28 +59,69 @@ class TrialResult:
     feasible: bool
 
 
-def build_dimensions(ctx, profile: SensitivityProfile) -> Dimensions:
+@dataclass(frozen=True)
+class FixDecision:
+    """Layers fixed to INT8 before the search, and the measurements that justify it."""
+
+    fixed: tuple[str, ...]
+    joint_drop: float | None  # user metric, whole search data: the fixed set alone INT8
+    all_int8_drop: float | None  # every candidate INT8 at its best option
+    evaluations: int
+
+
+def benefit(ctx, s) -> float:
+    """What a layer saves in INT8, in the objective's units (measured ms for latency)."""
+    objective = ctx.workload.space.objective
+    if objective == "latency":
+        return s.gain_ms
+    if objective == "size":
+        return 0.75 * s.weight_bytes
+    return s.macs * (32 * 32 - 8 * 8) / 1e9
+
+
+def choose_fixed(ctx, profile: SensitivityProfile, allowed: float, measure: Callable[[dict], float]) -> FixDecision:
+    """Fix the quietest paying layers to INT8, but only as a set whose *measured* joint drop uses
+    at most `fix_below` of the budget. `measure(choices)` scores a plan on the whole search data."""
     space = ctx.workload.space
-    allowed = ctx.allowed_drop()
+    if "int8" not in space.precisions or "float" not in space.precisions:
+        return FixDecision((), None, None, 0)
+    layers = [_layer(profile, la.name) for la in ctx.candidates()]
+    best = {x.name: x.best_option for x in layers}
+    all_drop = measure(best)
+    evaluations = 1
+    share = space.fix_below * allowed
+    noisiest = {x.name for x in sorted(layers, key=lambda x: (-x.noise, x.name))[: space.min_searched]}
+    cands = sorted((x for x in layers if benefit(ctx, x) > 0 and x.name not in noisiest),
+                   key=lambda x: (x.noise, x.name))
+    total = sum(x.noise for x in layers)
+    # if the drop grows with the output noise power, `share` buys this much of the all-INT8 noise
+    limit = total if all_drop <= share else total * max(share, 0.0) / all_drop
+    for _ in range(6):
+        chosen, acc = [], 0.0
+        for x in cands:
+            if acc + x.noise > limit:
+                break
+            acc += x.noise
+            chosen.append(x.name)
+        if not chosen:
+            break
+        drop = all_drop if len(chosen) == len(layers) else measure({n: best[n] for n in chosen})
+        evaluations += len(chosen) != len(layers)
+        if drop <= share:
+            return FixDecision(tuple(chosen), drop, all_drop, evaluations)
+        limit = acc / 2
+    return FixDecision((), None, all_drop, evaluations)
+
+
+def build_dimensions(ctx, profile: SensitivityProfile, fixed_int8: tuple[str, ...] = ()) -> Dimensions:
+    space = ctx.workload.space
     fp = LayerChoice(ctx.float_precision).label()
     fixed, searched = {}, {}
-    # single-layer drops hide compounding error; the proxy breaks ties among "harmless" layers
-    order = sorted(ctx.candidates(), key=lambda la: _sensitivity_key(profile, la.name))
-    always = {la.name for la in order[: space.min_searched]}
-    # Fix the least sensitive layers to INT8 while their *summed* drops stay within fix_below of
-    # the budget: 48 transformer projections that each cost 0.0002 alone still add up to 0.01.
-    harmless, total = set(), 0.0
-    for la in reversed(order):
-        total += max(_layer(profile, la.name).best_drop, 0.0)
-        if total > space.fix_below * allowed:
-            break
-        harmless.add(la.name)
     for la in ctx.candidates():
-        s = _layer(profile, la.name)
-        options = s.ranked_options()[: space.options_per_layer]
+        options = _layer(profile, la.name).ranked_options()[: space.options_per_layer]
         if "int8" not in space.precisions:
             fixed[la.name] = fp
-        elif "float" not in space.precisions or (la.name in harmless and la.name not in always):
+        elif "float" not in space.precisions or la.name in fixed_int8:
             fixed[la.name] = options[0]
         else:
             searched[la.name] = (*options, fp)
@@ -87,11 +135,6 @@ def _layer(profile: SensitivityProfile, name: str):
         raise QsearchError(f"sensitivity profile has no entry for layer '{name}' (re-run analyze)") from None
 
 
-def _sensitivity_key(profile: SensitivityProfile, name: str):
-    s = _layer(profile, name)
-    return (-s.best_drop, -s.worst_drop, s.proxy_sqnr.get(s.best_option, 0.0), name)
-
-
 def bitops(ctx, choices: dict[str, str]) -> float:
     """Analytic cost for targets we cannot time: MACs x weight bits x activation bits (GBOPs)."""
     total = 0.0
@@ -102,10 +145,18 @@ def bitops(ctx, choices: dict[str, str]) -> float:
     return total / 1e9
 
 
+def sqlite_url(path: Path) -> str:
+    """SQLite URL of a local file; '?', '#' and '%' in the path are escaped so the study lands in
+    that file and not in one named by a truncated path."""
+    from urllib.parse import quote
+
+    return "sqlite:///" + quote(str(path.resolve()), safe="/")
+
+
 def _storage(url: str | None, out: Path):
     if url is None:
         out.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(out / 'study.db').resolve()}"
+        url = sqlite_url(out / "study.db")
     try:
         if url.startswith(("sqlite:", "postgresql", "mysql")):
             for attempt in range(5):
@@ -169,7 +220,9 @@ def _check_interrupt(study, trial) -> None:
 def _storage_file(url: str) -> Path | None:
     """The local file behind a SQLite or journal-file storage URL (None for server storages)."""
     if url.startswith("sqlite:///"):
-        p = url.removeprefix("sqlite:///")
+        from urllib.parse import unquote
+
+        p = unquote(url.removeprefix("sqlite:///").split("?")[0])
         return None if p in ("", ":memory:") else Path(p)
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
         return Path(url.removeprefix("journal:"))
@@ -196,28 +249,54 @@ def _sampler(ctx, n_dims: int, budget: int) -> optuna.samplers.BaseSampler:
 
 class Search:
     def __init__(self, ctx, profile: SensitivityProfile, out: Path, storage: str | None = None,
-                 study_name: str | None = None):
-        self.ctx, self.profile, self.out = ctx, profile, out
+                 study_name: str | None = None, log: Callable[[str], None] = lambda m: None):
+        self.ctx, self.profile, self.out, self.log = ctx, profile, out, log
         self.allowed = ctx.allowed_drop()
-        self.dims = build_dimensions(ctx, profile)
-        self.storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        self.study_name = study_name or f"qsearch-{ctx.prepared.name}-{ctx.prepared.fingerprint[7:15]}"
+        self.storage_url = storage or sqlite_url(out / "study.db")
+        # the name binds the study to everything that defines its trials: another config, another study
+        self.key = ctx.study_key()
+        self.study_name = study_name or f"qsearch-{ctx.prepared.name}-{self.key[:12]}"
         space = ctx.workload.space
         directions = ["maximize", "minimize"] if space.multi_objective else ["minimize"]
         self.study = self._open(storage, directions)
-        if self.study.user_attrs.get("fingerprint") not in (None, ctx.prepared.fingerprint):
-            raise QsearchError(f"study '{self.study_name}' belongs to another model "
-                               f"({self.study.user_attrs['fingerprint']}), not '{ctx.prepared.name}' "
-                               f"({ctx.prepared.fingerprint}); pick another --study")
+        owner = self.study.user_attrs.get("study_key")
+        if owner not in (None, self.key):
+            raise QsearchError(f"study '{self.study_name}' was made for another model, data, metric, budget, search "
+                               f"space or target (key {owner[:12]}, this run {self.key[:12]}); pick another --study "
+                               "or --out")
+        self.study.set_user_attr("study_key", self.key)
         self.study.set_user_attr("fingerprint", ctx.prepared.fingerprint)
         self.study.set_user_attr("fp32_search", ctx.baseline.fp32_search)
         self.study.set_user_attr("allowed_drop", self.allowed)
+        self.study.set_metric_names(["score", space.objective] if space.multi_objective else [space.objective])
         self.scoring_seconds = 0.0
         self.trial_seconds = 0.0
+        self.evaluations = 0  # full evaluations this process spent outside trials (fixing, repair)
+        self.decision = self._decision()
+        self.dims = build_dimensions(ctx, profile, self.decision.fixed)
         self._lock_fd: int | None = None
         lock = _storage_file(self.storage_url)
         if lock is not None:  # a study in a local file: a lock tells live workers from dead ones
             self._lock(lock.with_name(lock.name + ".workers.lock"))  # not ".lock": the journal backend owns that
+
+    def _decision(self) -> FixDecision:
+        """The fixed set, measured once per study: kept in the study so a resumed run or another
+        worker reuses it instead of measuring again."""
+        saved = self.study.user_attrs.get("fix_decision")
+        if isinstance(saved, dict):
+            return FixDecision(tuple(saved["fixed"]), saved["joint_drop"], saved["all_int8_drop"], 0)
+        decision = choose_fixed(self.ctx, self.profile, self.allowed, self.measure)
+        self.study.set_user_attr("fix_decision", {"fixed": list(decision.fixed), "joint_drop": decision.joint_drop,
+                                                  "all_int8_drop": decision.all_int8_drop,
+                                                  "evaluations": decision.evaluations})
+        return decision
+
+    def measure(self, choices: dict[str, str]) -> float:
+        """Metric drop of a plan (layers not named stay float) on the whole search data."""
+        plan = self.ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
+        score = self.ctx.search_scorer.score(make_session(self.ctx.rewriter(plan), self.ctx.workload.threads))
+        self.evaluations += 1
+        return self.ctx.baseline.fp32_search - score
 
     def _lock(self, path: Path) -> None:
         """Every worker on a file study holds a shared lock; a worker that can take it
@@ -263,7 +342,7 @@ class Search:
 
     def _open(self, storage: str | None, directions: list[str]) -> optuna.Study:
         st = _storage(storage, self.out)
-        sampler = _sampler(self.ctx, len(self.dims.searched), 50)
+        sampler = _sampler(self.ctx, 0, 50)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             # creating is atomic in every storage: exactly one worker creates, and only it warm-starts
@@ -347,43 +426,14 @@ class Search:
         return max(margin, 1e-9)
 
     def warm_start(self) -> int:
-        """Enqueue plans from the profile, cheapest to evaluate first: the best all-INT8 plan;
-        additive-model plans (INT8 where a layer's drop buys the most MACs, within a shrinking
-        share of the budget, since single-layer drops add up to less than the real compound
-        error); then the k most sensitive layers float, as the peers' fallback does."""
+        """Enqueue `warm_start_plans` once per study (only the worker that created it)."""
         if not self.ctx.workload.space.warm_start or not self.dims.searched or not self.created:
             return 0
         self.created = False  # once
-        best = {n: opts[0] for n, opts in self.dims.searched.items()}
-        fp = LayerChoice(self.ctx.float_precision).label()
-        plans = [best]
-        for share in (1.0, 0.5, 0.25):
-            plans.append(self.additive_plan(share * self.allowed))
-        ranked = [x.name for x in self.profile.layers if x.name in self.dims.searched]
-        for k in (1, 2, 3, 5, 8):
-            if k <= len(ranked):
-                plans.append({**best, **{n: fp for n in ranked[:k]}})
-        unique = [dict(t) for t in dict.fromkeys(tuple(sorted(p.items())) for p in plans)]
-        for p in unique:
+        plans = warm_start_plans(self.ctx, self.profile, self.dims, self.decision, self.allowed)
+        for p in plans:
             self.study.enqueue_trial(p, skip_if_exists=True)
-        return len(unique)
-
-    def additive_plan(self, budget: float) -> dict[str, str]:
-        """Knapsack on the profile: searched layers go INT8 (best option) in order of drop per MAC
-        saved until their summed single-layer drops, plus the fixed layers', would pass `budget`."""
-        fp = LayerChoice(self.ctx.float_precision).label()
-        macs = {la.name: max(la.macs, 1) for la in self.ctx.candidates()}
-        spent = sum(max(_layer(self.profile, n).drops.get(lbl, 0.0), 0.0) for n, lbl in self.dims.fixed.items()
-                    if LayerChoice.parse(lbl).is_int8)
-        plan = {}
-        for n in sorted(self.dims.searched, key=lambda n: max(_layer(self.profile, n).best_drop, 0.0) / macs[n]):
-            d = max(_layer(self.profile, n).drops[self.dims.searched[n][0]], 0.0)
-            if spent + d <= budget:
-                spent += d
-                plan[n] = self.dims.searched[n][0]
-            else:
-                plan[n] = fp
-        return plan
+        return len(plans)
 
     def run(self, budget: int, timeout: float | None = None, progress: Callable | None = None) -> None:
         from optuna.study import MaxTrialsCallback
@@ -392,7 +442,7 @@ class Search:
         if not self.dims.searched:
             # nothing to search: the profile already decides every layer; score that one plan
             budget = min(budget, 1)
-        done = self._finished()
+        done = self.finished()
         if done >= budget:
             return
         if self._lock_fd is None:  # server storage: no lock; Optuna's heartbeat retries killed trials
@@ -407,7 +457,78 @@ class Search:
         self.study.optimize(self._objective, n_trials=budget - done, timeout=timeout, callbacks=callbacks,
                             catch=(Exception,), gc_after_trial=False)
 
-    def _finished(self) -> int:
+    def repair(self, progress: Callable | None = None) -> int:
+        """No trial met the budget: revert INT8 layers of the closest trial, most noise per unit of
+        benefit first, in doubling steps, then bisect to keep as many INT8 as possible. Each step is
+        a scored plan added to the study. FP32 (everything reverted) meets any budget. Returns the
+        number of evaluations spent."""
+        results = self.results()
+        if not results or any(r.feasible for r in results):
+            return 0
+        start = min(results, key=lambda r: (r.drop, r.cost))
+        fp = LayerChoice(self.ctx.float_precision).label()
+        int8 = [n for n, lbl in start.choices.items() if LayerChoice.parse(lbl).is_int8]
+        order = sorted(int8, key=lambda n: -_layer(self.profile, n).noise / max(benefit(self.ctx, _layer(self.profile, n)),
+                                                                              1e-9))
+        spent = 0
+
+        def revert(k: int) -> TrialResult:
+            nonlocal spent
+            spent += 1
+            choices = {**start.choices, **{n: fp for n in order[:k]}}
+            r = self.record(choices, repair_of=start.number, reverted=k)
+            if progress is not None:
+                progress(f"repair: {k} of {len(order)} INT8 layers of trial {start.number} reverted, "
+                         f"drop {r.drop:.4g} (budget {self.allowed:.4g})")
+            return r
+
+        lo, hi, k = 0, None, 1
+        while hi is None:
+            k = min(k, len(order))
+            if revert(k).feasible:
+                hi = k
+            else:
+                lo = k
+                if k == len(order):
+                    return spent  # even FP32 in every searched layer misses: only an impossible budget
+                k *= 2
+        while hi - lo > 1 and spent < 12:
+            mid = (lo + hi) // 2
+            if revert(mid).feasible:
+                hi = mid
+            else:
+                lo = mid
+        return spent
+
+    def record(self, choices: dict[str, str], **attrs) -> TrialResult:
+        """Score a plan outside the sampler (repair) and add it to the study as a finished trial."""
+        from optuna.distributions import CategoricalDistribution
+        from optuna.trial import create_trial
+
+        t0 = time.perf_counter()
+        plan = self.ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
+        proto = self.ctx.rewriter(plan)
+        sess = make_session(proto, self.ctx.workload.threads)
+        score = self.ctx.search_scorer.score(sess)
+        lat = latency_ms(sess, self.ctx.latency_feed)
+        self.evaluations += 1
+        drop = self.ctx.baseline.fp32_search - score
+        size, bops = model_size(proto), bitops(self.ctx, choices)
+        cost = {"latency": lat, "size": float(size), "bitops": bops}[self.ctx.workload.space.objective]
+        params = {n: choices[n] for n in self.dims.searched if choices.get(n) in self.dims.searched[n]}
+        user = {"score": score, "drop": drop, "latency_ms": lat, "size_bytes": size, "bitops": bops, "cost": cost,
+                "constraint": drop - self.allowed, "choices": choices, **attrs}
+        trial = create_trial(
+            params=params, distributions={n: CategoricalDistribution(list(self.dims.searched[n])) for n in params},
+            values=[score, cost] if self.ctx.workload.space.multi_objective else [cost], user_attrs=user,
+            system_attrs={"constraints": [drop - self.allowed]},
+        )
+        self.study.add_trial(trial)
+        self.trial_seconds += time.perf_counter() - t0
+        number = self.study.get_trials(deepcopy=False)[-1].number
+        return TrialResult(number, choices, score, drop, cost, lat, size, bops, drop <= self.allowed + 1e-12)
+
+    def finished(self) -> int:
         from optuna.trial import TrialState
 
         return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self.study.trials)
@@ -452,14 +573,44 @@ class Search:
         return plan.with_info(study=self.study_name, trial=r.number)
 
 
+def warm_start_plans(ctx, profile: SensitivityProfile, dims: Dimensions, decision: FixDecision,
+                     allowed: float) -> list[dict[str, str]]:
+    """First trials (over the searched layers), most informative first: "INT8 only where it pays",
+    the best all-INT8 plan, additive noise-model plans, FP32 in every searched layer, then the k
+    noisiest layers float. The additive model: output noise powers of independent layer errors
+    add, and the drop grows with the total noise; the all-INT8 measurement calibrates how much
+    noise the budget buys, and layers go INT8 in order of benefit per unit of noise."""
+    fp = LayerChoice(ctx.float_precision).label()
+    searched = dims.searched
+    best = {n: opts[0] for n, opts in searched.items()}
+    sens = {n: _layer(profile, n) for n in searched}
+    pays = {n: best[n] if benefit(ctx, sens[n]) > 0 else fp for n in searched}
+    plans = [pays, best]
+    fixed_noise = sum(_layer(profile, n).noise for n in dims.fixed if LayerChoice.parse(dims.fixed[n]).is_int8)
+    total = sum(x.noise for x in profile.layers)
+    all_drop = decision.all_int8_drop
+    for share in (1.0, 0.5, 0.25):
+        limit = total if all_drop is None or all_drop <= share * allowed else total * share * allowed / all_drop
+        plan, acc = {}, fixed_noise
+        for n in sorted(searched, key=lambda n: -benefit(ctx, sens[n]) / max(sens[n].noise, 1e-12)):
+            ok = benefit(ctx, sens[n]) > 0 and acc + sens[n].noise <= limit
+            plan[n] = best[n] if ok else fp
+            acc += sens[n].noise if ok else 0.0
+        plans.append(plan)
+    plans.append(dict.fromkeys(searched, fp))
+    ranked = [x.name for x in profile.layers if x.name in searched]  # noisiest first
+    for k in (1, 2, 3, 5, 8):
+        if k <= len(ranked):
+            plans.append({**pays, **{n: fp for n in ranked[:k]}})
+    return [dict(t) for t in dict.fromkeys(tuple(sorted(p.items())) for p in plans)]
+
+
 def greedy_fallback(ctx, profile: SensitivityProfile, method: str = "minmax", granularity: str = "per_tensor"):
     """The peers' accuracy-control loop: start all-INT8 with one method, revert the most sensitive
     layer to float, re-score, repeat until within budget. Returns (plan, evaluations)."""
     allowed = ctx.allowed_drop()
     fp = LayerChoice(ctx.float_precision)
-    label = LayerChoice("int8", method, granularity).label()
-    order = sorted(ctx.candidates(), key=lambda la: -profile.layer(la.name).drops.get(
-        label, profile.layer(la.name).worst_drop))
+    order = sorted(ctx.candidates(), key=lambda la: -_layer(profile, la.name).noise)  # noisiest first
     reverted: list[str] = []
     evals = 0
     for k in range(len(order) + 1):

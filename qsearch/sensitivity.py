@@ -1,9 +1,17 @@
-"""Layer sensitivity: the metric drop when one layer alone is INT8, per calibration option.
+"""Layer sensitivity: how much each layer hurts in INT8, how sure we are, and whether INT8 pays.
 
-Two signals: the *measured* drop (rewrite with that one layer INT8, score on search data) and a
-*proxy* that needs no scoring function: the SQNR of each layer's quantized output against its
-float output, all layers at once in a single pass of a probe model. Their Spearman rank
-correlation tells users when the cheap proxy can be trusted.
+Built to afford 100-layer models (evaluations ~ layers + a handful, not layers x options):
+1. a *proxy* pass per calibration method: a probe model computes every layer's quantized twin
+   next to the float graph, so each layer x option gets its own output SQNR in one pass; it ranks
+   each layer's options.
+2. a *fidelity screen*: each layer alone in INT8 at its best option, run once on a subset of the
+   search data; the model outputs' noise power against FP32 is a continuous signal that resolves
+   errors far below what a metric over a few hundred samples can (and needs no labels or user
+   code). Built-in metrics are scored from the same outputs for free.
+3. *latency attribution*: ORT's per-node profile of the FP32 and the all-INT8 model, grouped by
+   layer, says per layer whether its INT8 form (glue included) is faster.
+Decisions that need the user's metric on the whole search data (what may be fixed, repair) are
+taken by the search, which measures groups together.
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ import yaml
 
 from qsearch.calibration import RANGES_VERSION, tensor_range
 from qsearch.errors import QsearchError
-from qsearch.evaluate import Scorer, make_session
+from qsearch.evaluate import PARTIALS, finish_metric, make_session
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
 from qsearch.plan import LayerChoice
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
 
 
 @dataclass(frozen=True)
@@ -36,24 +45,39 @@ class LayerSensitivity:
     op_type: str
     macs: int
     weight_bytes: int
-    drops: dict[str, float]  # option label (int8/method/granularity) -> metric drop, this layer alone INT8
+    drops: dict[str, float]  # option label -> metric drop, this layer alone INT8 (screened options; built-in metrics)
     proxy_sqnr: dict[str, float]  # option label -> layer output SQNR (dB) against float
     restore: float | None = None  # all others INT8: metric gained by keeping this layer float
+    noise: float = 0.0  # model-output noise / signal power, this layer alone INT8 at its best option
+    fp32_ms: float = 0.0  # attributed latency of the layer (and the glue after it) in the FP32 model
+    int8_ms: float = 0.0  # ... and in the all-INT8 model, Q/DQ and float glue included
 
     @property
     def best_option(self) -> str:
-        return min(self.drops, key=lambda k: (self.drops[k], k))
+        return self.ranked_options()[0]
 
     @property
     def best_drop(self) -> float:
-        return self.drops[self.best_option]
+        return self.drops.get(self.best_option, 0.0)
 
     @property
     def worst_drop(self) -> float:
-        return max(self.drops.values())
+        return max(self.drops.values(), default=0.0)
+
+    @property
+    def gain_ms(self) -> float:
+        """Milliseconds saved by this layer in INT8; negative when its INT8 form is slower."""
+        return self.fp32_ms - self.int8_ms
+
+    @property
+    def output_sqnr(self) -> float:
+        return 10 * math.log10(1 / self.noise) if self.noise > 0 else 120.0
 
     def ranked_options(self) -> list[str]:
-        return sorted(self.drops, key=lambda k: (self.drops[k], -self.proxy_sqnr.get(k, 0.0), k))
+        """Best first: measured drop where screened, then the proxy's layer-output SQNR."""
+        opts = set(self.proxy_sqnr) | set(self.drops)
+        return sorted(opts, key=lambda k: (self.drops.get(k, math.inf) if self.drops else 0.0,
+                                           -self.proxy_sqnr.get(k, -math.inf), k))
 
 
 @dataclass(frozen=True)
@@ -87,23 +111,30 @@ class SensitivityProfile:
         buf = io.StringIO()
         w = csv.writer(buf)
         options = sorted({k for x in self.layers for k in x.drops})
-        w.writerow(["rank", "layer", "op_type", "macs", "weight_bytes", "best_option", "best_drop", "restore",
+        w.writerow(["rank", "layer", "op_type", "macs", "weight_bytes", "best_option", "best_drop", "output_sqnr_db",
+                    "fp32_ms", "int8_ms", "int8_gain_ms", "restore",
                     *[f"drop[{o}]" for o in options], *[f"sqnr_db[{o}]" for o in options]])
         for i, x in enumerate(self.layers, 1):
             w.writerow([i, x.name, x.op_type, x.macs, x.weight_bytes, x.best_option, f"{x.best_drop:.6g}",
+                        f"{x.output_sqnr:.4g}", f"{x.fp32_ms:.4g}", f"{x.int8_ms:.4g}", f"{x.gain_ms:.4g}",
                         "" if x.restore is None else f"{x.restore:.6g}",
                         *[f"{x.drops[o]:.6g}" if o in x.drops else "" for o in options],
                         *[f"{x.proxy_sqnr[o]:.4g}" if o in x.proxy_sqnr else "" for o in options]])
         return buf.getvalue()
 
     def table(self, top: int = 15) -> str:
-        lines = [f"{'rank':>4}  {'layer':<28} {'op':<7} {'MMACs':>7} {'best option':<28} {'best':>8} {'worst':>8} {'SQNR dB':>8}"]
+        lines = [f"{'rank':>4}  {'layer':<28} {'op':<7} {'MMACs':>7} {'best option':<28} {'drop':>8} {'out dB':>7} "
+                 f"{'layer dB':>8} {'int8 gain ms':>12}"]
         for i, x in enumerate(self.layers[:top], 1):
             sq = x.proxy_sqnr.get(x.best_option, float("nan"))
+            drop = f"{x.drops[x.best_option]:>8.4f}" if x.best_option in x.drops else f"{'-':>8}"
             lines.append(f"{i:>4}  {x.name[:28]:<28} {x.op_type:<7} {x.macs / 1e6:>7.2f} {x.best_option:<28} "
-                         f"{x.best_drop:>8.4f} {x.worst_drop:>8.4f} {sq:>8.1f}")
+                         f"{drop} {x.output_sqnr:>7.1f} {sq:>8.1f} {x.gain_ms:>12.3f}")
         if self.spearman is not None:
-            lines.append(f"proxy/measured Spearman rank correlation: {self.spearman:.3f}")
+            lines.append(f"proxy (layer SQNR) vs measured (output noise) Spearman rank correlation: {self.spearman:.3f}")
+        pays = sum(x.gain_ms > 0 for x in self.layers)
+        lines.append(f"INT8 pays (faster with its glue, measured) for {pays} of {len(self.layers)} layers; "
+                     f"{self.meta.get('evaluations', '?')} evaluations")
         return "\n".join(lines)
 
 
@@ -169,84 +200,122 @@ def _worker_init(workload, cache_dir, samples):
 
     ctx = Context(workload, cache_dir, log=lambda *a: None)
     _WORKER["ctx"] = ctx
-    _WORKER["scorer"] = _subset_scorer(ctx, samples)
+    _WORKER["screen"] = Screen(ctx, samples)
 
 
 def _worker_score(job):
-    ctx, scorer = _WORKER["ctx"], _WORKER["scorer"]
-    return _score_choices(ctx, scorer, job)
+    return _WORKER["screen"].run(job)
 
 
-def _score_choices(ctx, scorer: Scorer, choices: dict[str, str]) -> float:
-    plan = ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
-    return scorer.score(make_session(ctx.rewriter(plan), ctx.workload.threads))
+class Screen:
+    """Runs plans on a subset of the search data and measures the outputs' noise against FP32
+    (and the built-in metric from the same outputs)."""
+
+    def __init__(self, ctx, samples: int | None):
+        self.ctx = ctx
+        n = min(samples or SCREEN_SAMPLES, ctx.search_data.samples)
+        self.data = ctx.search_data.head(n)
+        fp32 = make_session(ctx.prepared.proto, ctx.workload.threads)
+        self.reference = [fp32.run(None, dict(b)) for b in self.data.batches]
+        self.floats = [i for i, o in enumerate(self.reference[0]) if np.issubdtype(o.dtype, np.floating)]
+        self.signal = sum(float(np.sum(np.square(r[i], dtype=np.float64))) for r in self.reference for i in self.floats)
+        m = ctx.workload.metric.name
+        self.metric = m if m in PARTIALS and (m != "top1" or self.data.labels[0] is not None) else None
+        self.fp32_metric = self._metric(self.reference)
+
+    def _metric(self, outs) -> float | None:
+        if self.metric is None:
+            return None
+        acc = sum(PARTIALS[self.metric](o, r, lbl) for o, r, lbl in zip(outs, self.reference, self.data.labels))
+        return finish_metric(self.metric, acc)
+
+    def run(self, choices: dict[str, str]) -> tuple[float, float | None]:
+        """(output noise / signal power, metric drop or None) of one plan on the subset."""
+        ctx = self.ctx
+        try:
+            plan = ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
+            sess = make_session(ctx.rewriter(plan), ctx.workload.threads)
+            outs = [sess.run(None, dict(b)) for b in self.data.batches]
+        except QsearchError:
+            raise
+        except Exception as exc:
+            raise QsearchError(f"layer(s) {', '.join(choices)}: scoring failed in ONNX Runtime: "
+                               f"{str(exc).splitlines()[0]}") from None
+        noise = sum(float(np.sum(np.square(o[i].astype(np.float64) - r[i]))) for o, r in zip(outs, self.reference)
+                    for i in self.floats)
+        score = self._metric(outs)
+        return noise / max(self.signal, 1e-30), None if score is None else self.fp32_metric - score
 
 
-def _subset_scorer(ctx, samples: int | None) -> Scorer:
-    s = ctx.search_scorer
-    if samples is None or s.custom is not None or samples >= s.data.samples:
-        return s
-    head = s.data.head(samples)
-    ref = s.reference[: len(head)] if s.reference is not None else None
-    return Scorer(s.metric, head, reference=ref)
+def _profile_key(ctx, samples, reverse) -> str:
+    import hashlib
+
+    space = ctx.workload.space
+    src = json.dumps([PROFILE_VERSION, RANGES_VERSION, ctx.prepared.fingerprint, ctx.search_data.fingerprint,
+                      ctx.calib_data.fingerprint, samples, reverse, list(space.calibration), list(space.granularity),
+                      space.percentile, [la.name for la in ctx.candidates()], ctx.workload.metric.name,
+                      ctx.workload.metric.search_entry, ctx.workload.target, ctx.workload.threads,
+                      ctx.workload.latency_batch])
+    return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 
 def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int = 1,
             cache_dir: Path | None = None, progress: Callable | None = None) -> SensitivityProfile:
-    """Measure every candidate layer alone in INT8 for every allowed option; rank by drop."""
+    """Proxy-rank every layer's options, screen each layer alone at its best option for output
+    fidelity, attribute latency per layer; most sensitive (noisiest) first. See module docstring."""
     t0 = time.perf_counter()
     space = ctx.workload.space
     layers = ctx.candidates()
-    scorer = _subset_scorer(ctx, samples)
-    key_src = json.dumps([PROFILE_VERSION, RANGES_VERSION, ctx.prepared.fingerprint, ctx.search_data.fingerprint, ctx.calib_data.fingerprint,
-                          samples, reverse, list(space.calibration), list(space.granularity), space.percentile,
-                          [la.name for la in layers], ctx.workload.metric.name, ctx.workload.metric.search_entry,
-                          ctx.workload.target])
-    import hashlib
-
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-    cache = cache_dir / f"sensitivity-{key}.yaml" if cache_dir else None
+    cache = cache_dir / f"sensitivity-{_profile_key(ctx, samples, reverse)}.yaml" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             return SensitivityProfile.from_yaml(cache.read_text())
         except Exception:
             pass
-    fp32 = scorer.score(make_session(ctx.prepared.proto, ctx.workload.threads))
-    jobs: list[tuple[str, str, dict]] = []
-    for la in layers:
-        for c in options_for(la, space.calibration, space.granularity):
-            jobs.append((la.name, c.label(), {la.name: c.label()}))
-    scores = _run_jobs(ctx, scorer, [j[2] for j in jobs], workers, samples, cache_dir, progress, "single-layer")
-    drops: dict[str, dict[str, float]] = {la.name: {} for la in layers}
-    for (name, label, _), s in zip(jobs, scores):
-        drops[name][label] = float(fp32 - s)
-    entries = [(la, LayerChoice.parse(lbl)) for la in layers for lbl in drops[la.name]]
-    proxy_data = ctx.search_data.head(samples) if samples else ctx.search_data
-    sq = proxy_sqnr(ctx, entries, proxy_data)
+    screen = Screen(ctx, samples)
+    # 1. proxy: one probe pass per calibration method ranks every layer's options
+    entries = [(la, c) for la in layers for c in options_for(la, space.calibration, space.granularity)]
+    sq = proxy_sqnr(ctx, entries, screen.data)
     proxies: dict[str, dict[str, float]] = {la.name: {} for la in layers}
     for (la, c), v in zip(entries, sq):
         proxies[la.name][c.label()] = float(v)
+    best = {la.name: max(proxies[la.name], key=lambda k: (proxies[la.name][k], k)) for la in layers}
+    # 2. fidelity screen: each layer alone at its best option, on the subset
+    jobs = [{la.name: best[la.name]} for la in layers]
+    results = _run_jobs(ctx, screen, jobs, workers, samples, cache_dir, progress, "screen")
+    evaluations = len({c.calibration for _, c in entries}) + len(jobs)
+    # 3. latency attribution: FP32 and all-INT8 (best options) profiled per node
+    from qsearch import profiling
+
+    fp32_prof = profiling.profile(ctx.prepared, ctx.prepared.proto, ctx.latency_feed, ctx.workload.threads)
+    int8_model = ctx.rewriter(ctx.plan({la.name: LayerChoice.parse(best[la.name]) for la in layers}))
+    int8_prof = profiling.profile(ctx.prepared, int8_model, ctx.latency_feed, ctx.workload.threads)
     restore: dict[str, float] = {}
     if reverse:
-        best = {la.name: min(drops[la.name], key=lambda k: (drops[la.name][k], k)) for la in layers}
-        all_int8 = _run_jobs(ctx, scorer, [best], 1, samples, cache_dir, None, "all-int8")[0]
         fp = LayerChoice(ctx.float_precision).label()
-        rev_jobs = [{**best, la.name: fp} for la in layers]
-        for la, s in zip(layers, _run_jobs(ctx, scorer, rev_jobs, workers, samples, cache_dir, progress, "reverse")):
-            restore[la.name] = float(s - all_int8)
+        rev = _run_jobs(ctx, screen, [best] + [{**best, la.name: fp} for la in layers], workers, samples, cache_dir,
+                        progress, "reverse")
+        evaluations += len(rev)
+        for la, (noise, _) in zip(layers, rev[1:]):
+            restore[la.name] = float(rev[0][0] - noise)  # output noise removed by keeping this layer float
     result = [
-        LayerSensitivity(la.name, la.op_type, la.macs, la.weight_bytes, drops[la.name], proxies[la.name],
-                         restore.get(la.name))
-        for la in layers
+        LayerSensitivity(la.name, la.op_type, la.macs, la.weight_bytes,
+                         {} if drop is None else {best[la.name]: float(drop)}, proxies[la.name], restore.get(la.name),
+                         noise=float(noise), fp32_ms=round(fp32_prof.layer_ms(la.name), 6),
+                         int8_ms=round(int8_prof.layer_ms(la.name), 6))
+        for la, (noise, drop) in zip(layers, results)
     ]
-    result.sort(key=lambda x: (-x.best_drop, -x.worst_drop, x.name))
-    rho = spearman([-v for x in result for v in (x.proxy_sqnr[k] for k in sorted(x.drops))],
-                   [x.drops[k] for x in result for k in sorted(x.drops)])
+    result.sort(key=lambda x: (-x.noise, -x.best_drop, x.name))
+    rho = spearman([-x.proxy_sqnr[x.best_option] for x in result], [x.noise for x in result])
     profile = SensitivityProfile(
         model=ctx.prepared.name, fingerprint=ctx.prepared.fingerprint, metric=ctx.workload.metric.name,
-        fp32_score=float(fp32), samples=scorer.data.samples if scorer.data is not None else 0,
+        fp32_score=float(ctx.baseline.fp32_search), samples=screen.data.samples,
         layers=tuple(result), spearman=rho, seconds=round(time.perf_counter() - t0, 3),
-        meta={"evaluations": len(jobs) + (len(layers) + 1 if reverse else 0), "workers": workers},
+        meta={"evaluations": evaluations, "proxy_passes": len({c.calibration for _, c in entries}),
+              "screened": len(jobs), "profiled_models": 2, "workers": workers,
+              "fp32_ms": round(fp32_prof.total_ms, 4), "int8_ms": round(int8_prof.total_ms, 4),
+              "fp32_by_kind": {k: round(v, 4) for k, v in fp32_prof.by_kind.items()},
+              "int8_by_kind": {k: round(v, 4) for k, v in int8_prof.by_kind.items()}},
     )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -254,13 +323,14 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     return profile
 
 
-def _run_jobs(ctx, scorer, jobs: list[dict], workers: int, samples, cache_dir, progress, what: str) -> list[float]:
+def _run_jobs(ctx, screen: Screen, jobs: list[dict], workers: int, samples, cache_dir, progress,
+              what: str) -> list[tuple[float, float | None]]:
     if progress is not None:
         progress(0, len(jobs), what)
-    out: list[float] = []
+    out: list = []
     if workers <= 1 or len(jobs) < 2:
         for i, job in enumerate(jobs):
-            out.append(_score_checked(ctx, scorer, job))
+            out.append(screen.run(job))
             if progress is not None:
                 progress(i + 1, len(jobs), what)
         return out
@@ -274,15 +344,6 @@ def _run_jobs(ctx, scorer, jobs: list[dict], workers: int, samples, cache_dir, p
             if progress is not None:
                 progress(i + 1, len(jobs), what)
     return out
-
-
-def _score_checked(ctx, scorer, job: dict) -> float:
-    try:
-        return _score_choices(ctx, scorer, job)
-    except QsearchError:
-        raise
-    except Exception as exc:
-        raise QsearchError(f"layer(s) {', '.join(job)}: scoring failed in ONNX Runtime: {str(exc).splitlines()[0]}") from None
 
 
 def save_profile(profile: SensitivityProfile, out: Path) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import onnx
 from qsearch import sensitivity
 from qsearch.config import load_workload
 from qsearch.errors import QsearchError
-from qsearch.evaluate import fused_op_counts, latency_ms, make_session, model_size
+from qsearch.evaluate import fusion_check, latency_ms, make_session, model_size
 from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir, ensure_writable_file
 from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
@@ -80,37 +79,67 @@ def _rows(ctx, entries) -> list[Row]:
         sess = make_session(proto, ctx.workload.threads)
         n8 = sum(plan.choice(la.name).is_int8 for la in ctx.prepared.layers)
         built.append((name, sess, proto, n8, evaluations, ctx.search_scorer.score(sess), ctx.test_scorer.score(sess)))
-    lat = [math.inf] * len(built)
-    for _ in range(3):
+    rounds: list[list[float]] = [[] for _ in built]
+    for _ in range(5):
         for i, b in enumerate(built):
-            lat[i] = min(lat[i], latency_ms(b[1], ctx.latency_feed, repeat=15))
-    return [Row(name, search, test, lat[i], model_size(proto), n8, ev)
+            rounds[i].append(latency_ms(b[1], ctx.latency_feed, repeat=15))
+    return [Row(name, search, test, min(rounds[i]), model_size(proto), n8, ev,
+                latency_spread=(max(rounds[i]) - min(rounds[i])) / min(rounds[i]))
             for i, (name, _, proto, n8, ev, search, test) in enumerate(built)]
+
+
+def attribution_table(ctx, plans: list[tuple[str, Plan]]) -> tuple[str, dict]:
+    """Per-kind milliseconds (int8 kernels, float ops, Q/DQ glue) of each plan, from ORT's profile."""
+    from qsearch import profiling
+
+    kinds = {}
+    for name, plan in plans:
+        prof = profiling.profile(ctx.prepared, ctx.rewriter(plan), ctx.latency_feed, ctx.workload.threads)
+        kinds[name] = {k: round(v, 4) for k, v in prof.by_kind.items()}
+    lines = ["| plan | " + " | ".join(f"{k} ms" for k in profiling.KINDS) + " | total ms |",
+             "|---|" + "---:|" * (len(profiling.KINDS) + 1)]
+    for name, k in kinds.items():
+        lines.append(f"| {name} | " + " | ".join(f"{k[x]:.3f}" for x in profiling.KINDS) + f" | {sum(k.values()):.3f} |")
+    return "\n".join(lines), kinds
 
 
 def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, study=None, samples=None,
                  workers=1) -> int:
     if budget < 1:
         raise QsearchError(f"--budget must be a positive number of trials, got {budget}")
+    if samples is not None and samples < 1:
+        raise QsearchError(f"--samples must be >= 1, got {samples}")
     t_start = time.perf_counter()
     ctx = open_context(config, out)
     profile = sensitivity.analyze(ctx, samples=samples, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("analyze"))
     sensitivity.save_profile(profile, out)
+    pays = sum(x.gain_ms > 0 for x in profile.layers)
+    log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "
+        f"glue included) for {pays} of {len(profile.layers)} layers; all-INT8 profile {profile.meta['int8_ms']:.2f} ms "
+        f"vs FP32 {profile.meta['fp32_ms']:.2f} ms per batch")
     t_analyzed = time.perf_counter()
-    search = Search(ctx, profile, out, storage=storage, study_name=study)
+    search = Search(ctx, profile, out, storage=storage, study_name=study, log=log)
+    d = search.decision
     log(f"study '{search.study_name}' in {search.storage_url}: {len(search.dims.searched)} layers searched, "
-        f"{len(search.dims.fixed)} fixed by sensitivity; budget {budget} trials, allowed drop {search.allowed:.4g}")
+        f"{len(search.dims.fixed)} fixed"
+        + (f" (their joint drop, measured: {d.joint_drop:.4g}; all layers INT8: {d.all_int8_drop:.4g})"
+           if d.joint_drop is not None else
+           f" (all layers INT8: drop {d.all_int8_drop:.4g})" if d.all_int8_drop is not None else "")
+        + f"; budget {budget} trials, allowed drop {search.allowed:.4g}")
     bar = Progress("optimize")
+    planned = profile.meta["evaluations"] + d.evaluations + budget
 
     def progress(study, trial):
         if trial.state.name == "FAIL":
             log(f"trial {trial.number} failed (recorded, search goes on): {trial.user_attrs.get('error', '')}")
         best = search.best()
         extra = f"best {best.cost:.3f} @ drop {best.drop:.4f} (trial {best.number})" if best else "no plan within budget yet"
-        bar(search._finished(), budget, "", extra)
+        done = profile.meta["evaluations"] + d.evaluations + search.finished()
+        bar(search.finished(), budget, "", f"{extra}; evaluations {done}/{planned}")
 
     search.run(budget, timeout=timeout, progress=progress)
+    repaired = search.repair(progress=log)
     t_searched = time.perf_counter()
     results = search.results()
     trials_csv(out / "trials.csv", search)
@@ -121,8 +150,9 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
             search.plan_for(r).with_info({"search_drop": r.drop, "search_score": r.score}).write(
                 out / "closest" / f"plan-trial{r.number:04d}.yaml")
         drops = ", ".join(f"trial {r.number}: drop {r.drop:.4f}" for r in closest)
-        log(f"no plan within max_drop {search.allowed:.4g} after {len(results)} trials; closest: {drops or 'none'}; "
-            f"their plans are in {out / 'closest'}. Raise max_drop, allow float layers, or raise --budget.")
+        where = f"; their plans are in {out / 'closest'}" if closest else ""
+        log(f"no plan within max_drop {search.allowed:.4g} after {len(results)} trials, not even FP32 "
+            f"(the budget is impossible for this metric); closest: {drops or 'none'}{where}.")
         return 1
     # the chosen plan and the baselines, all scored the same way, test data once
     fp32_plan = ctx.plan({})
@@ -132,8 +162,19 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
     rows = _rows(ctx, (("fp32", fp32_plan, None), ("naive int8 (minmax, per-tensor)", naive, 1),
                        ("hybrid (greedy fallback)", hybrid, hybrid_evals),
                        (f"qsearch (trial {best.number})", chosen, len(results))))
-    chosen_row = rows[-1]
-    fp32_row = rows[0]
+    chosen_row, fp32_row = rows[-1], rows[0]
+    verdict = ""
+    if ctx.workload.target == "cpu" and chosen_row.latency_ms >= fp32_row.latency_ms:
+        # the contract: never slower than FP32. Say so plainly and ship FP32, keeping the INT8 plan for review.
+        search.plan_for(best).write(out / "pareto" / f"plan-trial{best.number:04d}.yaml")
+        verdict = (f"No INT8 plan within budget beats FP32 here: the best (trial {best.number}) runs at "
+                   f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x FP32 speed, so plan.yaml keeps every layer FP32 "
+                   f"(the INT8 plan is in pareto/; see the latency attribution for where the time goes).")
+        log(verdict)
+        chosen = fp32_plan.with_info(study=search.study_name, trial=None)
+        chosen_row = Row("qsearch: FP32 (no INT8 plan pays)", fp32_row.search_score, fp32_row.test_score,
+                         fp32_row.latency_ms, fp32_row.size_bytes, 0, len(results), latency_spread=fp32_row.latency_spread)
+        rows[-1] = chosen_row
     metrics = {
         "metric": ctx.workload.metric.name,
         "fp32": {"search": fp32_row.search_score, "test": fp32_row.test_score, "latency_ms": fp32_row.latency_ms,
@@ -152,24 +193,36 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
             out / "pareto" / f"plan-trial{r.number:04d}.yaml")
     plot_pareto(results, best.number, search.allowed, ctx.baseline.fp32_search, ctx.workload.space.objective,
                 out / "pareto.png")
+    attribution, _ = attribution_table(ctx, [("fp32", fp32_plan), ("naive int8", naive),
+                                             (f"qsearch trial {best.number}", search.plan_for(best))])
     t_end = time.perf_counter()
     per_trial = search.trial_seconds / max(len(search.study.trials), 1)
     overhead = 1 - search.scoring_seconds / max(search.trial_seconds, 1e-9)
+    n_layers = len(ctx.candidates())
+    total_evals = profile.meta["evaluations"] + d.evaluations + len(results)
     summary = [
         f"Model `{ctx.prepared.name}` ({ctx.prepared.fingerprint}), metric {ctx.workload.metric.name}, "
         f"allowed drop {search.allowed:.4g} on search data; target {ctx.workload.target}.",
-        f"{len(search.study.trials)} trials ({len(results)} complete), {len(search.dims.searched)} layers searched, "
-        f"{len(search.dims.fixed)} fixed by sensitivity. Time: analysis {t_analyzed - t_start:.1f}s, search "
+        f"{len(search.study.trials)} trials ({len(results)} complete, {repaired} of them repair steps), "
+        f"{len(search.dims.searched)} layers searched, {len(search.dims.fixed)} fixed "
+        f"(measured joint drop {d.joint_drop if d.joint_drop is not None else 'n/a'}). "
+        f"Model evaluations: {total_evals} = analysis {profile.meta['evaluations']} "
+        f"(on {profile.samples} samples) + fixing {d.evaluations} + trials {len(results)}; "
+        f"{total_evals / max(n_layers, 1):.1f} per layer ({n_layers} layers). INT8 pays for {pays} layers.",
+        f"Time: total {t_end - t_start:.1f}s: analysis {t_analyzed - t_start:.1f}s, search "
         f"{t_searched - t_analyzed:.1f}s ({per_trial:.2f}s/trial, {overhead:.0%} of it not scoring), "
         f"report {t_end - t_searched:.1f}s.",
-        f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
-        f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32, "
-        f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size. Fused ops: {fused_op_counts(ctx.rewriter(chosen))}.",
+        verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
+                    f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32 "
+                    f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
+                    f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
+        f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion_check(ctx.rewriter(chosen)).line()}; "
+        f"naive INT8 {fusion_check(ctx.rewriter(naive)).line()}.",
     ]
     write_report(out, f"qsearch report: {ctx.prepared.name}", summary, rows, ctx.workload.metric.name,
                  fp32_row.latency_ms, fp32_row.size_bytes,
                  [("Pareto front", out / "pareto.png"), ("Layer sensitivity", out / "sensitivity.png")],
-                 chosen.to_yaml().split("activation_ranges:")[0])
+                 chosen.to_yaml().split("activation_ranges:")[0], attribution)
     print("\n".join(summary))
     from qsearch.report import rows_markdown
 

