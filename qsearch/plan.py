@@ -18,7 +18,7 @@ from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS, CalibrationStats, tensor_range
 from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_text, check_keys, load_yaml, where
-from qsearch.model import PASSTHROUGH_OPS, PreparedModel
+from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("int8", "fp16", "fp32")
@@ -77,7 +77,8 @@ class Plan:
             "defaults": _choice_dict(self.defaults, None),
             "layers": {n: _choice_dict(c, self.defaults) for n, c in self.layers.items()},
             "calibration": {"percentile": self.percentile},
-            "activation_ranges": {t: [_f(a), _f(b)] for t, (a, b) in sorted(self.ranges.items())},
+            # lossless (YAML writes a float's shortest round-trip repr): apply must rebuild the exact scales
+            "activation_ranges": {t: [float(a), float(b)] for t, (a, b) in sorted(self.ranges.items())},
             "metrics": _plain(self.metrics),
             "provenance": _plain({"qsearch": __version__, **self.provenance}),
         }
@@ -154,7 +155,11 @@ class Plan:
             if c.precision == "fp16" and self.target != "fp16":
                 raise QsearchError(f"{path}: layer '{name}' is fp16 but target '{self.target}' runs float layers in FP32")
         for layer in prepared.layers:
-            if self.choice(layer.name).is_int8:
+            c = self.choice(layer.name)
+            if c.is_int8 and c.granularity not in allowed_granularities(layer):
+                raise QsearchError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
+                                   "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
+            if c.is_int8:
                 for t in (*layer.activations, layer.output):
                     if t not in self.ranges:
                         raise QsearchError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
@@ -201,6 +206,19 @@ def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
 # ---------------------------------------------------------------------- building plans
 
 
+def allowed_granularities(layer: Layer) -> tuple[str, ...]:
+    """ONNX Runtime 1.32 fuses a per-channel Gemm into a QGemm that computes wrong results (17% of
+    the output range on a 10-class head; its own quantize_static gives the same model), so Gemm
+    layers are per-tensor only."""
+    return ("per_tensor",) if layer.op_type == "Gemm" else GRANULARITIES
+
+
+def normalized(layer: Layer, choice: LayerChoice) -> LayerChoice:
+    if choice.is_int8 and choice.granularity not in allowed_granularities(layer):
+        return LayerChoice(choice.precision, choice.calibration, allowed_granularities(layer)[0])
+    return choice
+
+
 def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice]) -> dict[str, str]:
     """Which activation tensors get Q/DQ, and with which layer's calibration method.
 
@@ -241,7 +259,7 @@ def build_plan(
 ) -> Plan:
     """Choices per layer + calibration statistics -> a self-contained plan."""
     float_precision = "fp16" if target == "fp16" else "fp32"
-    full = {n: choices.get(n, LayerChoice(float_precision)) for n in prepared.layer_names}
+    full = {la.name: normalized(la, choices.get(la.name, LayerChoice(float_precision))) for la in prepared.layers}
     methods = tensor_methods(prepared, full)
     sources = passthrough_sources(prepared)
     ranges: dict[str, tuple[float, float]] = {}

@@ -33,7 +33,7 @@ from qsearch.errors import QsearchError
 from qsearch.evaluate import PARTIALS, finish_metric, make_session
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
-from qsearch.plan import LayerChoice
+from qsearch.plan import LayerChoice, allowed_granularities
 
 PROFILE_VERSION = 2
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
@@ -139,7 +139,9 @@ class SensitivityProfile:
 
 
 def options_for(layer: Layer, methods, granularities) -> list[LayerChoice]:
-    grans = granularities if layer.has_weight else granularities[:1]
+    grans = [g for g in granularities if g in allowed_granularities(layer)] or ["per_tensor"]
+    if not layer.has_weight:
+        grans = grans[:1]
     return [LayerChoice("int8", m, g) for m in methods for g in grans]
 
 
