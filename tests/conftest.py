@@ -87,3 +87,43 @@ def write_workload(tmp: Path, model: onnx.ModelProto, n: int = 96, metric: str =
 @pytest.fixture
 def cnn() -> onnx.ModelProto:
     return make_cnn()
+
+
+def write_chain_workload(tmp: Path, layers: int = 30, width: int = 16, spread: float = 0.8, n: int = 512,
+                         max_drop: str = "0.01", seed: int = 0) -> Path:
+    """A chain of `layers` orthogonal MatMuls and a prototype head: logits = x . prototypes, so
+    every layer's INT8 error reaches the output unchanged and the errors of many layers add up.
+    Samples are prototypes plus `spread` noise, labelled by the FP32 model; top-1 on `n` samples."""
+    import onnxruntime as ort
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ws = [np.linalg.qr(rng.normal(size=(width, width)))[0].astype(np.float32) for _ in range(layers)]
+    protos = rng.normal(size=(10, width)).astype(np.float32)
+    head = (np.linalg.inv(np.linalg.multi_dot(ws)) @ protos.T).astype(np.float32)
+    nodes, t = [], "x"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [t, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        t = f"h{i}"
+    nodes.append(helper.make_node("MatMul", [t, "head"], ["y"], name="head"))
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)] + [numpy_helper.from_array(head, "head")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp / "model.onnx")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def gen(k):
+        return (protos[rng.integers(10, size=k)] + spread * rng.normal(size=(k, width))).astype(np.float32)
+
+    np.savez(tmp / "calib.npz", x=gen(128))
+    for split in ("search", "test"):
+        x = gen(n)
+        np.savez(tmp / f"{split}.npz", x=x, label=sess.run(None, {"x": x})[0].argmax(1))
+    cfg = tmp / "workload.yaml"
+    cfg.write_text("name: chain\nmodel: model.onnx\ndata:\n  batch_size: 128\n  calibration: {npz: calib.npz}\n"
+                   "  search: {npz: search.npz, labels: label}\n  test: {npz: test.npz, labels: label}\n"
+                   f"metric: top1\nmax_drop: {max_drop}\n"
+                   "search_space: {calibration: [minmax], granularity: [per_tensor], objective: bitops}\n")
+    return cfg
