@@ -72,7 +72,9 @@ class Rewriter:
     def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
         """One model that computes, beside the float graph, a quantized twin of each listed layer
         fed with the *float* inputs: the error of each layer alone, for every layer, in one pass.
-        Returns the model and, per entry, (float output, quantized twin output) tensor names."""
+        The graph reduces each pair in place to two scalars (sum of squares of the float output,
+        of the twin's error), so a 100-layer probe on large feature maps returns a few numbers
+        instead of gigabytes. Returns the model and, per entry, (signal, noise) output names."""
         g = _Graph(self.prepared.proto)
         pairs = []
         for k, (layer, choice) in enumerate(entries):
@@ -92,7 +94,11 @@ class Rewriter:
             self._quantize_layer(g, layer, choice, act_params, twins[0])
             g.extra.extend(twins)
             g.fake_quant(inner[layer.output], f"{layer.output}{tag}_fq", *act_params[layer.output])
-            pairs.append((layer.output, f"{layer.output}{tag}_fq"))
+            sig, err, noise = f"{tag}_signal", f"{tag}_error", f"{tag}_noise"
+            g.extra.append(helper.make_node("ReduceSumSquare", [layer.output], [sig], name=f"{tag}_Signal", keepdims=0))
+            g.extra.append(helper.make_node("Sub", [f"{layer.output}{tag}_fq", layer.output], [err], name=f"{tag}_Sub"))
+            g.extra.append(helper.make_node("ReduceSumSquare", [err], [noise], name=f"{tag}_Noise", keepdims=0))
+            pairs.append((sig, noise))
         model = g.build(extra_outputs=[t for pair in pairs for t in pair])
         return model, pairs
 

@@ -184,10 +184,8 @@ def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples) -> list[f
         noise = np.zeros(len(pairs))
         for batch in samples.batches:
             outs = sess.run(names, dict(batch))
-            for j in range(len(pairs)):
-                f, q = outs[2 * j].astype(np.float64), outs[2 * j + 1].astype(np.float64)
-                sig[j] += float(np.sum(f * f))
-                noise[j] += float(np.sum((q - f) ** 2))
+            sig += np.asarray(outs[0::2], np.float64)
+            noise += np.asarray(outs[1::2], np.float64)
         for j, i in enumerate(idx):
             result[i] = 10 * math.log10(max(sig[j], 1e-30) / max(noise[j], 1e-30)) if noise[j] > 0 else 120.0
     return result
