@@ -247,6 +247,10 @@ def _sampler(ctx, n_dims: int, budget: int) -> optuna.samplers.BaseSampler:
         raise QsearchError(f"sampler 'gp' is not usable here ({exc}); pick tpe, nsga2, random or qmc") from None
 
 
+def default_study_name(ctx) -> str:
+    return f"qsearch-{ctx.prepared.name}-{ctx.study_key()[:12]}"
+
+
 class Search:
     def __init__(self, ctx, profile: SensitivityProfile, out: Path, storage: str | None = None,
                  study_name: str | None = None, log: Callable[[str], None] = lambda m: None):
@@ -255,7 +259,7 @@ class Search:
         self.storage_url = storage or sqlite_url(out / "study.db")
         # the name binds the study to everything that defines its trials: another config, another study
         self.key = ctx.study_key()
-        self.study_name = study_name or f"qsearch-{ctx.prepared.name}-{self.key[:12]}"
+        self.study_name = study_name or default_study_name(ctx)
         space = ctx.workload.space
         directions = ["maximize", "minimize"] if space.multi_objective else ["minimize"]
         self.study = self._open(storage, directions)
@@ -571,6 +575,83 @@ class Search:
     def plan_for(self, r: TrialResult) -> Plan:
         plan = self.ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in r.choices.items()})
         return plan.with_info(study=self.study_name, trial=r.number)
+
+
+class StudyQueue:
+    """Analysis jobs as enqueued trials of an Optuna study in the run's storage: Optuna hands each
+    waiting trial to exactly one worker (atomically; see `_serialize_sqlite`), results stay in the
+    storage, so several workers split the analysis and a resumed run redoes nothing."""
+
+    def __init__(self, storage: str | None, out: Path, name: str):
+        self.study_name = name
+        st = _storage(storage, out)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        try:
+            self.study = optuna.create_study(storage=st, study_name=name, load_if_exists=False)
+            self.created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            self.study = optuna.load_study(storage=st, study_name=name)
+            self.created = False
+
+    def _done(self) -> dict[int, tuple]:
+        from optuna.trial import TrialState
+
+        return {t.user_attrs["job"]: tuple(t.user_attrs["result"])
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "result" in t.user_attrs}
+
+    def map(self, jobs: list[dict], fn: Callable[[dict], tuple], progress: Callable | None = None,
+            wait_s: float = 600.0) -> list[tuple]:
+        from optuna.trial import TrialState
+
+        if self.created:
+            for i in range(len(jobs)):
+                self.study.enqueue_trial({"job": i}, user_attrs={"job": i})
+        done = self._done()
+        if progress is not None:
+            progress(len(done), len(jobs), "screen")
+
+        def run(trial, i: int) -> None:
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt
+            r = fn(jobs[i])
+            trial.set_user_attr("result", list(r))
+            self.study.tell(trial, 0.0)
+            done[i] = tuple(r)
+            if progress is not None:
+                progress(len(done), len(jobs), "screen")
+
+        while True:  # take waiting jobs until the queue is empty
+            waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting:
+                break
+            with warnings.catch_warnings():  # heartbeats are for optimize(); ask() works without them
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()
+            i = trial.user_attrs.get("job")
+            if i is None:  # the queue emptied between the look and the ask
+                self.study.tell(trial, state=TrialState.FAIL)
+                break
+            trial.suggest_int("job", i, i)
+            run(trial, i)
+        # jobs another worker holds: wait for them; run any it lost (killed, interrupted) ourselves
+        deadline = time.monotonic() + wait_s
+        while True:
+            done.update(self._done())
+            missing = [i for i in range(len(jobs)) if i not in done]
+            if not missing:
+                break
+            running = {t.user_attrs.get("job") for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            lost = [i for i in missing if i not in running or time.monotonic() > deadline]
+            if not lost:
+                time.sleep(0.5)
+                continue
+            for i in lost:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = self.study.ask({"job": optuna.distributions.IntDistribution(i, i)})
+                trial.set_user_attr("job", i)
+                run(trial, i)
+        return [done[i] for i in range(len(jobs))]
 
 
 def warm_start_plans(ctx, profile: SensitivityProfile, dims: Dimensions, decision: FixDecision,

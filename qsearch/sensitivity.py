@@ -260,9 +260,12 @@ def _profile_key(ctx, samples, reverse) -> str:
 
 
 def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int = 1,
-            cache_dir: Path | None = None, progress: Callable | None = None) -> SensitivityProfile:
+            cache_dir: Path | None = None, progress: Callable | None = None,
+            queue=None) -> SensitivityProfile:
     """Proxy-rank every layer's options, screen each layer alone at its best option for output
-    fidelity, attribute latency per layer; most sensitive (noisiest) first. See module docstring."""
+    fidelity, attribute latency per layer; most sensitive (noisiest) first. See module docstring.
+    `queue` (e.g. `search.StudyQueue`) runs the screen as shared jobs: several workers split it and
+    a resumed run finds the finished ones in storage."""
     t0 = time.perf_counter()
     space = ctx.workload.space
     layers = ctx.candidates()
@@ -282,7 +285,10 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     best = {la.name: max(proxies[la.name], key=lambda k: (proxies[la.name][k], k)) for la in layers}
     # 2. fidelity screen: each layer alone at its best option, on the subset
     jobs = [{la.name: best[la.name]} for la in layers]
-    results = _run_jobs(ctx, screen, jobs, workers, samples, cache_dir, progress, "screen")
+    if queue is not None:
+        results = queue.map(jobs, screen.run, progress)
+    else:
+        results = _run_jobs(ctx, screen, jobs, workers, samples, cache_dir, progress, "screen")
     evaluations = len({c.calibration for _, c in entries}) + len(jobs)
     # 3. latency attribution: FP32 and all-INT8 (best options) profiled per node
     from qsearch import profiling

@@ -19,7 +19,7 @@ from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
 from qsearch.plan import Plan
 from qsearch.report import Row, plot_pareto, write_report
-from qsearch.search import Search, greedy_fallback
+from qsearch.search import Search, StudyQueue, default_study_name, greedy_fallback
 
 
 def log(*args) -> None:
@@ -111,8 +111,11 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
         raise QsearchError(f"--samples must be >= 1, got {samples}")
     t_start = time.perf_counter()
     ctx = open_context(config, out)
+    # the screen runs as jobs in the study's storage: workers on one study split it, a resumed run
+    # finds it done (several local processes: --workers)
+    queue = None if workers > 1 else StudyQueue(storage, out, f"{study or default_study_name(ctx)}-analysis")
     profile = sensitivity.analyze(ctx, samples=samples, workers=workers, cache_dir=out / "cache",
-                                  progress=Progress("analyze"))
+                                  progress=Progress("analyze"), queue=queue)
     sensitivity.save_profile(profile, out)
     pays = sum(x.gain_ms > 0 for x in profile.layers)
     log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "
