@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -585,6 +586,7 @@ class StudyQueue:
     def __init__(self, storage: str | None, out: Path, name: str):
         self.study_name = name
         st = _storage(storage, out)
+        self.lock_file = _storage_file(storage or sqlite_url(out / "study.db"))
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             self.study = optuna.create_study(storage=st, study_name=name, load_if_exists=False)
@@ -599,8 +601,48 @@ class StudyQueue:
         return {t.user_attrs["job"]: tuple(t.user_attrs["result"])
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "result" in t.user_attrs}
 
+    def _take_waiting(self, run: Callable) -> bool:
+        """Run one waiting job if there is one (Optuna hands it to this worker alone)."""
+        from optuna.trial import TrialState
+
+        if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return False
+        with warnings.catch_warnings():  # heartbeats are for optimize(); ask() works without them
+            warnings.simplefilter("ignore", UserWarning)
+            trial = self.study.ask()
+        i = trial.user_attrs.get("job")
+        if i is None:  # another worker took the last one between the look and the ask
+            self.study.tell(trial, state=TrialState.FAIL)
+            return False
+        trial.suggest_int("job", i, i)
+        run(trial, i)
+        return True
+
     def map(self, jobs: list[dict], fn: Callable[[dict], tuple], progress: Callable | None = None,
             wait_s: float = 600.0) -> list[tuple]:
+
+        # on a file storage, a worker that can lock the workers' lock file exclusively is alone:
+        # jobs left RUNNING then belong to a killed process and are run again at once
+        self.alone, self._fd = False, None
+        lock = self.lock_file
+        if lock is not None:
+            import fcntl
+
+            self._fd = os.open(lock.with_name(lock.name + ".workers.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.alone = True
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            return self._map(jobs, fn, progress, wait_s)
+        finally:
+            if self._fd is not None:  # the search takes its own lock on the same file
+                os.close(self._fd)
+                self._fd = None
+
+    def _map(self, jobs, fn, progress, wait_s) -> list[tuple]:
         from optuna.trial import TrialState
 
         if self.created:
@@ -611,37 +653,35 @@ class StudyQueue:
             progress(len(done), len(jobs), "screen")
 
         def run(trial, i: int) -> None:
-            if INTERRUPTED.is_set():
-                raise KeyboardInterrupt
-            r = fn(jobs[i])
+            try:
+                if INTERRUPTED.is_set():
+                    raise KeyboardInterrupt
+                r = fn(jobs[i])
+            except BaseException:  # interrupted or failed: the job goes back to whoever runs next
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             trial.set_user_attr("result", list(r))
             self.study.tell(trial, 0.0)
             done[i] = tuple(r)
             if progress is not None:
                 progress(len(done), len(jobs), "screen")
 
-        while True:  # take waiting jobs until the queue is empty
-            waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            if not waiting:
-                break
-            with warnings.catch_warnings():  # heartbeats are for optimize(); ask() works without them
-                warnings.simplefilter("ignore", UserWarning)
-                trial = self.study.ask()
-            i = trial.user_attrs.get("job")
-            if i is None:  # the queue emptied between the look and the ask
-                self.study.tell(trial, state=TrialState.FAIL)
-                break
-            trial.suggest_int("job", i, i)
-            run(trial, i)
-        # jobs another worker holds: wait for them; run any it lost (killed, interrupted) ourselves
         deadline = time.monotonic() + wait_s
         while True:
+            if self._take_waiting(run):  # (the creating worker may still be enqueuing)
+                continue
+            states: dict[int, set] = {}
+            for t in self.study.get_trials(deepcopy=False):
+                states.setdefault(t.user_attrs.get("job"), set()).add(t.state)
             done.update(self._done())
             missing = [i for i in range(len(jobs)) if i not in done]
             if not missing:
                 break
-            running = {t.user_attrs.get("job") for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            lost = [i for i in missing if i not in running or time.monotonic() > deadline]
+            # a job is lost when its only trials failed (an interrupted or dead worker, failed by the
+            # heartbeat or the file lock) or after `wait_s`; then this worker runs it
+            held = {TrialState.WAITING} if self.alone else {TrialState.RUNNING, TrialState.WAITING}
+            lost = [i for i in missing if time.monotonic() > deadline or (states.get(i) and not states[i] & held)]
             if not lost:
                 time.sleep(0.5)
                 continue

@@ -32,9 +32,14 @@ def _optimize(workload: Path, out: Path, budget: int, *extra: str) -> subprocess
 
 
 def _study(storage: str) -> optuna.Study:
+    """The search study (the other one holds the analysis jobs: each done exactly once)."""
     names = optuna.get_all_study_names(storage)
-    assert len(names) == 1
-    return optuna.load_study(study_name=names[0], storage=storage)
+    search = [n for n in names if not n.endswith("-analysis")]
+    assert len(search) == 1 and len(names) == 2
+    jobs = optuna.load_study(study_name=search[0] + "-analysis", storage=storage)
+    done = [t.user_attrs["job"] for t in jobs.get_trials(states=(TrialState.COMPLETE,))]
+    assert done and sorted(done) == sorted(set(done)) == list(range(len(done)))
+    return optuna.load_study(study_name=search[0], storage=storage)
 
 
 def _wait_for_running_trial(storage_file: Path, proc: subprocess.Popen, complete: int, timeout: float = 120) -> None:
