@@ -199,7 +199,6 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         for t in node.input:
             consumers.setdefault(t, []).append(node)
     graph_outputs = {o.name for o in g.output}
-    producers = {t: n for n in g.node for t in n.output}
     shapes = _shapes(model)
     layers = []
     for node in g.node:
@@ -232,7 +231,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             else:
                 acts = (ins[0], ins[1])
         else:  # Add / Mul: only between two activations (residuals, gates), not bias adds
-            if any(t in inits for t in ins) or len(set(ins)) != 2 or _is_self_gated(node, producers, inits):
+            if any(t in inits for t in ins) or len(set(ins)) != 2:
                 continue
             acts = (ins[0], ins[1])
         out = node.output[0]
@@ -261,30 +260,6 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             )
         )
     return layers
-
-
-GATE_OPS = ("HardSigmoid", "Sigmoid", "Clip", "Relu", "Add", "Sub", "Mul", "Div")
-
-
-def _is_self_gated(node: onnx.NodeProto, producers: dict, inits: dict) -> bool:
-    """x * f(x) with f elementwise (HardSwish as ORT inlines it: x * HardSigmoid(x); PaddleOCR's
-    x * Clip(x + 3, 0, 6) / 6; SiLU): an activation, not a gate between two tensors. ORT has no int8
-    kernel for it; quantizing the Mul only adds a QLinearMul and more Q/DQ on a full feature map."""
-    if node.op_type != "Mul":
-        return False
-    for a, b in ((0, 1), (1, 0)):
-        t = node.input[b]
-        for _ in range(4):
-            p = producers.get(t)
-            if p is None or p.op_type not in GATE_OPS:
-                break
-            live = [x for x in p.input if x and x not in inits]
-            if len(live) != 1:
-                break
-            t = live[0]
-            if t == node.input[a]:
-                return True
-    return False
 
 
 def _macs(node: onnx.NodeProto, shapes: dict, inits: dict) -> int:

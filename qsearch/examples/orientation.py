@@ -39,7 +39,7 @@ data:
   test: {npz: test.npz, labels: label}
 metric: top1
 max_drop: 0.005
-search_space: cnn_cpu
+search_space: {extends: cnn_cpu, candidates: {op_types: [Conv, Gemm, Add, Mul]}}
 runtime:
   threads: 1
   latency_batch: 8
