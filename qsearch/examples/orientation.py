@@ -11,7 +11,6 @@ the package does (short side 256, center crop 224, ImageNet normalization). Metr
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 from pathlib import Path
@@ -19,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from qsearch.errors import QsearchError
+from qsearch.examples import builder
+from qsearch.examples.builder import finish, is_fresh
 from qsearch.examples.pages import PageRenderer, normalize
-from qsearch.files import atomic_write_bytes, atomic_write_text
+from qsearch.files import atomic_write_bytes
 
 DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qsearch")) / "orientation"
 SPLITS = {"calib": 64, "search": 192, "test": 384}
@@ -75,7 +76,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     blob = src.read_bytes()
     key = hashlib.sha256(blob + repr(SPLITS).encode() + b"pages-v1").hexdigest()[:16]
     wl = out / "workload.yaml"
-    if not force and wl.exists() and (out / "KEY").exists() and (out / "KEY").read_text() == key:
+    if not force and is_fresh(out, key):
         return wl
     out.mkdir(parents=True, exist_ok=True)
     renderer = PageRenderer(seed=1)
@@ -83,20 +84,11 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
         xs, ys = zip(*(sample(renderer) for _ in range(n)))
         np.savez(out / f"{name}.npz", x=np.stack(xs), label=np.array(ys, np.int64))
     atomic_write_bytes(out / "model.onnx", blob)
-    atomic_write_text(wl, WORKLOAD)
-    atomic_write_text(out / "KEY", key)
-    return wl
+    return finish(out, WORKLOAD, key)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--force", action="store_true", help="render again even if cached")
-    args = ap.parse_args()
-    try:
-        print(build(args.out, args.force))
-    except QsearchError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    builder.main(build, __doc__, DEFAULT_OUT, "render")
 
 
 if __name__ == "__main__":
