@@ -585,6 +585,7 @@ class StudyQueue:
 
     def __init__(self, storage: str | None, out: Path, name: str):
         self.study_name = name
+        self._where = (storage, out)
         st = _storage(storage, out)
         self.lock_file = _storage_file(storage or sqlite_url(out / "study.db"))
         optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -594,6 +595,11 @@ class StudyQueue:
         except optuna.exceptions.DuplicatedStudyError:
             self.study = optuna.load_study(storage=st, study_name=name)
             self.created = False
+
+    def stage(self, suffix: str) -> StudyQueue:
+        """A sibling queue in the same storage for another stage of jobs (one study per stage:
+        a stage's jobs can depend on the results of the one before)."""
+        return StudyQueue(*self._where, f"{self.study_name}-{suffix}")
 
     def _done(self) -> dict[int, tuple]:
         from optuna.trial import TrialState
@@ -619,7 +625,7 @@ class StudyQueue:
         return True
 
     def map(self, jobs: list[dict], fn: Callable[[dict], tuple], progress: Callable | None = None,
-            wait_s: float = 600.0) -> list[tuple]:
+            wait_s: float = 600.0, what: str = "screen") -> list[tuple]:
 
         # on a file storage, a worker that can lock the workers' lock file exclusively is alone:
         # jobs left RUNNING then belong to a killed process and are run again at once
@@ -636,13 +642,13 @@ class StudyQueue:
                 pass
             fcntl.flock(self._fd, fcntl.LOCK_SH)
         try:
-            return self._map(jobs, fn, progress, wait_s)
+            return self._map(jobs, fn, progress, wait_s, what)
         finally:
             if self._fd is not None:  # the search takes its own lock on the same file
                 os.close(self._fd)
                 self._fd = None
 
-    def _map(self, jobs, fn, progress, wait_s) -> list[tuple]:
+    def _map(self, jobs, fn, progress, wait_s, what) -> list[tuple]:
         from optuna.trial import TrialState
 
         if self.created:
@@ -650,7 +656,7 @@ class StudyQueue:
                 self.study.enqueue_trial({"job": i}, user_attrs={"job": i})
         done = self._done()
         if progress is not None:
-            progress(len(done), len(jobs), "screen")
+            progress(len(done), len(jobs), what)
 
         def run(trial, i: int) -> None:
             try:
@@ -665,7 +671,7 @@ class StudyQueue:
             self.study.tell(trial, 0.0)
             done[i] = tuple(r)
             if progress is not None:
-                progress(len(done), len(jobs), "screen")
+                progress(len(done), len(jobs), what)
 
         deadline = time.monotonic() + wait_s
         while True:

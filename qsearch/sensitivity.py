@@ -166,29 +166,41 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples) -> list[float]:
-    """Per-entry output SQNR (dB) of the layer quantized alone, from one probe-model pass."""
-    # one probe per calibration method (ranges differ by method), every layer and granularity in it
+def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples, queue=None,
+               progress: Callable | None = None) -> list[float]:
+    """Per-entry output SQNR (dB) of the layer quantized alone: one probe-model pass per
+    calibration method (ranges differ by method), every layer and granularity in it. With a
+    `queue`, each method's pass is a shared job (workers split the passes)."""
     by_method: dict[str, list[int]] = {}
     for i, (_, c) in enumerate(entries):
         by_method.setdefault(c.calibration, []).append(i)
+    methods = list(by_method)
+
+    def run(job: dict) -> tuple[float, ...]:
+        return tuple(_probe_pass(ctx, [entries[i] for i in by_method[job["method"]]], job["method"], samples))
+
+    jobs = [{"method": m} for m in methods]
+    passes = queue.map(jobs, run, progress, what="proxy") if queue is not None else [run(j) for j in jobs]
     result = [0.0] * len(entries)
-    for method, idx in by_method.items():
-        sub = [entries[i] for i in idx]
-        r = {t: tensor_range(ctx.stats.tensors[t], method, ctx.workload.space.percentile)
-             for layer, _ in sub for t in (*layer.activations, layer.output)}
-        model, pairs = ctx.rewriter.probe(sub, r)
-        sess = make_session(model, ctx.workload.threads)
-        names = [t for pair in pairs for t in pair]
-        sig = np.zeros(len(pairs))
-        noise = np.zeros(len(pairs))
-        for batch in samples.batches:
-            outs = sess.run(names, dict(batch))
-            sig += np.asarray(outs[0::2], np.float64)
-            noise += np.asarray(outs[1::2], np.float64)
-        for j, i in enumerate(idx):
-            result[i] = 10 * math.log10(max(sig[j], 1e-30) / max(noise[j], 1e-30)) if noise[j] > 0 else 120.0
+    for m, sq in zip(methods, passes):
+        for i, v in zip(by_method[m], sq):
+            result[i] = float(v)
     return result
+
+
+def _probe_pass(ctx, sub: list[tuple[Layer, LayerChoice]], method: str, samples) -> list[float]:
+    r = {t: tensor_range(ctx.stats.tensors[t], method, ctx.workload.space.percentile)
+         for layer, _ in sub for t in (*layer.activations, layer.output)}
+    model, pairs = ctx.rewriter.probe(sub, r)
+    sess = make_session(model, ctx.workload.threads)
+    names = [t for pair in pairs for t in pair]
+    sig = np.zeros(len(pairs))
+    noise = np.zeros(len(pairs))
+    for batch in samples.batches:
+        outs = sess.run(names, dict(batch))
+        sig += np.asarray(outs[0::2], np.float64)
+        noise += np.asarray(outs[1::2], np.float64)
+    return [10 * math.log10(max(s, 1e-30) / max(n, 1e-30)) if n > 0 else 120.0 for s, n in zip(sig, noise)]
 
 
 # worker-process state (spawned workers rebuild the context from the workload once)
@@ -278,7 +290,7 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     screen = Screen(ctx, samples)
     # 1. proxy: one probe pass per calibration method ranks every layer's options
     entries = [(la, c) for la in layers for c in options_for(la, space.calibration, space.granularity)]
-    sq = proxy_sqnr(ctx, entries, screen.data)
+    sq = proxy_sqnr(ctx, entries, screen.data, None if queue is None else queue.stage("proxy"), progress)
     proxies: dict[str, dict[str, float]] = {la.name: {} for la in layers}
     for (la, c), v in zip(entries, sq):
         proxies[la.name][c.label()] = float(v)

@@ -34,11 +34,12 @@ def _optimize(workload: Path, out: Path, budget: int, *extra: str) -> subprocess
 def _study(storage: str) -> optuna.Study:
     """The search study (the other one holds the analysis jobs: each done exactly once)."""
     names = optuna.get_all_study_names(storage)
-    search = [n for n in names if not n.endswith("-analysis")]
-    assert len(search) == 1 and len(names) == 2
-    jobs = optuna.load_study(study_name=search[0] + "-analysis", storage=storage)
-    done = [t.user_attrs["job"] for t in jobs.get_trials(states=(TrialState.COMPLETE,))]
-    assert done and sorted(done) == sorted(set(done)) == list(range(len(done)))
+    search = [n for n in names if not n.endswith(("-analysis", "-analysis-proxy"))]
+    assert len(search) == 1 and len(names) == 3
+    for stage in ("-analysis-proxy", "-analysis"):  # the proxy passes, then the screen
+        jobs = optuna.load_study(study_name=search[0] + stage, storage=storage)
+        done = [t.user_attrs["job"] for t in jobs.get_trials(states=(TrialState.COMPLETE,))]
+        assert done and sorted(done) == sorted(set(done)) == list(range(len(done)))
     return optuna.load_study(study_name=search[0], storage=storage)
 
 
