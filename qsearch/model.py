@@ -21,12 +21,21 @@ from onnx import helper, numpy_helper
 from qsearch.errors import QsearchError
 
 MIN_OPSET = 13
-# Ops whose int8 form ONNX Runtime runs as a fused kernel when wrapped in QDQ.
-LAYER_OPS = ("Conv", "Gemm", "MatMul", "Add", "Mul")
+# Ops whose int8 form ONNX Runtime's CPU provider runs as a kernel when wrapped in QDQ (its QDQ
+# selectors: Conv/MatMul/Gemm, binary Add/Mul -> QLinearAdd/Mul, unary -> QLinearSigmoid,
+# QLinearGlobalAveragePool..., variadic Concat -> QLinearConcat).
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+BINARY_OPS = ("Add", "Mul")
+UNARY_OPS = ("Sigmoid", "GlobalAveragePool", "AveragePool", "LeakyRelu", "Softmax")
+VARIADIC_OPS = ("Concat",)
+LAYER_OPS = (*WEIGHT_OPS, *BINARY_OPS, *VARIADIC_OPS, *UNARY_OPS)
 # A single-consumer activation after a layer is quantized at its output (ORT drops it into the Q).
 FUSED_ACTIVATIONS = ("Relu", "Clip")
-# Ops that only move or select values: their output may share their input's quantization.
-PASSTHROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+# Ops that only move or select values (ORT's "drop Q/DQ" selectors): with the same scale on their
+# input and output, ONNX Runtime removes the pair and runs the op on uint8 data. Their output
+# range lies within their input's, so both sides may share it without clipping what they pass on.
+PASSTHROUGH_OPS = ("MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
+                   "Gather", "Expand", "Tile", "Identity")
 
 
 @dataclass(frozen=True)
@@ -230,10 +239,18 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
                 acts, weight, axis = (ins[0],), ins[1], 1
             else:
                 acts = (ins[0], ins[1])
-        else:  # Add / Mul: only between two activations (residuals, gates), not bias adds
+        elif node.op_type in BINARY_OPS:  # only between two activations (residuals, gates), not bias adds
             if any(t in inits for t in ins) or len(set(ins)) != 2:
                 continue
             acts = (ins[0], ins[1])
+        elif node.op_type in VARIADIC_OPS:  # QLinearConcat: every input an activation
+            if len(ins) < 2 or any(t in inits for t in ins) or len(set(ins)) != len(ins):
+                continue
+            acts = tuple(ins)
+        else:  # unary: one float activation in, one out
+            if not ins or ins[0] in inits or len(node.output) != 1:
+                continue
+            acts = (ins[0],)
         out = node.output[0]
         unit = [node.name]
         nxt = consumers.get(out, [])

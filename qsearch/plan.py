@@ -163,6 +163,11 @@ class Plan:
                 for t in (*layer.activations, layer.output):
                     if t not in self.ranges:
                         raise QsearchError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
+        tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if self.choice(la.name).is_int8})
+        for t in tensors:
+            if t not in self.ranges:
+                raise QsearchError(f"{path}: no activation range for tensor '{t}' (it feeds a value-moving op whose "
+                                   "output is quantized; plans record a range for it)")
 
 
 def _f(v: float) -> float:
@@ -239,14 +244,62 @@ def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice]) 
     return methods
 
 
-def passthrough_sources(prepared: PreparedModel) -> dict[str, str]:
-    """Output -> input of value-moving ops (MaxPool, Reshape...): quantizing both sides with the
-    same scale lets ONNX Runtime drop the Q/DQ pair and run the op on int8."""
-    out = {}
-    for node in prepared.proto.graph.node:
-        if node.op_type in PASSTHROUGH_OPS and node.input and node.output:
-            out[node.output[0]] = node.input[0]
-    return out
+def quantized_tensors(prepared: PreparedModel, int8_layers: set[str]) -> tuple[list[str], list[set[str]]]:
+    """Which tensors get Q/DQ for these int8 layers, and which of them must share one scale.
+
+    Every int8 layer's activations and output; then, through value-moving ops (MaxPool, Resize,
+    Reshape, Slice...; `PASSTHROUGH_OPS`): an op whose output is quantized gets its input quantized
+    too when nothing else reads that input, and both sides share one scale, so ONNX Runtime drops
+    the Q/DQ pair and runs the op on uint8 instead of leaving a float island between two int8
+    regions. Returns the tensors in graph order and the groups of tensors that share a scale.
+    """
+    graph = prepared.proto.graph
+    inits = {i.name for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for t in node.input:
+            readers[t] = readers.get(t, 0) + 1
+    for o in graph.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    quant: set[str] = set()
+    for layer in prepared.layers:
+        if layer.name in int8_layers:
+            quant.update((*layer.activations, layer.output))
+    links = [(n.input[0], n.output[0]) for n in graph.node
+             if n.op_type in PASSTHROUGH_OPS and n.domain in ("", "ai.onnx") and n.input and n.input[0]
+             and len(n.output) == 1 and n.input[0] not in inits]
+    # Split runs on uint8 when its input and *every* output share one scale (ORT's Split selector)
+    splits = [(n.input[0], [t for t in n.output if t]) for n in graph.node
+              if n.op_type == "Split" and n.domain in ("", "ai.onnx") and n.input and n.input[0] not in inits]
+    links += [(x, y) for x, ys in splits for y in ys]
+    changed = True
+    while changed:  # backwards through chains of such ops (Reshape -> Transpose -> Reshape)
+        changed = False
+        for x, y in reversed(links):
+            if y in quant and x not in quant and readers.get(x, 0) == 1:
+                quant.add(x)
+                changed = True
+        for x, ys in splits:
+            if x in quant and any(y in quant for y in ys) and not all(y in quant for y in ys):
+                quant.update(ys)
+                changed = True
+    parent = {t: t for t in quant}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    for x, y in links:
+        if x in quant and y in quant:
+            parent[root(y)] = root(x)
+    groups: dict[str, set[str]] = {}
+    for t in quant:
+        groups.setdefault(root(t), set()).add(t)
+    order = {t: i for i, n in enumerate(graph.node) for t in n.output}
+    ordered = sorted(quant, key=lambda t: (order.get(t, -1), t))
+    return ordered, [g for g in groups.values() if len(g) > 1]
 
 
 def build_plan(
@@ -261,16 +314,17 @@ def build_plan(
     float_precision = "fp16" if target == "fp16" else "fp32"
     full = {la.name: normalized(la, choices.get(la.name, LayerChoice(float_precision))) for la in prepared.layers}
     methods = tensor_methods(prepared, full)
-    sources = passthrough_sources(prepared)
     ranges: dict[str, tuple[float, float]] = {}
     for t, method in methods.items():
         if t not in stats.tensors:
             raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
         ranges[t] = tensor_range(stats.tensors[t], method, percentile)
-    for node in prepared.proto.graph.node:  # graph order, so chains of such ops share one scale
-        src = sources.get(node.output[0]) if node.output else None
-        if node.output and node.output[0] in ranges and src in ranges:
-            ranges[node.output[0]] = ranges[src]
+    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8})
+    for group in groups:  # one scale per group: the union of its members' ranges (nothing clipped)
+        known = [ranges[t] for t in group if t in ranges]
+        shared = (min(r[0] for r in known), max(r[1] for r in known))
+        for t in group:
+            ranges[t] = shared
     if defaults is None:
         labels = [c.label() for c in full.values()]
         defaults = LayerChoice.parse(max(set(labels), key=lambda s: (labels.count(s), s)))

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel
-from qsearch.plan import LayerChoice, Plan
+from qsearch.plan import LayerChoice, Plan, quantized_tensors
 
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
 FP16_FOLLOWERS = {
@@ -52,13 +52,12 @@ class Rewriter:
         choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
         g = _Graph(self.prepared.proto)
         int8 = [layer for layer in self.prepared.layers if choices[layer.name].is_int8]
-        act_params = {}
-        for layer in int8:
-            for t in (*layer.activations, layer.output):
-                if t not in act_params:
-                    if t not in plan.ranges:
-                        raise QsearchError(f"plan has no activation range for tensor '{t}' of layer '{layer.name}'")
-                    act_params[t] = activation_qparams(*plan.ranges[t])
+        tensors, _ = quantized_tensors(self.prepared, {layer.name for layer in int8})
+        missing = [t for t in tensors if t not in plan.ranges]
+        if missing:
+            raise QsearchError(f"plan has no activation range for tensor '{missing[0]}' (quantized for its int8 "
+                               f"layers{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
+        act_params = {t: activation_qparams(*plan.ranges[t]) for t in tensors}
         for layer in int8:
             self._quantize_layer(g, layer, choices[layer.name], act_params, g.node(layer.name))
         for t in sorted(act_params, key=g.order_of):

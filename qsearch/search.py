@@ -578,6 +578,26 @@ class Search:
         return plan.with_info(study=self.study_name, trial=r.number)
 
 
+_LIVENESS: dict[Path, tuple[Path, int]] = {}
+
+
+def _liveness_file(lock: Path | None) -> Path | None:
+    """This process's liveness file next to a file storage, locked exclusively for the process's
+    whole life: other workers tell a job of a killed worker from a slow one by trying its lock."""
+    if lock is None:
+        return None
+    if lock not in _LIVENESS:
+        import atexit
+        import fcntl
+
+        path = lock.with_name(f".{lock.name}.worker-{socket.gethostname()}-{os.getpid()}.alive")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _LIVENESS[lock] = (path, fd)
+        atexit.register(lambda: path.unlink(missing_ok=True))
+    return _LIVENESS[lock][0]
+
+
 class StudyQueue:
     """Analysis jobs as enqueued trials of an Optuna study in the run's storage: Optuna hands each
     waiting trial to exactly one worker (atomically; see `_serialize_sqlite`), results stay in the
@@ -626,27 +646,27 @@ class StudyQueue:
 
     def map(self, jobs: list[dict], fn: Callable[[dict], tuple], progress: Callable | None = None,
             wait_s: float = 600.0, what: str = "screen") -> list[tuple]:
+        return self._map(jobs, fn, progress, wait_s, what)
 
-        # on a file storage, a worker that can lock the workers' lock file exclusively is alone:
-        # jobs left RUNNING then belong to a killed process and are run again at once
-        self.alone, self._fd = False, None
-        lock = self.lock_file
-        if lock is not None:
-            import fcntl
+    def _owner_alive(self, owner: str | None) -> bool:
+        """Whether the worker that took a job still runs: it holds its liveness file locked for
+        as long as it lives (file storages; elsewhere the job is trusted until `wait_s`)."""
+        if owner is None or self.lock_file is None:
+            return True
+        import fcntl
 
-            self._fd = os.open(lock.with_name(lock.name + ".workers.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.alone = True
-            except OSError:
-                pass
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
         try:
-            return self._map(jobs, fn, progress, wait_s, what)
+            fd = os.open(owner, os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
         finally:
-            if self._fd is not None:  # the search takes its own lock on the same file
-                os.close(self._fd)
-                self._fd = None
+            os.close(fd)
+        Path(owner).unlink(missing_ok=True)  # a killed worker's file: nobody needs it any more
+        return False
 
     def _map(self, jobs, fn, progress, wait_s, what) -> list[tuple]:
         from optuna.trial import TrialState
@@ -658,7 +678,11 @@ class StudyQueue:
         if progress is not None:
             progress(len(done), len(jobs), what)
 
+        me = _liveness_file(self.lock_file)
+
         def run(trial, i: int) -> None:
+            if me is not None:
+                trial.set_user_attr("owner", str(me))
             try:
                 if INTERRUPTED.is_set():
                     raise KeyboardInterrupt
@@ -679,14 +703,17 @@ class StudyQueue:
                 continue
             states: dict[int, set] = {}
             for t in self.study.get_trials(deepcopy=False):
-                states.setdefault(t.user_attrs.get("job"), set()).add(t.state)
+                state = t.state
+                if state == TrialState.RUNNING and not self._owner_alive(t.user_attrs.get("owner")):
+                    state = TrialState.FAIL  # its worker was killed
+                states.setdefault(t.user_attrs.get("job"), set()).add(state)
             done.update(self._done())
             missing = [i for i in range(len(jobs)) if i not in done]
             if not missing:
                 break
-            # a job is lost when its only trials failed (an interrupted or dead worker, failed by the
-            # heartbeat or the file lock) or after `wait_s`; then this worker runs it
-            held = {TrialState.WAITING} if self.alone else {TrialState.RUNNING, TrialState.WAITING}
+            # a job is lost when its only trials failed (an interrupted or killed worker) or after
+            # `wait_s`; then this worker runs it
+            held = {TrialState.RUNNING, TrialState.WAITING}
             lost = [i for i in missing if time.monotonic() > deadline or (states.get(i) and not states[i] & held)]
             if not lost:
                 time.sleep(0.5)

@@ -41,6 +41,7 @@ def test_layers_of_the_small_cnn(cnn):
         ("conv_a", "Conv", ("conv_a", "relu_a")),
         ("conv_b", "Conv", ("conv_b",)),
         ("add_res", "Add", ("add_res", "relu_s")),
+        ("gap", "GlobalAveragePool", ("gap",)),
         ("fc", "Gemm", ("fc",)),
     ]
     assert prepared.layer("conv_b").macs == 8 * 8 * 8 * 8 * 9
@@ -58,6 +59,8 @@ def test_all_int8_fuses_into_int8_kernels(cnn, granularity):
     assert ops.get("QLinearConv") == 2
     assert ops.get("QLinearAdd") == 1
     assert ops.get("QGemm") == 1
+    assert ops.get("QLinearGlobalAveragePool") == 1
+    assert ops.get("Reshape") == 1 and ops.get("QuantizeLinear") == ops.get("DequantizeLinear") == 1  # on uint8
     assert "Conv" not in ops and "Relu" not in ops  # Relu folded into the output Q (zero point 0)
     assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["y"]
     ref, out = _run(cnn, feeds[0])[0], _run(model, feeds[0])[0]
@@ -110,8 +113,9 @@ C = 4
 
 @st.composite
 def random_graphs(draw):
-    """Chains and branches of Conv/Relu/Add/Mul/Concat/Reshape with shared initializers, then a
-    MatMul or Gemm head (transposed weight or not, with or without bias)."""
+    """Chains and branches of Conv/Relu/Add/Mul/Concat/Reshape with shared initializers,
+    squeeze-excite gates, hardswish, pooling + Resize, Split/Slice + Concat, LeakyRelu, Sigmoid,
+    then a MatMul or Gemm head (transposed weight or not, with or without bias, maybe Softmax)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     nodes, inits = [], {}
     tensors = ["x"]  # all (N, C, 4, 4)
@@ -119,7 +123,8 @@ def random_graphs(draw):
     inits["w_shared"] = shared
     n_ops = draw(st.integers(1, 7))
     for i in range(n_ops):
-        op = draw(st.sampled_from(["Conv", "ConvShared", "Relu", "Add", "Mul", "Concat"]))
+        op = draw(st.sampled_from(["Conv", "ConvShared", "Relu", "Add", "Mul", "Concat", "SE", "HardSwish",
+                                   "PoolResize", "SplitConcat", "SliceConcat", "LeakyRelu", "Sigmoid"]))
         src = draw(st.sampled_from(tensors))
         out = f"t{i}"
         if op in ("Conv", "ConvShared"):
@@ -136,6 +141,28 @@ def random_graphs(draw):
                 nodes.append(helper.make_node("Relu", [src], [out], name=f"n{i}"))
             else:
                 nodes.append(helper.make_node(op, [src, other], [out], name=f"n{i}"))
+        elif op == "SE":  # x * sigmoid(GAP(x)), the gate broadcast over H, W
+            nodes += [helper.make_node("GlobalAveragePool", [src], [f"{out}_g"], name=f"n{i}_gap"),
+                      helper.make_node("Sigmoid", [f"{out}_g"], [f"{out}_s"], name=f"n{i}_sig"),
+                      helper.make_node("Mul", [src, f"{out}_s"], [out], name=f"n{i}")]
+        elif op in ("HardSwish", "LeakyRelu", "Sigmoid"):
+            nodes.append(helper.make_node(op, [src], [out], name=f"n{i}"))
+        elif op == "PoolResize":  # 4x4 -> 2x2 (max or average) -> 4x4 (nearest or linear)
+            pool = draw(st.sampled_from(["MaxPool", "AveragePool"]))
+            inits["up_scales"] = np.array([1, 1, 2, 2], np.float32)
+            nodes += [helper.make_node(pool, [src], [f"{out}_p"], name=f"n{i}_pool", kernel_shape=[2, 2], strides=[2, 2]),
+                      helper.make_node("Resize", [f"{out}_p", "", "up_scales"], [out], name=f"n{i}",
+                                       mode=draw(st.sampled_from(["nearest", "linear"])))]
+        elif op == "SplitConcat":  # halves swapped
+            inits["halves"] = np.array([C // 2, C // 2], np.int64)
+            nodes += [helper.make_node("Split", [src, "halves"], [f"{out}_h0", f"{out}_h1"], name=f"n{i}_split", axis=1),
+                      helper.make_node("Concat", [f"{out}_h1", f"{out}_h0"], [out], name=f"n{i}", axis=1)]
+        elif op == "SliceConcat":
+            inits.update({"s0": np.array([0], np.int64), "s1": np.array([C // 2], np.int64),
+                          "s2": np.array([C], np.int64), "ax1": np.array([1], np.int64)})
+            nodes += [helper.make_node("Slice", [src, "s0", "s1", "ax1"], [f"{out}_a"], name=f"n{i}_sa"),
+                      helper.make_node("Slice", [src, "s1", "s2", "ax1"], [f"{out}_b"], name=f"n{i}_sb"),
+                      helper.make_node("Concat", [f"{out}_b", f"{out}_a"], [out], name=f"n{i}", axis=1)]
         else:  # Concat then a 1x1 conv back to C channels
             other = draw(st.sampled_from(tensors))
             nodes.append(helper.make_node("Concat", [src, other], [f"{out}_cat"], name=f"n{i}_cat", axis=1))
@@ -146,9 +173,11 @@ def random_graphs(draw):
     inits["shape"] = np.array([0, -1], dtype=np.int64)
     nodes.append(helper.make_node("Reshape", [last, "shape"], ["flat"], name="flatten"))
     head = draw(st.sampled_from(["MatMul", "Gemm", "GemmT", "GemmBias"]))
+    softmax = draw(st.booleans())
+    logits = "z" if softmax else "y"
     if head == "MatMul":
         inits["wm"] = rng.normal(0, 0.3, (C * 16, 5)).astype(np.float32)
-        nodes.append(helper.make_node("MatMul", ["flat", "wm"], ["y"], name="head"))
+        nodes.append(helper.make_node("MatMul", ["flat", "wm"], [logits], name="head"))
     else:
         trans = head == "GemmT"
         inits["wm"] = rng.normal(0, 0.3, (5, C * 16) if trans else (C * 16, 5)).astype(np.float32)
@@ -156,7 +185,9 @@ def random_graphs(draw):
         if head == "GemmBias":
             inits["bm"] = rng.normal(0, 0.1, 5).astype(np.float32)
             ins.append("bm")
-        nodes.append(helper.make_node("Gemm", ins, ["y"], name="head", transB=int(trans)))
+        nodes.append(helper.make_node("Gemm", ins, [logits], name="head", transB=int(trans)))
+    if softmax:
+        nodes.append(helper.make_node("Softmax", [logits], ["y"], name="softmax", axis=-1))
     graph = helper.make_graph(
         nodes, "random",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, 4, 4])],

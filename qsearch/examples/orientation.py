@@ -40,7 +40,7 @@ data:
   test: {npz: test.npz, labels: label}
 metric: top1
 max_drop: 0.005
-search_space: {extends: cnn_cpu, candidates: {op_types: [Conv, Gemm, Add, Mul]}}
+search_space: {extends: cnn_cpu}
 runtime:
   threads: 1
   latency_batch: 8
