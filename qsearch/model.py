@@ -52,6 +52,7 @@ class Layer:
     weight_axis: int = 0  # output-channel axis of the weight, for per-channel scales
     macs: int = 0  # multiply-accumulates per sample
     weight_bytes: int = 0  # FP32 bytes of weight + bias
+    constant: str | None = None  # Add/Mul by a float initializer: quantized uint8 like an activation
 
     @property
     def has_weight(self) -> bool:
@@ -209,13 +210,17 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             consumers.setdefault(t, []).append(node)
     graph_outputs = {o.name for o in g.output}
     shapes = _shapes(model)
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
+    elem.update({i.name: i.data_type for i in g.initializer})
     layers = []
     for node in g.node:
         if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        weight = bias = None
+        weight = bias = constant = None
         axis = 0
         ins = [t for t in node.input if t]
+        if any(elem.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT for t in (*ins, *node.output)):
+            continue  # integer shape arithmetic, bool masks, float16 islands: no int8 kernel
         if node.op_type == "Conv":
             if len(ins) < 2 or ins[1] not in inits:
                 continue
@@ -239,10 +244,12 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
                 acts, weight, axis = (ins[0],), ins[1], 1
             else:
                 acts = (ins[0], ins[1])
-        elif node.op_type in BINARY_OPS:  # only between two activations (residuals, gates), not bias adds
-            if any(t in inits for t in ins) or len(set(ins)) != 2:
+        elif node.op_type in BINARY_OPS:  # residuals, gates; or by a constant (hardswish's +3, scales)
+            if len(ins) != 2 or len(set(ins)) != 2 or all(t in inits for t in ins):
                 continue
-            acts = (ins[0], ins[1])
+            const = [t for t in ins if t in inits]
+            acts = tuple(t for t in ins if t not in inits)
+            constant = const[0] if const else None
         elif node.op_type in VARIADIC_OPS:  # QLinearConcat: every input an activation
             if len(ins) < 2 or any(t in inits for t in ins) or len(set(ins)) != len(ins):
                 continue
@@ -274,6 +281,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
                 weight_axis=axis,
                 macs=_macs(node, shapes, inits),
                 weight_bytes=4 * sum(int(np.prod(inits[t].dims)) for t in (weight, bias) if t),
+                constant=constant,
             )
         )
     return layers

@@ -102,6 +102,12 @@ class Rewriter:
         return model, pairs
 
     def _quantize_layer(self, g: _Graph, layer: Layer, choice: LayerChoice, act_params, node) -> None:
+        if layer.constant is not None:  # QLinearAdd/Mul take both inputs as uint8: the constant too
+            c = numpy_helper.to_array(self.inits[layer.constant]).astype(np.float32)
+            scale, zp = activation_qparams(float(min(c.min(initial=0.0), 0.0)), float(max(c.max(initial=0.0), 0.0)))
+            q = np.clip(np.round(c / scale) + int(zp), 0, 255).astype(np.uint8)
+            cq = g.add_dequantized_init(f"{layer.constant}_{layer.name}_u8", q, np.float32(scale), np.uint8(zp), None)
+            g.replace_input(node, layer.constant, cq)
         if layer.weight is None:
             return
         per_channel = choice.granularity == "per_channel"

@@ -124,7 +124,8 @@ def random_graphs(draw):
     n_ops = draw(st.integers(1, 7))
     for i in range(n_ops):
         op = draw(st.sampled_from(["Conv", "ConvShared", "Relu", "Add", "Mul", "Concat", "SE", "HardSwish",
-                                   "PoolResize", "SplitConcat", "SliceConcat", "LeakyRelu", "Sigmoid"]))
+                                   "PoolResize", "SplitConcat", "SliceConcat", "LeakyRelu", "Sigmoid", "AddConst",
+                                   "MulConst"]))
         src = draw(st.sampled_from(tensors))
         out = f"t{i}"
         if op in ("Conv", "ConvShared"):
@@ -145,6 +146,11 @@ def random_graphs(draw):
             nodes += [helper.make_node("GlobalAveragePool", [src], [f"{out}_g"], name=f"n{i}_gap"),
                       helper.make_node("Sigmoid", [f"{out}_g"], [f"{out}_s"], name=f"n{i}_sig"),
                       helper.make_node("Mul", [src, f"{out}_s"], [out], name=f"n{i}")]
+        elif op in ("AddConst", "MulConst"):  # a scalar or a per-channel constant, either side
+            shape = draw(st.sampled_from([(), (C, 1, 1)]))
+            inits[f"k{i}"] = rng.normal(0, 2, shape).astype(np.float32)
+            ins = [src, f"k{i}"] if draw(st.booleans()) else [f"k{i}", src]
+            nodes.append(helper.make_node(op[:3], ins, [out], name=f"n{i}"))
         elif op in ("HardSwish", "LeakyRelu", "Sigmoid"):
             nodes.append(helper.make_node(op, [src], [out], name=f"n{i}"))
         elif op == "PoolResize":  # 4x4 -> 2x2 (max or average) -> 4x4 (nearest or linear)
