@@ -56,14 +56,14 @@ def hardswish():
     return _model(nodes, inits, ["N", C, 8, 8])
 
 
-def fpn():
+def fpn(mode: str = "nearest"):
     """Downsample (MaxPool), upsample (Resize), Concat the two scales, Conv (FPN / detector neck)."""
     rng, inits = np.random.default_rng(2), {}
     inits["scales"] = np.array([1, 1, 2, 2], np.float32)
     nodes = [_conv(rng, inits, "c0", "x", "a"), helper.make_node("Relu", ["a"], ["ar"], name="r0"),
              helper.make_node("MaxPool", ["ar"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
              _conv(rng, inits, "c1", "p", "b"), helper.make_node("Relu", ["b"], ["br"], name="r1"),
-             helper.make_node("Resize", ["br", "", "scales"], ["up"], name="up", mode="nearest"),
+             helper.make_node("Resize", ["br", "", "scales"], ["up"], name="up", mode=mode),
              helper.make_node("Concat", ["ar", "up"], ["cat"], name="cat", axis=1),
              _conv(rng, inits, "c2", "cat", "y", cin=2 * C)]
     return _model(nodes, inits, ["N", C, 8, 8])
@@ -101,7 +101,8 @@ def head():
     return _model(nodes, inits, ["N", 10])
 
 
-PATTERNS = {"se_block": se_block, "hardswish": hardswish, "fpn": fpn, "shuffle": shuffle, "head": head}
+PATTERNS = {"se_block": se_block, "hardswish": hardswish, "fpn": fpn, "fpn_linear": lambda: fpn("linear"),
+            "shuffle": shuffle, "head": head}
 
 
 def _all_int8(model):
@@ -138,6 +139,8 @@ GOLDEN = {
     # HardSigmoid has no int8 kernel: it runs in float between one DQ and one Q (as in ORT's model)
     "hardswish": ({"QLinearConv": 2, "QLinearMul": 1}, 4),
     "fpn": ({"QLinearConv": 3, "QLinearConcat": 1}, 2),  # MaxPool and Resize on uint8, no Q/DQ around them
+    # ORT keeps linear Resize in float: Q/DQ around it, and no Q added before it (it would not pay)
+    "fpn_linear": ({"QLinearConv": 3, "QLinearConcat": 1}, 4),
     "shuffle": ({"QLinearConv": 4, "QLinearConcat": 1}, 2),  # Reshape/Transpose/Split/Slice on uint8
     "head": ({"QLinearConv": 1, "QLinearLeakyRelu": 1, "QLinearAveragePool": 1, "QGemm": 1, "QLinearSoftmax": 1}, 2),
 }
