@@ -137,10 +137,12 @@ def _path(p: Path, d: dict, key: str, base: Path) -> Path:
     return (base / v).resolve()
 
 
-def _int(p: Path, d: dict, key: str, default: int, lo: int) -> int:
+def _int(p: Path, d: dict, key: str, default: int, lo: int, hi: int = 2**31 - 1) -> int:
+    """An integer in [lo, hi]: the upper bound keeps values inside what ORT, NumPy seeds and
+    SQLite take (a seed of 2**32 or a batch of 10**30 would fail deep inside a stage)."""
     v = d.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise QsearchError(f"{where(p, d, key)}: '{key}' must be an integer >= {lo}, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise QsearchError(f"{where(p, d, key)}: '{key}' must be an integer in [{lo}, {hi}], got {v!r}")
     return v
 
 

@@ -19,6 +19,8 @@ import numpy as np
 from qsearch.errors import QsearchError
 from qsearch.model import InputSpec
 
+MAX_ENTRY_BATCHES = 100_000  # batches read from a data entry point without a `limit`
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -113,8 +115,20 @@ def _raw(spec: DataSpec, base: Path | None) -> tuple[list[dict], list[np.ndarray
             raise QsearchError(f"{d}: no labels file '{spec.labels}.npy'")
         return [arrays], [labels], h.digest()
     func = import_entry(spec.entry, spec.where, base)
+    items, samples = [], 0
     try:
-        items = list(func())
+        # read lazily and stop: an endless generator must not eat the machine's memory
+        for item in func():
+            items.append(item)
+            feed = item[0] if isinstance(item, tuple) and len(item) == 2 else item
+            if isinstance(feed, Mapping) and feed:
+                first = np.asarray(next(iter(feed.values())))
+                samples += len(first) if first.ndim else 1
+            if spec.limit is not None and samples >= spec.limit:
+                break
+            if len(items) > MAX_ENTRY_BATCHES:
+                raise QsearchError(f"{spec.where}: data entry point '{spec.entry}' yields more than "
+                                   f"{MAX_ENTRY_BATCHES} batches (endless?); set data.{spec.name}.limit")
     except QsearchError:
         raise
     except Exception as exc:
@@ -142,7 +156,7 @@ def load(spec: DataSpec, inputs: Sequence[InputSpec], batch_size: int, base: Pat
     want = {i.name: i for i in inputs}
     batches: list[dict] = []
     batch_labels: list[np.ndarray | None] = []
-    fixed_batch = any(i.shape and i.shape[0] is not None for i in inputs)
+    fixed_batch = next((i.shape[0] for i in inputs if i.shape and i.shape[0] is not None), None)
     for chunk, lab in zip(chunks, labels):
         missing = sorted(set(want) - set(chunk))
         extra = sorted(set(chunk) - set(want))
@@ -155,13 +169,18 @@ def load(spec: DataSpec, inputs: Sequence[InputSpec], batch_size: int, base: Pat
             n = len(arr) if n is None else n
             if len(arr) != n:
                 raise QsearchError(f"{src}: {spec.name} arrays have different sample counts ({name}: {len(arr)} vs {n})")
+        if n == 0:
+            raise QsearchError(f"{src}: {spec.name} data has an empty batch (zero samples)")
+        if fixed_batch and spec.entry is None and n % fixed_batch:
+            raise QsearchError(f"{src}: the model's inputs have a fixed batch of {fixed_batch}, but the {spec.name} "
+                               f"data has {n} samples, not a multiple of it")
         if lab is not None and len(lab) != n:
             raise QsearchError(f"{src}: {spec.name} labels have {len(lab)} entries for {n} samples")
         if spec.entry is not None:  # entry points give batches already shaped for the model
             batches.append(chunk)
             batch_labels.append(lab)
             continue
-        step = 1 if fixed_batch else batch_size
+        step = fixed_batch or batch_size
         for i in range(0, n, step):
             batches.append({k: np.ascontiguousarray(v[i : i + step]) for k, v in chunk.items()})
             batch_labels.append(None if lab is None else lab[i : i + step])
@@ -178,6 +197,9 @@ def load(spec: DataSpec, inputs: Sequence[InputSpec], batch_size: int, base: Pat
 
 
 def _check_array(src, split: str, name: str, arr: np.ndarray, spec: InputSpec) -> None:
+    if not spec.shape or arr.ndim == 0:
+        raise QsearchError(f"{src}: {split} input '{name}' is a scalar (rank 0) in the "
+                           f"{'model' if not spec.shape else 'data'}: qsearch batches samples along the first axis")
     if arr.dtype == object:
         raise QsearchError(f"{src}: {split} input '{name}' holds Python objects, not numbers")
     if arr.dtype != spec.dtype:

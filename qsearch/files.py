@@ -45,9 +45,18 @@ def save_figure(fig, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def ensure_writable_dir(path: str | os.PathLike, what: str) -> None:
-    """Fail before the work, not after it: create the folder and prove a file can be made there."""
+def ensure_writable_dir(path: str | os.PathLike, what: str, create: bool = True) -> None:
+    """Fail before the work, not after it: create the folder and prove a file can be made there.
+    With create=False, prove it could be made (its nearest existing folder is writable) without
+    making it, so a command that fails later leaves no empty folder behind."""
     p = Path(path)
+    if not create:
+        probe = p
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise QsearchError(f"{what} {p}: not a writable folder ({probe} is a file)")
+        p = probe
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".qsearch-probe-", dir=p)
@@ -57,10 +66,15 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> None:
         raise QsearchError(f"{what} {p}: not a writable folder ({exc.strerror or exc})") from None
 
 
-def ensure_writable_file(path: str | os.PathLike, what: str) -> None:
+def ensure_writable_file(path: str | os.PathLike, what: str, inputs: tuple = ()) -> None:
+    """A file we may write: not a folder, in a writable folder, and none of the command's
+    `inputs` (writing the result over the user's model or plan would destroy the source)."""
     p = Path(path)
     if p.is_dir():
         raise QsearchError(f"{what} {p}: is a folder, expected a file path")
+    for src in inputs:
+        if src is not None and Path(src).exists() and p.exists() and os.path.samefile(p, src):
+            raise QsearchError(f"{what} {p}: is an input of this command ({src}); write the result elsewhere")
     try:
         ensure_writable_dir(p.parent, what)
     except QsearchError:
@@ -79,7 +93,15 @@ class LinedDict(dict):
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    """No aliases: a few hundred bytes of nested `*ref`s expand to gigabytes when a value is
+    printed or walked (a "billion laughs"), and a config or plan never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases are not allowed (*{event.anchor})",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LinedDict:

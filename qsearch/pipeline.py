@@ -45,8 +45,11 @@ class Context:
         self.test_data = data.load(workload.test, self.prepared.inputs, bs, base)
         self.cache_dir = cache_dir
         self.calibration_passes = 0
-        self.stats = self._stats()
         fp32 = make_session(self.prepared.proto, workload.threads)
+        if workload.metric.name == "top1":  # before calibrating: a bad metric must cost nothing
+            for ds in (self.search_data, self.test_data):
+                self._check_top1(fp32, ds)
+        self.stats = self._stats()
         self.search_scorer = self._scorer(fp32, self.search_data, workload.metric.search_entry)
         self.test_scorer = self._scorer(fp32, self.test_data, workload.metric.test_entry)
         self.latency_feed = self._latency_feed()
@@ -59,6 +62,28 @@ class Context:
         self._check_deterministic(fp32)
 
     # ------------------------------------------------------------------ setup
+    def _check_top1(self, fp32, ds) -> None:
+        """top1 needs per-class float scores and integer class labels in range; anything else
+        (an ArgMax output, one-hot or float labels) would score silently wrong."""
+        import numpy as np
+
+        out = fp32.run(None, dict(ds.batches[0]))[0]
+        n = len(next(iter(ds.batches[0].values())))
+        name = self.prepared.outputs[0]
+        where = f"{self.workload.path}: metric top1"
+        if not np.issubdtype(out.dtype, np.floating) or out.ndim < 2 or out.shape[0] != n or out[0].size < 2:
+            raise QsearchError(f"{where}: the model's first output '{name}' must hold per-class float scores of shape "
+                               f"(batch, classes), got {out.dtype} {out.shape}")
+        classes = out[0].size
+        for i, y in enumerate(ds.labels):
+            y = np.asarray(y)
+            if y.dtype.kind not in "iu" or y.reshape(-1).size != len(next(iter(ds.batches[i].values()))):
+                raise QsearchError(f"{where}: {ds.name} labels must be one integer class index per sample, got "
+                                   f"{y.dtype} {y.shape}" + (" (one-hot? give class indices)" if y.ndim == 2 else ""))
+            if y.size and (y.min() < 0 or y.max() >= classes):
+                raise QsearchError(f"{where}: {ds.name} labels must lie in [0, {classes - 1}] (the output has "
+                                   f"{classes} classes), found {int(y.min())}..{int(y.max())}")
+
     def _check_deterministic(self, fp32) -> None:
         """A metric that scores the same FP32 model differently twice makes every drop noise."""
         again = self.search_scorer.score(make_session(self.prepared.proto, self.workload.threads))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import yaml
 
 from qsearch import __version__
@@ -20,6 +21,7 @@ from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_text, check_keys, load_yaml, where
 from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel
 
+MAX_RANGE = float(np.finfo(np.float32).max)  # a plan's range must be float32: its scale then stays finite
 SCHEMA_VERSION = 1
 PRECISIONS = ("int8", "fp16", "fp32")
 TARGETS = ("cpu", "fp16")  # cpu: float layers run FP32; fp16: GPU/NPU, float layers run FP16
@@ -118,15 +120,25 @@ class Plan:
         layers = {str(n): _parse_choice(path, c or {}, defaults, f"layers.{n}") for n, c in layers_doc.items()}
         calib = doc.get("calibration") or {}
         check_keys(path, calib, {"percentile"}, "calibration")
+        pct = calib.get("percentile", 99.99)
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= pct <= 100.0:
+            raise QsearchError(f"{where(path, calib, 'percentile')}: calibration.percentile must be a number in "
+                               f"[50, 100], got {pct!r}")
+        for key in ("metrics", "provenance"):
+            if doc.get(key) is not None and not isinstance(doc[key], dict):
+                raise QsearchError(f"{where(path, doc, key)}: '{key}' must be a mapping, got {doc[key]!r}"[:300])
         ranges_doc = doc.get("activation_ranges") or {}
         if not isinstance(ranges_doc, dict):
             raise QsearchError(f"{where(path, doc, 'activation_ranges')}: must be a mapping")
         ranges = {}
         for t, r in ranges_doc.items():
-            ok = isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r)
-            if not ok or not (r[0] <= 0 <= r[1]) or any(v != v or abs(v) == float("inf") for v in r):
+            ok = isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                             for v in r)
+            # beyond float32 the scale of a uint8 tensor is inf (and the model computes NaN)
+            if not ok or not (r[0] <= 0 <= r[1]) or any(v != v or abs(v) > MAX_RANGE for v in r):
                 raise QsearchError(
-                    f"{where(path, ranges_doc, t)}: activation_ranges.{t} must be [min <= 0, max >= 0], got {r!r}"
+                    f"{where(path, ranges_doc, t)}: activation_ranges.{t} must be [min <= 0, max >= 0] with "
+                    f"|values| <= {MAX_RANGE:g}, got {r!r}"[:300]
                 )
             ranges[str(t)] = (float(r[0]), float(r[1]))
         return cls(
@@ -136,7 +148,7 @@ class Plan:
             defaults=defaults,
             layers=layers,
             ranges=ranges,
-            percentile=float(calib.get("percentile", 99.99)),
+            percentile=float(pct),
             metrics=dict(doc.get("metrics") or {}),
             provenance=dict(doc.get("provenance") or {}),
         )

@@ -52,14 +52,26 @@ class Progress:
 
 
 def open_context(config: str | None, out: Path) -> Context:
-    ensure_writable_dir(out, "--out")
     workload = load_workload(config)
+    ensure_writable_dir(out, "--out", create=False)  # a bad config or model leaves no empty --out behind
+    for sub in ("cache", "pareto", "closest"):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise QsearchError(f"--out {out}: '{sub}' there is a file, but qsearch keeps a folder of that name; "
+                               "move it or pick another --out")
     log(f"workload '{workload.name}': {workload.model.name}, metric {workload.metric.name}, "
         f"max_drop {workload.max_drop * 100 if workload.relative else workload.max_drop}{'%' if workload.relative else ''}")
-    return Context(workload, cache_dir=out / "cache", log=log)
+    ctx = Context(workload, cache_dir=out / "cache", log=log)
+    ensure_writable_dir(out, "--out")
+    return ctx
+
+
+def _check_samples(samples) -> None:
+    if samples is not None and samples < 1:
+        raise QsearchError(f"--samples must be >= 1, got {samples}")
 
 
 def run_analyze(config, out: Path, samples=None, reverse=False, workers=1) -> sensitivity.SensitivityProfile:
+    _check_samples(samples)
     ctx = open_context(config, out)
     profile = sensitivity.analyze(ctx, samples=samples, reverse=reverse, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("analyze"))
@@ -107,8 +119,7 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
                  workers=1) -> int:
     if budget < 1:
         raise QsearchError(f"--budget must be a positive number of trials, got {budget}")
-    if samples is not None and samples < 1:
-        raise QsearchError(f"--samples must be >= 1, got {samples}")
+    _check_samples(samples)
     t_start = time.perf_counter()
     ctx = open_context(config, out)
     # the screen runs as jobs in the study's storage: workers on one study split it, a resumed run
@@ -251,7 +262,7 @@ def trials_csv(path: Path, search: Search) -> None:
 
 
 def run_apply(plan_path: str, model_path: str, output: str) -> None:
-    ensure_writable_file(output, "-o")
+    ensure_writable_file(output, "-o", (plan_path, model_path))
     plan = Plan.read(plan_path)
     prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
     plan.validate(prepared, plan_path)
@@ -290,8 +301,9 @@ def run_evaluate(model_path: str, config: str | None, out: Path) -> dict:
 
 
 def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str) -> None:
-    ensure_writable_file(output, "-o")
+    ensure_writable_file(output, "-o", (config,))
     ctx = open_context(config, out)
+    ensure_writable_file(output, "-o", (ctx.workload.model,))
     if kind == "naive":
         plan = ctx.uniform_plan(method, granularity)
     elif kind in ("fp32", "fp16"):

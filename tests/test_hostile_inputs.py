@@ -1,0 +1,123 @@
+"""Hostile but plausible inputs, one class per case: each ends in one line naming the file, key or
+tensor, exit 2, no traceback, nothing half-written (and no empty --out left behind)."""
+
+import numpy as np
+import pytest
+
+from qsearch.cli import main
+
+from .conftest import make_cnn, write_workload
+
+
+@pytest.fixture
+def workload(tmp_path):
+    return write_workload(tmp_path / "w", make_cnn())
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b]\n"
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("alias_bomb", "aliases are not allowed (*a)"),
+    ("seed_too_big", "'seed' must be an integer in [0, 2147483647], got 4294967296"),
+    ("endless_entry", "yields more than 100000 batches (endless?); set data.calibration.limit"),
+    ("empty_batch_entry", "calibration data has an empty batch"),
+    ("float_labels", "search labels must be one integer class index per sample, got float64"),
+    ("one_hot_labels", "(one-hot? give class indices)"),
+    ("labels_out_of_range", "labels must lie in [0, 9] (the output has 10 classes), found 0..10"),
+    ("cache_is_a_file", "'cache' there is a file"),
+])
+def test_hostile_workloads(case, expect, workload, tmp_path, capsys):
+    d = workload.parent
+    text = workload.read_text()
+    out = tmp_path / "out"
+    s = np.load(d / "search.npz")
+    x, y = s["x"], s["label"]
+    if case == "alias_bomb":
+        text += BOMB
+    elif case == "seed_too_big":
+        text += "search_space: {seed: 4294967296}\n"
+    elif case in ("endless_entry", "empty_batch_entry"):
+        body = ("    while True:\n        yield {'x': np.zeros((1, 3, 8, 8), np.float32)}\n" if case == "endless_entry"
+                else "    yield {'x': np.zeros((0, 3, 8, 8), np.float32)}\n")
+        (d / f"gen_{case}.py").write_text("import numpy as np\n\ndef data():\n" + body)  # (modules are cached by name)
+        text = text.replace("calibration: {npz: calib.npz, labels: label}", f"calibration: {{entry: 'gen_{case}:data'}}")
+    elif case in ("float_labels", "one_hot_labels", "labels_out_of_range"):
+        lab = {"float_labels": y.astype(np.float64), "one_hot_labels": np.eye(10, dtype=np.int64)[y],
+               "labels_out_of_range": np.where(np.arange(len(y)) == 0, 10, y % 10)}[case]
+        np.savez(d / "bad.npz", x=x, label=lab)
+        text = text.replace("search: {npz: search.npz", "search: {npz: bad.npz")
+    elif case == "cache_is_a_file":
+        out.mkdir()
+        (out / "cache").write_text("not a folder")
+    workload.write_text(text)
+    for cmd in (["analyze"], ["optimize", "--budget", "2"]):
+        assert main([*cmd, "--config", str(workload), "--out", str(out)]) == 2
+        assert expect in _err(capsys)
+        assert not list(out.glob("*.yaml")) if out.is_dir() else True
+        if case != "cache_is_a_file":
+            assert not out.exists()  # a config or data error leaves no empty --out behind
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("plan_alias", "aliases are not allowed"),
+    ("percentile_text", "calibration.percentile must be a number in [50, 100], got 'abc'"),
+    ("metrics_list", "'metrics' must be a mapping, got [1, 2]"),
+    ("provenance_text", "'provenance' must be a mapping, got 'hello'"),
+    ("huge_range", "must be [min <= 0, max >= 0] with |values| <= 3.40282e+38"),
+    ("bool_range", "must be [min <= 0, max >= 0]"),
+    ("output_is_the_model", "is an input of this command"),
+    ("output_is_the_plan", "is an input of this command"),
+])
+def test_hostile_plans(case, expect, workload, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    model = workload.parent / "model.onnx"
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(plan)]) == 0
+    capsys.readouterr()
+    doc = plan.read_text()
+    before = model.read_bytes()
+    out = tmp_path / "out.onnx"
+    if case == "plan_alias":
+        plan.write_text(doc + "extra: &e {a: 1}\nmore: *e\n")
+    elif case == "percentile_text":
+        plan.write_text(doc.replace("percentile: 99.99", "percentile: abc"))
+    elif case == "metrics_list":
+        plan.write_text(doc.split("metrics:")[0] + "metrics: [1, 2]\n")
+    elif case == "provenance_text":
+        plan.write_text(doc.split("provenance:")[0] + "provenance: hello\n")
+    elif case in ("huge_range", "bool_range"):
+        t = doc.split("activation_ranges:\n")[1].splitlines()[0].split(":")[0].strip()
+        val = "[-1.0e+300, 1.0e+300]" if case == "huge_range" else "[false, true]"
+        plan.write_text(doc.replace(f"  {t}: [", f"  {t}: {val}\n  _old: [", 1))
+    elif case == "output_is_the_model":
+        out = model
+    elif case == "output_is_the_plan":
+        out = plan
+    assert "percentile: 99.99" in doc and "metrics:" in doc and "provenance:" in doc
+    assert main(["apply", str(plan), str(model), "-o", str(out)]) == 2
+    assert expect in _err(capsys)
+    assert model.read_bytes() == before  # the user's source is never overwritten
+    if case not in ("output_is_the_model", "output_is_the_plan"):
+        assert not out.exists()
+
+
+def test_baseline_refuses_to_overwrite_the_model(workload, tmp_path, capsys):
+    model = workload.parent / "model.onnx"
+    before = model.read_bytes()
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(model)]) == 2
+    assert "is an input of this command" in _err(capsys)
+    assert model.read_bytes() == before
+
+
+def test_samples_below_one_refused_before_any_work(workload, tmp_path, capsys):
+    out = tmp_path / "out"
+    for n in ("0", "-3"):
+        assert main(["analyze", "--config", str(workload), "--out", str(out), "--samples", n]) == 2
+        assert f"--samples must be >= 1, got {n}" in _err(capsys)
+    assert not out.exists()
