@@ -560,6 +560,11 @@ class Search:
         near = [r for r in feasible if r.cost <= floor * 1.02]
         return max(near, key=lambda r: (r.score, -r.cost, -r.number))
 
+    def finalists(self, n: int = 3) -> list[TrialResult]:
+        """The `n` cheapest feasible trials: each trial's latency was timed once, alone, so the
+        cheapest is a noisy argmin; the final choice re-times these side by side."""
+        return sorted((r for r in self.results() if r.feasible), key=lambda r: (r.cost, -r.score, r.number))[:n]
+
     def closest(self, n: int = 3) -> list[TrialResult]:
         return sorted(self.results(), key=lambda r: (r.drop, r.cost))[:n]
 

@@ -35,7 +35,7 @@ from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
 
 
@@ -51,6 +51,7 @@ class LayerSensitivity:
     noise: float = 0.0  # model-output noise / signal power, this layer alone INT8 at its best option
     fp32_ms: float = 0.0  # attributed latency of the layer (and the glue after it) in the FP32 model
     int8_ms: float = 0.0  # ... and in the all-INT8 model, Q/DQ and float glue included
+    screened: bool = True  # noise measured; else estimated from the proxy (INT8 does not pay here)
 
     @property
     def best_option(self) -> str:
@@ -259,12 +260,12 @@ class Screen:
         return noise / max(self.signal, 1e-30), None if score is None else self.fp32_metric - score
 
 
-def _profile_key(ctx, samples, reverse) -> str:
+def _profile_key(ctx, samples, reverse, screen_all=True) -> str:
     import hashlib
 
     space = ctx.workload.space
     src = json.dumps([PROFILE_VERSION, RANGES_VERSION, ctx.prepared.fingerprint, ctx.search_data.fingerprint,
-                      ctx.calib_data.fingerprint, samples, reverse, list(space.calibration), list(space.granularity),
+                      ctx.calib_data.fingerprint, samples, reverse, screen_all, list(space.calibration), list(space.granularity),
                       space.percentile, [la.name for la in ctx.candidates()], ctx.workload.metric.name,
                       ctx.workload.metric.search_entry, ctx.workload.target, ctx.workload.threads,
                       ctx.workload.latency_batch])
@@ -273,15 +274,17 @@ def _profile_key(ctx, samples, reverse) -> str:
 
 def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int = 1,
             cache_dir: Path | None = None, progress: Callable | None = None,
-            queue=None) -> SensitivityProfile:
+            queue=None, screen_all: bool = True) -> SensitivityProfile:
     """Proxy-rank every layer's options, screen each layer alone at its best option for output
     fidelity, attribute latency per layer; most sensitive (noisiest) first. See module docstring.
     `queue` (e.g. `search.StudyQueue`) runs the screen as shared jobs: several workers split it and
-    a resumed run finds the finished ones in storage."""
+    a resumed run finds the finished ones in storage. `screen_all=False` (what `optimize` uses)
+    screens only the layers whose INT8 form pays: the others are never fixed INT8, so an estimate
+    of their noise from the proxy is enough to order them."""
     t0 = time.perf_counter()
     space = ctx.workload.space
     layers = ctx.candidates()
-    cache = cache_dir / f"sensitivity-{_profile_key(ctx, samples, reverse)}.yaml" if cache_dir else None
+    cache = cache_dir / f"sensitivity-{_profile_key(ctx, samples, reverse, screen_all)}.yaml" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             return SensitivityProfile.from_yaml(cache.read_text())
@@ -295,19 +298,34 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     for (la, c), v in zip(entries, sq):
         proxies[la.name][c.label()] = float(v)
     best = {la.name: max(proxies[la.name], key=lambda k: (proxies[la.name][k], k)) for la in layers}
-    # 2. fidelity screen: each layer alone at its best option, on the subset
-    jobs = [{la.name: best[la.name]} for la in layers]
+    # 2. latency attribution: FP32 and all-INT8 (best options) profiled per node. One shared job:
+    # every worker must derive the same screen from the same timings.
+    from qsearch import profiling
+
+    def attribute(_job: dict) -> tuple:
+        fp32_p = profiling.profile(ctx.prepared, ctx.prepared.proto, ctx.latency_feed, ctx.workload.threads)
+        int8_model = ctx.rewriter(ctx.plan({la.name: LayerChoice.parse(best[la.name]) for la in layers}))
+        int8_p = profiling.profile(ctx.prepared, int8_model, ctx.latency_feed, ctx.workload.threads)
+        return (fp32_p.total_ms, int8_p.total_ms, fp32_p.by_kind, int8_p.by_kind,
+                [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers])
+
+    timing = queue.stage("profile").map([{}], attribute, progress, what="profile")[0] if queue is not None else \
+        attribute({})
+    fp32_total, int8_total, fp32_kinds, int8_kinds, fp32_ms, int8_ms = timing
+    # 3. fidelity screen, where a decision needs it: each layer whose INT8 form pays, alone at its
+    # best option on the subset. A layer where INT8 does not pay is never fixed INT8 and goes
+    # float in every warm start; its output noise is estimated from its proxy SQNR instead.
+    pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if screen_all or f - i > 0]
+    jobs = [{la.name: best[la.name]} for la in pays]
     if queue is not None:
         results = queue.map(jobs, screen.run, progress)
     else:
         results = _run_jobs(ctx, screen, jobs, workers, samples, cache_dir, progress, "screen")
+    measured = {la.name: r for la, r in zip(pays, results)}
     evaluations = len({c.calibration for _, c in entries}) + len(jobs)
-    # 3. latency attribution: FP32 and all-INT8 (best options) profiled per node
-    from qsearch import profiling
-
-    fp32_prof = profiling.profile(ctx.prepared, ctx.prepared.proto, ctx.latency_feed, ctx.workload.threads)
-    int8_model = ctx.rewriter(ctx.plan({la.name: LayerChoice.parse(best[la.name]) for la in layers}))
-    int8_prof = profiling.profile(ctx.prepared, int8_model, ctx.latency_feed, ctx.workload.threads)
+    # output noise per unit of layer noise (the proxy's 10^(-SQNR/10)), median over screened layers
+    ratios = [measured[n][0] / 10 ** (-proxies[n][best[n]] / 10) for n in measured if proxies[n][best[n]] < 120]
+    gain = float(np.median(ratios)) if ratios else 1.0
     restore: dict[str, float] = {}
     if reverse:
         fp = LayerChoice(ctx.float_precision).label()
@@ -316,24 +334,25 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
         evaluations += len(rev)
         for la, (noise, _) in zip(layers, rev[1:]):
             restore[la.name] = float(rev[0][0] - noise)  # output noise removed by keeping this layer float
-    result = [
-        LayerSensitivity(la.name, la.op_type, la.macs, la.weight_bytes,
-                         {} if drop is None else {best[la.name]: float(drop)}, proxies[la.name], restore.get(la.name),
-                         noise=float(noise), fp32_ms=round(fp32_prof.layer_ms(la.name), 6),
-                         int8_ms=round(int8_prof.layer_ms(la.name), 6))
-        for la, (noise, drop) in zip(layers, results)
-    ]
+    result = []
+    for la, f, i in zip(layers, fp32_ms, int8_ms):
+        noise, drop = measured.get(la.name, (gain * 10 ** (-proxies[la.name][best[la.name]] / 10), None))
+        result.append(LayerSensitivity(
+            la.name, la.op_type, la.macs, la.weight_bytes, {} if drop is None else {best[la.name]: float(drop)},
+            proxies[la.name], restore.get(la.name), noise=float(noise), fp32_ms=round(f, 6), int8_ms=round(i, 6),
+            screened=la.name in measured))
     result.sort(key=lambda x: (-x.noise, -x.best_drop, x.name))
-    rho = spearman([-x.proxy_sqnr[x.best_option] for x in result], [x.noise for x in result])
+    rho = spearman([-x.proxy_sqnr[x.best_option] for x in result if x.screened],
+                   [x.noise for x in result if x.screened])
     profile = SensitivityProfile(
         model=ctx.prepared.name, fingerprint=ctx.prepared.fingerprint, metric=ctx.workload.metric.name,
         fp32_score=float(ctx.baseline.fp32_search), samples=screen.data.samples,
         layers=tuple(result), spearman=rho, seconds=round(time.perf_counter() - t0, 3),
         meta={"evaluations": evaluations, "proxy_passes": len({c.calibration for _, c in entries}),
-              "screened": len(jobs), "profiled_models": 2, "workers": workers,
-              "fp32_ms": round(fp32_prof.total_ms, 4), "int8_ms": round(int8_prof.total_ms, 4),
-              "fp32_by_kind": {k: round(v, 4) for k, v in fp32_prof.by_kind.items()},
-              "int8_by_kind": {k: round(v, 4) for k, v in int8_prof.by_kind.items()}},
+              "screened": len(jobs), "noise_per_layer_noise": gain, "profiled_models": 2, "workers": workers,
+              "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
+              "fp32_by_kind": {k: round(v, 4) for k, v in fp32_kinds.items()},
+              "int8_by_kind": {k: round(v, 4) for k, v in int8_kinds.items()}},
     )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

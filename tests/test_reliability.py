@@ -34,12 +34,13 @@ def _optimize(workload: Path, out: Path, budget: int, *extra: str) -> subprocess
 def _study(storage: str) -> optuna.Study:
     """The search study (the other one holds the analysis jobs: each done exactly once)."""
     names = optuna.get_all_study_names(storage)
-    search = [n for n in names if not n.endswith(("-analysis", "-analysis-proxy"))]
-    assert len(search) == 1 and len(names) == 3
-    for stage in ("-analysis-proxy", "-analysis"):  # the proxy passes, then the screen
+    stages = ("-analysis-proxy", "-analysis-profile", "-analysis")  # proxy passes, latency profile, screen
+    search = [n for n in names if not n.endswith(stages)]
+    assert len(search) == 1 and len(names) == 4
+    for stage in stages:
         jobs = optuna.load_study(study_name=search[0] + stage, storage=storage)
         done = [t.user_attrs["job"] for t in jobs.get_trials(states=(TrialState.COMPLETE,))]
-        assert done and sorted(done) == sorted(set(done)) == list(range(len(done)))
+        assert sorted(done) == sorted(set(done)) == list(range(len(done)))  # each job once
     return optuna.load_study(study_name=search[0], storage=storage)
 
 
