@@ -146,6 +146,9 @@ def main() -> None:
     for name, expr, env in (
         ("bad inputs (CLI: models, configs, plans, data, entry points, output paths, storage)",
          "tests/test_plan_and_cli.py -k bad", None),
+        ("hostile inputs (YAML alias bombs, endless/empty data, labels vs outputs, plan field types, huge "
+         "ranges, outputs over inputs, empty --out)", "tests/test_hostile_inputs.py", None),
+        ("golden fusion per pattern vs ORT's quantizer (tests/test_patterns.py)", "tests/test_patterns.py", None),
         (f"rewriter fuzzing (hypothesis, {args.fuzz} random graphs x random plans)",
          "tests/test_rewrite.py -k random", {"QSEARCH_FUZZ_EXAMPLES": str(args.fuzz)}),
         ("interruption and workers (tests/test_reliability.py)", "tests/test_reliability.py", None),
