@@ -102,9 +102,12 @@ class _Histogram:
             self.lo, self.hi = lo, hi
         elif mn < self.lo or mx > self.hi:
             self._grow(min(mn, self.lo), max(mx, self.hi))
-        scale = self.bins / (self.hi - self.lo)
-        idx = np.clip(((x - self.lo) * scale).astype(np.int64), 0, self.bins - 1)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        # bin index in float32, clipped in place, one cast: x >= lo, so only the top needs the clip
+        idx = np.subtract(x, np.float32(self.lo), dtype=np.float32)
+        idx *= np.float32(self.bins / (self.hi - self.lo))
+        np.minimum(idx, self.bins - 1, out=idx)
+        np.maximum(idx, 0, out=idx)
+        self.counts += np.bincount(idx.astype(np.intp), minlength=self.bins)
 
     def _grow(self, lo: float, hi: float) -> None:
         # Grow by at least 25% so a slowly widening tensor is not re-binned every batch.
@@ -141,6 +144,10 @@ def collect(
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # basic optimizations only: with ~100 intermediate outputs, the layout transformer (NCHWc) adds a
+    # reorder per output and the pass ran 5x slower (PP-LCNet: 3.9 s vs 0.8 s for 64 samples);
+    # the model is already basic-optimized by `prepare`, so the values are the same
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     hists = {n: _Histogram() for n in names}
     samples = batches = 0
@@ -209,50 +216,68 @@ def _symmetric_histogram(s: TensorStats, bins: int = NUM_BINS) -> tuple[np.ndarr
     return np.bincount(idx, weights=s.counts, minlength=bins), edges
 
 
-def _smoothed(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
-    """Move eps of mass into empty bins so KL stays finite (as TensorRT and ONNX Runtime do)."""
-    zeros = p == 0
-    nonzero = int((~zeros).sum())
-    if nonzero == 0:
-        return None
-    return p + eps * zeros - (eps * float(zeros.sum()) / nonzero) * (~zeros)
-
-
 def kl_threshold(hist: np.ndarray, levels: int = 128) -> int:
     """Entropy calibration: the half-width i (in bins, around the centre bin) of the window whose
     clipped, `levels`-quantized distribution is closest (KL divergence) to the reference.
 
     Windows grow symmetrically around zero and the clipped mass folds into the end bins, the
     TensorRT scheme as ONNX Runtime's quantizer runs it; a one-sided variant with one level per
-    bin at the smallest window over-clips ReLU6 outputs, whose saturated values carry signal."""
+    bin at the smallest window over-clips ReLU6 outputs, whose saturated values carry signal.
+    Candidate windows are scored in blocks of rows (one array op per step for 64 windows, 2x faster
+    than a loop over ~1000 windows); the earliest window with the smallest KL wins, as in the loop."""
     hist = np.asarray(hist, dtype=np.float64)
-    n = len(hist)
-    zero = n // 2
+    zero = len(hist) // 2
     cum = np.concatenate([[0.0], np.cumsum(hist)])
     best_i, best_kl = zero, np.inf
-    for i in range(levels // 2, zero + 1):
-        a, b = zero - i, min(zero + i + 1, n)
-        window = hist[a:b]
-        p = window.copy()
-        p[0] += cum[a]
-        p[-1] += cum[n] - cum[b]
-        m = len(window) // levels
-        body = m * levels
-        group = window[:body].reshape(levels, m).sum(1)
-        group[-1] += window[body:].sum()
-        nz = p != 0
-        per = nz[:body].reshape(levels, m).sum(1)
-        q = np.zeros(len(p))
-        q[:body] = np.repeat(np.where(per > 0, np.floor(group / np.maximum(per, 1)), 0.0), m) * nz[:body]
-        ps, qs = _smoothed(p), _smoothed(q)
-        if ps is None or qs is None:
-            continue
-        ps, qs = ps / ps.sum(), qs / qs.sum()
-        pos = ps > 0
-        kl = float(np.sum(ps[pos] * np.log(ps[pos] / qs[pos])))
+    widths = np.arange(levels // 2, zero + 1)
+    for c in range(0, len(widths), _KL_BLOCK):
+        i, kl = _kl_block(hist, cum, widths[c:c + _KL_BLOCK], levels)
         if kl < best_kl:
-            best_kl, best_i = kl, i
+            best_i, best_kl = i, kl
     return best_i
+
+
+_KL_BLOCK = 64
+
+
+def _kl_block(hist: np.ndarray, cum: np.ndarray, widths: np.ndarray, levels: int,
+              eps: float = 1e-4) -> tuple[int, float]:
+    """The best (width, KL) among `widths`: one row per candidate window, padded to the widest."""
+    n, zero = len(hist), len(hist) // 2
+    a, b = zero - widths, np.minimum(zero + widths + 1, n)
+    length = b - a
+    rows = np.arange(len(widths))
+    k = np.arange(int(length.max()))[None, :]
+    valid = k < length[:, None]
+    p = np.where(valid, hist[np.minimum(a[:, None] + k, n - 1)], 0.0)
+    p[:, 0] += cum[a]  # the clipped tails fold into the end bins
+    p[rows, length - 1] += cum[n] - cum[b]
+    m = length // levels  # window bins per quantized level; the remainder joins the last level
+    body = m * levels
+    starts = np.arange(levels)[None, :] * m[:, None]
+    group = cum[a[:, None] + starts + m[:, None]] - cum[a[:, None] + starts]  # of the unfolded window
+    group[:, -1] += cum[b] - cum[a + body]
+    nonzero = p != 0
+    in_body = k < body[:, None]
+    count = np.zeros((len(widths), k.shape[1] + 1))
+    np.cumsum(nonzero & in_body, axis=1, out=count[:, 1:])
+    per = np.take_along_axis(count, starts + m[:, None], 1) - np.take_along_axis(count, starts, 1)
+    level = np.where(per > 0, np.floor(group / np.maximum(per, 1)), 0.0)
+    q = np.where(in_body & nonzero, np.take_along_axis(level, np.minimum(k // m[:, None], levels - 1), 1), 0.0)
+    smoothed = []
+    for x in (p, q):  # eps of mass into empty bins so KL stays finite (TensorRT, ONNX Runtime)
+        zeros = (x == 0) & valid
+        n_zero = zeros.sum(1)
+        y = x + eps * zeros - (eps * n_zero / np.maximum(length - n_zero, 1))[:, None] * (valid & ~zeros)
+        total = y.sum(1)
+        smoothed.append((y / np.where(total == 0, 1, total)[:, None], length - n_zero > 0))
+    (ps, ok_p), (qs, ok_q) = smoothed
+    pos = ps > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(pos, ps * np.log(np.where(pos, ps, 1) / np.where(pos, qs, 1)), 0.0).sum(1)
+    kl = np.where(ok_p & ok_q & ~np.isnan(kl), kl, np.inf)
+    j = int(np.argmin(kl))
+    return int(widths[j]), float(kl[j])
 
 
 def _entropy_range(s: TensorStats) -> tuple[float, float]:

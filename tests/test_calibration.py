@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qsearch.calibration import (
     CalibrationStats,
@@ -75,6 +77,62 @@ def test_entropy_and_mse_clip_outliers_but_keep_bulk():
 def test_kl_threshold_keeps_uniform_distribution_whole():
     hist = np.ones(2048)
     assert kl_threshold(hist) == 1024
+
+
+def _kl_threshold_loop(hist, levels=128, eps=1e-4):
+    """The TensorRT/ONNX Runtime scheme written as the plain loop over windows: the oracle the
+    blocked implementation must agree with."""
+    def smooth(p):
+        zeros = p == 0
+        nonzero = int((~zeros).sum())
+        return None if nonzero == 0 else p + eps * zeros - (eps * float(zeros.sum()) / nonzero) * (~zeros)
+
+    hist = np.asarray(hist, dtype=np.float64)
+    n, zero = len(hist), len(hist) // 2
+    cum = np.concatenate([[0.0], np.cumsum(hist)])
+    best_i, best_kl = zero, np.inf
+    for i in range(levels // 2, zero + 1):
+        a, b = zero - i, min(zero + i + 1, n)
+        window = hist[a:b]
+        p = window.copy()
+        p[0] += cum[a]
+        p[-1] += cum[n] - cum[b]
+        m = len(window) // levels
+        body = m * levels
+        group = window[:body].reshape(levels, m).sum(1)
+        group[-1] += window[body:].sum()
+        nz = p != 0
+        per = nz[:body].reshape(levels, m).sum(1)
+        q = np.zeros(len(p))
+        q[:body] = np.repeat(np.where(per > 0, np.floor(group / np.maximum(per, 1)), 0.0), m) * nz[:body]
+        ps, qs = smooth(p), smooth(q)
+        if ps is None or qs is None:
+            continue
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        pos = ps > 0
+        with np.errstate(divide="ignore"):
+            kl = float(np.sum(ps[pos] * np.log(ps[pos] / qs[pos])))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["normal", "relu", "sparse", "spike", "empty_side"]),
+       st.sampled_from([256, 512, 2048]))
+def test_kl_threshold_matches_the_plain_loop(seed, shape, bins):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(20_000) * rng.uniform(0.1, 3)
+    if shape == "relu":
+        x = np.maximum(x, 0)
+    elif shape == "spike":
+        x[: rng.integers(1, 2000)] = x.max()
+    elif shape == "empty_side":
+        x = np.abs(x) + 1
+    hist = np.histogram(x, bins=bins, range=(-abs(x).max() - 1e-3, abs(x).max() + 1e-3))[0].astype(np.float64)
+    if shape == "sparse":
+        hist = rng.integers(0, 5, bins) * (rng.random(bins) < 0.2)
+    assert kl_threshold(hist) == _kl_threshold_loop(hist)
 
 
 def test_entropy_keeps_relu6_saturation():
