@@ -94,6 +94,8 @@ class _Histogram:
         if x.size == 0:
             return
         mn, mx = float(x.min()), float(x.max())
+        if not (np.isfinite(mn) and np.isfinite(mx)):
+            raise FloatingPointError(f"non-finite values (min {mn}, max {mx})")
         self.min, self.max = min(self.min, mn), max(self.max, mx)
         if self.lo is None:
             lo, hi = mn, mx
@@ -102,12 +104,13 @@ class _Histogram:
             self.lo, self.hi = lo, hi
         elif mn < self.lo or mx > self.hi:
             self._grow(min(mn, self.lo), max(mx, self.hi))
-        # bin index in float32, clipped in place, one cast: x >= lo, so only the top needs the clip
+        # bin index in float32 and one truncating cast (x >= lo: no negatives); x == hi lands one
+        # past the last bin and is folded back, which saves two clipping passes over the tensor
         idx = np.subtract(x, np.float32(self.lo), dtype=np.float32)
         idx *= np.float32(self.bins / (self.hi - self.lo))
-        np.minimum(idx, self.bins - 1, out=idx)
-        np.maximum(idx, 0, out=idx)
-        self.counts += np.bincount(idx.astype(np.intp), minlength=self.bins)
+        counts = np.bincount(idx.astype(np.intp), minlength=self.bins)
+        self.counts += counts[: self.bins]
+        self.counts[-1] += counts[self.bins:].sum()
 
     def _grow(self, lo: float, hi: float) -> None:
         # Grow by at least 25% so a slowly widening tensor is not re-binned every batch.
@@ -154,7 +157,11 @@ def collect(
     for feed in feeds:
         outs = sess.run(names, dict(feed))
         for n, arr in zip(names, outs):
-            hists[n].add(arr)
+            try:
+                hists[n].add(arr)
+            except FloatingPointError as exc:
+                raise QsearchError(f"calibration: tensor '{n}' has {exc} on the calibration data (batch {batches}); "
+                                   "the FP32 model overflows or the data is not what it expects") from None
         batches += 1
         samples += len(next(iter(feed.values())))
     if batches == 0:

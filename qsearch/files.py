@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,51 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class OutputSet:
+    """The files that make up one command's result, written to a staging folder inside `out` and
+    moved into place together by `commit()` with SIGINT/SIGTERM held back for those few renames:
+    an interrupt leaves the previous set or the new one, never plan.yaml of one run beside the
+    model of another. Members the new set lacks are removed (a stale plan.yaml next to a new
+    closest/ would contradict it)."""
+
+    def __init__(self, out: str | os.PathLike, names: tuple[str, ...]):
+        self.out, self.names = Path(out), names
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out))
+
+    def path(self, name: str) -> Path:
+        if name.split("/")[0] not in self.names:
+            raise ValueError(f"{name} is not part of this output set")
+        return self.dir / name
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)  # after commit it is empty; after an error, discarded
+
+    def commit(self) -> None:
+        import signal
+
+        held = {signal.SIGINT, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            old = self.dir / ".replaced"
+            old.mkdir()
+            for name in self.names:
+                src, dst = self.dir / name, self.out / name
+                if dst.is_dir() and not dst.is_symlink():
+                    os.replace(dst, old / name)  # a rename: the folder's removal waits till after
+                elif dst.exists() or dst.is_symlink():
+                    dst.unlink()
+                if src.exists():
+                    os.replace(src, dst)
+        except OSError as exc:
+            raise QsearchError(f"{self.out}: cannot move the results into place ({exc.strerror or exc})") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:

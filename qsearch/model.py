@@ -8,6 +8,7 @@ plus the Relu/Clip that ONNX Runtime folds into its quantized kernel, named afte
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -120,6 +121,19 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def _constant_initializers(model: onnx.ModelProto) -> None:
+    """IR < 4 lists every initializer as a graph input too (an overridable default). Inference
+    never overrides them: drop them from the inputs so they are constants that ONNX Runtime folds
+    and a quantized model needs no feed for (before: "Required inputs missing")."""
+    inits = {i.name for i in model.graph.initializer}
+    if not any(i.name in inits for i in model.graph.input):
+        return
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    model.ir_version = max(model.ir_version, 4)
+
+
 def _name_nodes(model: onnx.ModelProto) -> None:
     """Give every node a unique, stable name: layer names in plans depend on it."""
     seen: set[str] = set()
@@ -154,6 +168,7 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
     source = source or f"model '{name}'"
     fp = fingerprint(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    _constant_initializers(model)
     _name_nodes(model)
     if _default_opset(model) < MIN_OPSET:
         try:
@@ -172,6 +187,32 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
         inputs=inputs,
         outputs=tuple(o.name for o in model.graph.output),
     )
+
+
+def with_input_shapes(prepared: PreparedModel, input_shapes: dict[str, tuple[int, ...]]) -> PreparedModel:
+    """The same prepared model with layer MACs computed at the data's shapes (per sample): a model
+    with symbolic H and W otherwise costs every conv as if its feature map were 1 x 1."""
+    per_sample = {k: (1, *v[1:]) if len(v) else v for k, v in input_shapes.items()}
+    try:
+        layers = tuple(find_layers(prepared.proto, per_sample))
+    except Exception:  # shape inference refused the concrete shapes: keep the symbolic estimate
+        return prepared
+    if [la.name for la in layers] != [la.name for la in prepared.layers]:
+        return prepared
+    return dataclasses.replace(prepared, layers=layers)
+
+
+def _with_fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    for vi in m.graph.input:
+        shape = input_shapes.get(vi.name)
+        if shape is None or len(shape) != len(vi.type.tensor_type.shape.dim):
+            continue
+        for d, v in zip(vi.type.tensor_type.shape.dim, shape):
+            d.Clear()
+            d.dim_value = int(v)
+    del m.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(m)
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedModel:
@@ -200,16 +241,39 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Every node ONNX Runtime can run as an int8 kernel in QDQ form, in graph order."""
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and, for If/Loop/Scan, the outer-scope tensors its
+    subgraphs use (implicit inputs). Sorting, dead-node sweeps and reader counts must see both,
+    or a rewrite moves or deletes what a branch reads."""
+    reads = [t for t in node.input if t]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in graphs:
+            reads.extend(_outer_reads(sub))
+    return reads
+
+
+def _outer_reads(graph: onnx.GraphProto) -> list[str]:
+    local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    out: list[str] = []
+    for n in graph.node:
+        out.extend(t for t in node_reads(n) if t not in local)
+        local.update(n.output)
+    out.extend(o.name for o in graph.output if o.name not in local)
+    return out
+
+
+def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[Layer]:
+    """Every node ONNX Runtime can run as an int8 kernel in QDQ form, in graph order. MACs count
+    symbolic dimensions as 1 unless `input_shapes` (from the data) give them."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
-        for t in node.input:
+        for t in node_reads(node):
             consumers.setdefault(t, []).append(node)
     graph_outputs = {o.name for o in g.output}
-    shapes = _shapes(model)
+    shapes = _shapes(_with_fixed_inputs(model, input_shapes) if input_shapes else model)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
     elem.update({i.name: i.data_type for i in g.initializer})
     layers = []

@@ -19,7 +19,7 @@ from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.errors import QsearchError
 from qsearch.evaluate import Evaluation, Scorer, latency_ms, make_session, model_size, reference_outputs
-from qsearch.model import Layer, PreparedModel, load_model, prepare
+from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
 from qsearch.plan import LayerChoice, Plan, build_plan
 from qsearch.rewrite import Rewriter
 
@@ -38,11 +38,13 @@ class Context:
         self.log = log
         self.prepared: PreparedModel = prepare(load_model(workload.model), name=workload.name,
                                                  source=str(workload.model))
-        self.rewriter = Rewriter(self.prepared)
         bs, base = workload.batch_size, workload.base
         self.calib_data = data.load(workload.calibration, self.prepared.inputs, bs, base)
         self.search_data = data.load(workload.search, self.prepared.inputs, bs, base)
         self.test_data = data.load(workload.test, self.prepared.inputs, bs, base)
+        # layer costs at the data's shapes (symbolic H x W would count every feature map as 1 x 1)
+        self.prepared = with_input_shapes(self.prepared, {k: v.shape for k, v in self.search_data.batches[0].items()})
+        self.rewriter = Rewriter(self.prepared)
         self.cache_dir = cache_dir
         self.calibration_passes = 0
         fp32 = make_session(self.prepared.proto, workload.threads)

@@ -19,7 +19,7 @@ from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS, CalibrationStats, tensor_range
 from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_text, check_keys, load_yaml, where
-from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel
+from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
 
 MAX_RANGE = float(np.finfo(np.float32).max)  # a plan's range must be float32: its scale then stays finite
 SCHEMA_VERSION = 1
@@ -278,7 +278,7 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str]) -> tuple[l
     inits = {i.name for i in graph.initializer}
     readers: dict[str, int] = {}
     for node in graph.node:
-        for t in node.input:
+        for t in node_reads(node):
             readers[t] = readers.get(t, 0) + 1
     for o in graph.output:
         readers[o.name] = readers.get(o.name, 0) + 1

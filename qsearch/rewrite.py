@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
-from qsearch.model import Layer, PreparedModel
+from qsearch.model import Layer, PreparedModel, node_reads
 from qsearch.plan import LayerChoice, Plan, quantized_tensors
 
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
@@ -146,7 +146,7 @@ class _Graph:
         self.dead_in_source: set[str] = set()
         for n in reversed(self.nodes):
             if any(t in used for t in n.output):
-                used.update(n.input)
+                used.update(node_reads(n))
             else:
                 self.dead_in_source.add(n.name)
 
@@ -251,7 +251,7 @@ class _Graph:
             for j, t in enumerate(n.output):
                 renamed[t] = f"{t}_fp16"
                 n.output[j] = renamed[t]
-        consumers_outside = {t for n in self.nodes + self.extra if n.name not in fp16 for t in n.input}
+        consumers_outside = {t for n in self.nodes + self.extra if n.name not in fp16 for t in node_reads(n)}
         for t, t16 in renamed.items():
             if t in consumers_outside or t in self.graph_outputs:
                 self.extra.append(helper.make_node("Cast", [t16], [t], name=f"{t}_CastToFp32", to=TensorProto.FLOAT))
@@ -268,7 +268,7 @@ class _Graph:
         """Kahn's topological sort, stable in the given order."""
         nodes = list(nodes)
         produced_by = {t: i for i, n in enumerate(nodes) for t in n.output}
-        deps = [{produced_by[t] for t in n.input if t in produced_by} for n in nodes]
+        deps = [{produced_by[t] for t in node_reads(n) if t in produced_by} for n in nodes]
         users: dict[int, list[int]] = {}
         for i, d in enumerate(deps):
             for j in d:
@@ -298,7 +298,7 @@ class _Graph:
         for n in reversed(nodes):  # drop nodes the rewrite left without readers
             if any(t in used for t in n.output) or n.name in self.dead_in_source:
                 alive.append(n)
-                used.update(n.input)
+                used.update(node_reads(n))
         nodes = alive[::-1]
         inits = [i for name, i in {**self.inits, **self.new_inits}.items() if name in used]
         g = self.model.graph

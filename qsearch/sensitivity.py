@@ -37,6 +37,7 @@ from qsearch.plan import LayerChoice, allowed_granularities
 
 PROFILE_VERSION = 3
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
+PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
 
 
 @dataclass(frozen=True)
@@ -168,25 +169,33 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples, queue=None,
-               progress: Callable | None = None) -> list[float]:
-    """Per-entry output SQNR (dB) of the layer quantized alone: one probe-model pass per
-    calibration method (ranges differ by method), every layer and granularity in it. With a
-    `queue`, each method's pass is a shared job (workers split the passes)."""
+               progress: Callable | None = None) -> tuple[list[float], int]:
+    """(per-entry output SQNR, probe passes run): the SQNR (dB) of the layer quantized alone: probe-model passes per calibration
+    method (ranges differ by method), every granularity in each. With a `queue`, each method's
+    layers are split into PROXY_PARTS shared jobs: workers split the passes evenly (one pass per
+    method left the slowest method, entropy, as the long pole) and the ranges each needs."""
     by_method: dict[str, list[int]] = {}
     for i, (_, c) in enumerate(entries):
         by_method.setdefault(c.calibration, []).append(i)
-    methods = list(by_method)
+    parts = 1 if queue is None else PROXY_PARTS
+    groups: list[list[int]] = []
+    for idx in by_method.values():
+        names = list(dict.fromkeys(entries[i][0].name for i in idx))  # a layer's options stay together
+        for k in range(min(parts, len(names))):
+            part = set(names[k::parts])
+            groups.append([i for i in idx if entries[i][0].name in part])
 
     def run(job: dict) -> tuple[float, ...]:
-        return tuple(_probe_pass(ctx, [entries[i] for i in by_method[job["method"]]], job["method"], samples))
+        sub = groups[job["part"]]
+        return tuple(_probe_pass(ctx, [entries[i] for i in sub], job["method"], samples))
 
-    jobs = [{"method": m} for m in methods]
+    jobs = [{"method": entries[g[0]][1].calibration, "part": k} for k, g in enumerate(groups)]
     passes = queue.map(jobs, run, progress, what="proxy") if queue is not None else [run(j) for j in jobs]
     result = [0.0] * len(entries)
-    for m, sq in zip(methods, passes):
-        for i, v in zip(by_method[m], sq):
+    for g, sq in zip(groups, passes):
+        for i, v in zip(g, sq):
             result[i] = float(v)
-    return result
+    return result, len(jobs)
 
 
 def _probe_pass(ctx, sub: list[tuple[Layer, LayerChoice]], method: str, samples) -> list[float]:
@@ -293,7 +302,7 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     screen = Screen(ctx, samples)
     # 1. proxy: one probe pass per calibration method ranks every layer's options
     entries = [(la, c) for la in layers for c in options_for(la, space.calibration, space.granularity)]
-    sq = proxy_sqnr(ctx, entries, screen.data, None if queue is None else queue.stage("proxy"), progress)
+    sq, passes = proxy_sqnr(ctx, entries, screen.data, None if queue is None else queue.stage("proxy"), progress)
     proxies: dict[str, dict[str, float]] = {la.name: {} for la in layers}
     for (la, c), v in zip(entries, sq):
         proxies[la.name][c.label()] = float(v)
@@ -322,7 +331,7 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     else:
         results = _run_jobs(ctx, screen, jobs, workers, samples, cache_dir, progress, "screen")
     measured = {la.name: r for la, r in zip(pays, results)}
-    evaluations = len({c.calibration for _, c in entries}) + len(jobs)
+    evaluations = passes + len(jobs)
     # output noise per unit of layer noise (the proxy's 10^(-SQNR/10)), median over screened layers
     ratios = [measured[n][0] / 10 ** (-proxies[n][best[n]] / 10) for n in measured if proxies[n][best[n]] < 120]
     gain = float(np.median(ratios)) if ratios else 1.0
@@ -348,7 +357,7 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
         model=ctx.prepared.name, fingerprint=ctx.prepared.fingerprint, metric=ctx.workload.metric.name,
         fp32_score=float(ctx.baseline.fp32_search), samples=screen.data.samples,
         layers=tuple(result), spearman=rho, seconds=round(time.perf_counter() - t0, 3),
-        meta={"evaluations": evaluations, "proxy_passes": len({c.calibration for _, c in entries}),
+        meta={"evaluations": evaluations, "proxy_passes": passes,
               "screened": len(jobs), "noise_per_layer_noise": gain, "profiled_models": 2, "workers": workers,
               "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
               "fp32_by_kind": {k: round(v, 4) for k, v in fp32_kinds.items()},

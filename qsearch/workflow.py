@@ -14,12 +14,21 @@ from qsearch import sensitivity
 from qsearch.config import load_workload
 from qsearch.errors import QsearchError
 from qsearch.evaluate import fusion_check, latency_ms, make_session, model_size
-from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir, ensure_writable_file
+from qsearch.files import (
+    OutputSet,
+    atomic_write_bytes,
+    atomic_write_text,
+    ensure_writable_dir,
+    ensure_writable_file,
+)
 from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
 from qsearch.plan import Plan
 from qsearch.report import Row, plot_pareto, write_report
 from qsearch.search import Search, StudyQueue, default_study_name, greedy_fallback
+
+RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "pareto", "trials.csv",
+                "closest")
 
 
 def log(*args) -> None:
@@ -155,115 +164,120 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
     search.run(budget, timeout=timeout, progress=progress)
     repaired = search.repair(progress=log)
     t_searched = time.perf_counter()
-    results = search.results()
-    trials_csv(out / "trials.csv", search)
-    best = search.best()
-    if best is None:
-        closest = search.closest()
-        for r in closest:
-            search.plan_for(r).with_info({"search_drop": r.drop, "search_score": r.score}).write(
-                out / "closest" / f"plan-trial{r.number:04d}.yaml")
-        drops = ", ".join(f"trial {r.number}: drop {r.drop:.4f}" for r in closest)
-        where = f"; their plans are in {out / 'closest'}" if closest else ""
-        log(f"no plan within max_drop {search.allowed:.4g} after {len(results)} trials, not even FP32 "
-            f"(the budget is impossible for this metric); closest: {drops or 'none'}{where}.")
-        return 1
-    # the chosen plan and the baselines, all scored the same way, test data once
-    fp32_plan = ctx.plan({})
-    naive = ctx.uniform_plan("minmax", "per_tensor")
-    hybrid, hybrid_evals = greedy_fallback(ctx, profile)
-    # the finalists (cheapest feasible trials) and the baselines are timed side by side in
-    # interleaved rounds; the fastest within budget on search data is chosen. A simpler plan that
-    # is as good wins: qsearch never ships a plan slower than naive INT8 when naive meets the budget.
-    finalists = search.finalists()
-    entries = [("fp32", fp32_plan, None), ("naive int8 (minmax, per-tensor)", naive, 1),
-               ("hybrid (greedy fallback)", hybrid, hybrid_evals)]
-    entries += [(f"qsearch (trial {r.number})", search.plan_for(r), len(results)) for r in finalists]
-    timed = _rows(ctx, entries)
-    fp32_row = timed[0]
-    within = [i for i in range(1, len(timed)) if fp32_row.search_score - timed[i].search_score <= search.allowed + 1e-12]
-    pick = min(within, key=lambda i: (timed[i].latency_ms, -timed[i].search_score))
-    chosen = entries[pick][1]
-    chosen_row = timed[pick]
-    if pick >= 3:
-        best = finalists[pick - 3]
-    else:  # a baseline: say so in the row's name
-        chosen_row = Row(f"qsearch: {chosen_row.name} (fastest within budget)", chosen_row.search_score,
-                         chosen_row.test_score, chosen_row.latency_ms, chosen_row.size_bytes, chosen_row.int8_layers,
-                         len(results), latency_spread=chosen_row.latency_spread)
-        chosen = chosen.with_info(study=search.study_name, trial=None, chosen_from="baseline")
-    rows = [*timed[:3], chosen_row]
-    candidate, candidate_name = chosen, chosen_row.name
-    verdict = ""
-    if ctx.workload.target == "cpu" and chosen_row.latency_ms >= fp32_row.latency_ms:
-        # the contract: never slower than FP32. Say so plainly and ship FP32, keeping the INT8 plan for review.
-        candidate.write(out / "pareto" / (f"plan-trial{best.number:04d}.yaml" if pick >= 3 else "plan-baseline.yaml"))
-        verdict = (f"No INT8 plan within budget beats FP32 here: the best ({candidate_name}) runs at "
-                   f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x FP32 speed, so plan.yaml keeps every layer FP32 "
-                   f"(the INT8 plan is in pareto/; see the latency attribution for where the time goes).")
-        log(verdict)
-        chosen = fp32_plan.with_info(study=search.study_name, trial=None)
-        chosen_row = Row("qsearch: FP32 (no INT8 plan pays)", fp32_row.search_score, fp32_row.test_score,
-                         fp32_row.latency_ms, fp32_row.size_bytes, 0, len(results), latency_spread=fp32_row.latency_spread)
-        rows[-1] = chosen_row
-    metrics = {
-        "metric": ctx.workload.metric.name,
-        "fp32": {"search": fp32_row.search_score, "test": fp32_row.test_score, "latency_ms": fp32_row.latency_ms,
-                 "size_bytes": fp32_row.size_bytes},
-        "plan": {"search": chosen_row.search_score, "test": chosen_row.test_score, "latency_ms": chosen_row.latency_ms,
-                 "size_bytes": chosen_row.size_bytes},
-        "max_drop": search.allowed,
-        "test_drop": fp32_row.test_score - chosen_row.test_score,
-        "evaluations": {"analysis": profile.meta["evaluations"], "fixing": d.evaluations, "trials": len(results),
-                        "repair": repaired, "layers": len(ctx.candidates())},
-        "seconds": {"analysis": t_analyzed - t_start, "search": t_searched - t_analyzed},
-    }
-    chosen = chosen.with_info(metrics, storage=search.storage_url)
-    chosen.write(out / "plan.yaml")
-    atomic_write_bytes(out / "model.qsearch.onnx", ctx.rewriter(chosen).SerializeToString())
-    pareto = search.pareto()
-    for r in pareto:
-        search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost}).write(
-            out / "pareto" / f"plan-trial{r.number:04d}.yaml")
-    plot_pareto(results, best.number, search.allowed, ctx.baseline.fp32_search, ctx.workload.space.objective,
-                out / "pareto.png")
-    attribution, _ = attribution_table(ctx, [("fp32", fp32_plan), ("naive int8", naive),
-                                             (candidate_name, candidate)])
-    t_end = time.perf_counter()
-    per_trial = search.trial_seconds / max(len(search.study.trials), 1)
-    overhead = 1 - search.scoring_seconds / max(search.trial_seconds, 1e-9)
-    n_layers = len(ctx.candidates())
-    total_evals = profile.meta["evaluations"] + d.evaluations + len(results)
-    summary = [
-        f"Model `{ctx.prepared.name}` ({ctx.prepared.fingerprint}), metric {ctx.workload.metric.name}, "
-        f"allowed drop {search.allowed:.4g} on search data; target {ctx.workload.target}.",
-        f"{len(search.study.trials)} trials ({len(results)} complete, {repaired} of them repair steps), "
-        f"{len(search.dims.searched)} layers searched, {len(search.dims.fixed)} fixed "
-        f"(measured joint drop {d.joint_drop if d.joint_drop is not None else 'n/a'}). "
-        f"Model evaluations: {total_evals} = analysis {profile.meta['evaluations']} "
-        f"(on {profile.samples} samples) + fixing {d.evaluations} + trials {len(results)}; "
-        f"{total_evals / max(n_layers, 1):.1f} per layer ({n_layers} layers). INT8 pays for {pays} layers.",
-        f"Time: total {t_end - t_start:.1f}s: analysis {t_analyzed - t_start:.1f}s, search "
-        f"{t_searched - t_analyzed:.1f}s ({per_trial:.2f}s/trial, {overhead:.0%} of it not scoring), "
-        f"report {t_end - t_searched:.1f}s.",
-        verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
-                    f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32 "
-                    f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
-                    f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
-        f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion_check(ctx.rewriter(chosen)).line()}; "
-        f"naive INT8 {fusion_check(ctx.rewriter(naive)).line()}.",
-    ]
-    write_report(out, f"qsearch report: {ctx.prepared.name}", summary, rows, ctx.workload.metric.name,
-                 fp32_row.latency_ms, fp32_row.size_bytes,
-                 [("Pareto front", out / "pareto.png"), ("Layer sensitivity", out / "sensitivity.png")],
-                 chosen.to_yaml().split("activation_ranges:")[0], attribution)
-    print("\n".join(summary))
-    from qsearch.report import rows_markdown
+    # the result is one set (plan, model, report, Pareto plans, trials): staged, then moved into
+    # place together, so an interrupt never leaves files of two runs side by side
+    with OutputSet(out, RESULT_FILES) as res:
+        results = search.results()
+        trials_csv(res.path("trials.csv"), search)
+        best = search.best()
+        if best is None:
+            closest = search.closest()
+            for r in closest:
+                search.plan_for(r).with_info({"search_drop": r.drop, "search_score": r.score}).write(
+                    res.path(f"closest/plan-trial{r.number:04d}.yaml"))
+            drops = ", ".join(f"trial {r.number}: drop {r.drop:.4f}" for r in closest)
+            where = f"; their plans are in {out / 'closest'}" if closest else ""
+            log(f"no plan within max_drop {search.allowed:.4g} after {len(results)} trials, not even FP32 "
+                f"(the budget is impossible for this metric); closest: {drops or 'none'}{where}.")
+            res.commit()
+            return 1
+        # the chosen plan and the baselines, all scored the same way, test data once
+        fp32_plan = ctx.plan({})
+        naive = ctx.uniform_plan("minmax", "per_tensor")
+        hybrid, hybrid_evals = greedy_fallback(ctx, profile)
+        # the finalists (cheapest feasible trials) and the baselines are timed side by side in
+        # interleaved rounds; the fastest within budget on search data is chosen. A simpler plan that
+        # is as good wins: qsearch never ships a plan slower than naive INT8 when naive meets the budget.
+        finalists = search.finalists()
+        entries = [("fp32", fp32_plan, None), ("naive int8 (minmax, per-tensor)", naive, 1),
+                   ("hybrid (greedy fallback)", hybrid, hybrid_evals)]
+        entries += [(f"qsearch (trial {r.number})", search.plan_for(r), len(results)) for r in finalists]
+        timed = _rows(ctx, entries)
+        fp32_row = timed[0]
+        within = [i for i in range(1, len(timed)) if fp32_row.search_score - timed[i].search_score <= search.allowed + 1e-12]
+        pick = min(within, key=lambda i: (timed[i].latency_ms, -timed[i].search_score))
+        chosen = entries[pick][1]
+        chosen_row = timed[pick]
+        if pick >= 3:
+            best = finalists[pick - 3]
+        else:  # a baseline: say so in the row's name
+            chosen_row = Row(f"qsearch: {chosen_row.name} (fastest within budget)", chosen_row.search_score,
+                             chosen_row.test_score, chosen_row.latency_ms, chosen_row.size_bytes, chosen_row.int8_layers,
+                             len(results), latency_spread=chosen_row.latency_spread)
+            chosen = chosen.with_info(study=search.study_name, trial=None, chosen_from="baseline")
+        rows = [*timed[:3], chosen_row]
+        candidate, candidate_name = chosen, chosen_row.name
+        verdict = ""
+        if ctx.workload.target == "cpu" and chosen_row.latency_ms >= fp32_row.latency_ms:
+            # the contract: never slower than FP32. Say so plainly and ship FP32, keeping the INT8 plan for review.
+            candidate.write(res.path("pareto/" + (f"plan-trial{best.number:04d}.yaml" if pick >= 3 else "plan-baseline.yaml")))
+            verdict = (f"No INT8 plan within budget beats FP32 here: the best ({candidate_name}) runs at "
+                       f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x FP32 speed, so plan.yaml keeps every layer FP32 "
+                       f"(the INT8 plan is in pareto/; see the latency attribution for where the time goes).")
+            log(verdict)
+            chosen = fp32_plan.with_info(study=search.study_name, trial=None)
+            chosen_row = Row("qsearch: FP32 (no INT8 plan pays)", fp32_row.search_score, fp32_row.test_score,
+                             fp32_row.latency_ms, fp32_row.size_bytes, 0, len(results), latency_spread=fp32_row.latency_spread)
+            rows[-1] = chosen_row
+        metrics = {
+            "metric": ctx.workload.metric.name,
+            "fp32": {"search": fp32_row.search_score, "test": fp32_row.test_score, "latency_ms": fp32_row.latency_ms,
+                     "size_bytes": fp32_row.size_bytes},
+            "plan": {"search": chosen_row.search_score, "test": chosen_row.test_score, "latency_ms": chosen_row.latency_ms,
+                     "size_bytes": chosen_row.size_bytes},
+            "max_drop": search.allowed,
+            "test_drop": fp32_row.test_score - chosen_row.test_score,
+            "evaluations": {"analysis": profile.meta["evaluations"], "fixing": d.evaluations, "trials": len(results),
+                            "repair": repaired, "layers": len(ctx.candidates())},
+            "seconds": {"analysis": t_analyzed - t_start, "search": t_searched - t_analyzed},
+        }
+        chosen = chosen.with_info(metrics, storage=search.storage_url)
+        chosen.write(res.path("plan.yaml"))
+        atomic_write_bytes(res.path("model.qsearch.onnx"), ctx.rewriter(chosen).SerializeToString())
+        pareto = search.pareto()
+        for r in pareto:
+            search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost}).write(
+                res.path(f"pareto/plan-trial{r.number:04d}.yaml"))
+        plot_pareto(results, best.number, search.allowed, ctx.baseline.fp32_search, ctx.workload.space.objective,
+                    res.path("pareto.png"))
+        attribution, _ = attribution_table(ctx, [("fp32", fp32_plan), ("naive int8", naive),
+                                                 (candidate_name, candidate)])
+        t_end = time.perf_counter()
+        per_trial = search.trial_seconds / max(len(search.study.trials), 1)
+        overhead = 1 - search.scoring_seconds / max(search.trial_seconds, 1e-9)
+        n_layers = len(ctx.candidates())
+        total_evals = profile.meta["evaluations"] + d.evaluations + len(results)
+        summary = [
+            f"Model `{ctx.prepared.name}` ({ctx.prepared.fingerprint}), metric {ctx.workload.metric.name}, "
+            f"allowed drop {search.allowed:.4g} on search data; target {ctx.workload.target}.",
+            f"{len(search.study.trials)} trials ({len(results)} complete, {repaired} of them repair steps), "
+            f"{len(search.dims.searched)} layers searched, {len(search.dims.fixed)} fixed "
+            f"(measured joint drop {d.joint_drop if d.joint_drop is not None else 'n/a'}). "
+            f"Model evaluations: {total_evals} = analysis {profile.meta['evaluations']} "
+            f"(on {profile.samples} samples) + fixing {d.evaluations} + trials {len(results)}; "
+            f"{total_evals / max(n_layers, 1):.1f} per layer ({n_layers} layers). INT8 pays for {pays} layers.",
+            f"Time: total {t_end - t_start:.1f}s: analysis {t_analyzed - t_start:.1f}s, search "
+            f"{t_searched - t_analyzed:.1f}s ({per_trial:.2f}s/trial, {overhead:.0%} of it not scoring), "
+            f"report {t_end - t_searched:.1f}s.",
+            verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
+                        f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32 "
+                        f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
+                        f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
+            f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion_check(ctx.rewriter(chosen)).line()}; "
+            f"naive INT8 {fusion_check(ctx.rewriter(naive)).line()}.",
+        ]
+        write_report(res.dir, f"qsearch report: {ctx.prepared.name}", summary, rows, ctx.workload.metric.name,
+                     fp32_row.latency_ms, fp32_row.size_bytes,
+                     [("Pareto front", res.path("pareto.png")), ("Layer sensitivity", out / "sensitivity.png")],
+                     chosen.to_yaml().split("activation_ranges:")[0], attribution)
+        res.commit()
+        print("\n".join(summary))
+        from qsearch.report import rows_markdown
 
-    print(rows_markdown(rows, ctx.workload.metric.name, fp32_row.latency_ms, fp32_row.size_bytes))
-    log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
-        f"{len(pareto)} Pareto plans in {out / 'pareto'}")
-    return 0
+        print(rows_markdown(rows, ctx.workload.metric.name, fp32_row.latency_ms, fp32_row.size_bytes))
+        log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
+            f"{len(pareto)} Pareto plans in {out / 'pareto'}")
+        return 0
 
 
 def trials_csv(path: Path, search: Search) -> None:
