@@ -11,7 +11,8 @@ from pathlib import Path
 
 from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
-from qsearch.errors import INTERRUPTED, QsearchError
+from qsearch.errors import INTERRUPTED, Interrupted, QsearchError
+from qsearch.limits import CommandTimeout, EvaluationTimeout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp, out_default="qsearch-out"):
         sp.add_argument("--config", help="workload YAML (default: the embedded digits workload)")
         sp.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+        sp.add_argument("--eval-timeout", type=float, metavar="SECONDS",
+                        help="limit per model evaluation (default: 20x the FP32 model's, at least 60 s; 0: none); "
+                             "a trial past it fails and the search goes on")
 
     a = sub.add_parser("analyze", help="per-layer sensitivity, ranked")
     common(a)
@@ -32,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="search the mixed-precision plan (the main job)")
     common(o)
     o.add_argument("--budget", type=int, default=50, help="number of trials (default: %(default)s)")
-    o.add_argument("--timeout", type=float, help="stop the search after this many seconds")
+    o.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="bound the whole command: the search stops early enough to write the result in time")
     o.add_argument("--storage", help="Optuna storage URL (default: sqlite in --out); journal:FILE for a journal file")
     o.add_argument("--study", help="study name (default: derived from the model); same name resumes")
     o.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples only")
@@ -90,23 +95,32 @@ def _main(args) -> int:
         if args.command == "analyze":
             if args.samples is not None and args.samples < 1:
                 raise QsearchError(f"--samples must be >= 1, got {args.samples}")
-            workflow.run_analyze(args.config, out, args.samples, args.reverse, max(1, args.workers))
+            workflow.run_analyze(args.config, out, args.samples, args.reverse, max(1, args.workers), args.eval_timeout)
             return 0
         if args.command == "optimize":
             return workflow.run_optimize(args.config, out, args.budget, args.timeout, args.storage, args.study,
-                                         args.samples, max(1, args.workers))
+                                         args.samples, max(1, args.workers), args.eval_timeout)
         if args.command == "apply":
             workflow.run_apply(args.plan, args.model, args.output)
             return 0
         if args.command == "evaluate":
-            workflow.run_evaluate(args.model, args.config, out)
+            workflow.run_evaluate(args.model, args.config, out, args.eval_timeout)
             return 0
         if args.command == "baseline":
-            workflow.run_baseline(args.kind, args.config, out, args.output, args.calibration, args.granularity)
+            workflow.run_baseline(args.kind, args.config, out, args.output, args.calibration, args.granularity,
+                                  args.eval_timeout)
             return 0
     except QsearchError as exc:
         print(f"qsearch: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except EvaluationTimeout as exc:  # outside a trial (a trial's timeout fails only that trial)
+        print(f"qsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except CommandTimeout as exc:
+        print(f"qsearch: timeout: {exc}", file=sys.stderr)
+        return 124
+    except Interrupted as exc:
+        return _interrupted(exc.kept)
     except KeyboardInterrupt:
         return _interrupted()
     except Exception:
@@ -116,9 +130,8 @@ def _main(args) -> int:
     return 0
 
 
-def _interrupted() -> int:
-    print("qsearch: interrupted; completed trials are kept in the study, re-run the same command to resume",
-          file=sys.stderr)
+def _interrupted(kept: str = "nothing was written") -> int:
+    print(f"qsearch: interrupted; {kept}", file=sys.stderr)
     return 130
 
 

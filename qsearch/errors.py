@@ -15,3 +15,11 @@ class QsearchError(Exception):
 # a signal that lands inside a garbage-collector callback has its exception swallowed; long loops
 # check this event at safe points so the interruption is never lost.
 INTERRUPTED = threading.Event()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C/SIGTERM, with what the interrupted stage kept (for the one-line message)."""
+
+    def __init__(self, kept: str):
+        super().__init__(kept)
+        self.kept = kept

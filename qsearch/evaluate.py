@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qsearch import limits
 from qsearch.data import Dataset
 from qsearch.errors import QsearchError
 
@@ -113,6 +114,13 @@ class Scorer:
                  custom: Callable | None = None, custom_name: str = ""):
         self.metric, self.data, self.reference = metric, data, reference
         self.custom, self.custom_name = custom, custom_name
+        self.limit_s: float | None = None  # per-evaluation time limit (see `limits`); set once FP32 is timed
+
+    def _limit(self):
+        what = f"score function '{self.custom_name}'" if self.custom is not None else f"metric {self.metric}"
+        name = self.data.name if self.data is not None else "the"
+        return limits.limit(self.limit_s, f"one evaluation ({what} on the {name} data) ran past the "
+                                          f"{self.limit_s or 0:.0f} s per-evaluation limit (--eval-timeout)")
 
     @property
     def sliceable(self) -> bool:
@@ -125,10 +133,11 @@ class Scorer:
     def partial(self, sess: ort.InferenceSession, start: int, stop: int) -> np.ndarray:
         f = PARTIALS[self.metric]
         acc = np.zeros(2)
-        for i in range(start, min(stop, len(self.data))):
-            outs = sess.run(None, dict(self.data.batches[i]))
-            ref = self.reference[i] if self.reference is not None else None
-            acc += f(outs, ref, self.data.labels[i])
+        with self._limit():
+            for i in range(start, min(stop, len(self.data))):
+                outs = sess.run(None, dict(self.data.batches[i]))
+                ref = self.reference[i] if self.reference is not None else None
+                acc += f(outs, ref, self.data.labels[i])
         return acc
 
     def finish(self, acc: np.ndarray) -> float:
@@ -137,7 +146,10 @@ class Scorer:
     def score(self, sess: ort.InferenceSession) -> float:
         if self.custom is not None:
             try:
-                v = self.custom(sess)
+                with self._limit():
+                    v = self.custom(sess)
+            except limits.EvaluationTimeout:
+                raise
             except Exception as exc:
                 raise QsearchError(f"score function '{self.custom_name}' raised {type(exc).__name__}: {exc}") from None
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):

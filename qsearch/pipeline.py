@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.errors import QsearchError
 from qsearch.evaluate import Evaluation, Scorer, latency_ms, make_session, model_size, reference_outputs
+from qsearch.limits import EvaluationTimeout
 from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
 from qsearch.plan import LayerChoice, Plan, build_plan
 from qsearch.rewrite import Rewriter
@@ -33,7 +35,10 @@ class Baseline:
 
 
 class Context:
-    def __init__(self, workload: Workload, cache_dir: Path | None = None, log=print):
+    def __init__(self, workload: Workload, cache_dir: Path | None = None, log=print,
+                 eval_timeout: float | None = None):
+        """`eval_timeout`: seconds one model evaluation may take (0: no limit; None: 20x the FP32
+        model's evaluation time, at least a minute)."""
         self.workload = workload
         self.log = log
         self.prepared: PreparedModel = prepare(load_model(workload.model), name=workload.name,
@@ -55,12 +60,26 @@ class Context:
         self.search_scorer = self._scorer(fp32, self.search_data, workload.metric.search_entry)
         self.test_scorer = self._scorer(fp32, self.test_data, workload.metric.test_entry)
         self.latency_feed = self._latency_feed()
+        user_limit = eval_timeout if eval_timeout is not None and eval_timeout > 0 else None
+        self.search_scorer.limit_s = self.test_scorer.limit_s = user_limit
+        try:
+            t0 = time.perf_counter()
+            fp32_search = self.search_scorer.score(fp32)
+            t1 = time.perf_counter()
+            fp32_test = self.test_scorer.score(fp32)
+            self.score_seconds = {"search": t1 - t0, "test": time.perf_counter() - t1}
+        except EvaluationTimeout as exc:
+            raise QsearchError(f"{workload.path}: the FP32 model: {exc}") from None
         self.baseline = Baseline(
-            fp32_search=self.search_scorer.score(fp32),
-            fp32_test=self.test_scorer.score(fp32),
+            fp32_search=fp32_search,
+            fp32_test=fp32_test,
             fp32_latency_ms=latency_ms(fp32, self.latency_feed),
             fp32_size=model_size(self.prepared.proto),
         )
+        if eval_timeout is None:  # an INT8 plan may be slower than FP32, never 20x
+            user_limit = max(60.0, 20 * max(self.score_seconds.values()))
+        self.eval_timeout = user_limit
+        self.search_scorer.limit_s = self.test_scorer.limit_s = user_limit
         self._check_deterministic(fp32)
 
     # ------------------------------------------------------------------ setup

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from qsearch import limits
 from qsearch.errors import INTERRUPTED, QsearchError
 from qsearch.evaluate import latency_ms, make_session, model_size
 from qsearch.plan import LayerChoice, Plan
@@ -248,6 +249,27 @@ def _sampler(ctx, n_dims: int, budget: int) -> optuna.samplers.BaseSampler:
         raise QsearchError(f"sampler 'gp' is not usable here ({exc}); pick tpe, nsga2, random or qmc") from None
 
 
+def check_study(storage: str | None, out: Path, name: str, key: str) -> None:
+    """Before any work: the storage URL opens and a study of that name, if it exists, was made
+    for this model, data, metric, budget, space and target (else a one-line error)."""
+    st = _storage(storage, out)
+    try:
+        summaries = optuna.study.get_all_study_summaries(st, include_best_trial=False)
+    except Exception as exc:
+        raise QsearchError(f"storage {storage or sqlite_url(out / 'study.db')}: cannot read the studies in it: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    for s in summaries:
+        if s.study_name == name:
+            _check_owner(name, s.user_attrs.get("study_key"), key)
+
+
+def _check_owner(name: str, owner, key: str) -> None:
+    if owner not in (None, key):
+        raise QsearchError(f"study '{name}' was made for another model, data, metric, budget, search "
+                           f"space or target (key {str(owner)[:12]}, this run {key[:12]}); pick another --study "
+                           "or --out")
+
+
 def default_study_name(ctx) -> str:
     return f"qsearch-{ctx.prepared.name}-{ctx.study_key()[:12]}"
 
@@ -264,11 +286,7 @@ class Search:
         space = ctx.workload.space
         directions = ["maximize", "minimize"] if space.multi_objective else ["minimize"]
         self.study = self._open(storage, directions)
-        owner = self.study.user_attrs.get("study_key")
-        if owner not in (None, self.key):
-            raise QsearchError(f"study '{self.study_name}' was made for another model, data, metric, budget, search "
-                               f"space or target (key {owner[:12]}, this run {self.key[:12]}); pick another --study "
-                               "or --out")
+        _check_owner(self.study_name, self.study.user_attrs.get("study_key"), self.key)
         self.study.set_user_attr("study_key", self.key)
         self.study.set_user_attr("fingerprint", ctx.prepared.fingerprint)
         self.study.set_user_attr("fp32_search", ctx.baseline.fp32_search)
@@ -276,6 +294,7 @@ class Search:
         self.study.set_metric_names(["score", space.objective] if space.multi_objective else [space.objective])
         self.scoring_seconds = 0.0
         self.trial_seconds = 0.0
+        self.deadline: float | None = None
         self.evaluations = 0  # full evaluations this process spent outside trials (fixing, repair)
         self.decision = self._decision()
         self.dims = build_dimensions(ctx, profile, self.decision.fixed)
@@ -371,7 +390,8 @@ class Search:
 
     def _objective(self, trial: optuna.Trial):
         try:
-            return self._trial(trial)
+            with limits.limit(limits.remaining(self.deadline), "stopped at the --timeout deadline"):
+                return self._trial(trial)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
@@ -431,16 +451,22 @@ class Search:
         return max(margin, 1e-9)
 
     def warm_start(self) -> int:
-        """Enqueue `warm_start_plans` once per study (only the worker that created it)."""
-        if not self.ctx.workload.space.warm_start or not self.dims.searched or not self.created:
+        """Enqueue `warm_start_plans` once per study, marked done in the study only after the last
+        one is enqueued: a run interrupted before that (even right after creating the study)
+        warm-starts on resume. Enqueueing skips plans already there, so two workers at once are harmless."""
+        if not self.ctx.workload.space.warm_start or not self.dims.searched \
+                or self.study.user_attrs.get("warm_started"):
             return 0
-        self.created = False  # once
         plans = warm_start_plans(self.ctx, self.profile, self.dims, self.decision, self.allowed)
         for p in plans:
             self.study.enqueue_trial(p, skip_if_exists=True)
+        self.study.set_user_attr("warm_started", True)
         return len(plans)
 
-    def run(self, budget: int, timeout: float | None = None, progress: Callable | None = None) -> None:
+    def run(self, budget: int, deadline: float | None = None, progress: Callable | None = None) -> None:
+        """Trials until `budget` are finished in the study or `deadline` (`time.monotonic()`) passes;
+        a trial still scoring at the deadline is stopped (recorded as failed)."""
+        self.deadline = deadline
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
 
@@ -459,6 +485,7 @@ class Search:
             callbacks.append(lambda study, trial: progress(study, trial))
         self.study.sampler = _sampler(self.ctx, len(self.dims.searched), budget)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
         self.study.optimize(self._objective, n_trials=budget - done, timeout=timeout, callbacks=callbacks,
                             catch=(Exception,), gc_after_trial=False)
 
@@ -564,6 +591,13 @@ class Search:
         """The `n` cheapest feasible trials: each trial's latency was timed once, alone, so the
         cheapest is a noisy argmin; the final choice re-times these side by side."""
         return sorted((r for r in self.results() if r.feasible), key=lambda r: (r.cost, -r.score, r.number))[:n]
+
+    def failures(self) -> list[str]:
+        """The recorded errors of failed trials, oldest first."""
+        from optuna.trial import TrialState
+
+        return [t.user_attrs["error"] for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if "error" in t.user_attrs]
 
     def closest(self, n: int = 3) -> list[TrialResult]:
         return sorted(self.results(), key=lambda r: (r.drop, r.cost))[:n]

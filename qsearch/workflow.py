@@ -10,9 +10,9 @@ from pathlib import Path
 
 import onnx
 
-from qsearch import sensitivity
+from qsearch import limits, sensitivity
 from qsearch.config import load_workload
-from qsearch.errors import QsearchError
+from qsearch.errors import Interrupted, QsearchError
 from qsearch.evaluate import fusion_check, latency_ms, make_session, model_size
 from qsearch.files import (
     OutputSet,
@@ -21,11 +21,12 @@ from qsearch.files import (
     ensure_writable_dir,
     ensure_writable_file,
 )
+from qsearch.limits import CommandTimeout
 from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
 from qsearch.plan import Plan
 from qsearch.report import Row, plot_pareto, write_report
-from qsearch.search import Search, StudyQueue, default_study_name, greedy_fallback
+from qsearch.search import Search, StudyQueue, check_study, default_study_name, greedy_fallback
 
 RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "pareto", "trials.csv",
                 "closest")
@@ -60,7 +61,7 @@ class Progress:
         sys.stderr.flush()
 
 
-def open_context(config: str | None, out: Path) -> Context:
+def open_context(config: str | None, out: Path, eval_timeout: float | None = None) -> Context:
     workload = load_workload(config)
     ensure_writable_dir(out, "--out", create=False)  # a bad config or model leaves no empty --out behind
     for sub in ("cache", "pareto", "closest"):
@@ -69,7 +70,7 @@ def open_context(config: str | None, out: Path) -> Context:
                                "move it or pick another --out")
     log(f"workload '{workload.name}': {workload.model.name}, metric {workload.metric.name}, "
         f"max_drop {workload.max_drop * 100 if workload.relative else workload.max_drop}{'%' if workload.relative else ''}")
-    ctx = Context(workload, cache_dir=out / "cache", log=log)
+    ctx = Context(workload, cache_dir=out / "cache", log=log, eval_timeout=eval_timeout)
     ensure_writable_dir(out, "--out")
     return ctx
 
@@ -79,9 +80,11 @@ def _check_samples(samples) -> None:
         raise QsearchError(f"--samples must be >= 1, got {samples}")
 
 
-def run_analyze(config, out: Path, samples=None, reverse=False, workers=1) -> sensitivity.SensitivityProfile:
+def run_analyze(config, out: Path, samples=None, reverse=False, workers=1,
+                eval_timeout=None) -> sensitivity.SensitivityProfile:
     _check_samples(samples)
-    ctx = open_context(config, out)
+    _check_eval_timeout(eval_timeout)
+    ctx = open_context(config, out, eval_timeout)
     profile = sensitivity.analyze(ctx, samples=samples, reverse=reverse, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("analyze"))
     paths = sensitivity.save_profile(profile, out)
@@ -124,16 +127,65 @@ def attribution_table(ctx, plans: list[tuple[str, Plan]]) -> tuple[str, dict]:
     return "\n".join(lines), kinds
 
 
+class Stage:
+    """Which stage a command is in, so a `--timeout` or interrupt message can say what was kept."""
+
+    def __init__(self) -> None:
+        self.name, self.kept = "setup", "nothing was written"
+
+    def __call__(self, name: str, kept: str) -> None:
+        self.name, self.kept = name, kept
+
+
+def final_stage_seconds(ctx) -> float:
+    """What the final stage costs, from the FP32 model's measured times: 7 plans scored on search
+    and test data and timed in 5 interleaved rounds, the greedy fallback's few evaluations, three
+    per-node profiles, the report. Reserved out of `--timeout` so the result can still be written."""
+    score = ctx.score_seconds["search"] + ctx.score_seconds["test"]
+    batch_s = ctx.baseline.fp32_latency_ms / 1e3
+    return 7 * (score + 90 * batch_s + 0.5) + 3 * ctx.score_seconds["search"] + 60 * batch_s + 3.0
+
+
 def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, study=None, samples=None,
-                 workers=1) -> int:
+                 workers=1, eval_timeout=None) -> int:
+    """`timeout` bounds the whole command: the analysis and final stage are stopped at it, the
+    search ends early enough to leave the final stage its measured share."""
     if budget < 1:
         raise QsearchError(f"--budget must be a positive number of trials, got {budget}")
+    if timeout is not None and not timeout > 0:
+        raise QsearchError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    _check_eval_timeout(eval_timeout)
     _check_samples(samples)
+    stage = Stage()
+    try:
+        with limits.limit(timeout, "--timeout", CommandTimeout):
+            return _optimize(config, out, budget, timeout, storage, study, samples, workers, eval_timeout, stage)
+    except CommandTimeout as exc:
+        if str(exc) != "--timeout":  # already explained
+            raise
+        raise CommandTimeout(f"--timeout {timeout:g} s reached during the {stage.name}; {stage.kept}") from None
+    except KeyboardInterrupt:
+        raise Interrupted(stage.kept) from None
+
+
+def _check_eval_timeout(eval_timeout) -> None:
+    if eval_timeout is not None and eval_timeout < 0:
+        raise QsearchError(f"--eval-timeout must be >= 0 seconds (0: no limit), got {eval_timeout:g}")
+
+
+def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, workers, eval_timeout,
+              stage: Stage) -> int:
     t_start = time.perf_counter()
-    ctx = open_context(config, out)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ctx = open_context(config, out, eval_timeout)
+    name = study or default_study_name(ctx)
+    # storage URL and study ownership are checked before any analysis is spent
+    check_study(storage, out, name, ctx.study_key())
     # the screen runs as jobs in the study's storage: workers on one study split it, a resumed run
     # finds it done (several local processes: --workers)
-    queue = None if workers > 1 else StudyQueue(storage, out, f"{study or default_study_name(ctx)}-analysis")
+    queue = None if workers > 1 else StudyQueue(storage, out, f"{name}-analysis")
+    stage("analysis", "finished analysis jobs are kept in the study: re-run the same command to go on"
+          if queue is not None else "nothing was written")
     profile = sensitivity.analyze(ctx, samples=samples, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("analyze"), queue=queue, screen_all=False)
     sensitivity.save_profile(profile, out)
@@ -142,6 +194,7 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
         f"glue included) for {pays} of {len(profile.layers)} layers; all-INT8 profile {profile.meta['int8_ms']:.2f} ms "
         f"vs FP32 {profile.meta['fp32_ms']:.2f} ms per batch")
     t_analyzed = time.perf_counter()
+    stage("search", "completed trials are kept in the study: re-run the same command to go on")
     search = Search(ctx, profile, out, storage=storage, study_name=study, log=log)
     d = search.decision
     log(f"study '{search.study_name}' in {search.storage_url}: {len(search.dims.searched)} layers searched, "
@@ -161,9 +214,16 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
         done = profile.meta["evaluations"] + d.evaluations + search.finished()
         bar(search.finished(), budget, "", f"{extra}; evaluations {done}/{planned}")
 
-    search.run(budget, timeout=timeout, progress=progress)
+    search_deadline = None if deadline is None else deadline - final_stage_seconds(ctx)
+    if search_deadline is not None and search_deadline <= time.monotonic() and not search.results():
+        raise CommandTimeout(f"--timeout {timeout:g} s leaves no time for a trial: the analysis took "
+                             f"{t_analyzed - t_start:.0f} s and the final stage needs ~{final_stage_seconds(ctx):.0f} s; "
+                             "the analysis is kept, re-run the same command with a larger --timeout")
+    search.run(budget, deadline=search_deadline, progress=progress)
     repaired = search.repair(progress=log)
     t_searched = time.perf_counter()
+    stage("final stage", "the result was not written (the trials are kept in the study: re-run the same "
+          "command with a larger --timeout to finish)")
     # the result is one set (plan, model, report, Pareto plans, trials): staged, then moved into
     # place together, so an interrupt never leaves files of two runs side by side
     with OutputSet(out, RESULT_FILES) as res:
@@ -177,8 +237,18 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
                     res.path(f"closest/plan-trial{r.number:04d}.yaml"))
             drops = ", ".join(f"trial {r.number}: drop {r.drop:.4f}" for r in closest)
             where = f"; their plans are in {out / 'closest'}" if closest else ""
-            log(f"no plan within max_drop {search.allowed:.4g} after {len(results)} trials, not even FP32 "
-                f"(the budget is impossible for this metric); closest: {drops or 'none'}{where}.")
+            failed = search.failures()
+            if not results and failed:
+                why = f"every trial failed ({len(failed)}; the first: {failed[0]})"
+            elif not results:
+                why = "no trial finished (--timeout)" if timeout is not None else "no trial finished"
+            elif search.allowed < 0:
+                why = (f"not even FP32 meets max_drop {search.allowed:.4g} (the budget is impossible for this "
+                       f"metric); closest: {drops}{where}")
+            else:
+                why = (f"no plan within max_drop {search.allowed:.4g} after {len(results)} trials (the repair "
+                       f"did not finish); closest: {drops or 'none'}{where}")
+            log(f"no plan: {why}.")
             res.commit()
             return 1
         # the chosen plan and the baselines, all scored the same way, test data once
@@ -311,8 +381,9 @@ def run_apply(plan_path: str, model_path: str, output: str) -> None:
     log(f"wrote {output}: {n8}/{len(prepared.layers)} layers INT8, rewrite {dt * 1e3:.0f} ms")
 
 
-def run_evaluate(model_path: str, config: str | None, out: Path) -> dict:
-    ctx = open_context(config, out)
+def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=None) -> dict:
+    _check_eval_timeout(eval_timeout)
+    ctx = open_context(config, out, eval_timeout)
     model = load_model(model_path)
     sess = make_session(model, ctx.workload.threads)
     r = {
@@ -331,9 +402,11 @@ def run_evaluate(model_path: str, config: str | None, out: Path) -> dict:
     return r
 
 
-def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str) -> None:
+def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str,
+                 eval_timeout=None) -> None:
+    _check_eval_timeout(eval_timeout)
     ensure_writable_file(output, "-o", (config,))
-    ctx = open_context(config, out)
+    ctx = open_context(config, out, eval_timeout)
     ensure_writable_file(output, "-o", (ctx.workload.model,))
     if kind == "naive":
         plan = ctx.uniform_plan(method, granularity)
