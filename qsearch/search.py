@@ -299,6 +299,7 @@ class Search:
         self.decision = self._decision()
         self.dims = build_dimensions(ctx, profile, self.decision.fixed)
         self._lock_fd: int | None = None
+        self._alone = False  # no other live worker on this study (known for file storages only)
         lock = _storage_file(self.storage_url)
         if lock is not None:  # a study in a local file: a lock tells live workers from dead ones
             self._lock(lock.with_name(lock.name + ".workers.lock"))  # not ".lock": the journal backend owns that
@@ -333,10 +334,17 @@ class Search:
             alone = True
         except OSError:
             alone = False
+        self._alone = alone
         if alone:
             self.recover(orphans=True)
         fcntl.flock(fd, fcntl.LOCK_SH)
         self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release this worker's hold on the study (a process that exits releases it anyway)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def recover(self, orphans: bool = False) -> int:
         """Re-run trials a previous run lost: interrupted ones (Ctrl-C/SIGTERM: FAIL without a
@@ -451,12 +459,15 @@ class Search:
         return max(margin, 1e-9)
 
     def warm_start(self) -> int:
-        """Enqueue `warm_start_plans` once per study, marked done in the study only after the last
-        one is enqueued: a run interrupted before that (even right after creating the study)
-        warm-starts on resume. Enqueueing skips plans already there, so two workers at once are harmless."""
-        if not self.ctx.workload.space.warm_start or not self.dims.searched \
-                or self.study.user_attrs.get("warm_started"):
+        """Enqueue `warm_start_plans` once per study: by the worker that created it or, when that
+        run was interrupted before finishing (the study is marked only after the last plan), by the
+        next worker that finds itself alone on the study: a resume after an interrupt right after
+        the study was created still warm-starts."""
+        done = self.study.user_attrs.get("warm_started")
+        if not self.ctx.workload.space.warm_start or not self.dims.searched or done \
+                or not (self.created or self._alone):
             return 0
+        self.created = False
         plans = warm_start_plans(self.ctx, self.profile, self.dims, self.decision, self.allowed)
         for p in plans:
             self.study.enqueue_trial(p, skip_if_exists=True)

@@ -218,7 +218,12 @@ _WORKER: dict = {}
 
 
 def _worker_init(workload, cache_dir, samples):
+    import signal
+
     from qsearch.pipeline import Context
+
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates us)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     ctx = Context(workload, cache_dir, log=lambda *a: None)
     _WORKER["ctx"] = ctx
@@ -381,14 +386,21 @@ def _run_jobs(ctx, screen: Screen, jobs: list[dict], workers: int, samples, cach
                 progress(i + 1, len(jobs), what)
         return out
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(ctx.workload, cache_dir, samples)) as pool:
-        for i, s in enumerate(pool.map(_worker_score, jobs, chunksize=max(1, len(jobs) // (4 * workers)))):
+    # a Pool, not a ProcessPoolExecutor: on Ctrl-C/SIGTERM (or an error) the workers are
+    # terminated at once instead of the parent waiting for their queued jobs
+    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(ctx.workload, cache_dir, samples))
+    try:
+        for i, s in enumerate(pool.imap(_worker_score, jobs, chunksize=max(1, len(jobs) // (4 * workers)))):
             out.append(s)
             if progress is not None:
                 progress(i + 1, len(jobs), what)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
     return out
 
 

@@ -385,17 +385,32 @@ def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=No
     _check_eval_timeout(eval_timeout)
     ctx = open_context(config, out, eval_timeout)
     model = load_model(model_path)
-    sess = make_session(model, ctx.workload.threads)
-    r = {
-        "model": model_path,
-        "metric": ctx.workload.metric.name,
-        "search": ctx.search_scorer.score(sess),
-        "test": ctx.test_scorer.score(sess),
-        "latency_ms": latency_ms(sess, ctx.latency_feed, repeat=30),
-        "size_bytes": model_size(model),
-        "fp32_test": ctx.baseline.fp32_test,
-        "fp32_latency_ms": ctx.baseline.fp32_latency_ms,
-    }
+    try:
+        sess = make_session(model, ctx.workload.threads)
+    except Exception as exc:
+        raise QsearchError(f"{model_path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+    # the model must take the workload's data: same input names and element types
+    want = {i.name: i.dtype for i in ctx.prepared.inputs}
+    have = {i.name: i.type for i in sess.get_inputs()}
+    if set(want) != set(have):
+        raise QsearchError(f"{model_path}: its inputs {sorted(have)} do not match the workload's data "
+                           f"{sorted(want)} ({ctx.workload.path})")
+    try:
+        r = {
+            "model": model_path,
+            "metric": ctx.workload.metric.name,
+            "search": ctx.search_scorer.score(sess),
+            "test": ctx.test_scorer.score(sess),
+            "latency_ms": latency_ms(sess, ctx.latency_feed, repeat=30),
+            "size_bytes": model_size(model),
+            "fp32_test": ctx.baseline.fp32_test,
+            "fp32_latency_ms": ctx.baseline.fp32_latency_ms,
+        }
+    except (QsearchError, limits.EvaluationTimeout):
+        raise
+    except Exception as exc:  # ORT refused the data (shape, type) or the metric the outputs
+        raise QsearchError(f"{model_path}: scoring on the workload's data failed: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     print(f"{model_path}: {r['metric']} search {r['search']:.4f}, test {r['test']:.4f} (fp32 {r['fp32_test']:.4f}); "
           f"latency {r['latency_ms']:.3f} ms ({r['fp32_latency_ms'] / r['latency_ms']:.2f}x vs fp32); "
           f"size {r['size_bytes'] / 1024:.1f} KiB")
