@@ -10,6 +10,7 @@ from qsearch.cli import main
 from qsearch.plan import LayerChoice, Plan
 
 from .conftest import make_cnn, write_workload
+from .test_reliability import check_result
 
 
 @pytest.fixture
@@ -149,6 +150,12 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     study = optuna.load_study(study_name=plan.provenance["study"], storage=f"sqlite:///{out / 'study.db'}")
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 11
+    check_result(out, workload, study)
+    # reused: the same command again adds no trial and ends with a result of the same meaning
+    assert main(["optimize", "--config", str(workload), "--budget", "11", "--out", str(out)]) == 0
+    study = optuna.load_study(study_name=plan.provenance["study"], storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")] == [t.number for t in finished]
+    check_result(out, workload, study)
     assert main(["optimize", "--config", str(workload), "--budget", "-3", "--out", str(out)]) == 2
     assert "--budget must be a positive" in _err(capsys)
 

@@ -44,6 +44,31 @@ def _study(storage: str) -> optuna.Study:
     return optuna.load_study(study_name=search[0], storage=storage)
 
 
+def check_result(out: Path, workload: Path, study: optuna.Study | None = None) -> None:
+    """What a finished run must mean, however it got there (clean, resumed, interrupted, reused,
+    several workers): plan.yaml re-applied gives model.qsearch.onnx byte for byte, the model scores
+    what the plan says on test data, the plan meets the budget on search data, and a plan chosen
+    from a trial is that completed trial's plan."""
+    from qsearch.cli import main
+    from qsearch.plan import Plan
+
+    plan = Plan.read(out / "plan.yaml")
+    again = out.parent / f"{out.name}-reapplied.onnx"
+    assert main(["apply", str(out / "plan.yaml"), str(workload.parent / "model.onnx"), "-o", str(again)]) == 0
+    assert again.read_bytes() == (out / "model.qsearch.onnx").read_bytes()
+    m = plan.metrics
+    assert m["fp32"]["search"] - m["plan"]["search"] <= m["max_drop"] + 1e-12
+    from qsearch.workflow import run_evaluate
+
+    r = run_evaluate(str(out / "model.qsearch.onnx"), str(workload), out.parent / f"{out.name}-eval")
+    assert r["test"] == m["plan"]["test"] and r["search"] == m["plan"]["search"]
+    trial = plan.provenance.get("trial")
+    if study is not None and trial is not None:
+        t = study.trials[trial]
+        assert t.state == TrialState.COMPLETE
+        assert {n: plan.choice(n).label() for n in t.user_attrs["choices"]} == t.user_attrs["choices"]
+
+
 def _wait_for_running_trial(storage_file: Path, proc: subprocess.Popen, complete: int, timeout: float = 120) -> None:
     """Poll the study until `complete` trials are done and another one is running."""
     url = f"sqlite:///{storage_file}"
@@ -102,7 +127,7 @@ def test_killed_search_resumes_keeping_every_finished_trial(sig, workload, tmp_p
         assert len(retry) == (1 if len(plan) == n_layers else 0)
         assert all(r.state in FINISHED and r.params == plan for r in retry)
     assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert (out / "plan.yaml").is_file()
+    check_result(out, workload, study)
 
 
 def _check_shared(study: optuna.Study, budget: int, workers: int) -> None:
@@ -134,6 +159,7 @@ def test_two_workers_share_one_study(kind, workload, tmp_path):
         st = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "study.journal")))
         study = _study(st)
     _check_shared(study, budget, workers)
+    check_result(out, workload, study)
 
 
 def _postgres_bin() -> Path | None:
