@@ -41,7 +41,8 @@ def optimize(out: Path, budget: int, *extra: str) -> subprocess.Popen:
 def trials(storage) -> list:
     import optuna
 
-    names = optuna.get_all_study_names(storage)
+    # the search study; the others hold the analysis jobs (-analysis, -analysis-proxy, -analysis-profile)
+    names = [n for n in optuna.get_all_study_names(storage) if "-analysis" not in n]
     return optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False) if names else []
 
 
@@ -149,9 +150,15 @@ def main() -> None:
         ("hostile inputs (YAML alias bombs, endless/empty data, labels vs outputs, plan field types, huge "
          "ranges, outputs over inputs, empty --out)", "tests/test_hostile_inputs.py", None),
         ("golden fusion per pattern vs ORT's quantizer (tests/test_patterns.py)", "tests/test_patterns.py", None),
+        ("valid models that once broke (If/Loop reading outer tensors, IR 3 initializers as inputs, symbolic "
+         "H/W MACs)", "tests/test_valid_models.py", None),
+        ("limits and outputs (hung metric, --timeout bound, interrupted final stage, output set, garbled or foreign "
+         "study before analysis, SIGTERM with --workers, evaluate on a mismatched model, non-finite activations)",
+         "tests/test_limits_and_outputs.py", None),
         (f"rewriter fuzzing (hypothesis, {args.fuzz} random graphs x random plans)",
          "tests/test_rewrite.py -k random", {"QSEARCH_FUZZ_EXAMPLES": str(args.fuzz)}),
-        ("interruption and workers (tests/test_reliability.py)", "tests/test_reliability.py", None),
+        ("interruption and workers, each ending in the same result semantics (tests/test_reliability.py)",
+         "tests/test_reliability.py", None),
     ):
         p, f, s = pytest_count(expr, env)
         if name.startswith("rewriter"):

@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     common(e)
 
+    pr = sub.add_parser("profile", help="where the time goes in any ONNX model: ORT's per-node profile by kind, "
+                                        "op type and layer (no calibration)")
+    pr.add_argument("model")
+    pr.add_argument("--config", help="workload YAML: its data and model's layers (default: the embedded digits workload)")
+    pr.add_argument("--top", type=int, default=15, help="rows per table (default: %(default)s)")
+    pr.add_argument("-o", "--output", help="also write every layer's times as CSV")
+
     b = sub.add_parser("baseline", help="write a baseline plan: naive all-INT8, fp32/fp16, or hybrid (greedy)")
     b.add_argument("kind", choices=["naive", "hybrid", "fp32", "fp16"])
     common(b)
@@ -105,6 +112,9 @@ def _main(args) -> int:
             return 0
         if args.command == "evaluate":
             workflow.run_evaluate(args.model, args.config, out, args.eval_timeout)
+            return 0
+        if args.command == "profile":
+            workflow.run_profile(args.model, args.config, args.top, args.output)
             return 0
         if args.command == "baseline":
             workflow.run_baseline(args.kind, args.config, out, args.output, args.calibration, args.granularity,

@@ -138,14 +138,7 @@ class Context:
         return Scorer(m.name, ds, reference=ref)
 
     def _latency_feed(self) -> dict:
-        b = self.search_data.batches[0]
-        n = len(next(iter(b.values())))
-        want = self.workload.latency_batch
-        if n >= want or any(i.shape and i.shape[0] is not None for i in self.prepared.inputs):
-            return {k: v[:want] for k, v in b.items()}
-        import numpy as np
-
-        return {k: np.concatenate([v] * (want // n + 1))[:want] for k, v in b.items()}
+        return latency_feed(self.search_data.batches[0], self.prepared, self.workload.latency_batch)
 
     def calibration_tensors(self) -> list[str]:
         return sorted({t for layer in self.prepared.layers for t in (*layer.activations, layer.output)})
@@ -203,3 +196,14 @@ class Context:
 
     def allowed_drop(self) -> float:
         return self.workload.allowed_drop(self.baseline.fp32_search)
+
+
+def latency_feed(batch: Mapping, prepared: PreparedModel, want: int) -> dict:
+    """The batch every latency is measured on: `want` samples of the first search batch, repeated
+    if it is smaller (a fixed-batch model gets its own batch)."""
+    n = len(next(iter(batch.values())))
+    if n >= want or any(i.shape and i.shape[0] is not None for i in prepared.inputs):
+        return {k: v[:want] for k, v in batch.items()}
+    import numpy as np
+
+    return {k: np.concatenate([v] * (want // n + 1))[:want] for k, v in batch.items()}

@@ -105,3 +105,26 @@ def write_report(out: Path, title: str, summary: list[str], rows: list[Row], met
         parts.append(f"<h2>Chosen plan</h2><pre>{html.escape(plan_yaml)}</pre>")
     parts.append("</body></html>")
     atomic_write_text(out / "report.html", "\n".join(parts))
+
+
+def plot_attribution(kinds: dict[str, dict[str, float]], path: Path) -> None:
+    """Stacked bars, one per plan: milliseconds in int8 kernels, float ops and Q/DQ glue (ORT's
+    per-node profile), so the reader sees what an INT8 plan saved and what its glue cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"int8 kernel": "#2166ac", "float op": "#bbbbbb", "Q/DQ glue": "#d6604d"}
+    names = list(kinds)
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.4))
+    left = [0.0] * len(names)
+    for kind, color in colors.items():
+        widths = [kinds[n].get(kind, 0.0) for n in names]
+        ax.barh(names, widths, left=left, color=color, label=kind)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per batch (ONNX Runtime per-node profile)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -25,11 +25,11 @@ from qsearch.limits import CommandTimeout
 from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
 from qsearch.plan import Plan
-from qsearch.report import Row, plot_pareto, write_report
+from qsearch.report import Row, plot_attribution, plot_pareto, write_report
 from qsearch.search import Search, StudyQueue, check_study, default_study_name, greedy_fallback
 
-RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "pareto", "trials.csv",
-                "closest")
+RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "attribution.png", "pareto",
+                "trials.csv", "closest")
 
 
 def log(*args) -> None:
@@ -301,17 +301,23 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
                             "repair": repaired, "layers": len(ctx.candidates())},
             "seconds": {"analysis": t_analyzed - t_start, "search": t_searched - t_analyzed},
         }
+        chosen_model = ctx.rewriter(chosen)
+        fusion = fusion_check(chosen_model)
+        # what ORT really runs, in the plan too: candidate layers INT8, int8 kernels, unfused Q/DQ
+        metrics["fusion"] = {"int8_layers": sum(chosen.choice(la.name).is_int8 for la in ctx.candidates()),
+                             "int8_kernels": fusion.int8_kernels, "unfused_qdq": fusion.unfused_qdq}
         chosen = chosen.with_info(metrics, storage=search.storage_url)
         chosen.write(res.path("plan.yaml"))
-        atomic_write_bytes(res.path("model.qsearch.onnx"), ctx.rewriter(chosen).SerializeToString())
+        atomic_write_bytes(res.path("model.qsearch.onnx"), chosen_model.SerializeToString())
         pareto = search.pareto()
         for r in pareto:
             search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost}).write(
                 res.path(f"pareto/plan-trial{r.number:04d}.yaml"))
         plot_pareto(results, best.number, search.allowed, ctx.baseline.fp32_search, ctx.workload.space.objective,
                     res.path("pareto.png"))
-        attribution, _ = attribution_table(ctx, [("fp32", fp32_plan), ("naive int8", naive),
-                                                 (candidate_name, candidate)])
+        attribution, kinds = attribution_table(ctx, [("fp32", fp32_plan), ("naive int8", naive),
+                                                     (candidate_name, candidate)])
+        plot_attribution(kinds, res.path("attribution.png"))
         t_end = time.perf_counter()
         per_trial = search.trial_seconds / max(len(search.study.trials), 1)
         overhead = 1 - search.scoring_seconds / max(search.trial_seconds, 1e-9)
@@ -333,12 +339,13 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
                         f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32 "
                         f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
                         f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
-            f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion_check(ctx.rewriter(chosen)).line()}; "
+            f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}; "
             f"naive INT8 {fusion_check(ctx.rewriter(naive)).line()}.",
         ]
         write_report(res.dir, f"qsearch report: {ctx.prepared.name}", summary, rows, ctx.workload.metric.name,
                      fp32_row.latency_ms, fp32_row.size_bytes,
-                     [("Pareto front", res.path("pareto.png")), ("Layer sensitivity", out / "sensitivity.png")],
+                     [("Pareto front", res.path("pareto.png")), ("Where the time goes", res.path("attribution.png")),
+                      ("Layer sensitivity", out / "sensitivity.png")],
                      chosen.to_yaml().split("activation_ranges:")[0], attribution)
         res.commit()
         print("\n".join(summary))
@@ -438,3 +445,59 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
     plan.write(output)
     log(f"wrote {output}: {kind} plan, test {ctx.workload.metric.name} {ev.score:.4f} "
         f"(fp32 {ctx.baseline.fp32_test:.4f}), latency {ev.latency_ms:.3f} ms")
+
+
+def run_profile(model_path: str, config: str | None, top: int = 15, output: str | None = None):
+    """Where the time goes in any ONNX model (the user's own, a qsearch or ORT QDQ model) on the
+    workload's latency batch: ORT's per-node profile by kind, by op type and by layer of the
+    workload's model. Needs no calibration and no scoring."""
+    from qsearch import data, profiling
+    from qsearch.pipeline import latency_feed
+
+    if top < 1:
+        raise QsearchError(f"--top must be >= 1, got {top}")
+    workload = load_workload(config)
+    if output is not None:
+        ensure_writable_file(output, "-o", (model_path, config, workload.model))
+    prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))
+    model = load_model(model_path)
+    try:
+        sess = make_session(model, workload.threads)
+    except Exception as exc:
+        raise QsearchError(f"{model_path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+    want = {i.name for i in prepared.inputs}
+    have = {i.name for i in sess.get_inputs()}
+    if want != have:
+        raise QsearchError(f"{model_path}: its inputs {sorted(have)} do not match the workload's data {sorted(want)} "
+                           f"({workload.path})")
+    search = data.load(workload.search, prepared.inputs, workload.batch_size, workload.base)
+    feed = latency_feed(search.batches[0], prepared, workload.latency_batch)
+    try:
+        prof = profiling.profile(prepared, model, feed, workload.threads, runs=10)
+    except Exception as exc:
+        raise QsearchError(f"{model_path}: profiling on the workload's data failed: {str(exc).splitlines()[0]}") from None
+    fusion = fusion_check(model)
+    batch = len(next(iter(feed.values())))
+    total = max(prof.total_ms, 1e-12)
+    lines = [f"{model_path}: {prof.total_ms:.3f} ms per batch of {batch} in ONNX Runtime's kernels "
+             f"(CPU, {workload.threads} thread(s), mean of 10 runs); {fusion.line()}", "",
+             "| kind | ms | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.3f} | {v / total:.0%} |" for k, v in prof.by_kind.items()]
+    lines += ["", "| op type | ms | share |", "|---|---:|---:|"]
+    ops = sorted(prof.by_op.items(), key=lambda kv: -kv[1])
+    lines += [f"| {op} | {ms:.3f} | {ms / total:.0%} |" for op, ms in ops[:top]]
+    layers = sorted(prof.by_layer.items(), key=lambda kv: -sum(kv[1].values()))
+    lines += ["", f"| layer of `{workload.name}` | " + " | ".join(f"{k} ms" for k in profiling.KINDS) + " | total ms |",
+              "|---|" + "---:|" * (len(profiling.KINDS) + 1)]
+    lines += [f"| {name} | " + " | ".join(f"{k[x]:.3f}" for x in profiling.KINDS) + f" | {sum(k.values()):.3f} |"
+              for name, k in layers[:top]]
+    print("\n".join(lines))
+    if output is not None:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["layer", *profiling.KINDS, "total_ms"])
+        for name, k in layers:
+            w.writerow([name, *(round(k[x], 6) for x in profiling.KINDS), round(sum(k.values()), 6)])
+        atomic_write_text(output, buf.getvalue())
+        log(f"wrote {output}: {len(layers)} layers")
+    return prof

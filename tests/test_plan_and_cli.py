@@ -232,3 +232,35 @@ def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):
     assert main(["apply", str(plan), str(workload.parent / "model.onnx"), "-o", str(out)]) == 2
     assert expect in _err(capsys)
     assert not out.exists()
+
+
+def test_profile_any_model_by_kind_op_and_layer(workload, tmp_path, capsys):
+    """`qsearch profile` on the FP32 model and on a naive INT8 model written by apply: where the
+    time goes, attributed to the workload's layers, with no calibration."""
+    model = workload.parent / "model.onnx"
+    plan, int8 = tmp_path / "naive.yaml", tmp_path / "naive.onnx"
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(plan)]) == 0
+    assert main(["apply", str(plan), str(model), "-o", str(int8)]) == 0
+    capsys.readouterr()
+    assert main(["profile", str(model), "--config", str(workload)]) == 0
+    fp32 = capsys.readouterr().out
+    assert "0 int8 kernels" in fp32 and ("| Conv |" in fp32 or "| FusedConv |" in fp32)
+    csv_path = tmp_path / "layers.csv"
+    assert main(["profile", str(int8), "--config", str(workload), "-o", str(csv_path)]) == 0
+    text = capsys.readouterr().out
+    kinds = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in text.splitlines()
+             if line.startswith(("| int8 kernel", "| Q/DQ glue", "| float op"))}
+    assert kinds["int8 kernel"] > 0 and kinds["Q/DQ glue"] > 0
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("layer,int8 kernel,float op,Q/DQ glue,total_ms")
+    assert {"conv_a", "conv_b", "fc"} <= {r.split(",")[0] for r in rows[1:]}
+    other = tmp_path / "other.onnx"
+    m = onnx.load(model)
+    m.graph.input[0].name = "image"
+    for n in m.graph.node:
+        n.input[:] = ["image" if t == "x" else t for t in n.input]
+    onnx.save(m, other)
+    assert main(["profile", str(other), "--config", str(workload)]) == 2
+    assert "do not match the workload's data" in _err(capsys)
+    assert main(["profile", str(model), "--config", str(workload), "-o", str(model)]) == 2
+    assert "is an input of this command" in _err(capsys)
