@@ -253,6 +253,9 @@ def check_study(storage: str | None, out: Path, name: str, key: str) -> None:
     """Before any work: the storage URL opens and a study of that name, if it exists, was made
     for this model, data, metric, budget, space and target (else a one-line error)."""
     st = _storage(storage, out)
+    lock = _storage_file(storage or sqlite_url(out / "study.db"))
+    if lock is not None:  # the lock file goes next to a file storage: prove it can, before any work
+        os.close(open_lock_file(lock.with_name(lock.name + ".workers.lock")))
     try:
         summaries = optuna.study.get_all_study_summaries(st, include_best_trial=False)
     except Exception as exc:
@@ -328,7 +331,7 @@ class Search:
         exclusively knows no other is alive, so RUNNING trials are orphans of a killed process."""
         import fcntl
 
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             alone = True
@@ -631,6 +634,16 @@ class Search:
 _LIVENESS: dict[Path, tuple[Path, int]] = {}
 
 
+def open_lock_file(path: Path) -> int:
+    """A lock file next to the study, or a one-line error naming it (a folder or an unwritable
+    place where it goes)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise QsearchError(f"{path}: cannot create the study's lock file there ({exc.strerror or exc}); "
+                           "remove what is in the way or pick another --out/--storage") from None
+
+
 def _liveness_file(lock: Path | None) -> Path | None:
     """This process's liveness file next to a file storage, locked exclusively for the process's
     whole life: other workers tell a job of a killed worker from a slow one by trying its lock."""
@@ -641,7 +654,7 @@ def _liveness_file(lock: Path | None) -> Path | None:
         import fcntl
 
         path = lock.with_name(f".{lock.name}.worker-{socket.gethostname()}-{os.getpid()}.alive")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(path)
         fcntl.flock(fd, fcntl.LOCK_EX)
         _LIVENESS[lock] = (path, fd)
         atexit.register(lambda: path.unlink(missing_ok=True))

@@ -115,6 +115,11 @@ def test_garbled_study_storage_and_foreign_study_refused_before_the_analysis(wor
     assert main(["optimize", "--budget", "2", "--config", str(workload), "--out", str(out)]) == 2
     assert "study.db" in _err(capsys)
     assert not (out / "sensitivity.yaml").exists()  # refused before any analysis
+    (out / "study.db").unlink()
+    (out / "study.db.workers.lock").mkdir()  # a folder where the lock file goes
+    assert main(["optimize", "--budget", "2", "--config", str(workload), "--out", str(out)]) == 2
+    assert "study.db.workers.lock: cannot create the study's lock file there" in _err(capsys)
+    assert not (out / "sensitivity.yaml").exists()
     out2 = tmp_path / "o2"
     assert main(["optimize", "--budget", "2", "--study", "mine", "--config", str(workload), "--out", str(out2)]) == 0
     (out2 / "sensitivity.yaml").unlink()
