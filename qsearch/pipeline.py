@@ -25,6 +25,8 @@ from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_
 from qsearch.plan import LayerChoice, Plan, build_plan
 from qsearch.rewrite import Rewriter
 
+CALIBRATION_PARTS = 2  # shared calibration jobs (by tensor) when a study queue is given
+
 
 @dataclass(frozen=True)
 class Baseline:
@@ -36,9 +38,10 @@ class Baseline:
 
 class Context:
     def __init__(self, workload: Workload, cache_dir: Path | None = None, log=print,
-                 eval_timeout: float | None = None):
+                 eval_timeout: float | None = None, calibrate: bool = True):
         """`eval_timeout`: seconds one model evaluation may take (0: no limit; None: 20x the FP32
-        model's evaluation time, at least a minute)."""
+        model's evaluation time, at least a minute). `calibrate=False` defers the calibration pass
+        to `calibrate()` (which can share it between workers)."""
         self.workload = workload
         self.log = log
         self.prepared: PreparedModel = prepare(load_model(workload.model), name=workload.name,
@@ -56,7 +59,7 @@ class Context:
         if workload.metric.name == "top1":  # before calibrating: a bad metric must cost nothing
             for ds in (self.search_data, self.test_data):
                 self._check_top1(fp32, ds)
-        self.stats = self._stats()
+        self.stats: CalibrationStats | None = self._stats() if calibrate else None
         self.search_scorer = self._scorer(fp32, self.search_data, workload.metric.search_entry)
         self.test_scorer = self._scorer(fp32, self.test_data, workload.metric.test_entry)
         self.latency_feed = self._latency_feed()
@@ -143,21 +146,68 @@ class Context:
     def calibration_tensors(self) -> list[str]:
         return sorted({t for layer in self.prepared.layers for t in (*layer.activations, layer.output)})
 
-    def _stats(self) -> CalibrationStats:
-        tensors = self.calibration_tensors()
+    def _cache_path(self, tensors: list[str], part: str = "") -> Path | None:
         key = calibration.cache_key(self.prepared.fingerprint, self.calib_data.fingerprint, json.dumps(tensors))
-        path = self.cache_dir / f"calibration-{key}.npz" if self.cache_dir else None
-        if path is not None and path.is_file():
-            try:
-                return CalibrationStats.load(path)
-            except Exception:
-                pass  # stale or damaged cache: recalibrate below
-        self.log(f"calibrating on {self.calib_data.samples} samples ({len(tensors)} tensors, one pass)")
+        return self.cache_dir / f"calibration-{key}{part}.npz" if self.cache_dir else None
+
+    @staticmethod
+    def _load(path: Path | None) -> CalibrationStats | None:
+        if path is None or not path.is_file():
+            return None
+        try:
+            return CalibrationStats.load(path)
+        except Exception:
+            return None  # stale or damaged cache: recalibrate
+
+    def _collect(self, tensors: list[str], path: Path | None) -> CalibrationStats:
         self.calibration_passes += 1
         stats = calibration.collect(self.prepared.proto, tensors, self.calib_data.batches, self.workload.threads)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             stats.save(path)
+        return stats
+
+    def _stats(self) -> CalibrationStats:
+        tensors = self.calibration_tensors()
+        path = self._cache_path(tensors)
+        stats = self._load(path)
+        if stats is None:
+            self.log(f"calibrating on {self.calib_data.samples} samples ({len(tensors)} tensors, one pass)")
+            stats = self._collect(tensors, path)
+        return stats
+
+    def calibrate(self, queue=None, progress=None) -> CalibrationStats:
+        """The calibration statistics, with a `queue` (a `search.StudyQueue` stage) split by tensor
+        into CALIBRATION_PARTS shared jobs: workers on one study each run the pass for their share
+        (per-tensor statistics do not depend on the other tensors, so the result is the same as one
+        pass). Parts land in the cache folder; one another machine made and this one cannot see is
+        collected here."""
+        if self.stats is not None:
+            return self.stats
+        tensors = self.calibration_tensors()
+        path = self._cache_path(tensors)
+        stats = self._load(path)
+        if stats is None and queue is None:
+            stats = self._stats()
+        if stats is None:
+            self.log(f"calibrating on {self.calib_data.samples} samples ({len(tensors)} tensors, "
+                     f"{CALIBRATION_PARTS} shared passes)")
+            parts = [tensors[k::CALIBRATION_PARTS] for k in range(CALIBRATION_PARTS)]
+            paths = [self._cache_path(tensors, f"-part{k}of{len(parts)}") for k in range(len(parts))]
+
+            def run(job: dict) -> tuple:
+                self._collect(parts[job["part"]], paths[job["part"]])
+                return ()
+
+            queue.map([{"part": k} for k in range(len(parts))], run, progress, what="calibration")
+            merged: dict = {}
+            for part, p in zip(parts, paths):
+                got = self._load(p) or self._collect(part, p)
+                merged.update(got.tensors)
+            stats = CalibrationStats(merged, got.samples, got.batches)
+            if path is not None:
+                stats.save(path)
+        self.stats = stats
         return stats
 
     # ------------------------------------------------------------------ plans

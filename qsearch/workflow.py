@@ -61,7 +61,7 @@ class Progress:
         sys.stderr.flush()
 
 
-def open_context(config: str | None, out: Path, eval_timeout: float | None = None) -> Context:
+def open_context(config: str | None, out: Path, eval_timeout: float | None = None, calibrate: bool = True) -> Context:
     workload = load_workload(config)
     ensure_writable_dir(out, "--out", create=False)  # a bad config or model leaves no empty --out behind
     for sub in ("cache", "pareto", "closest"):
@@ -70,7 +70,7 @@ def open_context(config: str | None, out: Path, eval_timeout: float | None = Non
                                "move it or pick another --out")
     log(f"workload '{workload.name}': {workload.model.name}, metric {workload.metric.name}, "
         f"max_drop {workload.max_drop * 100 if workload.relative else workload.max_drop}{'%' if workload.relative else ''}")
-    ctx = Context(workload, cache_dir=out / "cache", log=log, eval_timeout=eval_timeout)
+    ctx = Context(workload, cache_dir=out / "cache", log=log, eval_timeout=eval_timeout, calibrate=calibrate)
     ensure_writable_dir(out, "--out")
     return ctx
 
@@ -177,15 +177,16 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
               stage: Stage) -> int:
     t_start = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
-    ctx = open_context(config, out, eval_timeout)
+    ctx = open_context(config, out, eval_timeout, calibrate=False)
     name = study or default_study_name(ctx)
-    # storage URL and study ownership are checked before any analysis is spent
+    # storage URL and study ownership are checked before any calibration or analysis is spent
     check_study(storage, out, name, ctx.study_key())
-    # the screen runs as jobs in the study's storage: workers on one study split it, a resumed run
-    # finds it done (several local processes: --workers)
+    # calibration and analysis run as jobs in the study's storage: workers on one study split them,
+    # a resumed run finds them done (several local processes: --workers)
     queue = None if workers > 1 else StudyQueue(storage, out, f"{name}-analysis")
     stage("analysis", "finished analysis jobs are kept in the study: re-run the same command to go on"
           if queue is not None else "nothing was written")
+    ctx.calibrate(None if queue is None else queue.stage("calibration"), Progress("analyze"))
     profile = sensitivity.analyze(ctx, samples=samples, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("analyze"), queue=queue, screen_all=False)
     sensitivity.save_profile(profile, out)

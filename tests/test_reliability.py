@@ -34,9 +34,10 @@ def _optimize(workload: Path, out: Path, budget: int, *extra: str) -> subprocess
 def _study(storage: str) -> optuna.Study:
     """The search study (the other one holds the analysis jobs: each done exactly once)."""
     names = optuna.get_all_study_names(storage)
-    stages = ("-analysis-proxy", "-analysis-profile", "-analysis")  # proxy passes, latency profile, screen
+    # calibration parts, proxy passes, latency profile, screen
+    stages = ("-analysis-calibration", "-analysis-proxy", "-analysis-profile", "-analysis")
     search = [n for n in names if not n.endswith(stages)]
-    assert len(search) == 1 and len(names) == 4
+    assert len(search) == 1 and len(names) == 5
     for stage in stages:
         jobs = optuna.load_study(study_name=search[0] + stage, storage=storage)
         done = [t.user_attrs["job"] for t in jobs.get_trials(states=(TrialState.COMPLETE,))]

@@ -66,3 +66,24 @@ def test_search_meets_budget_and_is_at_least_as_good_as_greedy(tmp_path):
     assert best_int8 >= greedy_int8 and best.cost <= bitops(ctx, greedy_choices)
     pareto = search.pareto()
     assert pareto and all(np.diff([r.cost for r in pareto]) >= 0)
+
+
+def test_calibration_split_into_shared_jobs_equals_one_pass(tmp_path):
+    """Per-tensor statistics do not depend on the other tensors: the parts that workers share
+    (through the study's job queue) merge into exactly the single pass's statistics."""
+    from qsearch.search import StudyQueue
+
+    ctx = _ctx(tmp_path)
+    one = ctx.stats
+    split = Context(ctx.workload, cache_dir=tmp_path / "cache2", log=lambda *a: None, calibrate=False)
+    assert split.stats is None and split.calibration_passes == 0
+    queue = StudyQueue(None, tmp_path / "out", "calib-test")
+    shared = split.calibrate(queue)
+    assert split.calibration_passes == 2  # one pass per part, here both in this process
+    assert sorted(shared.tensors) == sorted(one.tensors)
+    for t, s in one.tensors.items():
+        o = shared.tensors[t]
+        assert (o.min, o.max, o.lo, o.hi) == (s.min, s.max, s.lo, s.hi) and np.array_equal(o.counts, s.counts)
+    again = Context(ctx.workload, cache_dir=tmp_path / "cache2", log=lambda *a: None, calibrate=False)
+    again.calibrate(queue)
+    assert again.calibration_passes == 0  # merged statistics cached; the queue's jobs are done
