@@ -1,9 +1,9 @@
 """One worker against two on one study: wall time of analysis + search (`qsearch optimize` in
 separate processes on the same --out, SQLite storage), in the same run, alternating.
 
-The analysis screen is split through the study's job queue and the trials through Optuna's
-shared study; each worker still calibrates, runs its proxy passes and latency profiles itself.
-Writes workers_<workload>.md.
+Calibration (by tensor), the proxy passes (by method and half of the layers), the latency profile
+and the screen are split through the study's job queues, the trials through Optuna's shared study;
+each worker still prepares the model and scores FP32 itself. Writes workers_<workload>.md.
 
     python experiments/bench_workers.py --workload orientation --budget 30
 """
