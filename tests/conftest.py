@@ -127,3 +127,16 @@ def write_chain_workload(tmp: Path, layers: int = 30, width: int = 16, spread: f
                    f"metric: top1\nmax_drop: {max_drop}\n"
                    "search_space: {calibration: [minmax], granularity: [per_tensor], objective: bitops}\n")
     return cfg
+
+
+@pytest.fixture
+def workload(tmp_path) -> Path:
+    """The small CNN's workload folder (tests that need the outlier variant define their own)."""
+    return write_workload(tmp_path / "w", make_cnn())
+
+
+def last_error(capsys) -> str:
+    """The command's last stderr line, after checking it printed no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]

@@ -6,19 +6,7 @@ import pytest
 
 from qsearch.cli import main
 
-from .conftest import make_cnn, write_workload
-
-
-@pytest.fixture
-def workload(tmp_path):
-    return write_workload(tmp_path / "w", make_cnn())
-
-
-def _err(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    return err[-1]
-
+from .conftest import last_error
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b]\n"
 
@@ -59,7 +47,7 @@ def test_hostile_workloads(case, expect, workload, tmp_path, capsys):
     workload.write_text(text)
     for cmd in (["analyze"], ["optimize", "--budget", "2"]):
         assert main([*cmd, "--config", str(workload), "--out", str(out)]) == 2
-        assert expect in _err(capsys)
+        assert expect in last_error(capsys)
         assert not list(out.glob("*.yaml")) if out.is_dir() else True
         if case != "cache_is_a_file":
             assert not out.exists()  # a config or data error leaves no empty --out behind
@@ -101,7 +89,7 @@ def test_hostile_plans(case, expect, workload, tmp_path, capsys):
         out = plan
     assert "percentile: 99.99" in doc and "metrics:" in doc and "provenance:" in doc
     assert main(["apply", str(plan), str(model), "-o", str(out)]) == 2
-    assert expect in _err(capsys)
+    assert expect in last_error(capsys)
     assert model.read_bytes() == before  # the user's source is never overwritten
     if case not in ("output_is_the_model", "output_is_the_plan"):
         assert not out.exists()
@@ -111,7 +99,7 @@ def test_baseline_refuses_to_overwrite_the_model(workload, tmp_path, capsys):
     model = workload.parent / "model.onnx"
     before = model.read_bytes()
     assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(model)]) == 2
-    assert "is an input of this command" in _err(capsys)
+    assert "is an input of this command" in last_error(capsys)
     assert model.read_bytes() == before
 
 
@@ -119,5 +107,5 @@ def test_samples_below_one_refused_before_any_work(workload, tmp_path, capsys):
     out = tmp_path / "out"
     for n in ("0", "-3"):
         assert main(["analyze", "--config", str(workload), "--out", str(out), "--samples", n]) == 2
-        assert f"--samples must be >= 1, got {n}" in _err(capsys)
+        assert f"--samples must be >= 1, got {n}" in last_error(capsys)
     assert not out.exists()

@@ -17,20 +17,9 @@ from qsearch.pipeline import Context
 from qsearch.search import Search
 from qsearch.sensitivity import analyze
 
-from .conftest import make_cnn, write_workload
+from .conftest import last_error, make_cnn, write_workload
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def workload(tmp_path):
-    return write_workload(tmp_path / "w", make_cnn())
-
-
-def _err(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def _custom_metric(workload: Path, module: str, body: str) -> None:
@@ -64,12 +53,12 @@ def test_timeout_bounds_the_whole_command(workload, tmp_path, capsys):
     assert main(["optimize", "--budget", "500", "--timeout", "2", "--config", str(workload),
                  "--out", str(tmp_path / "o2")]) == 124
     assert time.monotonic() - t0 < 2 + 2
-    assert "--timeout 2 s" in _err(capsys)
+    assert "--timeout 2 s" in last_error(capsys)
     for bad in ("-1", "0"):
         assert main(["optimize", "--timeout", bad, "--config", str(workload), "--out", str(out)]) == 2
-        assert "--timeout must be a positive number of seconds" in _err(capsys)
+        assert "--timeout must be a positive number of seconds" in last_error(capsys)
     assert main(["analyze", "--eval-timeout", "-5", "--config", str(workload), "--out", str(out)]) == 2
-    assert "--eval-timeout must be >= 0" in _err(capsys)
+    assert "--eval-timeout must be >= 0" in last_error(capsys)
 
 
 def test_an_interrupt_in_the_final_stage_keeps_the_previous_result_whole(workload, tmp_path, capsys, monkeypatch):
@@ -84,7 +73,7 @@ def test_an_interrupt_in_the_final_stage_keeps_the_previous_result_whole(workloa
 
     monkeypatch.setattr("qsearch.workflow.write_report", interrupted)
     assert main(["optimize", "--budget", "6", "--config", str(workload), "--out", str(out)]) == 130
-    assert "the result was not written" in _err(capsys)
+    assert "the result was not written" in last_error(capsys)
     assert {n: (out / n).read_bytes() for n in names} == before  # not one file of the second run
     assert not list(out.glob(".staging-*"))
 
@@ -113,12 +102,12 @@ def test_garbled_study_storage_and_foreign_study_refused_before_the_analysis(wor
     out.mkdir()
     (out / "study.db").write_bytes(b"this is not a database" * 100)
     assert main(["optimize", "--budget", "2", "--config", str(workload), "--out", str(out)]) == 2
-    assert "study.db" in _err(capsys)
+    assert "study.db" in last_error(capsys)
     assert not (out / "sensitivity.yaml").exists()  # refused before any analysis
     (out / "study.db").unlink()
     (out / "study.db.workers.lock").mkdir()  # a folder where the lock file goes
     assert main(["optimize", "--budget", "2", "--config", str(workload), "--out", str(out)]) == 2
-    assert "study.db.workers.lock: cannot create the study's lock file there" in _err(capsys)
+    assert "study.db.workers.lock: cannot create the study's lock file there" in last_error(capsys)
     assert not (out / "sensitivity.yaml").exists()
     out2 = tmp_path / "o2"
     assert main(["optimize", "--budget", "2", "--study", "mine", "--config", str(workload), "--out", str(out2)]) == 0
@@ -126,7 +115,7 @@ def test_garbled_study_storage_and_foreign_study_refused_before_the_analysis(wor
     workload.write_text(workload.read_text().replace("max_drop: 0.02", "max_drop: 0.05"))
     capsys.readouterr()
     assert main(["optimize", "--budget", "2", "--study", "mine", "--config", str(workload), "--out", str(out2)]) == 2
-    assert "study 'mine' was made for another model, data, metric, budget" in _err(capsys)
+    assert "study 'mine' was made for another model, data, metric, budget" in last_error(capsys)
     assert not (out2 / "sensitivity.yaml").exists()
 
 
@@ -187,7 +176,7 @@ def test_evaluate_on_a_model_that_does_not_fit_the_data(workload, tmp_path, caps
 
     onnx.save(other, tmp_path / "other.onnx")
     assert main(["evaluate", str(tmp_path / "other.onnx"), "--config", str(workload), "--out", str(tmp_path / "o")]) == 2
-    assert "other.onnx" in _err(capsys)
+    assert "other.onnx" in last_error(capsys)
 
 
 def test_non_finite_activations_named_at_calibration(workload, tmp_path, capsys):
@@ -196,4 +185,4 @@ def test_non_finite_activations_named_at_calibration(workload, tmp_path, capsys)
     np.savez(d / "huge.npz", x=x, label=np.zeros(64, np.int64))
     workload.write_text(workload.read_text().replace("calibration: {npz: calib.npz", "calibration: {npz: huge.npz"))
     assert main(["analyze", "--config", str(workload), "--out", str(tmp_path / "o")]) == 2
-    assert "has non-finite values" in _err(capsys)
+    assert "has non-finite values" in last_error(capsys)

@@ -9,19 +9,13 @@ import yaml
 from qsearch.cli import main
 from qsearch.plan import LayerChoice, Plan
 
-from .conftest import make_cnn, write_workload
+from .conftest import last_error, make_cnn, write_workload
 from .test_reliability import check_result
 
 
 @pytest.fixture
 def workload(tmp_path):
     return write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"))
-
-
-def _err(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def test_plan_yaml_roundtrip_is_stable(tmp_path):
@@ -92,7 +86,7 @@ def test_apply_bad_inputs(case, expect, workload, tmp_path, capsys):
         plan.write_text(doc.replace("qsearch_plan: 1", "qsearch_plan: 99"))
     out = tmp_path / "out.onnx"
     assert main(["apply", str(plan), str(model), "-o", str(out)]) == 2
-    assert expect in _err(capsys)
+    assert expect in last_error(capsys)
     assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
 
 
@@ -117,7 +111,7 @@ def test_workload_bad_inputs(edit, expect, workload, tmp_path, capsys):
     workload.write_text(edit(workload.read_text()))
     out = tmp_path / "out"
     assert main(["analyze", "--config", str(workload), "--out", str(out), "--samples", "32"]) == 2
-    assert expect in _err(capsys)
+    assert expect in last_error(capsys)
     assert not (out / "sensitivity.yaml").exists()
 
 
@@ -125,7 +119,7 @@ def test_custom_score_that_returns_garbage(workload, tmp_path, capsys):
     (workload.parent / "myscore.py").write_text("def bad(session):\n    return 'high'\n")
     workload.write_text(workload.read_text().replace("metric: top1", "metric: {search: 'myscore:bad', test: 'myscore:bad'}"))
     assert main(["analyze", "--config", str(workload), "--out", str(tmp_path / "o")]) == 2
-    assert "returned 'high', not a finite number" in _err(capsys)
+    assert "returned 'high', not a finite number" in last_error(capsys)
 
 
 def test_optimize_end_to_end(workload, tmp_path, capsys):
@@ -157,7 +151,7 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     assert [t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")] == [t.number for t in finished]
     check_result(out, workload, study)
     assert main(["optimize", "--config", str(workload), "--budget", "-3", "--out", str(out)]) == 2
-    assert "--budget must be a positive" in _err(capsys)
+    assert "--budget must be a positive" in last_error(capsys)
 
 
 def _custom_op_model():
@@ -208,7 +202,7 @@ def test_more_bad_workload_inputs(case, expect, workload, tmp_path, capsys):
     config = str(tmp_path / "nope.yaml") if case == "missing_config" else str(workload)
     for cmd in (["analyze"], ["optimize", "--budget", "2"]):
         assert main([*cmd, "--config", config, "--out", str(out)]) == 2
-        assert expect in _err(capsys)
+        assert expect in last_error(capsys)
         assert not list(out.glob("*.yaml")) if out.is_dir() else True  # nothing half-written
 
 
@@ -230,7 +224,7 @@ def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out.onnx"
     assert main(["apply", str(plan), str(workload.parent / "model.onnx"), "-o", str(out)]) == 2
-    assert expect in _err(capsys)
+    assert expect in last_error(capsys)
     assert not out.exists()
 
 
@@ -261,6 +255,6 @@ def test_profile_any_model_by_kind_op_and_layer(workload, tmp_path, capsys):
         n.input[:] = ["image" if t == "x" else t for t in n.input]
     onnx.save(m, other)
     assert main(["profile", str(other), "--config", str(workload)]) == 2
-    assert "do not match the workload's data" in _err(capsys)
+    assert "do not match the workload's data" in last_error(capsys)
     assert main(["profile", str(model), "--config", str(workload), "-o", str(model)]) == 2
-    assert "is an input of this command" in _err(capsys)
+    assert "is an input of this command" in last_error(capsys)
