@@ -27,13 +27,22 @@ def _parser() -> argparse.ArgumentParser:
                         help="limit per model evaluation (default: 20x the FP32 model's, at least 60 s; 0: none); "
                              "a trial past it fails and the search goes on")
 
-    a = sub.add_parser("analyze", help="per-layer sensitivity, ranked")
+    a = sub.add_parser("analyze", help="per-layer sensitivity, ranked",
+                       description="Calibrate once, then measure every candidate layer: its options' proxy SQNR, "
+                                   "its output noise alone in INT8, and whether its INT8 form pays (ORT profile). "
+                                   "Writes sensitivity.yaml/.csv/.png to --out.",
+                       epilog="example: qsearch analyze --config my_model.yaml --out runs/my_model")
     common(a)
     a.add_argument("--samples", type=int, help="score on the first N search samples only")
     a.add_argument("--reverse", action="store_true", help="also measure all-INT8-but-this-layer (accuracy restored)")
     a.add_argument("--workers", type=int, default=1, help="worker processes for scoring")
 
-    o = sub.add_parser("optimize", help="search the mixed-precision plan (the main job)")
+    o = sub.add_parser("optimize", help="search the mixed-precision plan (the main job)",
+                       description="Analysis, then an Optuna study under the accuracy budget; writes plan.yaml, "
+                                   "model.qsearch.onnx, report.md/.html, Pareto plans and trials.csv to --out. "
+                                   "Exit 0 result written, 1 no plan (says why), 2 bad input, 124 --timeout, "
+                                   "130 interrupted; the same command resumes.",
+                       epilog="example: qsearch optimize --config my_model.yaml --budget 50 --out runs/my_model")
     common(o)
     o.add_argument("--budget", type=int, default=50, help="number of trials (default: %(default)s)")
     o.add_argument("--timeout", type=float, metavar="SECONDS",
@@ -43,13 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples only")
     o.add_argument("--workers", type=int, default=1, help="worker processes for the sensitivity analysis")
 
-    ap = sub.add_parser("apply", help="apply a plan to a model (no data needed)")
-    ap.add_argument("plan")
-    ap.add_argument("model")
-    ap.add_argument("-o", "--output", required=True)
+    ap = sub.add_parser("apply", help="apply a plan to a model (no data needed)",
+                        description="Rewrite a float ONNX model into the plan's QDQ model, deterministically: the "
+                                    "same plan and model always give the same bytes.",
+                        epilog="example: qsearch apply qsearch-out/plan.yaml model.onnx -o model.int8.onnx")
+    ap.add_argument("plan", help="plan YAML written by optimize or baseline (or edited by hand)")
+    ap.add_argument("model", help="the float ONNX model the plan was made for")
+    ap.add_argument("-o", "--output", required=True, help="where to write the quantized ONNX model")
 
-    e = sub.add_parser("evaluate", help="score a model on the workload's data: metric, latency, size")
-    e.add_argument("model")
+    e = sub.add_parser("evaluate", help="score a model on the workload's data: metric, latency, size",
+                       description="Score any ONNX model that takes the workload's data (FP32, a qsearch plan's "
+                                   "model, another tool's) with the workload's metric on search and test data, "
+                                   "and time it.",
+                       epilog="example: qsearch evaluate model.int8.onnx --config my_model.yaml")
+    e.add_argument("model", help="the ONNX model to score")
     common(e)
 
     pr = sub.add_parser("profile", help="where the time goes in any ONNX model: ORT's per-node profile by kind, "
@@ -59,12 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=15, help="rows per table (default: %(default)s)")
     pr.add_argument("-o", "--output", help="also write every layer's times as CSV")
 
-    b = sub.add_parser("baseline", help="write a baseline plan: naive all-INT8, fp32/fp16, or hybrid (greedy)")
-    b.add_argument("kind", choices=["naive", "hybrid", "fp32", "fp16"])
+    b = sub.add_parser("baseline", help="write a baseline plan: naive all-INT8, fp32/fp16, or hybrid (greedy)",
+                       description="Write the plan a simpler method would ship, scored on test data, to compare "
+                                   "with optimize's or to start from. --out holds the calibration cache; -o is "
+                                   "the plan file.",
+                       epilog="example: qsearch baseline naive --config my_model.yaml -o naive.yaml")
+    b.add_argument("kind", choices=["naive", "hybrid", "fp32", "fp16"],
+                   help="naive: every candidate INT8 with one method; hybrid: the greedy fallback (reverts the "
+                        "most sensitive layers until the budget holds); fp32/fp16: no INT8")
     common(b)
-    b.add_argument("-o", "--output", required=True)
-    b.add_argument("--calibration", choices=METHODS, default="minmax")
-    b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor")
+    b.add_argument("-o", "--output", required=True, help="where to write the plan YAML")
+    b.add_argument("--calibration", choices=METHODS, default="minmax", help="activation ranges (default: %(default)s)")
+    b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
+                   help="weight scales (default: %(default)s)")
     return p
 
 

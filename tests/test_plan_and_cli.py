@@ -131,6 +131,12 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     for f in ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "sensitivity.png",
               "study.db", "trials.csv"):
         assert (out / f).is_file(), f
+    import csv
+
+    rows = list(csv.reader((out / "trials.csv").read_text().splitlines()))
+    layers = rows[0][9:]  # one column per searched layer
+    assert layers and all(len(r) == len(rows[0]) for r in rows)
+    assert all(v.startswith(("int8/", "fp32")) for r in rows[1:] if r[1] == "COMPLETE" for v in r[9:])
     plan = Plan.read(out / "plan.yaml")
     assert plan.metrics["test_drop"] <= plan.metrics["max_drop"] + 0.05  # small test set: search budget + noise
     assert plan.metrics["plan"]["search"] >= plan.metrics["fp32"]["search"] - plan.metrics["max_drop"]
