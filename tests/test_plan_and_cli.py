@@ -264,3 +264,19 @@ def test_profile_any_model_by_kind_op_and_layer(workload, tmp_path, capsys):
     assert "do not match the workload's data" in last_error(capsys)
     assert main(["profile", str(model), "--config", str(workload), "-o", str(model)]) == 2
     assert "is an input of this command" in last_error(capsys)
+
+
+def test_the_readme_config_example_works_verbatim(tmp_path, capsys):
+    """The README's workload example, copied as is next to a model and npz files that hold labels
+    in every split (as users' files do)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Workload config", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    d = tmp_path / "w"
+    write_workload(d, make_cnn(), n=128)
+    (d / "workload.yaml").write_text(example)
+    assert main(["optimize", "--budget", "2", "--config", str(d / "workload.yaml"), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "plan.yaml").is_file()
