@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qsearch.data import chunks
 from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_bytes
 
@@ -134,8 +135,11 @@ def collect(
     tensors: Iterable[str],
     feeds: Iterable[Mapping[str, np.ndarray]],
     threads: int = 0,
+    chunk: int | None = None,
 ) -> CalibrationStats:
-    """The single calibration pass: every candidate tensor is a graph output of one session."""
+    """The single calibration pass: every candidate tensor is a graph output of one session, the
+    batches run in pieces of `chunk` samples (cache-sized; the statistics depend on it only through
+    the order the histograms grow in, so it is part of the cache key)."""
     import onnxruntime as ort
 
     names = sorted(set(tensors))
@@ -155,13 +159,14 @@ def collect(
     hists = {n: _Histogram() for n in names}
     samples = batches = 0
     for feed in feeds:
-        outs = sess.run(names, dict(feed))
-        for n, arr in zip(names, outs):
-            try:
-                hists[n].add(arr)
-            except FloatingPointError as exc:
-                raise QsearchError(f"calibration: tensor '{n}' has {exc} on the calibration data (batch {batches}); "
-                                   "the FP32 model overflows or the data is not what it expects") from None
+        for piece in chunks([feed], chunk):
+            outs = sess.run(names, piece)
+            for n, arr in zip(names, outs):
+                try:
+                    hists[n].add(arr)
+                except FloatingPointError as exc:
+                    raise QsearchError(f"calibration: tensor '{n}' has {exc} on the calibration data (batch "
+                                       f"{batches}); the FP32 model overflows or the data is not what it expects") from None
         batches += 1
         samples += len(next(iter(feed.values())))
     if batches == 0:

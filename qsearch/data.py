@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,29 @@ class Dataset:
             lab.append(y)
             n += len(next(iter(b.values())))
         return Dataset(self.name, tuple(out), tuple(lab), n, f"{self.fingerprint}:{samples}")
+
+
+def chunks(batches: Iterable[Mapping[str, np.ndarray]], samples: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """The batches cut into runs of at most `samples` samples (None: as they are). Passes that only
+    sum over samples (calibration, the proxy) run in cache-sized pieces: on a 2-core machine a
+    32-sample PP-LCNet probe pass is memory-bound and two side by side ran 1.7x slower each."""
+    for b in batches:
+        n = len(next(iter(b.values())))
+        step = n if samples is None else max(1, samples)
+        for i in range(0, n, step):
+            yield {k: v[i:i + step] for k, v in b.items()} if step < n else dict(b)
+
+
+def rechunked(ds: Dataset, samples: int | None) -> Dataset:
+    """The same samples in runs of at most `samples` (labels cut alike): see `chunks`."""
+    if samples is None or all(len(next(iter(b.values()))) <= samples for b in ds.batches):
+        return ds
+    labels: list[np.ndarray | None] = []
+    for b, y in zip(ds.batches, ds.labels):
+        n = len(next(iter(b.values())))
+        labels += [None if y is None else y[i:i + samples] for i in range(0, n, samples)]
+    return Dataset(ds.name, tuple(chunks(ds.batches, samples)), tuple(labels), ds.samples,
+                   f"{ds.fingerprint}/{samples}")
 
 
 def import_entry(spec: str, where: str, base: Path | None = None):

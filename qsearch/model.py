@@ -54,6 +54,8 @@ class Layer:
     macs: int = 0  # multiply-accumulates per sample
     weight_bytes: int = 0  # FP32 bytes of weight + bias
     constant: str | None = None  # Add/Mul by a float initializer: quantized uint8 like an activation
+    output_bytes: int = 0  # FP32 bytes of the output per sample (0: shape unknown)
+    readable: str = ""  # the source module's path from the exporter's node metadata, if any
 
     @property
     def has_weight(self) -> bool:
@@ -346,9 +348,32 @@ def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 macs=_macs(node, shapes, inits),
                 weight_bytes=4 * sum(int(np.prod(inits[t].dims)) for t in (weight, bias) if t),
                 constant=constant,
+                output_bytes=4 * int(np.prod(shapes[out])) if out in shapes else 0,
+                readable=readable_name(node),
             )
         )
     return layers
+
+
+def readable_name(node: onnx.NodeProto) -> str:
+    """The source module a node came from, from the exporter's node metadata: torch's dynamo
+    exporter records the module path ('blocks.0.conv'); an op inside a module's forward gets the op
+    too ('blocks.0/add_15'). Empty when the model carries no such metadata."""
+    import ast
+
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
+    except (ValueError, SyntaxError):
+        return ""
+    if not isinstance(scopes, list) or not scopes or not all(isinstance(x, str) for x in scopes):
+        return ""
+    modules = [x for x in scopes[:-1] if x]
+    if not modules:
+        return scopes[-1]
+    leaf = isinstance(classes, list) and len(classes) >= 2 and str(classes[-2]).startswith("torch.nn.modules.")
+    return modules[-1] if leaf else f"{modules[-1]}/{scopes[-1]}"
 
 
 def _macs(node: onnx.NodeProto, shapes: dict, inits: dict) -> int:

@@ -1,8 +1,10 @@
 """The mixed-precision plan: what to do with each layer, and the ranges to do it with.
 
 A plan is self-contained (activation ranges included, so `apply` needs no data and is
-deterministic), bound to one model by fingerprint, and written with a stable key order so two
-plans diff cleanly in review.
+deterministic), bound to one model by fingerprint, and written for review: every layer in graph
+order with its op, a readable name where the model has one, its choice, the ranges it is
+quantized with and why; stable key order, so two plans diff cleanly. Schema 1 plans (overrides of
+`defaults` and one flat range table) still load.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -22,7 +25,7 @@ from qsearch.files import atomic_write_text, check_keys, load_yaml, where
 from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
 
 MAX_RANGE = float(np.finfo(np.float32).max)  # a plan's range must be float32: its scale then stays finite
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PRECISIONS = ("int8", "fp16", "fp32")
 TARGETS = ("cpu", "fp16")  # cpu: float layers run FP32; fp16: GPU/NPU, float layers run FP16
 
@@ -49,19 +52,38 @@ class LayerChoice:
 
 
 @dataclass(frozen=True)
+class LayerNote:
+    """What a reviewer reads beside a layer's choice; `apply` ignores it. `tensors`: the layer's
+    activations and output, whose ranges the plan lists under the layer."""
+
+    op: str = ""
+    readable: str = ""  # the exporter's module path (node metadata) where the model has one
+    why: str = ""
+    weighted: bool = True  # has a weight: int8 granularity means something
+    tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     model_name: str
     fingerprint: str
     target: str = "cpu"
-    defaults: LayerChoice = LayerChoice()
-    layers: Mapping[str, LayerChoice] = field(default_factory=dict)  # overrides, graph order
+    defaults: LayerChoice | None = None  # layers not listed (None: float); qsearch lists every layer
+    layers: Mapping[str, LayerChoice] = field(default_factory=dict)  # graph order
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     percentile: float = 99.99
     metrics: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    notes: Mapping[str, LayerNote] = field(default_factory=dict)
+    model_file: str = ""
+
+    @property
+    def float_precision(self) -> str:
+        return "fp16" if self.target == "fp16" else "fp32"
 
     def choice(self, layer: str) -> LayerChoice:
-        return self.layers.get(layer, self.defaults)
+        got = self.layers.get(layer, self.defaults)
+        return got if got is not None else LayerChoice(self.float_precision)
 
     def with_info(self, metrics: Mapping[str, Any] | None = None, **provenance: Any) -> Plan:
         return replace(
@@ -70,21 +92,53 @@ class Plan:
             provenance={**self.provenance, **provenance},
         )
 
+    def with_why(self, why: Mapping[str, str]) -> Plan:
+        """The same plan with a reason per layer (sensitivity, measured cost) for the reviewer."""
+        return replace(self, notes={n: replace(self.notes.get(n, LayerNote()), why=w) for n, w in
+                                    {**{n: x.why for n, x in self.notes.items()}, **why}.items()})
+
     # ------------------------------------------------------------------ YAML
     def to_yaml(self) -> str:
-        doc = {
+        grouped: set[str] = set()
+        entries = []
+        for name, c in self.layers.items():
+            note = self.notes.get(name, LayerNote())
+            e: dict[str, Any] = {"layer": name}
+            if note.readable:
+                e["name"] = note.readable
+            if note.op:
+                e["op"] = note.op
+            e["precision"] = c.precision
+            if c.is_int8:
+                e["calibration"] = c.calibration
+                if note.weighted:
+                    e["granularity"] = c.granularity
+                mine = {t: self.ranges[t] for t in note.tensors if t in self.ranges}
+                if mine:
+                    e["ranges"] = {t: [float(a), float(b)] for t, (a, b) in mine.items()}
+                    grouped.update(mine)
+            if note.why:
+                e["why"] = note.why
+            entries.append(e)
+        n8 = sum(c.is_int8 for c in self.layers.values())
+        doc: dict[str, Any] = {
             "qsearch_plan": SCHEMA_VERSION,
-            "model": {"name": self.model_name, "fingerprint": self.fingerprint},
+            "model": {"name": self.model_name, "fingerprint": self.fingerprint,
+                      **({"file": self.model_file} if self.model_file else {})},
             "target": self.target,
-            "defaults": _choice_dict(self.defaults, None),
-            "layers": {n: _choice_dict(c, self.defaults) for n, c in self.layers.items()},
+            "summary": {"layers": len(self.layers), "int8": n8, "float": len(self.layers) - n8},
             "calibration": {"percentile": self.percentile},
-            # lossless (YAML writes a float's shortest round-trip repr): apply must rebuild the exact scales
-            "activation_ranges": {t: [float(a), float(b)] for t, (a, b) in sorted(self.ranges.items())},
-            "metrics": _plain(self.metrics),
-            "provenance": _plain({"qsearch": __version__, **self.provenance}),
         }
-        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
+        if self.defaults is not None:
+            doc["defaults"] = _choice_dict(self.defaults, None)
+        doc["layers"] = entries
+        # lossless (YAML writes a float's shortest round-trip repr): apply must rebuild the exact scales
+        shared = {t: [float(a), float(b)] for t, (a, b) in sorted(self.ranges.items()) if t not in grouped}
+        if shared:  # tensors of value-moving ops (MaxPool, Reshape...) sharing a neighbour's scale
+            doc["shared_ranges"] = shared
+        doc["metrics"] = _plain(self.metrics)
+        doc["provenance"] = _plain({"qsearch": __version__, **self.provenance})
+        return yaml.dump(doc, Dumper=_PlanDumper, sort_keys=False, default_flow_style=False, width=120)
 
     def write(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, self.to_yaml())
@@ -99,25 +153,25 @@ class Plan:
         if not isinstance(doc, dict) or "qsearch_plan" not in doc:
             raise QsearchError(f"{path}: not a qsearch plan (missing 'qsearch_plan' version key)")
         version = doc["qsearch_plan"]
-        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
             raise QsearchError(
                 f"{where(path, doc, 'qsearch_plan')}: plan schema version {version!r} is not supported "
                 f"by qsearch {__version__} (supports 1..{SCHEMA_VERSION})"
             )
-        check_keys(path, doc, {"qsearch_plan", "model", "target", "defaults", "layers", "calibration",
-                               "activation_ranges", "metrics", "provenance"}, "")
+        keys = {"qsearch_plan", "model", "target", "defaults", "layers", "calibration", "metrics", "provenance"}
+        check_keys(path, doc, keys | ({"activation_ranges"} if version == 1 else {"summary", "shared_ranges"}), "")
         model = doc.get("model") or {}
-        check_keys(path, model, {"name", "fingerprint"}, "model")
+        check_keys(path, model, {"name", "fingerprint"} | ({"file"} if version > 1 else set()), "model")
         if not isinstance(model.get("fingerprint"), str):
             raise QsearchError(f"{where(path, doc, 'model')}: 'model.fingerprint' is missing")
         target = doc.get("target", "cpu")
         if target not in TARGETS:
             raise QsearchError(f"{where(path, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")
-        defaults = _parse_choice(path, doc.get("defaults") or {}, LayerChoice(), "defaults")
-        layers_doc = doc.get("layers") or {}
-        if not isinstance(layers_doc, dict):
-            raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a mapping")
-        layers = {str(n): _parse_choice(path, c or {}, defaults, f"layers.{n}") for n, c in layers_doc.items()}
+        if version == 1:  # overrides of `defaults` (which defaulted to int8 per-channel) and a flat range table
+            defaults: LayerChoice | None = _parse_choice(path, doc.get("defaults") or {}, LayerChoice(), "defaults")
+        else:
+            defaults = None if doc.get("defaults") is None else _parse_choice(
+                path, doc["defaults"], LayerChoice(), "defaults")
         calib = doc.get("calibration") or {}
         check_keys(path, calib, {"percentile"}, "calibration")
         pct = calib.get("percentile", 99.99)
@@ -127,20 +181,41 @@ class Plan:
         for key in ("metrics", "provenance"):
             if doc.get(key) is not None and not isinstance(doc[key], dict):
                 raise QsearchError(f"{where(path, doc, key)}: '{key}' must be a mapping, got {doc[key]!r}"[:300])
-        ranges_doc = doc.get("activation_ranges") or {}
-        if not isinstance(ranges_doc, dict):
-            raise QsearchError(f"{where(path, doc, 'activation_ranges')}: must be a mapping")
-        ranges = {}
-        for t, r in ranges_doc.items():
-            ok = isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                             for v in r)
-            # beyond float32 the scale of a uint8 tensor is inf (and the model computes NaN)
-            if not ok or not (r[0] <= 0 <= r[1]) or any(v != v or abs(v) > MAX_RANGE for v in r):
-                raise QsearchError(
-                    f"{where(path, ranges_doc, t)}: activation_ranges.{t} must be [min <= 0, max >= 0] with "
-                    f"|values| <= {MAX_RANGE:g}, got {r!r}"[:300]
-                )
-            ranges[str(t)] = (float(r[0]), float(r[1]))
+        ranges: dict[str, tuple[float, float]] = {}
+        owner: dict[str, str] = {}
+        notes: dict[str, LayerNote] = {}
+        if version == 1:
+            layers_doc = doc.get("layers") or {}
+            if not isinstance(layers_doc, dict):
+                raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a mapping")
+            layers = {str(n): _parse_choice(path, c or {}, defaults, f"layers.{n}") for n, c in layers_doc.items()}
+            _read_ranges(path, doc, "activation_ranges", ranges, owner)
+        else:
+            layers = {}
+            layers_doc = doc.get("layers") or []
+            if not isinstance(layers_doc, list):
+                raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a list of layer entries")
+            for i, e in enumerate(layers_doc):
+                if not isinstance(e, dict) or not isinstance(e.get("layer"), str):
+                    raise QsearchError(f"{where(path, layers_doc, i)}: layers[{i}] must be a mapping with a "
+                                       f"'layer' name, got {e!r}"[:300])
+                name = e["layer"]
+                if name in layers:
+                    raise QsearchError(f"{where(path, layers_doc, i)}: layer '{name}' is listed twice")
+                check_keys(path, e, {"layer", "name", "op", "precision", "calibration", "granularity", "ranges", "why"},
+                           f"layers.{name}")
+                for key in ("name", "op", "why"):
+                    if key in e and not isinstance(e[key], str):
+                        raise QsearchError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
+                base = defaults or LayerChoice()
+                layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity")
+                                                    if k in e}, base, f"layers.{name}")
+                tensors = _read_ranges(path, e, "ranges", ranges, owner, f"layers.{name}.ranges", name)
+                note = LayerNote(e.get("op", ""), e.get("name", ""), e.get("why", ""),
+                                 "granularity" in e or not layers[name].is_int8, tuple(tensors))
+                if note != LayerNote():
+                    notes[name] = note
+            _read_ranges(path, doc, "shared_ranges", ranges, owner)
         return cls(
             model_name=str(model.get("name", "model")),
             fingerprint=model["fingerprint"],
@@ -151,6 +226,8 @@ class Plan:
             percentile=float(pct),
             metrics=dict(doc.get("metrics") or {}),
             provenance=dict(doc.get("provenance") or {}),
+            notes=notes,
+            model_file=str(model.get("file", "")),
         )
 
     def validate(self, prepared: PreparedModel, path: str | os.PathLike = "plan") -> None:
@@ -168,7 +245,7 @@ class Plan:
                 raise QsearchError(f"{path}: layer '{name}' is fp16 but target '{self.target}' runs float layers in FP32")
         for layer in prepared.layers:
             c = self.choice(layer.name)
-            if c.is_int8 and c.granularity not in allowed_granularities(layer):
+            if c.is_int8 and layer.has_weight and c.granularity not in allowed_granularities(layer):
                 raise QsearchError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
                                    "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
             if c.is_int8:
@@ -180,6 +257,80 @@ class Plan:
             if t not in self.ranges:
                 raise QsearchError(f"{path}: no activation range for tensor '{t}' (it feeds a value-moving op whose "
                                    "output is quantized; plans record a range for it)")
+
+    def completed(self, prepared: PreparedModel) -> Plan:
+        """Every layer of the model listed in graph order with its notes (ranges grouped per layer):
+        what an old (schema 1) or hand-written partial plan looks like once migrated."""
+        notes = layer_notes(prepared)
+        for n, x in self.notes.items():
+            if n in notes and x.why:
+                notes[n] = replace(notes[n], why=x.why)
+        return replace(self, defaults=None, layers={la.name: self.choice(la.name) for la in prepared.layers},
+                       notes=notes)
+
+
+def _read_ranges(path, doc: Mapping, key: str, ranges: dict, owner: dict, label: str | None = None,
+                 layer: str | None = None) -> list[str]:
+    """Parse one range table into `ranges`; a tensor listed twice must carry the same range."""
+    table = doc.get(key) or {}
+    label = label or key
+    if not isinstance(table, dict):
+        raise QsearchError(f"{where(path, doc, key)}: {label} must be a mapping of tensor -> [min, max]")
+    for t, r in table.items():
+        ok = isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in r)
+        # beyond float32 the scale of a uint8 tensor is inf (and the model computes NaN)
+        if not ok or not (r[0] <= 0 <= r[1]) or any(v != v or abs(v) > MAX_RANGE for v in r):
+            raise QsearchError(
+                f"{where(path, table, t)}: {label}.{t} must be [min <= 0, max >= 0] with "
+                f"|values| <= {MAX_RANGE:g}, got {r!r}"[:300]
+            )
+        t, v = str(t), (float(r[0]), float(r[1]))
+        if t in ranges and ranges[t] != v:
+            raise QsearchError(f"{where(path, table, t)}: tensor '{t}' has range {list(v)} here but "
+                               f"{list(ranges[t])} in {owner[t]}; one tensor has one scale")
+        ranges[t] = v
+        owner.setdefault(t, f"layer '{layer}'" if layer else key)
+    return [str(t) for t in table]
+
+
+def layer_notes(prepared: PreparedModel) -> dict[str, LayerNote]:
+    """Op, readable name (the exporter's module path, else op and index: 'Conv 12'), weight or not,
+    and the tensors of every layer."""
+    seen: dict[str, int] = {}
+    notes = {}
+    for la in prepared.layers:
+        seen[la.op_type] = seen.get(la.op_type, 0) + 1
+        notes[la.name] = LayerNote(la.op_type, la.readable or f"{la.op_type} {seen[la.op_type]}", "", la.has_weight,
+                                   (*la.activations, la.output))
+    return notes
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """When and with what a plan was made (UTC date, library versions): a reviewer can tell two
+    plans' origins apart, and no local path leaks into a shared file."""
+    import onnx
+    import onnxruntime
+
+    out: dict[str, Any] = {"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "qsearch": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                           "numpy": np.__version__}
+    try:
+        import optuna
+
+        out["optuna"] = optuna.__version__
+    except ImportError:  # pragma: no cover - optuna is a dependency
+        pass
+    return {**out, **extra}
+
+
+class _PlanDumper(yaml.SafeDumper):
+    """Block style, one layer entry field per line (reviewable diffs); lists such as a range
+    [min, max] on one line."""
+
+
+_PlanDumper.add_representer(list, lambda d, v: d.represent_sequence(
+    "tag:yaml.org,2002:seq", v, flow_style=not any(isinstance(x, (dict, list)) for x in v)))
 
 
 def _f(v: float) -> float:
@@ -226,8 +377,9 @@ def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
 def allowed_granularities(layer: Layer) -> tuple[str, ...]:
     """ONNX Runtime 1.32 fuses a per-channel Gemm into a QGemm that computes wrong results (17% of
     the output range on a 10-class head; its own quantize_static gives the same model), so Gemm
-    layers are per-tensor only."""
-    return ("per_tensor",) if layer.op_type == "Gemm" else GRANULARITIES
+    layers are per-tensor only. A layer without a weight (Add, Concat...) has one activation scale
+    per tensor: granularity means nothing there, and plans do not write it."""
+    return ("per_tensor",) if layer.op_type == "Gemm" or not layer.has_weight else GRANULARITIES
 
 
 def normalized(layer: Layer, choice: LayerChoice) -> LayerChoice:
@@ -326,18 +478,18 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str]) -> tuple[l
 def build_plan(
     prepared: PreparedModel,
     choices: Mapping[str, LayerChoice],
-    stats: CalibrationStats,
+    stats: CalibrationStats | None,
     target: str = "cpu",
     percentile: float = 99.99,
-    defaults: LayerChoice | None = None,
 ) -> Plan:
-    """Choices per layer + calibration statistics -> a self-contained plan."""
+    """Choices per layer (unnamed layers float) + calibration statistics -> a self-contained plan
+    listing every layer in graph order."""
     float_precision = "fp16" if target == "fp16" else "fp32"
     full = {la.name: normalized(la, choices.get(la.name, LayerChoice(float_precision))) for la in prepared.layers}
     methods = tensor_methods(prepared, full)
     ranges: dict[str, tuple[float, float]] = {}
     for t, method in methods.items():
-        if t not in stats.tensors:
+        if stats is None or t not in stats.tensors:
             raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
         ranges[t] = tensor_range(stats.tensors[t], method, percentile)
     _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8})
@@ -346,16 +498,12 @@ def build_plan(
         shared = (min(r[0] for r in known), max(r[1] for r in known))
         for t in group:
             ranges[t] = shared
-    if defaults is None:
-        labels = [c.label() for c in full.values()]
-        defaults = LayerChoice.parse(max(set(labels), key=lambda s: (labels.count(s), s)))
-    overrides = {n: c for n, c in full.items() if c != defaults}
     return Plan(
         model_name=prepared.name,
         fingerprint=prepared.fingerprint,
         target=target,
-        defaults=defaults,
-        layers=overrides,
+        layers=full,
         ranges=ranges,
         percentile=percentile,
+        notes=layer_notes(prepared),
     )

@@ -36,7 +36,11 @@ def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: 
     return "\n".join(lines)
 
 
-def plot_pareto(results, best_number: int | None, allowed: float, fp32: float, objective: str, path: Path) -> None:
+def plot_pareto(results, allowed: float, fp32: float, objective: str, path: Path,
+                marks: list[tuple[str, float, float]] = ()) -> None:
+    """Trials (cost measured inside the trial) and, when the axis is latency or size, the report's
+    table rows `marks` (name, cost, search score) at the table's own figures: FP32, naive, hybrid
+    and the chosen plan, timed side by side in the final stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,8 +49,8 @@ def plot_pareto(results, best_number: int | None, allowed: float, fp32: float, o
     fig, ax = plt.subplots(figsize=(7, 4.2))
     feas = [r for r in results if r.feasible]
     infeas = [r for r in results if not r.feasible]
-    ax.scatter([r.cost for r in infeas], [r.score for r in infeas], s=14, c="#bbbbbb", label="over budget")
-    ax.scatter([r.cost for r in feas], [r.score for r in feas], s=18, c="#2166ac", label="within budget")
+    ax.scatter([r.cost for r in infeas], [r.score for r in infeas], s=14, c="#bbbbbb", label="trial, over budget")
+    ax.scatter([r.cost for r in feas], [r.score for r in feas], s=18, c="#2166ac", label="trial, within budget")
     front = sorted(results, key=lambda r: (r.cost, -r.score))
     fx, fy, best_s = [], [], -1e300
     for r in front:
@@ -54,55 +58,53 @@ def plot_pareto(results, best_number: int | None, allowed: float, fp32: float, o
             fx.append(r.cost)
             fy.append(r.score)
             best_s = r.score
-    ax.step(fx, fy, where="post", c="#2166ac", lw=1, alpha=0.6, label="Pareto front")
+    ax.step(fx, fy, where="post", c="#2166ac", lw=1, alpha=0.6, label="Pareto front (trials)")
     ax.axhline(fp32 - allowed, c="#b2182b", ls="--", lw=1, label="accuracy budget")
-    for r in results:
-        if r.number == best_number:
-            ax.scatter([r.cost], [r.score], s=90, marker="*", c="#b2182b", label=f"chosen (trial {r.number})", zorder=5)
+    styles = [("s", "#4d4d4d"), ("v", "#e08214"), ("D", "#1b7837"), ("*", "#b2182b")]
+    for (name, cost, score), (marker, color) in zip(marks, styles):
+        ax.scatter([cost], [score], s=130 if marker == "*" else 60, marker=marker, c=color, edgecolors="k",
+                   linewidths=0.5, label=f"{name} (report table)", zorder=5)
     ax.set_xlabel({"latency": "latency (ms / batch)", "size": "size (bytes)", "bitops": "GBOPs"}[objective])
     ax.set_ylabel("score on search data")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
 
+def _html_table(table: str) -> str:
+    head, _, *body = table.splitlines()
+    cells = [c.strip() for c in head.strip("|").split("|")]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>"]
+    for line in body:
+        out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def write_report(out: Path, title: str, summary: list[str], rows: list[Row], metric: str, fp32_latency: float,
-                 fp32_size: int, images: list[tuple[str, Path]], plan_yaml: str | None,
-                 attribution: str | None = None) -> None:
+                 fp32_size: int, images: list[tuple[str, Path]], tables: list[tuple[str, str]] = ()) -> None:
+    """report.md and a self-contained report.html: the summary, the plan comparison, then each
+    (heading, markdown table) in `tables` and the figures."""
     table = rows_markdown(rows, metric, fp32_latency, fp32_size)
     md = [f"# {title}", "", *summary, "", table, ""]
-    if attribution:
-        md += ["## Where the time goes (ONNX Runtime per-node profile, one batch)", "", attribution, ""]
+    for heading, t in tables:
+        md += [f"## {heading}", "", t, ""]
     for caption, img in images:
         md += [f"![{caption}]({img.name})", ""]
-    if plan_yaml:
-        md += ["## Chosen plan (layers and defaults)", "", "```yaml", plan_yaml.strip(), "```", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin-bottom:1em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child{text-align:left}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(s)}</p>" for s in summary if s]
-    head, _, *body = table.splitlines()
-    parts.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head.strip("|").split("|")) + "</tr>")
-    for line in body:
-        parts.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
-    parts.append("</table>")
-    if attribution:
-        parts.append("<h2>Where the time goes (ONNX Runtime per-node profile, one batch)</h2><table>")
-        head2, _, *body2 = attribution.splitlines()
-        parts.append("<tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head2.strip("|").split("|")) + "</tr>")
-        for line in body2:
-            parts.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
-                         + "</tr>")
-        parts.append("</table>")
+    parts.append(_html_table(table))
+    for heading, t in tables:
+        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(t)]
     for caption, img in images:
         if img.is_file():
             b64 = base64.b64encode(img.read_bytes()).decode()
             parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>")
-    if plan_yaml:
-        parts.append(f"<h2>Chosen plan</h2><pre>{html.escape(plan_yaml)}</pre>")
     parts.append("</body></html>")
     atomic_write_text(out / "report.html", "\n".join(parts))
 

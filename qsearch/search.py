@@ -219,6 +219,18 @@ def _check_interrupt(study, trial) -> None:
         raise KeyboardInterrupt
 
 
+def storage_label(url: str) -> str:
+    """A storage URL as a shared plan may show it: the file name of a local study, the scheme and
+    database of a server (no path, host or password)."""
+    local = _storage_file(url)
+    if local is not None:
+        return local.name
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}:{parts.path.rsplit('/', 1)[-1]}" if parts.scheme else "storage"
+
+
 def _storage_file(url: str) -> Path | None:
     """The local file behind a SQLite or journal-file storage URL (None for server storages)."""
     if url.startswith("sqlite:///"):

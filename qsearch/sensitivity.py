@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from qsearch import data
 from qsearch.calibration import RANGES_VERSION, tensor_range
 from qsearch.errors import QsearchError
 from qsearch.evaluate import PARTIALS, finish_metric, make_session
@@ -35,7 +36,7 @@ from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
 PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
 
@@ -206,8 +207,8 @@ def _probe_pass(ctx, sub: list[tuple[Layer, LayerChoice]], method: str, samples)
     names = [t for pair in pairs for t in pair]
     sig = np.zeros(len(pairs))
     noise = np.zeros(len(pairs))
-    for batch in samples.batches:
-        outs = sess.run(names, dict(batch))
+    for batch in data.chunks(samples.batches, ctx.run_samples):
+        outs = sess.run(names, batch)
         sig += np.asarray(outs[0::2], np.float64)
         noise += np.asarray(outs[1::2], np.float64)
     return [10 * math.log10(max(s, 1e-30) / max(n, 1e-30)) if n > 0 else 120.0 for s, n in zip(sig, noise)]
@@ -241,7 +242,7 @@ class Screen:
     def __init__(self, ctx, samples: int | None):
         self.ctx = ctx
         n = min(samples or SCREEN_SAMPLES, ctx.search_data.samples)
-        self.data = ctx.search_data.head(n)
+        self.data = data.rechunked(ctx.search_data.head(n), ctx.run_samples)
         fp32 = make_session(ctx.prepared.proto, ctx.workload.threads)
         self.reference = [fp32.run(None, dict(b)) for b in self.data.batches]
         self.floats = [i for i, o in enumerate(self.reference[0]) if np.issubdtype(o.dtype, np.floating)]

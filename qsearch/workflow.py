@@ -6,6 +6,7 @@ import csv
 import io
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -13,7 +14,7 @@ import onnx
 from qsearch import limits, sensitivity
 from qsearch.config import load_workload
 from qsearch.errors import Interrupted, QsearchError
-from qsearch.evaluate import fusion_check, latency_ms, make_session, model_size
+from qsearch.evaluate import FusionCheck, fusion_check, latency_ms, make_session, model_size
 from qsearch.files import (
     OutputSet,
     atomic_write_bytes,
@@ -26,7 +27,7 @@ from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
 from qsearch.plan import Plan
 from qsearch.report import Row, plot_attribution, plot_pareto, write_report
-from qsearch.search import Search, StudyQueue, check_study, default_study_name, greedy_fallback
+from qsearch.search import Search, StudyQueue, check_study, default_study_name, greedy_fallback, storage_label
 
 RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "attribution.png", "pareto",
                 "trials.csv", "closest")
@@ -110,6 +111,52 @@ def _rows(ctx, entries) -> list[Row]:
     return [Row(name, search, test, min(rounds[i]), model_size(proto), n8, ev,
                 latency_spread=(max(rounds[i]) - min(rounds[i])) / min(rounds[i]))
             for i, (name, _, proto, n8, ev, search, test) in enumerate(built)]
+
+
+def layer_reasons(plan: Plan, profile: sensitivity.SensitivityProfile,
+                  fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """One line per layer for the reviewer: its sensitivity rank (model-output noise, this layer
+    alone INT8), what INT8 measured to save or cost with its glue, and whether the search chose it."""
+    ranked = {x.name: i for i, x in enumerate(profile.layers, 1)}
+    why = {}
+    for name in plan.layers:
+        x = next((y for y in profile.layers if y.name == name), None)
+        if x is None:
+            why[name] = "not a search candidate (search_space.candidates)"
+            continue
+        gain = x.gain_ms
+        cost = f"INT8 saves {gain:.3f} ms" if gain > 0 else f"INT8 costs {-gain:.3f} ms more"
+        how = "fixed INT8 before the search (measured jointly)" if name in (fixed or {}) else "searched"
+        why[name] = (f"sensitivity rank {ranked[name]}/{len(ranked)} (output SQNR {x.output_sqnr:.1f} dB"
+                     f"{'' if x.screened else ', estimated'}); {cost} (measured, glue included); {how}")
+    return why
+
+
+def layer_table(chosen: Plan, naive: Plan, profile: sensitivity.SensitivityProfile) -> str:
+    """One row per layer in graph order: op, MACs, sensitivity rank and SQNR, the measured INT8
+    saving (glue included), naive's and the chosen plan's option, and whether it changed."""
+    ranked = {x.name: (i, x) for i, x in enumerate(profile.layers, 1)}
+    lines = ["| # | layer | name | op | MMACs | sensitivity rank (SQNR dB) | INT8 saves ms | naive | chosen | changed |",
+             "|---:|---|---|---|---:|---:|---:|---|---|---|"]
+    for k, name in enumerate(chosen.layers, 1):
+        note = chosen.notes.get(name)
+        rank, x = ranked.get(name, (None, None))
+        sens = "" if x is None else f"{rank}/{len(ranked)} ({x.output_sqnr:.1f})"
+        saves = "" if x is None else f"{x.gain_ms:+.3f}"
+        macs = "" if x is None else f"{x.macs / 1e6:.2f}"
+        a, b = naive.choice(name).label(), chosen.choice(name).label()
+        lines.append(f"| {k} | {name} | {note.readable if note else ''} | {note.op if note else ''} | {macs} | {sens} | "
+                     f"{saves} | {a} | {b} | {'yes' if a != b else ''} |")
+    return "\n".join(lines)
+
+
+def fusion_table(checks: list[tuple[str, FusionCheck]]) -> str:
+    lines = ["| plan | int8 kernels | Q/DQ left unfused | int8 kernels by op |", "|---|---:|---:|---|"]
+    for name, f in checks:
+        by_op = ", ".join(f"{op} {n}" for op, n in f.ops.items() if op.startswith(("QLinear", "QGemm", "MatMulInteger",
+                                                                                     "ConvInteger")))
+        lines.append(f"| {name} | {f.int8_kernels} | {f.unfused_qdq} | {by_op} |")
+    return "\n".join(lines)
 
 
 def attribution_table(ctx, plans: list[tuple[str, Plan]]) -> tuple[str, dict]:
@@ -304,18 +351,24 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
         }
         chosen_model = ctx.rewriter(chosen)
         fusion = fusion_check(chosen_model)
+        naive_fusion = fusion_check(ctx.rewriter(naive))
+        fusions = [(chosen_row.name, fusion)] + ([] if candidate is chosen or not verdict else
+                                                 [(candidate_name, fusion_check(ctx.rewriter(candidate)))])
         # what ORT really runs, in the plan too: candidate layers INT8, int8 kernels, unfused Q/DQ
         metrics["fusion"] = {"int8_layers": sum(chosen.choice(la.name).is_int8 for la in ctx.candidates()),
                              "int8_kernels": fusion.int8_kernels, "unfused_qdq": fusion.unfused_qdq}
-        chosen = chosen.with_info(metrics, storage=search.storage_url)
+        chosen = chosen.with_info(metrics, storage=storage_label(search.storage_url)).with_why(
+            layer_reasons(chosen, profile, search.dims.fixed))
         chosen.write(res.path("plan.yaml"))
         atomic_write_bytes(res.path("model.qsearch.onnx"), chosen_model.SerializeToString())
         pareto = search.pareto()
         for r in pareto:
-            search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost}).write(
-                res.path(f"pareto/plan-trial{r.number:04d}.yaml"))
-        plot_pareto(results, best.number, search.allowed, ctx.baseline.fp32_search, ctx.workload.space.objective,
-                    res.path("pareto.png"))
+            pp = search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost})
+            pp.with_why(layer_reasons(pp, profile, search.dims.fixed)).write(res.path(f"pareto/plan-trial{r.number:04d}.yaml"))
+        objective = ctx.workload.space.objective
+        marks = [] if objective == "bitops" else [
+            (r.name, r.latency_ms if objective == "latency" else r.size_bytes, r.search_score) for r in rows]
+        plot_pareto(results, search.allowed, ctx.baseline.fp32_search, objective, res.path("pareto.png"), marks)
         attribution, kinds = attribution_table(ctx, [("fp32", fp32_plan), ("naive int8", naive),
                                                      (candidate_name, candidate)])
         plot_attribution(kinds, res.path("attribution.png"))
@@ -341,13 +394,15 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
                         f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
                         f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
             f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}; "
-            f"naive INT8 {fusion_check(ctx.rewriter(naive)).line()}.",
+            f"naive INT8 {naive_fusion.line()}.",
         ]
+        tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
+                  ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution),
+                  ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)]))]
         write_report(res.dir, f"qsearch report: {ctx.prepared.name}", summary, rows, ctx.workload.metric.name,
                      fp32_row.latency_ms, fp32_row.size_bytes,
                      [("Pareto front", res.path("pareto.png")), ("Where the time goes", res.path("attribution.png")),
-                      ("Layer sensitivity", out / "sensitivity.png")],
-                     chosen.to_yaml().split("activation_ranges:")[0], attribution)
+                      ("Layer sensitivity", out / "sensitivity.png")], tables)
         res.commit()
         print("\n".join(summary))
         from qsearch.report import rows_markdown

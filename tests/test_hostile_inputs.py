@@ -3,6 +3,7 @@ tensor, exit 2, no traceback, nothing half-written (and no empty --out left behi
 
 import numpy as np
 import pytest
+import yaml
 
 from qsearch.cli import main
 
@@ -80,9 +81,10 @@ def test_hostile_plans(case, expect, workload, tmp_path, capsys):
     elif case == "provenance_text":
         plan.write_text(doc.split("provenance:")[0] + "provenance: hello\n")
     elif case in ("huge_range", "bool_range"):
-        t = doc.split("activation_ranges:\n")[1].splitlines()[0].split(":")[0].strip()
-        val = "[-1.0e+300, 1.0e+300]" if case == "huge_range" else "[false, true]"
-        plan.write_text(doc.replace(f"  {t}: [", f"  {t}: {val}\n  _old: [", 1))
+        d = yaml.safe_load(doc)
+        entry = next(e for e in d["layers"] if "ranges" in e)
+        entry["ranges"][next(iter(entry["ranges"]))] = [-1e300, 1e300] if case == "huge_range" else [False, True]
+        plan.write_text(yaml.safe_dump(d, sort_keys=False))
     elif case == "output_is_the_model":
         out = model
     elif case == "output_is_the_plan":

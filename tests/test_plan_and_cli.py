@@ -18,18 +18,112 @@ def workload(tmp_path):
     return write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"))
 
 
-def test_plan_yaml_roundtrip_is_stable(tmp_path):
-    plan = Plan("m", "sha256:abc", defaults=LayerChoice("int8", "minmax", "per_channel"),
-                layers={"b": LayerChoice("fp32"), "a": LayerChoice("int8", "entropy", "per_channel")},
-                ranges={"t2": (-1.0, 2.5), "t1": (0.0, 3.0)}, metrics={"x": np.float32(0.5)})
-    text = plan.to_yaml()
+GOLDEN_PLAN = """\
+qsearch_plan: 2
+model:
+  name: m
+  fingerprint: sha256:abc
+  file: m.onnx
+target: cpu
+summary:
+  layers: 3
+  int8: 2
+  float: 1
+calibration:
+  percentile: 99.99
+layers:
+- layer: node_conv
+  name: stem.conv
+  op: Conv
+  precision: int8
+  calibration: entropy
+  granularity: per_channel
+  ranges:
+    x: [-1.0, 2.5]
+    c: [0.0, 3.0]
+  why: sensitivity rank 3/3
+- layer: node_add
+  name: Add 1
+  op: Add
+  precision: int8
+  calibration: minmax
+  ranges:
+    c: [0.0, 3.0]
+    s: [-0.5, 4.0]
+- layer: node_fc
+  name: fc
+  op: Gemm
+  precision: fp32
+  why: sensitivity rank 1/3
+shared_ranges:
+  p: [0.0, 3.0]
+metrics:
+  x: 0.5
+provenance:
+  qsearch: 0.1.0
+  study: s1
+"""
+
+
+def _golden_plan() -> Plan:
+    from qsearch.plan import LayerNote
+
+    return Plan("m", "sha256:abc", model_file="m.onnx",
+                layers={"node_conv": LayerChoice("int8", "entropy", "per_channel"),
+                        "node_add": LayerChoice("int8", "minmax", "per_tensor"), "node_fc": LayerChoice("fp32")},
+                ranges={"x": (-1.0, 2.5), "c": (0.0, 3.0), "s": (-0.5, 4.0), "p": (0.0, 3.0)},
+                notes={"node_conv": LayerNote("Conv", "stem.conv", "sensitivity rank 3/3", True, ("x", "c")),
+                       "node_add": LayerNote("Add", "Add 1", "", False, ("c", "s")),
+                       "node_fc": LayerNote("Gemm", "fc", "sensitivity rank 1/3", True, ("f", "y"))},
+                metrics={"x": np.float32(0.5)}, provenance={"study": "s1"})
+
+
+def test_plan_yaml_golden_and_exact_roundtrip(tmp_path):
+    """Every layer in graph order with op, readable name, choice, its ranges and why; weightless
+    layers carry no granularity; tensors of no int8 layer under shared_ranges; byte-exact round trip."""
+    text = _golden_plan().to_yaml()
+    assert text == GOLDEN_PLAN
     path = tmp_path / "p.yaml"
-    plan.write(path)
+    path.write_text(text)
     again = Plan.read(path)
     assert again.to_yaml() == text
-    assert list(again.layers) == ["b", "a"]  # graph order kept, not re-sorted
-    assert again.choice("a").calibration == "entropy" and again.choice("zzz") == plan.defaults
-    assert list(yaml.safe_load(text)["activation_ranges"]) == ["t1", "t2"]
+    assert list(again.layers) == ["node_conv", "node_add", "node_fc"]  # graph order kept, not re-sorted
+    assert again.choice("node_conv").calibration == "entropy" and again.choice("not_listed") == LayerChoice("fp32")
+    assert again.ranges == _golden_plan().ranges
+
+
+def test_plan_with_two_ranges_for_one_tensor_is_refused(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text(GOLDEN_PLAN.replace("    c: [0.0, 3.0]\n    s:", "    c: [0.0, 9.0]\n    s:"))
+    with pytest.raises(Exception, match=r"tensor 'c' has range \[0.0, 9.0\] here but \[0.0, 3.0\] in layer 'node_conv'"):
+        Plan.read(path)
+
+
+def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
+    """A plan written by qsearch's first schema (overrides of `defaults`, one flat range table)
+    loads, migrates, and applies to exactly the model its schema-2 form gives."""
+    new = tmp_path / "naive.yaml"
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(new)]) == 0
+    plan = Plan.read(new)
+    old = {"qsearch_plan": 1, "model": {"name": plan.model_name, "fingerprint": plan.fingerprint}, "target": "cpu",
+           "defaults": {"precision": "int8", "calibration": "minmax", "granularity": "per_tensor"},
+           "layers": {"fc": {"precision": "fp32"}}, "calibration": {"percentile": 99.99},
+           "activation_ranges": {t: list(r) for t, r in plan.ranges.items()},
+           "metrics": {}, "provenance": {"qsearch": "0.1.0", "storage": "sqlite:////home/someone/study.db"}}
+    (tmp_path / "v1.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    v1 = Plan.read(tmp_path / "v1.yaml")
+    assert v1.choice("conv_a") == LayerChoice("int8", "minmax", "per_tensor") and v1.choice("fc").precision == "fp32"
+    model = str(workload.parent / "model.onnx")
+    assert main(["apply", str(tmp_path / "v1.yaml"), model, "-o", str(tmp_path / "v1.onnx")]) == 0
+    v2 = tmp_path / "v2.yaml"
+    from dataclasses import replace
+
+    replace(plan, layers={**plan.layers, "fc": LayerChoice("fp32")}).write(v2)
+    assert main(["apply", str(v2), model, "-o", str(tmp_path / "v2.onnx")]) == 0
+    assert (tmp_path / "v1.onnx").read_bytes() == (tmp_path / "v2.onnx").read_bytes()
+    # written again, a migrated plan is schema 2 (its defaults kept: it lists only its overrides)
+    text = v1.to_yaml()
+    assert text.startswith("qsearch_plan: 2\n") and "defaults:" in text and Plan.from_doc(yaml.safe_load(text)) == v1
 
 
 def test_baseline_apply_evaluate_roundtrip(workload, tmp_path, capsys):
@@ -79,11 +173,12 @@ def test_apply_bad_inputs(case, expect, workload, tmp_path, capsys):
         model = tmp_path / "other.onnx"
         onnx.save(make_cnn(seed=5), model)
     elif case == "unknown_layer":
-        plan.write_text(doc.replace("layers: {}", "layers: {nope: {precision: fp32}}"))
+        plan.write_text(doc.replace("layers:\n", "layers:\n- {layer: nope, precision: fp32}\n"))
     elif case == "bad_value":
-        plan.write_text(doc.replace("layers: {}", "layers:\n  conv_a: {precision: int8, calibration: kl}"))
+        head, tail = doc.split("- layer: conv_a\n", 1)
+        plan.write_text(head + "- layer: conv_a\n" + tail.replace("calibration: minmax", "calibration: kl", 1))
     elif case == "future_plan":
-        plan.write_text(doc.replace("qsearch_plan: 1", "qsearch_plan: 99"))
+        plan.write_text(doc.replace("qsearch_plan: 2", "qsearch_plan: 99"))
     out = tmp_path / "out.onnx"
     assert main(["apply", str(plan), str(model), "-o", str(out)]) == 2
     assert expect in last_error(capsys)
@@ -214,7 +309,7 @@ def test_more_bad_workload_inputs(case, expect, workload, tmp_path, capsys):
 
 @pytest.mark.parametrize("case,expect", [
     ("plan_yaml_syntax", ":3: YAML error"),
-    ("plan_mistyped_key", ":3: unknown key 'targte'"),
+    ("plan_mistyped_key", ":6: unknown key 'targte'"),
     ("output_not_writable", "cannot write there"),
 ])
 def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):

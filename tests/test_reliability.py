@@ -71,19 +71,21 @@ def check_result(out: Path, workload: Path, study: optuna.Study | None = None) -
 
 
 def _wait_for_running_trial(storage_file: Path, proc: subprocess.Popen, complete: int, timeout: float = 120) -> None:
-    """Poll the study until `complete` trials are done and another one is running."""
+    """Poll the study until `complete` trials are done and another one is running (the study is
+    loaded once: a slow poll on a busy machine would miss the short windows of a running trial)."""
     url = f"sqlite:///{storage_file}"
     t = time.time()
+    study = None
     while time.time() - t < timeout:
         assert proc.poll() is None, proc.communicate()
-        if storage_file.exists():
-            try:
-                trials = _study(url).get_trials(deepcopy=False)
-            except Exception:  # the study is being created
-                trials = []
-            done = sum(tr.state in FINISHED for tr in trials)
-            if done >= complete and any(tr.state == TrialState.RUNNING and tr.params for tr in trials):
-                return
+        try:
+            study = study or _study(url)
+            trials = study.get_trials(deepcopy=False)
+        except Exception:  # the study is being created
+            trials = []
+        done = sum(tr.state in FINISHED for tr in trials)
+        if done >= complete and any(tr.state == TrialState.RUNNING and tr.params for tr in trials):
+            return
         time.sleep(0.01)
     raise AssertionError("the search never reached the expected trial")
 

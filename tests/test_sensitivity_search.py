@@ -2,6 +2,7 @@ import numpy as np
 
 from qsearch.config import load_workload
 from qsearch.pipeline import Context
+from qsearch.plan import LayerChoice
 from qsearch.search import Search, bitops, build_dimensions, greedy_fallback
 from qsearch.sensitivity import analyze, spearman
 
@@ -87,3 +88,26 @@ def test_calibration_split_into_shared_jobs_equals_one_pass(tmp_path):
     again = Context(ctx.workload, cache_dir=tmp_path / "cache2", log=lambda *a: None, calibrate=False)
     again.calibrate(queue)
     assert again.calibration_passes == 0  # merged statistics cached; the queue's jobs are done
+
+
+def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
+    """qsearch runs the model in cache-sized pieces of each batch (`pipeline.run_samples`): the
+    scores, the calibration's exact min/max and the proxy match whole-batch runs."""
+    from qsearch import pipeline, sensitivity
+
+    whole = _ctx(tmp_path)
+    assert whole.run_samples is not None and whole.run_samples >= 32  # tiny maps: whole batches
+    monkeypatch.setattr(pipeline, "RUN_BYTES", 4 * 8 * 8 * 8 * 4)  # the 8x8x8 feature maps: 4 samples a run
+    small = Context(whole.workload, cache_dir=tmp_path / "cache-small", log=lambda *a: None)
+    assert small.run_samples == 4
+    assert small.baseline.fp32_search == whole.baseline.fp32_search
+    assert small.baseline.fp32_test == whole.baseline.fp32_test
+    plan = {la.name: LayerChoice("int8", "minmax", "per_tensor") for la in whole.candidates()}
+    assert small.evaluate(small.plan(plan)).score == whole.evaluate(whole.plan(plan)).score
+    for t, s in whole.stats.tensors.items():
+        o = small.stats.tensors[t]
+        assert (o.min, o.max, o.counts.sum()) == (s.min, s.max, s.counts.sum())
+    entries = [(la, LayerChoice("int8", "minmax", "per_tensor")) for la in whole.candidates()]
+    a, _ = sensitivity.proxy_sqnr(whole, entries, whole.search_data)
+    b, _ = sensitivity.proxy_sqnr(small, entries, small.search_data)
+    assert np.allclose(a, b, rtol=1e-4)
