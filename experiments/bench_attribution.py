@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     require(args.workload)
     from qsearch import profiling
-    from qsearch.evaluate import fusion_check
+    from qsearch.scoring import fusion_check
 
     ctx = context(args.workload, None)
     models = {

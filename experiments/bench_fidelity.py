@@ -21,8 +21,8 @@ import onnx
 from bench_peers import ort_reader
 
 from qsearch.config import load_workload
-from qsearch.evaluate import fused_op_counts, latency_ms, make_session, model_size
 from qsearch.pipeline import Context
+from qsearch.scoring import fused_op_counts, latency_ms, make_session, model_size
 
 HERE = Path(__file__).resolve().parent
 

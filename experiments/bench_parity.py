@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     require(args.workload)
-    from qsearch.evaluate import fusion_check
     from qsearch.plan import LayerChoice
+    from qsearch.scoring import fusion_check
 
     ctx = context(args.workload, None)
     every = {la.name: None for la in ctx.prepared.layers}

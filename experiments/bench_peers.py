@@ -116,7 +116,7 @@ def nncf_aac(ctx) -> Row:
     evals = [0]
 
     def validate(model, _items):
-        from qsearch.evaluate import make_session
+        from qsearch.scoring import make_session
 
         evals[0] += 1
         return scorer.score(make_session(model, ctx.workload.threads)), None
@@ -171,8 +171,8 @@ def retrieval_agreement(ctx, model) -> float:
     """Embed the test sentences with `model`; first half queries, second half corpus."""
     import numpy as np
 
-    from qsearch.evaluate import make_session
     from qsearch.examples.minilm import retrieval_agreement as agree
+    from qsearch.scoring import make_session
 
     def embed(m):
         sess = make_session(m, ctx.workload.threads)
@@ -202,7 +202,7 @@ def context(workload: str, samples: int | None):
 
 def interleaved_latency(ctx, models: list, rounds: int = 5) -> list[tuple[float, float]]:
     """(best median ms, spread) per model, timed in interleaved rounds in this run."""
-    from qsearch.evaluate import latency_ms, make_session
+    from qsearch.scoring import latency_ms, make_session
 
     sessions = [make_session(m, ctx.workload.threads) if m is not None else None for m in models]
     times: list[list[float]] = [[] for _ in models]
@@ -269,7 +269,7 @@ def main() -> None:
 
     fp = ctx.baseline
     allowed = ctx.allowed_drop()
-    from qsearch.evaluate import Evaluation, fusion_check
+    from qsearch.scoring import Evaluation, fusion_check
 
     timed = interleaved_latency(ctx, [r.model for r in rows])
     fp_ms = timed[0][0]

@@ -1,3 +1,17 @@
-"""qsearch: sensitivity-driven selective quantization search for ONNX models."""
+"""qsearch: sensitivity-driven selective quantization search for ONNX models.
+
+The Python API (`qsearch.analyze`, `optimize`, `apply`, `evaluate`, `show`, `diff`) lives in
+`qsearch.api` and is imported on first use, so `import qsearch` stays cheap.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["analyze", "apply", "diff", "evaluate", "optimize", "show", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from qsearch import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'qsearch' has no attribute '{name}'")

@@ -75,6 +75,21 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=15, help="rows per table (default: %(default)s)")
     pr.add_argument("-o", "--output", help="also write every layer's times as CSV")
 
+    sh = sub.add_parser("show", help="a plan as a table: every layer's precision, calibration, granularity, why",
+                        description="Print a plan for review: model, scores and provenance, then one row per layer "
+                                    "in graph order. With --model, a partial or schema-1 plan is listed in full "
+                                    "(and checked against the model).",
+                        epilog="example: qsearch show qsearch-out/plan.yaml")
+    sh.add_argument("plan", help="plan YAML")
+    sh.add_argument("--model", help="the float ONNX model: list every layer of a partial plan, check the plan fits")
+
+    df = sub.add_parser("diff", help="what changed between two plans, per layer (exit 0 same, 1 different)",
+                        description="Compare two plans of one model: plan-wide settings, then each layer whose "
+                                    "option or INT8 ranges differ. Exit 0 when they are the same, 1 when not.",
+                        epilog="example: qsearch diff main/plan.yaml branch/plan.yaml")
+    df.add_argument("before", help="plan YAML (e.g. the reviewed one)")
+    df.add_argument("after", help="plan YAML (e.g. the proposed one)")
+
     b = sub.add_parser("baseline", help="write a baseline plan: naive all-INT8, fp32/fp16, or hybrid (greedy)",
                        description="Write the plan a simpler method would ship, scored on test data, to compare "
                                    "with optimize's or to start from. --out holds the calibration cache; -o is "
@@ -118,24 +133,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from qsearch import workflow
+    from qsearch import api, workflow
 
     try:
         out = Path(getattr(args, "out", "qsearch-out"))
         if args.command == "analyze":
             if args.samples is not None and args.samples < 1:
                 raise QsearchError(f"--samples must be >= 1, got {args.samples}")
-            workflow.run_analyze(args.config, out, args.samples, args.reverse, max(1, args.workers), args.eval_timeout)
+            api.analyze(args.config, out, args.samples, args.reverse, args.workers, args.eval_timeout)
             return 0
         if args.command == "optimize":
-            return workflow.run_optimize(args.config, out, args.budget, args.timeout, args.storage, args.study,
-                                         args.samples, max(1, args.workers), args.eval_timeout)
+            return api.optimize(args.config, args.budget, out, args.timeout, args.storage, args.study, args.samples,
+                                args.workers, args.eval_timeout).status
         if args.command == "apply":
-            workflow.run_apply(args.plan, args.model, args.output)
+            api.apply(args.plan, args.model, args.output)
             return 0
         if args.command == "evaluate":
-            workflow.run_evaluate(args.model, args.config, out, args.eval_timeout)
+            api.evaluate(args.model, args.config, out, args.eval_timeout)
             return 0
+        if args.command == "show":
+            print(api.show(args.plan, args.model))
+            return 0
+        if args.command == "diff":
+            from qsearch.review import diff_text
+
+            d = api.diff(args.before, args.after)
+            print(diff_text(d, (args.before, args.after)))
+            return 0 if d.same else 1
         if args.command == "profile":
             workflow.run_profile(args.model, args.config, args.top, args.output)
             return 0

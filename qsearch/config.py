@@ -101,7 +101,12 @@ def load_workload(path: str | Path | None) -> Workload:
     for key in ("model", "data", "metric", "max_drop"):
         if key not in doc:
             raise QsearchError(f"{p}: missing required key '{key}'")
-    model = _path(p, doc, "model", base)
+    if isinstance(doc["model"], dict):  # a PyTorch module factory: exported once, cached
+        from qsearch.export import torch_model
+
+        model = torch_model(p, doc["model"], base)
+    else:
+        model = _path(p, doc, "model", base)
     target = doc.get("target", "cpu")
     if target not in TARGETS:
         raise QsearchError(f"{where(p, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")

@@ -20,11 +20,11 @@ from qsearch import calibration, data
 from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.errors import QsearchError
-from qsearch.evaluate import Evaluation, Scorer, latency_ms, make_session, model_size, reference_outputs
 from qsearch.limits import EvaluationTimeout
 from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
 from qsearch.plan import LayerChoice, Plan, build_plan, provenance
 from qsearch.rewrite import Rewriter
+from qsearch.scoring import Evaluation, Scorer, latency_ms, make_session, model_size, reference_outputs
 
 CALIBRATION_PARTS = 2  # shared calibration jobs (by tensor) when a study queue is given
 RUN_BYTES = 4 << 20  # the largest activation of one ONNX Runtime run stays about cache-sized

@@ -207,7 +207,9 @@ class Plan:
                 for key in ("name", "op", "why"):
                     if key in e and not isinstance(e[key], str):
                         raise QsearchError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
-                base = defaults or LayerChoice()
+                # no granularity written: a weightless layer (Add, Concat...), one scale per tensor
+                base = replace(defaults or LayerChoice(), granularity="per_tensor") if "granularity" not in e else \
+                    defaults or LayerChoice()
                 layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity")
                                                     if k in e}, base, f"layers.{name}")
                 tensors = _read_ranges(path, e, "ranges", ranges, owner, f"layers.{name}.ranges", name)

@@ -31,8 +31,8 @@ import optuna
 
 from qsearch import limits
 from qsearch.errors import INTERRUPTED, QsearchError
-from qsearch.evaluate import latency_ms, make_session, model_size
 from qsearch.plan import LayerChoice, Plan
+from qsearch.scoring import latency_ms, make_session, model_size
 from qsearch.sensitivity import SensitivityProfile
 
 # heartbeats and stale-trial retries are what make interrupted runs resumable; they are stable

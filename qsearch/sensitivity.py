@@ -31,10 +31,10 @@ import yaml
 from qsearch import data
 from qsearch.calibration import RANGES_VERSION, tensor_range
 from qsearch.errors import QsearchError
-from qsearch.evaluate import PARTIALS, finish_metric, make_session
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
+from qsearch.scoring import PARTIALS, finish_metric, make_session
 
 PROFILE_VERSION = 4
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers

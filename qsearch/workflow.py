@@ -14,7 +14,6 @@ import onnx
 from qsearch import limits, sensitivity
 from qsearch.config import load_workload
 from qsearch.errors import Interrupted, QsearchError
-from qsearch.evaluate import FusionCheck, fusion_check, latency_ms, make_session, model_size
 from qsearch.files import (
     OutputSet,
     atomic_write_bytes,
@@ -27,6 +26,7 @@ from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
 from qsearch.plan import Plan
 from qsearch.report import Row, plot_attribution, plot_pareto, write_report
+from qsearch.scoring import FusionCheck, fusion_check, latency_ms, make_session, model_size
 from qsearch.search import Search, StudyQueue, check_study, default_study_name, greedy_fallback, storage_label
 
 RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "attribution.png", "pareto",
@@ -428,9 +428,13 @@ def trials_csv(path: Path, search: Search) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def run_apply(plan_path: str, model_path: str, output: str) -> None:
-    ensure_writable_file(output, "-o", (plan_path, model_path))
-    plan = Plan.read(plan_path)
+def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> onnx.ModelProto:
+    """The plan's QDQ model for `model_path`, checked; written atomically to `output` if given."""
+    plan_path = str(plan) if not isinstance(plan, Plan) else "plan"
+    if output is not None:
+        ensure_writable_file(output, "-o", (plan_path, model_path))
+    if not isinstance(plan, Plan):
+        plan = Plan.read(plan_path)
     prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
     plan.validate(prepared, plan_path)
     from qsearch.rewrite import Rewriter
@@ -442,9 +446,24 @@ def run_apply(plan_path: str, model_path: str, output: str) -> None:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise QsearchError(f"{plan_path}: rewritten model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-    atomic_write_bytes(output, model.SerializeToString())
-    n8 = sum(plan.choice(la.name).is_int8 for la in prepared.layers)
-    log(f"wrote {output}: {n8}/{len(prepared.layers)} layers INT8, rewrite {dt * 1e3:.0f} ms")
+    if output is not None:
+        atomic_write_bytes(output, model.SerializeToString())
+        n8 = sum(plan.choice(la.name).is_int8 for la in prepared.layers)
+        log(f"wrote {output}: {n8}/{len(prepared.layers)} layers INT8, rewrite {dt * 1e3:.0f} ms")
+    return model
+
+
+def show_plan(plan: Plan | str, model_path: str | None = None) -> str:
+    from qsearch.review import show_text
+
+    plan_path = str(plan) if not isinstance(plan, Plan) else "plan"
+    if not isinstance(plan, Plan):
+        plan = Plan.read(plan_path)
+    if model_path is not None:
+        prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
+        plan.validate(prepared, plan_path)
+        plan = plan.completed(prepared)
+    return show_text(plan)
 
 
 def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=None) -> dict:

@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
-from qsearch.evaluate import fusion_check
 from qsearch.model import prepare
 from qsearch.plan import LayerChoice, build_plan
 from qsearch.rewrite import Rewriter
+from qsearch.scoring import fusion_check
 
 C = 8
 

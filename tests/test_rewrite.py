@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
-from qsearch.evaluate import fused_op_counts
 from qsearch.model import prepare
 from qsearch.plan import LayerChoice, build_plan
 from qsearch.rewrite import Rewriter
+from qsearch.scoring import fused_op_counts
 
 from .conftest import make_cnn
 

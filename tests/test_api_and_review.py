@@ -1,0 +1,108 @@
+"""The Python API (the same stages and dataclasses as the CLI) and plan review: show and diff."""
+
+from dataclasses import replace
+
+import onnx
+import yaml
+
+import qsearch
+from qsearch.cli import main
+from qsearch.plan import LayerChoice, Plan
+
+from .conftest import last_error, make_cnn
+
+
+def test_api_optimize_apply_evaluate(workload, tmp_path):
+    out = tmp_path / "run"
+    result = qsearch.optimize(workload, budget=4, out=out)
+    assert result.status == 0 and isinstance(result.plan, Plan)
+    assert result.plan == Plan.read(result.plan_path) and result.report_path.is_file()
+    model = qsearch.apply(result.plan, workload.parent / "model.onnx")
+    assert isinstance(model, onnx.ModelProto)
+    assert model.SerializeToString() == result.model_path.read_bytes()  # the API gives what optimize wrote
+    ev = qsearch.evaluate(result.model_path, workload, out=tmp_path / "ev")
+    assert (ev.search, ev.test) == (result.plan.metrics["plan"]["search"], result.plan.metrics["plan"]["test"])
+    profile = qsearch.analyze(workload, out=out)
+    assert {x.name for x in profile.layers} == set(result.plan.layers)
+
+
+def _naive(workload, tmp_path, capsys) -> Plan:
+    path = tmp_path / "naive.yaml"
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(path)]) == 0
+    capsys.readouterr()
+    return Plan.read(path)
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The table rows `show` prints (after the header and its '--' rule)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() and set(line.replace(" ", "")) == {"-"})
+    return [line.split() for line in lines[start + 1:] if line.strip()]
+
+
+def test_show_lists_every_layer_in_graph_order(workload, tmp_path, capsys):
+    plan = _naive(workload, tmp_path, capsys)
+    assert main(["show", str(tmp_path / "naive.yaml")]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r[1] for r in rows] == list(plan.layers) == ["conv_a", "conv_b", "add_res", "gap", "fc"]
+    assert all(r[4] == "int8" for r in rows)
+    # a partial (schema-1 style) plan is listed in full once the model is given
+    partial = replace(plan, defaults=LayerChoice("int8", "minmax", "per_tensor"), layers={"fc": LayerChoice("fp32")},
+                      notes={})
+    partial.write(tmp_path / "partial.yaml")
+    assert main(["show", str(tmp_path / "partial.yaml"), "--model", str(workload.parent / "model.onnx")]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [(r[1], r[4]) for r in rows] == [("conv_a", "int8"), ("conv_b", "int8"), ("add_res", "int8"),
+                                            ("gap", "int8"), ("fc", "fp32")]
+
+
+def test_diff_names_each_changed_layer(workload, tmp_path, capsys):
+    plan = _naive(workload, tmp_path, capsys)
+    a = str(tmp_path / "naive.yaml")
+    assert main(["diff", a, a]) == 0
+    assert "the same choices and ranges" in capsys.readouterr().out
+    doc = yaml.safe_load((tmp_path / "naive.yaml").read_text())
+    for e in doc["layers"]:
+        if e["layer"] == "fc":
+            e["precision"] = "fp32"
+            del e["calibration"], e["granularity"], e["ranges"]
+        if e["layer"] == "conv_b":
+            t = next(iter(e["ranges"]))
+            e["ranges"][t] = [e["ranges"][t][0], e["ranges"][t][1] * 2]
+            for other in doc["layers"]:  # one tensor, one range: every layer listing it changes too
+                if t in other.get("ranges", {}):
+                    other["ranges"][t] = list(e["ranges"][t])
+    b = tmp_path / "b.yaml"
+    b.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert main(["diff", a, str(b)]) == 1
+    out = capsys.readouterr().out
+    assert "1 layer(s) changed option (0 to INT8, 1 to float" in out
+    fc = next(line for line in out.splitlines() if line.startswith("fc "))
+    assert "int8/minmax/per_tensor" in fc and "fp32" in fc
+    assert any(line.startswith("conv_b ") and "(same)" in line and "->" in line for line in out.splitlines())
+    d = qsearch.diff(a, b)
+    assert [c.layer for c in d.layers if c.option_changed] == ["fc"] and not d.same
+    other = tmp_path / "other.yaml"
+    replace(plan, fingerprint="sha256:0000").write(other)
+    assert main(["diff", a, str(other)]) == 2
+    assert "a per-layer diff needs plans of one model" in last_error(capsys)
+
+
+def test_readable_layer_names_from_exporter_metadata(tmp_path):
+    """torch's dynamo exporter records each node's module path; plans show it beside the node name."""
+    from qsearch.model import prepare
+    from qsearch.plan import layer_notes
+
+    m = make_cnn()
+    for node in m.graph.node:
+        if node.name == "conv_b":
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'blocks', 'blocks.0.conv', 'conv2d_1']")
+            node.metadata_props.add(key="pkg.torch.onnx.class_hierarchy",
+                                    value="['m.Net', 'torch.nn.modules.container.Sequential', "
+                                          "'torch.nn.modules.conv.Conv2d', 'aten.conv2d.default']")
+        if node.name == "add_res":
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'blocks', 'add_15']")
+            node.metadata_props.add(key="pkg.torch.onnx.class_hierarchy", value="['m.Net', 'm.Block', 'aten.add.Tensor']")
+    notes = layer_notes(prepare(m))
+    assert notes["conv_b"].readable == "blocks.0.conv" and notes["add_res"].readable == "blocks/add_15"
+    assert notes["conv_a"].readable == "Conv 1" and notes["fc"].readable == "Gemm 1"  # no metadata: op and index

@@ -1,0 +1,99 @@
+"""A workload that names a PyTorch module factory instead of an ONNX file: exported once with the
+dynamo exporter (opset 18, dynamic batch), cached, searched end to end; without PyTorch, one line."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from qsearch.cli import main
+from qsearch.config import load_workload
+from qsearch.errors import QsearchError
+from qsearch.plan import Plan
+
+from .conftest import last_error
+
+NET = '''
+import torch
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) + x
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.Sequential(Block(), Block())
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+'''
+
+
+def _workload(tmp_path):
+    torch = pytest.importorskip("torch", reason="the torch extra is not installed (CI installs it)")
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "tinynet.py").write_text(NET)
+    sys.path.insert(0, str(d))
+    try:
+        from tinynet import build  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(d))
+        sys.modules.pop("tinynet", None)
+    net = build().eval()
+    rng = np.random.default_rng(0)
+    for split in ("calib", "search", "test"):
+        x = rng.normal(0, 1, (96, 3, 8, 8)).astype(np.float32)
+        with torch.no_grad():
+            y = net(torch.from_numpy(x)).argmax(1).numpy()
+        np.savez(d / f"{split}.npz", x=x, label=y)
+    cfg = d / "workload.yaml"
+    cfg.write_text("name: tinynet\nmodel: {torch: 'tinynet:build', example_input: [1, 3, 8, 8]}\n"
+                   "data:\n  batch_size: 32\n  calibration: {npz: calib.npz, labels: label}\n"
+                   "  search: {npz: search.npz, labels: label}\n  test: {npz: test.npz, labels: label}\n"
+                   "metric: top1\nmax_drop: 0.02\n")
+    return cfg
+
+
+def test_torch_module_is_exported_cached_and_searched(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QSEARCH_CACHE", str(tmp_path / "cache"))
+    cfg = _workload(tmp_path)
+    first = load_workload(cfg).model
+    assert first.parent == tmp_path / "cache" / "torch" and first.suffix == ".onnx"
+    stamp = first.stat().st_mtime_ns
+    assert load_workload(cfg).model == first and first.stat().st_mtime_ns == stamp  # cached, not re-exported
+    out = tmp_path / "out"
+    assert main(["optimize", "--config", str(cfg), "--budget", "3", "--out", str(out)]) == 0
+    plan = Plan.read(out / "plan.yaml")
+    names = {n.readable for n in plan.notes.values()}
+    assert {"stem", "blocks.0.conv", "blocks.1.conv", "fc"} <= names  # the module paths, from the exporter
+
+
+def test_torch_input_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QSEARCH_CACHE", str(tmp_path / "cache"))
+    cfg = _workload(tmp_path)
+    text = cfg.read_text()
+    cfg.write_text(text.replace("example_input: [1, 3, 8, 8]", "example_input: [1, 3, eight]"))
+    with pytest.raises(QsearchError, match="model.example_input must be a shape"):
+        load_workload(cfg)
+    cfg.write_text(text.replace("tinynet:build", "tinynet:nothing"))
+    assert main(["analyze", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "has no function 'nothing'" in last_error(capsys)
+    cfg.write_text(text)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
+    with pytest.raises(QsearchError, match=r"model.torch needs PyTorch, which is not installed"):
+        load_workload(cfg)
