@@ -69,8 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     common(e)
 
     pr = sub.add_parser("profile", help="where the time goes in any ONNX model: ORT's per-node profile by kind, "
-                                        "op type and layer (no calibration)")
-    pr.add_argument("model")
+                                        "op type and layer (no calibration)",
+                        description="Run any ONNX model that takes the workload's data (FP32, a qsearch plan's model, "
+                                    "another tool's) on the latency batch under ONNX Runtime's profiler and print "
+                                    "milliseconds by kind (int8 kernel, float op, Q/DQ glue), by op type and by layer "
+                                    "of the workload's model, with the fusion check.",
+                        epilog="example: qsearch profile qsearch-out/model.qsearch.onnx --config my_model.yaml -o layers.csv")
+    pr.add_argument("model", help="the ONNX model to profile")
     pr.add_argument("--config", help="workload YAML: its data and model's layers (default: the embedded digits workload)")
     pr.add_argument("--top", type=int, default=15, help="rows per table (default: %(default)s)")
     pr.add_argument("-o", "--output", help="also write every layer's times as CSV")
@@ -123,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     hook = sys.unraisablehook
-    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else hook(u)
+    # an interrupt or a time limit that lands inside a GC callback is swallowed there (and fires again);
+    # the user needs no "Exception ignored" trace for it
+    quiet = (KeyboardInterrupt, CommandTimeout, EvaluationTimeout)
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, quiet) else hook(u)
     try:
         return _main(args)
     finally:

@@ -57,6 +57,9 @@ def _fire(signum, frame) -> None:
         return
     # the command's deadline outranks an evaluation's that expired at the same moment
     hit = next((x for x in expired if x.exc is CommandTimeout), expired[0])
+    # fire again shortly: a raise inside a GC callback or a __del__ is swallowed by Python, and the
+    # limit would be lost. When the raise does unwind, `limit`'s exit re-arms for what is left.
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
     raise hit.exc(hit.message)
 
 

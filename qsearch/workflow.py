@@ -517,6 +517,7 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
     else:  # hybrid: the greedy fallback, which needs the sensitivity profile
         profile = sensitivity.analyze(ctx, cache_dir=out / "cache", progress=Progress("analyze"))
         plan, _ = greedy_fallback(ctx, profile, method, granularity)
+        plan = plan.with_why(layer_reasons(plan, profile))
     ev = ctx.evaluate(plan, "test")
     plan = plan.with_info({"test": ev.score, "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes,
                            "fp32_test": ctx.baseline.fp32_test}, baseline=kind)

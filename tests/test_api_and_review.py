@@ -1,8 +1,10 @@
 """The Python API (the same stages and dataclasses as the CLI) and plan review: show and diff."""
 
+import re
 from dataclasses import replace
 
 import onnx
+import pytest
 import yaml
 
 import qsearch
@@ -107,3 +109,21 @@ def test_readable_layer_names_from_exporter_metadata(tmp_path):
     notes = layer_notes(prepare(m))
     assert notes["conv_b"].readable == "blocks.0.conv" and notes["add_res"].readable == "blocks/add_15"
     assert notes["conv_a"].readable == "Conv 1" and notes["fc"].readable == "Gemm 1"  # no metadata: op and index
+
+
+@pytest.mark.parametrize("command", ["analyze", "optimize", "apply", "evaluate", "show", "diff", "profile", "baseline"])
+def test_every_command_has_a_description_argument_help_and_an_example(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert f"example: qsearch {command}" in text
+    usage, _, rest = text.partition("\n\n")
+    description, _, options = rest.partition("\n\n")
+    assert len(description.split()) >= 8  # a sentence, not a label
+    # every positional and option line carries help text (argparse puts it on the same or the next line)
+    lines = [line for line in options.splitlines() if line.strip() and not line.endswith(":")]
+    entries = [k for k, line in enumerate(lines) if re.match(r"^  \S", line)]
+    for k in entries:
+        own = lines[k].strip().split("  ", 1)
+        assert len(own) == 2 or (k + 1 < len(lines) and lines[k + 1].startswith(" " * 6)), lines[k]
