@@ -20,9 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"qsearch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, out_default="qsearch-out"):
+    def common(sp, out_default="qsearch-out", writes_folder=True):
         sp.add_argument("--config", help="workload YAML (default: the embedded digits workload)")
-        sp.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+        if writes_folder:
+            sp.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+        else:  # the command's output is -o or stdout; this folder only keeps the calibration cache
+            sp.add_argument("--cache", dest="out", default=out_default,
+                            help="folder whose cache/ keeps calibration statistics (default: %(default)s)")
+            sp.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the earlier name, still accepted
         sp.add_argument("--eval-timeout", type=float, metavar="SECONDS",
                         help="limit per model evaluation (default: 20x the FP32 model's, at least 60 s; 0: none); "
                              "a trial past it fails and the search goes on")
@@ -66,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "and time it.",
                        epilog="example: qsearch evaluate model.int8.onnx --config my_model.yaml")
     e.add_argument("model", help="the ONNX model to score")
-    common(e)
+    common(e, writes_folder=False)
 
     pr = sub.add_parser("profile", help="where the time goes in any ONNX model: ORT's per-node profile by kind, "
                                         "op type and layer (no calibration)",
@@ -97,13 +102,12 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="write a baseline plan: naive all-INT8, fp32/fp16, or hybrid (greedy)",
                        description="Write the plan a simpler method would ship, scored on test data, to compare "
-                                   "with optimize's or to start from. --out holds the calibration cache; -o is "
-                                   "the plan file.",
+                                   "with optimize's or to start from; -o is the plan file.",
                        epilog="example: qsearch baseline naive --config my_model.yaml -o naive.yaml")
     b.add_argument("kind", choices=["naive", "hybrid", "fp32", "fp16"],
                    help="naive: every candidate INT8 with one method; hybrid: the greedy fallback (reverts the "
                         "most sensitive layers until the budget holds); fp32/fp16: no INT8")
-    common(b)
+    common(b, writes_folder=False)
     b.add_argument("-o", "--output", required=True, help="where to write the plan YAML")
     b.add_argument("--calibration", choices=METHODS, default="minmax", help="activation ranges (default: %(default)s)")
     b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
