@@ -220,14 +220,13 @@ def plot(ctx, rows_eval, path: Path, fp_ms: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    fp = ctx.baseline
     for r, ev in rows_eval:
         if ev is None:
             continue
         ax.scatter(fp_ms / ev.latency_ms, ev.score, s=40)
         ax.annotate(r.name.replace("ORT quantize_static ", "ORT ").replace(" (revert most sensitive, minmax per-tensor)", ""),
                     (fp_ms / ev.latency_ms, ev.score), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.axhline(fp.fp32_test - ctx.allowed_drop(), color="red", ls="--", lw=1, label="budget (FP32 - max_drop)")
+    ax.axhline(ctx.fp32_test - ctx.allowed_drop(), color="red", ls="--", lw=1, label="budget (FP32 - max_drop)")
     ax.set_xlabel("speed-up vs FP32 (ONNX Runtime CPU, 1 thread)")
     ax.set_ylabel(f"test {ctx.workload.metric.name}")
     ax.set_title(f"{ctx.workload.name}: accuracy vs speed, all tools")
@@ -267,7 +266,6 @@ def main() -> None:
         rows.append(nncf_aac(ctx))
     rows.append(qsearch_opt(ctx, args.workload, args.budget, args.samples))
 
-    fp = ctx.baseline
     allowed = ctx.allowed_drop()
     from qsearch.scoring import Evaluation, fusion_check
 
@@ -298,7 +296,7 @@ def main() -> None:
         if ev is None:
             lines.append(f"| {r.name} | | | | | | | {r.wall_s:.1f} | {r.evals} |{ret} | {r.note} |")
             continue
-        drop = fp.fp32_test - ev.score
+        drop = ctx.fp32_test - ev.score
         lines.append(f"| {r.name} | {ev.score:.4f} | {drop:.4f} | {'yes' if drop <= allowed + 1e-12 else 'no'} | "
                      f"{ev.latency_ms:.2f} ({t[1]:.0%}) | {fp_ms / ev.latency_ms:.2f}x | {ev.size_bytes / 2**20:.2f} | "
                      f"{r.wall_s:.1f} | {r.evals} |{ret} {fusion[r.name]} | {r.note} |")

@@ -89,7 +89,7 @@ def main() -> None:
         seeds_summary.append((label, firsts, costs))
     ctx.workload = wl
     lines = [f"# Search vs baselines, `{wl.name}` ({date.today()}, {platform.machine()}, 2 cores, 1 ORT thread)",
-             "", f"FP32: search {ctx.baseline.fp32_search:.4f}, test {ctx.baseline.fp32_test:.4f}, "
+             "", f"FP32: search {ctx.baseline.fp32_search:.4f}, test {ctx.fp32_test:.4f}, "
              f"latency {fp32_lat:.3f} ms; allowed drop {ctx.allowed_drop():.4f}; analysis "
              f"{'cached' if t_analyze < 1 else f'{t_analyze:.1f}s'} "
              f"({profile.meta['evaluations']} evaluations, proxy Spearman {profile.spearman:.2f}); guided space: "
@@ -101,7 +101,7 @@ def main() -> None:
             lines.append(f"| {name} | no plan within budget | | | | | | {n} | | | {wall:.1f} |")
             continue
         ff, ns = extra if extra else ("", None)
-        lines.append(f"| {name} | {ss:.4f} | {ev.score:.4f} | {ctx.baseline.fp32_test - ev.score:.4f} | "
+        lines.append(f"| {name} | {ss:.4f} | {ev.score:.4f} | {ctx.fp32_test - ev.score:.4f} | "
                      f"{ev.latency_ms:.3f} | {fp32_lat / ev.latency_ms:.2f}x | {ev.size_bytes / 1024:.1f} | {n} | {ff} | "
                      f"{'' if ns is None else f'{ns:.0%}'} | {'' if wall is None else f'{wall:.1f}'} |")
     lines += ["", f"Over {args.seeds} sampler seeds (search data; latency of the best plan within budget):", "",

@@ -127,6 +127,10 @@ class Scorer:
         return self.custom is None
 
     @property
+    def samples(self) -> int:
+        return self.data.samples if self.data is not None else 0
+
+    @property
     def batches(self) -> int:
         return len(self.data) if self.data is not None else 0
 

@@ -488,7 +488,7 @@ def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=No
             "test": ctx.test_scorer.score(sess),
             "latency_ms": latency_ms(sess, ctx.latency_feed, repeat=30),
             "size_bytes": model_size(model),
-            "fp32_test": ctx.baseline.fp32_test,
+            "fp32_test": ctx.fp32_test,
             "fp32_latency_ms": ctx.baseline.fp32_latency_ms,
         }
     except (QsearchError, limits.EvaluationTimeout):
@@ -520,10 +520,10 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
         plan = plan.with_why(layer_reasons(plan, profile))
     ev = ctx.evaluate(plan, "test")
     plan = plan.with_info({"test": ev.score, "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes,
-                           "fp32_test": ctx.baseline.fp32_test}, baseline=kind)
+                           "fp32_test": ctx.fp32_test}, baseline=kind)
     plan.write(output)
     log(f"wrote {output}: {kind} plan, test {ctx.workload.metric.name} {ev.score:.4f} "
-        f"(fp32 {ctx.baseline.fp32_test:.4f}), latency {ev.latency_ms:.3f} ms")
+        f"(fp32 {ctx.fp32_test:.4f}), latency {ev.latency_ms:.3f} ms")
 
 
 def run_profile(model_path: str, config: str | None, top: int = 15, output: str | None = None):

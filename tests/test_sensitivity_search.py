@@ -101,7 +101,7 @@ def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
     small = Context(whole.workload, cache_dir=tmp_path / "cache-small", log=lambda *a: None)
     assert small.run_samples == 4
     assert small.baseline.fp32_search == whole.baseline.fp32_search
-    assert small.baseline.fp32_test == whole.baseline.fp32_test
+    assert small.fp32_test == whole.fp32_test
     plan = {la.name: LayerChoice("int8", "minmax", "per_tensor") for la in whole.candidates()}
     assert small.evaluate(small.plan(plan)).score == whole.evaluate(whole.plan(plan)).score
     for t, s in whole.stats.tensors.items():
