@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,11 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")
 # Ops that only move or select values (ORT's "drop Q/DQ" selectors): with the same scale on their
 # input and output, ONNX Runtime removes the pair and runs the op on uint8 data. Their output
 # range lies within their input's, so both sides may share it without clipping what they pass on.
+# Patterns ONNX Runtime has no int8 kernel for, and the forms a plan may give them inside an int8
+# region (measured per model; see `sensitivity`). decomposed: the gate in float between Q/DQ, the
+# product a QLinearMul. fused: one float HardSwish (opset 14) between one DequantizeLinear and one
+# QuantizeLinear.
+PATTERN_FORMS = {"hardswish": ("decomposed", "fused")}
 PASSTHROUGH_OPS = ("MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
                    "Gather", "Expand", "Tile", "Identity")
 
@@ -56,6 +62,22 @@ class Layer:
     constant: str | None = None  # Add/Mul by a float initializer: quantized uint8 like an activation
     output_bytes: int = 0  # FP32 bytes of the output per sample (0: shape unknown)
     readable: str = ""  # the source module's path from the exporter's node metadata, if any
+    pattern: str = ""  # "hardswish": this Mul computes x * gate(x); activations are (x, gate)
+    gate: tuple[str, ...] = ()  # the nodes computing the gate from x (HardSigmoid; Add, Clip, Div)
+    tail: tuple[str, ...] = ()  # nodes after the product that belong to the pattern (paddle2onnx's /6)
+    fused_output: str = ""  # the tensor the whole pattern writes (the tail's output, else the Mul's)
+
+    def fused(self, forms: Mapping[str, str] | None) -> bool:
+        """Whether this pattern layer runs as one op (its gate absorbed) under `forms`."""
+        return bool(self.pattern) and (forms or {}).get(self.pattern) == "fused"
+
+    def quantized_inputs(self, forms: Mapping[str, str] | None = None) -> tuple[str, ...]:
+        """The activations that get Q/DQ: a pattern in its fused form reads only x."""
+        return self.activations[:1] if self.fused(forms) else self.activations
+
+    def quantized_output(self, forms: Mapping[str, str] | None = None) -> str:
+        """The output that gets Q/DQ: a fused pattern's is the whole pattern's (after a tail /6)."""
+        return self.fused_output if self.fused(forms) and self.fused_output else self.output
 
     @property
     def has_weight(self) -> bool:
@@ -89,6 +111,12 @@ class PreparedModel:
     @property
     def layer_names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
+
+    def absorbed(self, forms: Mapping[str, str] | None) -> dict[str, str]:
+        """Layers inside the gate of a pattern layer that `forms` fuses (hardswish's +3 and /6 when
+        they are Add/Mul layers) -> that pattern layer: they follow its choice and get no Q/DQ."""
+        owner = {n: la.name for la in self.layers if la.fused(forms) for n in la.gate}
+        return {la.name: owner[la.name] for la in self.layers if la.name in owner}
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -278,6 +306,7 @@ def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     shapes = _shapes(_with_fixed_inputs(model, input_shapes) if input_shapes else model)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
     elem.update({i.name: i.data_type for i in g.initializer})
+    patterns = _hardswish_gates(g, inits, consumers, graph_outputs)
     layers = []
     for node in g.node:
         if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
@@ -316,6 +345,8 @@ def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
             const = [t for t in ins if t in inits]
             acts = tuple(t for t in ins if t not in inits)
             constant = const[0] if const else None
+            if node.name in patterns:
+                acts = (patterns[node.name][1], *(t for t in acts if t != patterns[node.name][1]))
         elif node.op_type in VARIADIC_OPS:  # QLinearConcat: every input an activation
             if len(ins) < 2 or any(t in inits for t in ins) or len(set(ins)) != len(ins):
                 continue
@@ -350,9 +381,84 @@ def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 constant=constant,
                 output_bytes=4 * int(np.prod(shapes[out])) if out in shapes else 0,
                 readable=readable_name(node),
+                pattern="hardswish" if node.name in patterns else "",
+                gate=patterns[node.name][0] if node.name in patterns else (),
+                tail=patterns[node.name][2] if node.name in patterns else (),
+                fused_output=patterns[node.name][3] if node.name in patterns else "",
             )
         )
     return layers
+
+
+def _scalar(inits: dict, name: str) -> float | None:
+    if name not in inits:
+        return None
+    a = numpy_helper.to_array(inits[name])
+    return float(a.reshape(-1)[0]) if a.size == 1 else None
+
+
+def _hardswish_gates(g: onnx.GraphProto, inits: dict, consumers: dict, graph_outputs: set) -> dict[str, tuple]:
+    """Mul nodes computing hardswish, x * relu6(x + 3) / 6, in the spellings exporters write:
+    Mul(x, HardSigmoid(x; alpha 1/6, beta 1/2)) (ONNX Runtime inlines HardSwish so);
+    Mul(x, Clip(Add(x, 3), 0, 6) / 6) (opset 11 exporters; the /6 also as Mul by 1/6);
+    Mul(x, Clip(Add(x, 3), 0, 6)) / 6 (paddle2onnx: the /6 after the product).
+    Returns {mul: (gate node names, x, tail node names, output of the whole)}; every tensor
+    inside must be read by the pattern alone."""
+    producer = {t: n for n in g.node for t in n.output}
+
+    def attr(n, key, default):
+        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == key), default)
+
+    def only_read_by(t: str, reader: onnx.NodeProto) -> bool:
+        return t not in graph_outputs and [c.name for c in consumers.get(t, [])] == [reader.name]
+
+    def other(n, known: str) -> str | None:
+        ins = [t for t in n.input if t]
+        return ins[1 - ins.index(known)] if len(ins) == 2 and known in ins and ins[0] != ins[1] else None
+
+    def sixth(n, t: str) -> bool:  # n divides t by 6 (or multiplies it by 1/6)
+        k = _scalar(inits, other(n, t) or "")
+        return k is not None and n.input[0] == t and (
+            (n.op_type == "Div" and abs(k - 6) < 1e-5) or (n.op_type == "Mul" and abs(k - 1 / 6) < 1e-6))
+
+    def relu6_of_x_plus_3(t: str, x: str):  # the Add and Clip nodes of Clip(Add(x, 3), 0, 6)
+        clip = producer.get(t)
+        if clip is None or clip.op_type != "Clip" or not clip.input[0]:
+            return None
+        lo = _scalar(inits, clip.input[1]) if len(clip.input) > 1 and clip.input[1] else attr(clip, "min", None)
+        hi = _scalar(inits, clip.input[2]) if len(clip.input) > 2 and clip.input[2] else attr(clip, "max", None)
+        add = producer.get(clip.input[0])
+        if lo != 0.0 or hi is None or abs(hi - 6) > 1e-5 or add is None or add.op_type != "Add":
+            return None
+        three = _scalar(inits, other(add, x) or "")
+        if three is None or abs(three - 3) > 1e-5 or not only_read_by(clip.input[0], clip):
+            return None
+        return add, clip
+
+    found: dict[str, tuple] = {}
+    for mul in g.node:
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
+            continue
+        for x, gt in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
+            p = producer.get(gt)
+            if p is None or x in inits or x == gt or not only_read_by(gt, mul):
+                continue
+            if (p.op_type == "HardSigmoid" and p.input[0] == x and abs(attr(p, "alpha", 0.2) - 1 / 6) < 1e-5
+                    and abs(attr(p, "beta", 0.5) - 0.5) < 1e-6):
+                found[mul.name] = ((p.name,), x, (), mul.output[0])
+                break
+            if p.op_type in ("Div", "Mul") and sixth(p, p.input[0]) and only_read_by(p.input[0], p):
+                inner = relu6_of_x_plus_3(p.input[0], x)
+                if inner is not None:
+                    found[mul.name] = ((inner[0].name, inner[1].name, p.name), x, (), mul.output[0])
+                    break
+            inner = relu6_of_x_plus_3(gt, x)
+            after = consumers.get(mul.output[0], [])
+            if inner is not None and len(after) == 1 and after[0].op_type in ("Div", "Mul") and \
+                    sixth(after[0], mul.output[0]) and only_read_by(mul.output[0], after[0]):
+                found[mul.name] = ((inner[0].name, inner[1].name), x, (after[0].name,), after[0].output[0])
+                break
+    return found
 
 
 def readable_name(node: onnx.NodeProto) -> str:

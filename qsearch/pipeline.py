@@ -24,7 +24,7 @@ from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
 from qsearch.plan import LayerChoice, Plan, build_plan, provenance
-from qsearch.rewrite import Rewriter
+from qsearch.rewrite import LAYOUT_VERSION, Rewriter
 from qsearch.scoring import Evaluation, Scorer, latency_ms, make_session, model_size, reference_outputs
 
 CALIBRATION_PARTS = 2  # shared calibration jobs (by tensor) when a study queue is given
@@ -63,6 +63,9 @@ class Context:
             for ds in (self.search_data, self.test_data):
                 self._check_top1(fp32, ds)
         self.stats: CalibrationStats | None = self._stats() if calibrate else None
+        # how patterns without an int8 kernel (hardswish) run in int8 regions: measured by the
+        # analysis (`sensitivity.choose_forms`); until then, as before (decomposed)
+        self.forms: dict[str, str] = {}
         self.search_scorer = self._scorer(fp32, self.search_data, workload.metric.search_entry)
         self.test_scorer = self._scorer(fp32, self.test_data, workload.metric.test_entry)
         self.latency_feed = self._latency_feed()
@@ -162,7 +165,7 @@ class Context:
         w = self.workload
         parts = [self.prepared.fingerprint, self.calib_data.fingerprint, self.search_data.fingerprint,
                  self.test_data.fingerprint, repr(w.metric), repr(self.allowed_drop()), repr(w.space), w.target,
-                 w.threads, w.latency_batch, SCHEMA_VERSION]
+                 w.threads, w.latency_batch, SCHEMA_VERSION, LAYOUT_VERSION]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -179,7 +182,8 @@ class Context:
         return latency_feed(self.search_data.batches[0], self.prepared, self.workload.latency_batch)
 
     def calibration_tensors(self) -> list[str]:
-        return sorted({t for layer in self.prepared.layers for t in (*layer.activations, layer.output)})
+        return sorted({t for layer in self.prepared.layers
+                       for t in (*layer.activations, layer.output, layer.fused_output) if t})
 
     def _cache_path(self, tensors: list[str], part: str = "") -> Path | None:
         key = calibration.cache_key(self.prepared.fingerprint, self.calib_data.fingerprint, json.dumps(tensors),
@@ -250,7 +254,8 @@ class Context:
     # ------------------------------------------------------------------ plans
     def candidates(self) -> list[Layer]:
         space = self.workload.space
-        layers = [la for la in self.prepared.layers if space.matches(la.name, la.op_type)]
+        absorbed = self.prepared.absorbed(self.forms)  # inside a fused pattern: they follow it
+        layers = [la for la in self.prepared.layers if space.matches(la.name, la.op_type) and la.name not in absorbed]
         if not layers:
             raise QsearchError(
                 f"{self.workload.path}: the search space's candidates (op_types {list(space.op_types)}, include "
@@ -262,9 +267,11 @@ class Context:
     def float_precision(self) -> str:
         return "fp16" if self.workload.target == "fp16" else "fp32"
 
-    def plan(self, choices: Mapping[str, LayerChoice]) -> Plan:
-        """Layers not named in `choices` stay float. Every plan records when and with what it was made."""
-        plan = build_plan(self.prepared, choices, self.stats, self.workload.target, self.workload.space.percentile)
+    def plan(self, choices: Mapping[str, LayerChoice], forms: Mapping[str, str] | None = None) -> Plan:
+        """Layers not named in `choices` stay float; patterns take `forms` (default: the measured
+        `self.forms`). Every plan records when and with what it was made."""
+        plan = build_plan(self.prepared, choices, self.stats, self.workload.target, self.workload.space.percentile,
+                          self.forms if forms is None else forms)
         return dataclasses.replace(plan, model_file=self.workload.model.name).with_info(**provenance())
 
     def uniform_plan(self, method: str = "minmax", granularity: str = "per_tensor",

@@ -22,7 +22,7 @@ from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS, CalibrationStats, tensor_range
 from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_text, check_keys, load_yaml, where
-from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
+from qsearch.model import PASSTHROUGH_OPS, PATTERN_FORMS, Layer, PreparedModel, node_reads
 
 MAX_RANGE = float(np.finfo(np.float32).max)  # a plan's range must be float32: its scale then stays finite
 SCHEMA_VERSION = 2
@@ -76,6 +76,7 @@ class Plan:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     notes: Mapping[str, LayerNote] = field(default_factory=dict)
     model_file: str = ""
+    forms: Mapping[str, str] = field(default_factory=dict)  # pattern -> form (`PATTERN_FORMS`), measured
 
     @property
     def float_precision(self) -> str:
@@ -129,6 +130,8 @@ class Plan:
             "summary": {"layers": len(self.layers), "int8": n8, "float": len(self.layers) - n8},
             "calibration": {"percentile": self.percentile},
         }
+        if self.forms:  # how patterns without an int8 kernel (hardswish) run inside int8 regions
+            doc["forms"] = dict(sorted(self.forms.items()))
         if self.defaults is not None:
             doc["defaults"] = _choice_dict(self.defaults, None)
         doc["layers"] = entries
@@ -159,7 +162,7 @@ class Plan:
                 f"by qsearch {__version__} (supports 1..{SCHEMA_VERSION})"
             )
         keys = {"qsearch_plan", "model", "target", "defaults", "layers", "calibration", "metrics", "provenance"}
-        check_keys(path, doc, keys | ({"activation_ranges"} if version == 1 else {"summary", "shared_ranges"}), "")
+        check_keys(path, doc, keys | ({"activation_ranges"} if version == 1 else {"summary", "shared_ranges", "forms"}), "")
         model = doc.get("model") or {}
         check_keys(path, model, {"name", "fingerprint"} | ({"file"} if version > 1 else set()), "model")
         if not isinstance(model.get("fingerprint"), str):
@@ -178,6 +181,17 @@ class Plan:
         if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= pct <= 100.0:
             raise QsearchError(f"{where(path, calib, 'percentile')}: calibration.percentile must be a number in "
                                f"[50, 100], got {pct!r}")
+        forms = doc.get("forms") or {}
+        if not isinstance(forms, dict):
+            raise QsearchError(f"{where(path, doc, 'forms')}: 'forms' must be a mapping of pattern -> form, got "
+                               f"{forms!r}"[:300])
+        for k, v in forms.items():
+            if k not in PATTERN_FORMS:
+                raise QsearchError(f"{where(path, forms, k)}: forms.{k}: unknown pattern (known: "
+                                   f"{', '.join(PATTERN_FORMS)})")
+            if v not in PATTERN_FORMS[k]:
+                raise QsearchError(f"{where(path, forms, k)}: forms.{k} is {v!r}, expected one of "
+                                   f"{', '.join(PATTERN_FORMS[k])}"[:300])
         for key in ("metrics", "provenance"):
             if doc.get(key) is not None and not isinstance(doc[key], dict):
                 raise QsearchError(f"{where(path, doc, key)}: '{key}' must be a mapping, got {doc[key]!r}"[:300])
@@ -230,6 +244,7 @@ class Plan:
             provenance=dict(doc.get("provenance") or {}),
             notes=notes,
             model_file=str(model.get("file", "")),
+            forms={str(k): str(v) for k, v in forms.items()},
         )
 
     def validate(self, prepared: PreparedModel, path: str | os.PathLike = "plan") -> None:
@@ -245,16 +260,18 @@ class Plan:
                 raise QsearchError(f"{path}: layer '{name}' does not exist in model '{prepared.name}'")
             if c.precision == "fp16" and self.target != "fp16":
                 raise QsearchError(f"{path}: layer '{name}' is fp16 but target '{self.target}' runs float layers in FP32")
+        absorbed = prepared.absorbed(self.forms)
         for layer in prepared.layers:
             c = self.choice(layer.name)
             if c.is_int8 and layer.has_weight and c.granularity not in allowed_granularities(layer):
                 raise QsearchError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
                                    "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
-            if c.is_int8:
-                for t in (*layer.activations, layer.output):
+            if c.is_int8 and layer.name not in absorbed:
+                for t in (*layer.quantized_inputs(self.forms), layer.quantized_output(self.forms)):
                     if t not in self.ranges:
                         raise QsearchError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
-        tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if self.choice(la.name).is_int8})
+        tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if self.choice(la.name).is_int8},
+                                       self.forms)
         for t in tensors:
             if t not in self.ranges:
                 raise QsearchError(f"{path}: no activation range for tensor '{t}' (it feeds a value-moving op whose "
@@ -269,6 +286,10 @@ class Plan:
                 notes[n] = replace(notes[n], why=x.why)
         return replace(self, defaults=None, layers={la.name: self.choice(la.name) for la in prepared.layers},
                        notes=notes)
+
+    def form(self, pattern: str) -> str:
+        """How `pattern` runs inside int8 regions (plans without `forms`: decomposed, as before)."""
+        return self.forms.get(pattern, PATTERN_FORMS[pattern][0])
 
 
 def _read_ranges(path, doc: Mapping, key: str, ranges: dict, owner: dict, label: str | None = None,
@@ -302,9 +323,10 @@ def layer_notes(prepared: PreparedModel) -> dict[str, LayerNote]:
     seen: dict[str, int] = {}
     notes = {}
     for la in prepared.layers:
-        seen[la.op_type] = seen.get(la.op_type, 0) + 1
-        notes[la.name] = LayerNote(la.op_type, la.readable or f"{la.op_type} {seen[la.op_type]}", "", la.has_weight,
-                                   (*la.activations, la.output))
+        kind = "HardSwish" if la.pattern == "hardswish" else la.op_type  # a Mul that computes hardswish
+        seen[kind] = seen.get(kind, 0) + 1
+        tensors = (*la.activations, la.output, *([la.fused_output] if la.fused_output not in ("", la.output) else []))
+        notes[la.name] = LayerNote(la.op_type, la.readable or f"{kind} {seen[kind]}", "", la.has_weight, tensors)
     return notes
 
 
@@ -390,7 +412,8 @@ def normalized(layer: Layer, choice: LayerChoice) -> LayerChoice:
     return choice
 
 
-def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice]) -> dict[str, str]:
+def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice],
+                   forms: Mapping[str, str] | None = None) -> dict[str, str]:
     """Which activation tensors get Q/DQ, and with which layer's calibration method.
 
     A layer's method calibrates its *inputs*; a tensor feeding several int8 layers takes the first
@@ -398,15 +421,16 @@ def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice]) 
     its own method when no int8 layer consumes it.
     """
     methods: dict[str, str] = {}
+    absorbed = prepared.absorbed(forms)
     for layer in prepared.layers:
         c = choices.get(layer.name)
-        if c is not None and c.is_int8:
-            for t in layer.activations:
+        if c is not None and c.is_int8 and layer.name not in absorbed:
+            for t in layer.quantized_inputs(forms):
                 methods.setdefault(t, c.calibration)
     for layer in prepared.layers:
         c = choices.get(layer.name)
-        if c is not None and c.is_int8:
-            methods.setdefault(layer.output, c.calibration)
+        if c is not None and c.is_int8 and layer.name not in absorbed:
+            methods.setdefault(layer.quantized_output(forms), c.calibration)
     return methods
 
 
@@ -419,7 +443,8 @@ def _moves_values(node) -> bool:
     return mode == b"nearest"
 
 
-def quantized_tensors(prepared: PreparedModel, int8_layers: set[str]) -> tuple[list[str], list[set[str]]]:
+def quantized_tensors(prepared: PreparedModel, int8_layers: set[str],
+                      forms: Mapping[str, str] | None = None) -> tuple[list[str], list[set[str]]]:
     """Which tensors get Q/DQ for these int8 layers, and which of them must share one scale.
 
     Every int8 layer's activations and output; then, through value-moving ops (MaxPool, Resize,
@@ -437,9 +462,10 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str]) -> tuple[l
     for o in graph.output:
         readers[o.name] = readers.get(o.name, 0) + 1
     quant: set[str] = set()
+    absorbed = prepared.absorbed(forms)
     for layer in prepared.layers:
-        if layer.name in int8_layers:
-            quant.update((*layer.activations, layer.output))
+        if layer.name in int8_layers and layer.name not in absorbed:
+            quant.update((*layer.quantized_inputs(forms), layer.quantized_output(forms)))
     links = [(n.input[0], n.output[0]) for n in graph.node
              if n.op_type in PASSTHROUGH_OPS and n.domain in ("", "ai.onnx") and n.input and n.input[0]
              and len(n.output) == 1 and n.input[0] not in inits and _moves_values(n)]
@@ -483,18 +509,22 @@ def build_plan(
     stats: CalibrationStats | None,
     target: str = "cpu",
     percentile: float = 99.99,
+    forms: Mapping[str, str] | None = None,
 ) -> Plan:
     """Choices per layer (unnamed layers float) + calibration statistics -> a self-contained plan
     listing every layer in graph order."""
     float_precision = "fp16" if target == "fp16" else "fp32"
     full = {la.name: normalized(la, choices.get(la.name, LayerChoice(float_precision))) for la in prepared.layers}
-    methods = tensor_methods(prepared, full)
+    forms = {p: f for p, f in (forms or {}).items() if any(la.pattern == p for la in prepared.layers)}
+    for name, owner in prepared.absorbed(forms).items():  # a fused pattern's gate follows the pattern
+        full[name] = normalized(prepared.layer(name), full[owner])
+    methods = tensor_methods(prepared, full, forms)
     ranges: dict[str, tuple[float, float]] = {}
     for t, method in methods.items():
         if stats is None or t not in stats.tensors:
             raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
         ranges[t] = tensor_range(stats.tensors[t], method, percentile)
-    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8})
+    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8}, forms)
     for group in groups:  # one scale per group: the union of its members' ranges (nothing clipped)
         known = [ranges[t] for t in group if t in ranges]
         shared = (min(r[0] for r in known), max(r[1] for r in known))
@@ -508,4 +538,5 @@ def build_plan(
         ranges=ranges,
         percentile=percentile,
         notes=layer_notes(prepared),
+        forms=forms,
     )

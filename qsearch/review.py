@@ -62,7 +62,9 @@ def diff(a: Plan, b: Plan, where: tuple[str, str] = ("A", "B")) -> PlanDiff:
     # partial plans (schema 1, hand-written) leave unlisted layers to `defaults`: a change there is shown as such
     header = tuple((k, str(x), str(y)) for k, x, y in (("target", a.target, b.target),
                                                        ("calibration.percentile", a.percentile, b.percentile),
-                                                       ("defaults", dflt(a), dflt(b))) if x != y)
+                                                       ("defaults", dflt(a), dflt(b)),
+                                                       *((f"forms.{k}", a.form(k), b.form(k))
+                                                         for k in sorted({*a.forms, *b.forms}))) if x != y)
     names = list(a.layers) + [n for n in b.layers if n not in a.layers]
     changes = []
     for name in names:
@@ -114,6 +116,8 @@ def show_text(plan: Plan, why_width: int = 70) -> str:
             lines.append(f"{m.get('metric', 'score')}: test {p['test']:.4f} (FP32 {f['test']:.4f}), latency "
                          f"{p['latency_ms']:.3f} ms ({f['latency_ms'] / p['latency_ms']:.2f}x FP32), size "
                          f"{p['size_bytes'] / f['size_bytes']:.2f}x")
+    if plan.forms:
+        lines.append("forms (measured, inside int8 regions): " + ", ".join(f"{k} {v}" for k, v in sorted(plan.forms.items())))
     prov = plan.provenance
     made = ", ".join(f"{k} {prov[k]}" for k in ("created", "qsearch", "onnxruntime", "study", "trial", "baseline")
                      if prov.get(k) is not None)

@@ -24,6 +24,9 @@ from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel, node_reads
 from qsearch.plan import LayerChoice, Plan, quantized_tensors
 
+# Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
+# models of one layout, so it is part of the study key.
+LAYOUT_VERSION = 2
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
 FP16_FOLLOWERS = {
     "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape",
@@ -52,14 +55,19 @@ class Rewriter:
         choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
         g = _Graph(self.prepared.proto)
         int8 = [layer for layer in self.prepared.layers if choices[layer.name].is_int8]
-        tensors, _ = quantized_tensors(self.prepared, {layer.name for layer in int8})
+        tensors, _ = quantized_tensors(self.prepared, {layer.name for layer in int8}, plan.forms)
         missing = [t for t in tensors if t not in plan.ranges]
         if missing:
             raise QsearchError(f"plan has no activation range for tensor '{missing[0]}' (quantized for its int8 "
                                f"layers{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
         act_params = {t: activation_qparams(*plan.ranges[t]) for t in tensors}
+        absorbed = self.prepared.absorbed(plan.forms)
         for layer in int8:
+            if layer.name in absorbed:  # inside a fused pattern's gate: swept with it
+                continue
             self._quantize_layer(g, layer, choices[layer.name], act_params, g.node(layer.name))
+            if layer.fused(plan.forms):
+                g.fuse_hardswish(layer)
         for t in sorted(act_params, key=g.order_of):
             g.insert_qdq(t, *act_params[t])
         if plan.target == "fp16":
@@ -140,6 +148,8 @@ class _Graph:
         self.inits = {i.name: i for i in model.graph.initializer}
         self.new_inits: dict[str, TensorProto] = {}
         self.extra: list[onnx.NodeProto] = []
+        self.min_opset = 0  # default-domain opset the rewritten ops need (HardSwish: 14)
+        self.removed: set[str] = set()  # nodes a rewrite replaced (a fused pattern's tail)
         # nodes already dead in the source are the user's business: keep them. Sweeping them would
         # change which Conv ONNX Runtime fuses a residual Add into, and float results by a few ulps.
         used = set(self.graph_outputs)
@@ -162,6 +172,46 @@ class _Graph:
         for i, t in enumerate(node.input):
             if t == old:
                 node.input[i] = new
+
+    def fuse_hardswish(self, layer: Layer) -> None:
+        """x * gate(x) as one HardSwish node (opset 14) under the Mul's name: between the DQ of x
+        and the Q of the output it is one float op instead of a gate and a QLinearMul. The gate
+        nodes lose their reader and are swept."""
+        node = self.by_name[layer.name]
+        node.op_type, node.domain = "HardSwish", ""
+        del node.input[:]
+        node.input.append(layer.activations[0])
+        del node.attribute[:]
+        if layer.tail:  # the /6 after the product: the HardSwish writes the tail's output instead
+            out = self.by_name[layer.tail[-1]].output[0]
+            self.removed.update(layer.tail)
+            self.producer[out] = node
+            node.output[0] = out
+        self.min_opset = max(self.min_opset, 14)
+
+    @staticmethod
+    def _rename_inlined(nodes: list[onnx.NodeProto], inits: list[TensorProto]) -> list[TensorProto]:
+        """ONNX Runtime inlines a HardSwish (no CPU kernel) into tensors named '_inlfunc_HardSwish_...'
+        counting from zero in each session, and the prepared graph already holds such names from its
+        own float optimization: a model with new HardSwish nodes would define them twice. Renamed in
+        the written model only (plans keep the prepared graph's names)."""
+        def fresh(t: str) -> str:
+            return f"qsearch{t}" if t.startswith("_inlfunc_") else t
+
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+            return inits  # a subgraph may read them by name: leave the graph as it is
+        for n in nodes:
+            for i, t in enumerate(n.input):
+                n.input[i] = fresh(t)
+            for i, t in enumerate(n.output):
+                n.output[i] = fresh(t)
+        out = []
+        for init in inits:
+            if init.name.startswith("_inlfunc_"):
+                init = TensorProto.FromString(init.SerializeToString())
+                init.name = fresh(init.name)
+            out.append(init)
+        return out
 
     def _init(self, name: str, array: np.ndarray) -> str:
         if name not in self.new_inits:
@@ -292,7 +342,7 @@ class _Graph:
 
     def build(self, extra_outputs: Iterable[str] = ()) -> onnx.ModelProto:
         extra_outputs = [t for t in extra_outputs if t not in self.graph_outputs]
-        nodes = self._sorted(self.nodes + self.extra)
+        nodes = self._sorted([n for n in self.nodes if n.name not in self.removed] + self.extra)
         used = set(self.graph_outputs) | set(extra_outputs)
         alive = []
         for n in reversed(nodes):  # drop nodes the rewrite left without readers
@@ -301,12 +351,16 @@ class _Graph:
                 used.update(node_reads(n))
         nodes = alive[::-1]
         inits = [i for name, i in {**self.inits, **self.new_inits}.items() if name in used]
+        if self.min_opset >= 14:
+            inits = self._rename_inlined(nodes, inits)
         g = self.model.graph
         graph = helper.make_graph(
             nodes, g.name, list(g.input),
             list(g.output) + [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra_outputs], inits,
         )
-        m = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        opsets = [helper.make_opsetid(o.domain, max(o.version, self.min_opset) if o.domain in ("", "ai.onnx")
+                                      else o.version) for o in self.model.opset_import]
+        m = helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version)
         m.producer_name = "qsearch"
         for p in self.model.metadata_props:
             m.metadata_props.append(p)

@@ -36,7 +36,7 @@ from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
 from qsearch.scoring import PARTIALS, finish_metric, make_session
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
 PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
 
@@ -94,6 +94,7 @@ class SensitivityProfile:
     spearman: float | None  # proxy (-SQNR) vs measured drop, over every (layer, option)
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    forms: dict = field(default_factory=dict)  # pattern -> form, measured (`choose_forms`)
 
     def layer(self, name: str) -> LayerSensitivity:
         return next(x for x in self.layers if x.name == name)
@@ -218,7 +219,7 @@ def _probe_pass(ctx, sub: list[tuple[Layer, LayerChoice]], method: str, samples)
 _WORKER: dict = {}
 
 
-def _worker_init(workload, cache_dir, samples):
+def _worker_init(workload, cache_dir, samples, forms):
     import signal
 
     from qsearch.pipeline import Context
@@ -227,6 +228,7 @@ def _worker_init(workload, cache_dir, samples):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     ctx = Context(workload, cache_dir, log=lambda *a: None)
+    ctx.forms = dict(forms)
     _WORKER["ctx"] = ctx
     _WORKER["screen"] = Screen(ctx, samples)
 
@@ -302,7 +304,9 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     cache = cache_dir / f"sensitivity-{_profile_key(ctx, samples, reverse, screen_all)}.yaml" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
-            return SensitivityProfile.from_yaml(cache.read_text())
+            cached = SensitivityProfile.from_yaml(cache.read_text())
+            ctx.forms = dict(cached.forms)
+            return cached
         except Exception:
             pass
     screen = Screen(ctx, samples)
@@ -317,20 +321,26 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     # every worker must derive the same screen from the same timings.
     from qsearch import profiling
 
+    all_int8 = {la.name: LayerChoice.parse(best[la.name]) for la in layers}
+
     def attribute(_job: dict) -> tuple:
+        forms, form_ms = choose_forms(ctx, all_int8)
         fp32_p = profiling.profile(ctx.prepared, ctx.prepared.proto, ctx.latency_feed, ctx.workload.threads)
-        int8_model = ctx.rewriter(ctx.plan({la.name: LayerChoice.parse(best[la.name]) for la in layers}))
-        int8_p = profiling.profile(ctx.prepared, int8_model, ctx.latency_feed, ctx.workload.threads)
+        int8_p = profiling.profile(ctx.prepared, ctx.rewriter(ctx.plan(all_int8, forms)), ctx.latency_feed,
+                                   ctx.workload.threads)
         return (fp32_p.total_ms, int8_p.total_ms, fp32_p.by_kind, int8_p.by_kind,
-                [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers])
+                [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers],
+                forms, form_ms)
 
     timing = queue.stage("profile").map([{}], attribute, progress, what="profile")[0] if queue is not None else \
         attribute({})
-    fp32_total, int8_total, fp32_kinds, int8_kinds, fp32_ms, int8_ms = timing
+    fp32_total, int8_total, fp32_kinds, int8_kinds, fp32_ms, int8_ms, forms, form_ms = timing
+    ctx.forms = dict(forms)  # every later model (screen, trials, the result) uses the measured forms
     # 3. fidelity screen, where a decision needs it: each layer whose INT8 form pays, alone at its
     # best option on the subset. A layer where INT8 does not pay is never fixed INT8 and goes
     # float in every warm start; its output noise is estimated from its proxy SQNR instead.
-    pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if screen_all or f - i > 0]
+    absorbed = ctx.prepared.absorbed(ctx.forms)  # a fused pattern's gate layers follow it: nothing to screen
+    pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if (screen_all or f - i > 0) and la.name not in absorbed]
     jobs = [{la.name: best[la.name]} for la in pays]
     if queue is not None:
         results = queue.map(jobs, screen.run, progress)
@@ -367,12 +377,41 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
               "screened": len(jobs), "noise_per_layer_noise": gain, "profiled_models": 2, "workers": workers,
               "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
               "fp32_by_kind": {k: round(v, 4) for k, v in fp32_kinds.items()},
-              "int8_by_kind": {k: round(v, 4) for k, v in int8_kinds.items()}},
+              "int8_by_kind": {k: round(v, 4) for k, v in int8_kinds.items()},
+              **({"form_ms": form_ms} if form_ms else {})},
+        forms=dict(forms),
     )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, profile.to_yaml())
     return profile
+
+
+FORM_TIE = 0.02  # forms within 2% of the fastest: a tie
+
+
+def choose_forms(ctx, choices: dict[str, LayerChoice], rounds: int = 3) -> tuple[dict[str, str], dict]:
+    """For each pattern the model has (hardswish), the all-INT8 model built in each of its forms and
+    timed in interleaved rounds (best round each): the fastest form wins. Forms within FORM_TIE
+    of it tie, and a tie goes to the last form listed (`PATTERN_FORMS`: the one quantizing fewer
+    tensors, so one rounding and one calibrated range fewer). Returns (forms, ms per form)."""
+    from qsearch.model import PATTERN_FORMS
+    from qsearch.scoring import latency_ms, make_session
+
+    forms: dict[str, str] = {}
+    timings: dict[str, dict[str, float]] = {}
+    for pattern in sorted({la.pattern for la in ctx.candidates() if la.pattern}):
+        options = PATTERN_FORMS[pattern]
+        sessions = {f: make_session(ctx.rewriter(ctx.plan(choices, {**forms, pattern: f})), ctx.workload.threads)
+                    for f in options}
+        ms = {f: float("inf") for f in options}
+        for _ in range(rounds):
+            for f, sess in sessions.items():
+                ms[f] = min(ms[f], latency_ms(sess, ctx.latency_feed, warmup=2, repeat=5))
+        fastest = min(ms.values())
+        forms[pattern] = next(f for f in reversed(options) if ms[f] <= fastest * (1 + FORM_TIE))
+        timings[pattern] = {f: round(v, 4) for f, v in ms.items()}
+    return forms, timings
 
 
 def _run_jobs(ctx, screen: Screen, jobs: list[dict], workers: int, samples, cache_dir, progress,
@@ -390,7 +429,8 @@ def _run_jobs(ctx, screen: Screen, jobs: list[dict], workers: int, samples, cach
 
     # a Pool, not a ProcessPoolExecutor: on Ctrl-C/SIGTERM (or an error) the workers are
     # terminated at once instead of the parent waiting for their queued jobs
-    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(ctx.workload, cache_dir, samples))
+    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init,
+                                        initargs=(ctx.workload, cache_dir, samples, ctx.forms))
     try:
         for i, s in enumerate(pool.imap(_worker_score, jobs, chunksize=max(1, len(jobs) // (4 * workers)))):
             out.append(s)

@@ -114,13 +114,18 @@ def _rows(ctx, entries) -> list[Row]:
 
 
 def layer_reasons(plan: Plan, profile: sensitivity.SensitivityProfile,
-                  fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+                  fixed: Mapping[str, str] | None = None, absorbed: Mapping[str, str] | None = None) -> dict[str, str]:
     """One line per layer for the reviewer: its sensitivity rank (model-output noise, this layer
-    alone INT8), what INT8 measured to save or cost with its glue, and whether the search chose it."""
+    alone INT8), what INT8 measured to save or cost with its glue, and whether the search chose it.
+    `absorbed`: layers inside a fused pattern (`PreparedModel.absorbed`) -> the layer they follow."""
     ranked = {x.name: i for i, x in enumerate(profile.layers, 1)}
     why = {}
     for name in plan.layers:
         x = next((y for y in profile.layers if y.name == name), None)
+        if name in (absorbed or {}):
+            why[name] = (f"part of the hardswish gate of layer {absorbed[name]}, which runs as one op (forms: "
+                         "hardswish fused, the faster form measured): follows that layer's choice")
+            continue
         if x is None:
             why[name] = "not a search candidate (search_space.candidates)"
             continue
@@ -358,13 +363,13 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
         metrics["fusion"] = {"int8_layers": sum(chosen.choice(la.name).is_int8 for la in ctx.candidates()),
                              "int8_kernels": fusion.int8_kernels, "unfused_qdq": fusion.unfused_qdq}
         chosen = chosen.with_info(metrics, storage=storage_label(search.storage_url)).with_why(
-            layer_reasons(chosen, profile, search.dims.fixed))
+            layer_reasons(chosen, profile, search.dims.fixed, ctx.prepared.absorbed(chosen.forms)))
         chosen.write(res.path("plan.yaml"))
         atomic_write_bytes(res.path("model.qsearch.onnx"), chosen_model.SerializeToString())
         pareto = search.pareto()
         for r in pareto:
             pp = search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost})
-            pp.with_why(layer_reasons(pp, profile, search.dims.fixed)).write(res.path(f"pareto/plan-trial{r.number:04d}.yaml"))
+            pp.with_why(layer_reasons(pp, profile, search.dims.fixed, ctx.prepared.absorbed(pp.forms))).write(res.path(f"pareto/plan-trial{r.number:04d}.yaml"))
         objective = ctx.workload.space.objective
         marks = [] if objective == "bitops" else [
             (r.name, r.latency_ms if objective == "latency" else r.size_bytes, r.search_score) for r in rows]
@@ -517,7 +522,7 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
     else:  # hybrid: the greedy fallback, which needs the sensitivity profile
         profile = sensitivity.analyze(ctx, cache_dir=out / "cache", progress=Progress("analyze"))
         plan, _ = greedy_fallback(ctx, profile, method, granularity)
-        plan = plan.with_why(layer_reasons(plan, profile))
+        plan = plan.with_why(layer_reasons(plan, profile, absorbed=ctx.prepared.absorbed(plan.forms)))
     ev = ctx.evaluate(plan, "test")
     plan = plan.with_info({"test": ev.score, "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes,
                            "fp32_test": ctx.fp32_test}, baseline=kind)

@@ -56,6 +56,24 @@ def hardswish():
     return _model(nodes, inits, ["N", C, 8, 8])
 
 
+def hardswish_clip(opset: int = 12, scale_op: str = "Div", after: bool = False):
+    """Conv -> x * Clip(x + 3, 0, 6) / 6 -> Conv: hardswish as opset 11/12 exporters write it
+    (`after`: the /6 after the product, as paddle2onnx writes it)."""
+    rng, inits = np.random.default_rng(5), {}
+    inits.update({"three": np.float32(3), "zero": np.float32(0), "six": np.float32(6),
+                  "k": np.float32(6 if scale_op == "Div" else 1 / 6)})
+    nodes = [_conv(rng, inits, "c0", "x", "a"), helper.make_node("Add", ["a", "three"], ["a3"], name="add3"),
+             helper.make_node("Clip", ["a3", "zero", "six"], ["r6"], name="relu6")]
+    if after:
+        nodes += [helper.make_node("Mul", ["a", "r6"], ["m"], name="hswish"),
+                  helper.make_node(scale_op, ["m", "k"], ["h"], name="scale")]
+    else:
+        nodes += [helper.make_node(scale_op, ["r6", "k"], ["gate"], name="scale"),
+                  helper.make_node("Mul", ["a", "gate"], ["h"], name="hswish")]
+    nodes.append(_conv(rng, inits, "c1", "h", "y"))
+    return _model(nodes, inits, ["N", C, 8, 8], opset=opset)
+
+
 def fpn(mode: str = "nearest"):
     """Downsample (MaxPool), upsample (Resize), Concat the two scales, Conv (FPN / detector neck)."""
     rng, inits = np.random.default_rng(2), {}
@@ -101,17 +119,21 @@ def head():
     return _model(nodes, inits, ["N", 10])
 
 
-PATTERNS = {"se_block": se_block, "hardswish": hardswish, "fpn": fpn, "fpn_linear": lambda: fpn("linear"),
+PATTERNS = {"se_block": se_block, "hardswish": hardswish, "hardswish_clip": hardswish_clip,
+            "hardswish_fused": hardswish, "hardswish_clip_fused": lambda: hardswish_clip(11, "Mul"),
+            "hardswish_paddle": lambda: hardswish_clip(after=True),
+            "hardswish_paddle_fused": lambda: hardswish_clip(after=True), "fpn": fpn, "fpn_linear": lambda: fpn("linear"),
             "shuffle": shuffle, "head": head}
 
 
-def _all_int8(model):
+def _all_int8(model, forms=None):
     prepared = prepare(model)
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.normal(0, 1, (4, C, 8, 8)).astype(np.float32)} for _ in range(3)]
-    tensors = [t for la in prepared.layers for t in (*la.activations, la.output)]
+    tensors = [t for la in prepared.layers for t in (*la.activations, la.output, la.fused_output) if t]
     stats = collect(prepared.proto, tensors, feeds)
-    plan = build_plan(prepared, {n: LayerChoice("int8", "minmax", "per_tensor") for n in prepared.layer_names}, stats)
+    plan = build_plan(prepared, {n: LayerChoice("int8", "minmax", "per_tensor") for n in prepared.layer_names}, stats,
+                      forms=forms)
     return prepared, Rewriter(prepared)(plan), feeds
 
 
@@ -138,6 +160,15 @@ GOLDEN = {
     "se_block": ({"QLinearConv": 4, "QLinearGlobalAveragePool": 1, "QLinearSigmoid": 1, "QLinearMul": 1}, 2),
     # HardSigmoid has no int8 kernel: it runs in float between one DQ and one Q (as in ORT's model)
     "hardswish": ({"QLinearConv": 2, "QLinearMul": 1}, 4),
+    # the +3 (Clip folded in) a QLinearAdd, the /6 in float between one DQ and one Q, the product a QLinearMul
+    "hardswish_clip": ({"QLinearConv": 2, "QLinearAdd": 1, "QLinearMul": 1}, 4),
+    # fused: one float HardSwish between one DQ and one Q, whichever way the source spelled it (after
+    # ORT's optimizer the same DQ, HardSigmoid, Mul, Q: its CPU provider inlines HardSwish)
+    "hardswish_fused": ({"QLinearConv": 2}, 4),
+    "hardswish_clip_fused": ({"QLinearConv": 2}, 4),
+    # paddle2onnx's x * Clip(x + 3, 0, 6), then / 6: QLinearAdd, QLinearMul, the /6 in float; fused: one op
+    "hardswish_paddle": ({"QLinearConv": 2, "QLinearAdd": 1, "QLinearMul": 1}, 4),
+    "hardswish_paddle_fused": ({"QLinearConv": 2}, 4),
     "fpn": ({"QLinearConv": 3, "QLinearConcat": 1}, 2),  # MaxPool and Resize on uint8, no Q/DQ around them
     # ORT keeps linear Resize in float: Q/DQ around it, and no Q added before it (it would not pay)
     "fpn_linear": ({"QLinearConv": 3, "QLinearConcat": 1}, 4),
@@ -149,12 +180,18 @@ GOLDEN = {
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_pattern_fuses_at_least_as_well_as_ort(name):
     model = PATTERNS[name]()
-    prepared, ours, feeds = _all_int8(model)
+    fused = name.endswith("_fused")
+    prepared, ours, feeds = _all_int8(model, {"hardswish": "fused"} if fused else None)
     onnx.checker.check_model(ours, full_check=True)
     mine, ort_ = fusion_check(ours), fusion_check(_ort_all_int8(prepared, feeds))
     kernels = {op: n for op, n in mine.ops.items() if op.startswith(("QLinear", "QGemm"))}
     assert (kernels, mine.unfused_qdq) == GOLDEN[name]
-    assert mine.int8_kernels >= ort_.int8_kernels and mine.unfused_qdq <= ort_.unfused_qdq
+    if fused:  # one HardSwish between one DQ and one Q instead of a float gate and a QLinearMul; ORT's
+        # CPU provider has no HardSwish kernel and inlines it (HardSigmoid, Mul), whichever way the source spelled it
+        assert [n.op_type for n in ours.graph.node].count("HardSwish") == 1
+        assert not any(op in mine.ops for op in ("QLinearMul", "QLinearAdd", "Clip", "Div", "Add"))
+    else:  # decomposed: every piece ORT has a kernel for runs in int8 (the clip spelling's +3 a QLinearAdd)
+        assert mine.int8_kernels >= ort_.int8_kernels and mine.unfused_qdq <= ort_.unfused_qdq
     from onnxruntime import InferenceSession
 
     ref = InferenceSession(model.SerializeToString()).run(None, feeds[0])[0]

@@ -2,7 +2,9 @@
 does not pay, nondeterministic metrics. Small models built here, real sessions and studies."""
 
 import numpy as np
+import onnx
 import yaml
+from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.cli import main
 from qsearch.config import load_workload
@@ -83,3 +85,69 @@ def test_study_is_bound_to_the_config_and_odd_out_paths_work(tmp_path):
     s3 = Search(Context(load_workload(cfg), cache_dir=out / "cache", log=lambda *a: None), profile, out)
     assert s3.study_name == s2.study_name and s3.evaluations == 0
     assert np.isfinite(s1.best().cost)
+
+
+def _hardswish_cnn() -> onnx.ModelProto:
+    """conv -> HardSwish -> conv -> x * Clip(x + 3, 0, 6) / 6 -> GAP -> fc: both spellings of hardswish."""
+    rng = np.random.default_rng(3)
+    inits = {"wa": rng.normal(0, 0.3, (8, 3, 3, 3)), "ba": rng.normal(0, 0.1, 8), "wb": rng.normal(0, 0.3, (8, 8, 3, 3)),
+             "bb": rng.normal(0, 0.1, 8), "wfc": rng.normal(0, 0.3, (10, 8)), "bfc": rng.normal(0, 0.1, 10),
+             "three": 3.0, "zero": 0.0, "six": 6.0}
+    inits = {k: np.asarray(v, np.float32) for k, v in inits.items()}
+    inits["shape"] = np.array([0, -1], np.int64)
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["a"], ["ah"], name="hswish_a"),
+             helper.make_node("Conv", ["ah", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["b", "three"], ["b3"], name="add3"),
+             helper.make_node("Clip", ["b3", "zero", "six"], ["b6"], name="relu6"),
+             helper.make_node("Div", ["b6", "six"], ["bg"], name="div6"),
+             helper.make_node("Mul", ["b", "bg"], ["bh"], name="hswish_b"),
+             helper.make_node("GlobalAveragePool", ["bh"], ["g"], name="gap"),
+             helper.make_node("Reshape", ["g", "shape"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wfc", "bfc"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
+    """The analysis times the all-INT8 model with hardswish decomposed and fused and keeps the
+    faster (a tie goes to fused); plans carry the form, and a plan read back rebuilds the same model."""
+    from qsearch.model import PATTERN_FORMS
+    from qsearch.plan import Plan
+    from qsearch.sensitivity import FORM_TIE
+
+    cfg = write_workload(tmp_path / "w", _hardswish_cnn(), n=64, max_drop="0.05")
+    ctx = Context(load_workload(cfg), cache_dir=tmp_path / "cache", log=lambda *a: None)
+    assert [(la.name, la.gate) for la in ctx.prepared.layers if la.pattern] == \
+        [(la.name, la.gate) for la in ctx.prepared.layers if la.op_type == "Mul"]
+    assert len([la for la in ctx.prepared.layers if la.pattern == "hardswish"]) == 2
+    assert ctx.prepared.absorbed({"hardswish": "fused"}) == {"add3": "hswish_b"}  # the +3 is a layer of the gate
+    profile = analyze(ctx, cache_dir=tmp_path / "cache")
+    ms = profile.meta["form_ms"]["hardswish"]
+    chosen = profile.forms["hardswish"]
+    assert set(ms) == set(PATTERN_FORMS["hardswish"]) and ctx.forms == profile.forms
+    assert ms[chosen] <= min(ms.values()) * (1 + FORM_TIE)
+    assert chosen == "fused" or ms["fused"] > ms["decomposed"] * (1 + FORM_TIE)
+    choices = {n: LayerChoice("int8", "minmax", "per_tensor") for n in ctx.prepared.layer_names}
+    for form in PATTERN_FORMS["hardswish"]:
+        plan = ctx.plan(choices, {"hardswish": form})
+        again = Plan.from_doc(yaml.safe_load(plan.to_yaml()))
+        assert again.forms == {"hardswish": form}
+        model = ctx.rewriter(plan)
+        assert ctx.rewriter(again).SerializeToString() == model.SerializeToString()
+        ops = [n.op_type for n in model.graph.node]
+        assert (ops.count("HardSwish") == 2) == (form == "fused")
+        assert ("HardSigmoid" in ops) == ("Clip" in ops) == (form == "decomposed")
+        # fused: the gate's tensors need no range, and its +3 layer follows the hardswish
+        assert ("b6" in plan.ranges) == (form == "decomposed") and plan.choice("add3") == plan.choice("hswish_b")
+    ctx.forms = {"hardswish": "fused"}
+    assert "add3" not in [la.name for la in ctx.candidates()]  # not searched: it follows its hardswish
+    # a plan from before forms existed (no `forms` key) keeps its decomposed layout
+    old = yaml.safe_load(ctx.plan(choices, {"hardswish": "decomposed"}).to_yaml())
+    old.pop("forms")
+    assert ctx.rewriter(Plan.from_doc(old)).SerializeToString() == \
+        ctx.rewriter(ctx.plan(choices, {"hardswish": "decomposed"})).SerializeToString()

@@ -30,7 +30,7 @@ def _calibrated(model, seed=0, shape=(4, 3, 8, 8)):
     prepared = prepare(model)
     rng = np.random.default_rng(seed)
     feeds = [{prepared.inputs[0].name: rng.normal(0, 1, shape).astype(np.float32)} for _ in range(3)]
-    tensors = [t for la in prepared.layers for t in (*la.activations, la.output)]
+    tensors = [t for la in prepared.layers for t in (*la.activations, la.output, la.fused_output) if t]
     return prepared, collect(prepared.proto, tensors, feeds), feeds
 
 
@@ -125,7 +125,7 @@ def random_graphs(draw):
     for i in range(n_ops):
         op = draw(st.sampled_from(["Conv", "ConvShared", "Relu", "Add", "Mul", "Concat", "SE", "HardSwish",
                                    "PoolResize", "SplitConcat", "SliceConcat", "LeakyRelu", "Sigmoid", "AddConst",
-                                   "MulConst"]))
+                                   "MulConst", "HardSwishClip"]))
         src = draw(st.sampled_from(tensors))
         out = f"t{i}"
         if op in ("Conv", "ConvShared"):
@@ -151,6 +151,16 @@ def random_graphs(draw):
             inits[f"k{i}"] = rng.normal(0, 2, shape).astype(np.float32)
             ins = [src, f"k{i}"] if draw(st.booleans()) else [f"k{i}", src]
             nodes.append(helper.make_node(op[:3], ins, [out], name=f"n{i}"))
+        elif op == "HardSwishClip":  # x * Clip(x + 3, 0, 6) / 6, the /6 before or after the product
+            inits.update({"three": np.float32(3), "zero": np.float32(0), "six": np.float32(6)})
+            nodes += [helper.make_node("Add", [src, "three"], [f"{out}_a"], name=f"n{i}_add"),
+                      helper.make_node("Clip", [f"{out}_a", "zero", "six"], [f"{out}_c"], name=f"n{i}_clip")]
+            if draw(st.booleans()):  # opset 11 exporters
+                nodes += [helper.make_node("Div", [f"{out}_c", "six"], [f"{out}_g"], name=f"n{i}_div"),
+                          helper.make_node("Mul", [src, f"{out}_g"], [out], name=f"n{i}")]
+            else:  # paddle2onnx
+                nodes += [helper.make_node("Mul", [src, f"{out}_c"], [f"{out}_m"], name=f"n{i}_mul"),
+                          helper.make_node("Div", [f"{out}_m", "six"], [out], name=f"n{i}")]
         elif op in ("HardSwish", "LeakyRelu", "Sigmoid"):
             nodes.append(helper.make_node(op, [src], [out], name=f"n{i}"))
         elif op == "PoolResize":  # 4x4 -> 2x2 (max or average) -> 4x4 (nearest or linear)
@@ -215,8 +225,9 @@ def test_random_plans_on_random_graphs_give_valid_runnable_models(model, data):
     onnx.checker.check_model(model)
     prepared, stats, feeds = _calibrated(model, shape=(2, C, 4, 4))
     choices = {n: data.draw(st.sampled_from(OPTIONS), label=n) for n in prepared.layer_names}
+    forms = data.draw(st.sampled_from([{}, {"hardswish": "decomposed"}, {"hardswish": "fused"}]), label="forms")
     rewriter = Rewriter(prepared)
-    out = rewriter(build_plan(prepared, choices, stats))
+    out = rewriter(build_plan(prepared, choices, stats, forms=forms))
     onnx.checker.check_model(out, full_check=True)
     assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
     y = _run(out, feeds[0])[0]
@@ -224,6 +235,6 @@ def test_random_plans_on_random_graphs_give_valid_runnable_models(model, data):
     # the all-float plan reproduces the prepared graph and the user's file bit for bit: the rewriter
     # never touches a float layer, and keeps even nodes that were dead in the source (sweeping
     # them changed which Conv ONNX Runtime fused an Add into: a few ulps, found at 300 examples)
-    flt = _run(rewriter(build_plan(prepared, {}, stats)), feeds[0])[0]
+    flt = _run(rewriter(build_plan(prepared, {}, stats, forms=forms)), feeds[0])[0]
     np.testing.assert_array_equal(_run(prepared.proto, feeds[0])[0], flt)
     np.testing.assert_array_equal(_run(model, feeds[0])[0], flt)

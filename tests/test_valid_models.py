@@ -64,7 +64,7 @@ def _all_int8(prepared):
     rng = np.random.default_rng(0)
     from qsearch.calibration import collect
 
-    tensors = sorted({t for la in prepared.layers for t in (*la.activations, la.output)})
+    tensors = sorted({t for la in prepared.layers for t in (*la.activations, la.output, la.fused_output) if t})
     stats = collect(prepared.proto, tensors, [{"x": rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)}])
     choice = LayerChoice("int8", "minmax", "per_tensor")
     return build_plan(prepared, {la.name: choice for la in prepared.layers}, stats)
