@@ -35,17 +35,25 @@ def main() -> None:
     ctx = context(args.workload, None)
     every = {la.name: None for la in ctx.prepared.layers}
 
-    def ours(granularity: str, layers=every):
-        return ctx.rewriter(ctx.plan({n: LayerChoice("int8", "minmax", granularity) for n in layers}))
+    def ours(granularity: str, layers=every, forms=None):
+        return ctx.rewriter(ctx.plan({n: LayerChoice("int8", "minmax", granularity) for n in layers}, forms))
+
+    from qsearch.model import PATTERN_FORMS
+
+    patterns = sorted({la.pattern for la in ctx.prepared.layers if la.pattern})
 
     models = {"FP32": ctx.prepared.proto}
     for pc in (False, True):
         g = "per-channel" if pc else "per-tensor"
         models[f"qsearch all-INT8 ({g})"] = ours(g.replace("-", "_"))
         models[f"ORT quantize_static ({g})"] = ort_static(ctx, "MinMax", pc).model
+        for p in patterns:  # the other forms of patterns without an int8 kernel (hardswish): measured
+            for form in PATTERN_FORMS[p][1:]:
+                models[f"qsearch all-INT8 ({g}, {p} {form})"] = ours(g.replace("-", "_"), forms={p: form})
     models["qsearch search-space candidates INT8 (per-tensor)"] = ours(
         "per_tensor", {la.name: None for la in ctx.candidates()})
     names = [n for n, m in models.items() if m is not None]
+    counts = {p: sum(la.pattern == p for la in ctx.prepared.layers) for p in patterns}
     lat = interleaved_latency(ctx, [models[n] for n in names], rounds=args.rounds)
     fp32 = lat[0][0]
     lines = [f"# All-INT8 parity on `{ctx.workload.name}` ({date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
@@ -53,7 +61,9 @@ def main() -> None:
              f"{ctx.workload.latency_batch})", "",
              f"{len(ctx.prepared.layers)} quantizable layers ({len(ctx.candidates())} in the search space). MinMax "
              f"calibration on the same batches; latency: best median of {args.rounds} interleaved rounds, spread = "
-             "(max - min) / min over rounds. Fusion after ORT's optimizer.", "",
+             "(max - min) / min over rounds. Fusion after ORT's optimizer."
+             + (f" Patterns without an int8 kernel: {', '.join(f'{p} ({n} layers)' for p, n in counts.items())}; "
+                "rows without a form named run them decomposed." if patterns else ""), "",
              "| model | latency ms (spread) | vs FP32 | int8 kernels | Q/DQ left unfused |", "|---|---:|---:|---:|---:|"]
     for n, (ms, spread) in zip(names, lat):
         f = fusion_check(models[n]) if n != "FP32" else None
