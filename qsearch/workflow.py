@@ -90,9 +90,21 @@ def run_analyze(config, out: Path, samples=None, reverse=False, workers=1,
                                   progress=Progress("analyze"))
     paths = sensitivity.save_profile(profile, out)
     print(profile.table())
+    if profile.forms:
+        log(forms_line(profile))
     log(f"fp32 {profile.metric} {profile.fp32_score:.4f} on {profile.samples} samples; "
         f"{profile.meta.get('evaluations')} evaluations in {profile.seconds:.1f}s; wrote {', '.join(str(p) for p in paths)}")
     return profile
+
+
+def forms_line(profile: sensitivity.SensitivityProfile) -> str:
+    """How patterns without an int8 kernel run in this model's int8 regions, and the timings that chose it."""
+    parts = []
+    for pattern, form in sorted(profile.forms.items()):
+        ms = profile.meta.get("form_ms", {}).get(pattern, {})
+        timed = ", ".join(f"{f} {v:.2f} ms" for f, v in ms.items())
+        parts.append(f"{pattern} {form}" + (f" (all-INT8 model: {timed})" if timed else ""))
+    return "Forms inside int8 regions, measured: " + "; ".join(parts) + "."
 
 
 def _rows(ctx, entries) -> list[Row]:
@@ -245,7 +257,7 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
     pays = sum(x.gain_ms > 0 for x in profile.layers)
     log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "
         f"glue included) for {pays} of {len(profile.layers)} layers; all-INT8 profile {profile.meta['int8_ms']:.2f} ms "
-        f"vs FP32 {profile.meta['fp32_ms']:.2f} ms per batch")
+        f"vs FP32 {profile.meta['fp32_ms']:.2f} ms per batch" + (f"; {forms_line(profile)}" if profile.forms else ""))
     t_analyzed = time.perf_counter()
     stage("search", "completed trials are kept in the study: re-run the same command to go on")
     search = Search(ctx, profile, out, storage=storage, study_name=study, log=log)
@@ -400,6 +412,7 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
                         f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
             f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}; "
             f"naive INT8 {naive_fusion.line()}.",
+            *([forms_line(profile)] if profile.forms else []),
         ]
         tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
                   ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution),

@@ -311,6 +311,9 @@ def test_more_bad_workload_inputs(case, expect, workload, tmp_path, capsys):
     ("plan_yaml_syntax", ":3: YAML error"),
     ("plan_mistyped_key", ":6: unknown key 'targte'"),
     ("output_not_writable", "cannot write there"),
+    ("plan_unknown_pattern", "forms.gelu: unknown pattern (known: hardswish)"),
+    ("plan_unknown_form", "forms.hardswish is 'lut', expected one of decomposed, fused"),
+    ("plan_forms_not_a_mapping", "'forms' must be a mapping of pattern -> form"),
 ])
 def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
@@ -321,6 +324,10 @@ def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):
         plan.write_text("qsearch_plan: 1\nmodel: {name: x\n")
     elif case == "plan_mistyped_key":
         plan.write_text(plan.read_text().replace("target:", "targte:"))
+    elif case.startswith("plan_"):
+        forms = {"plan_unknown_pattern": "{gelu: fused}", "plan_unknown_form": "{hardswish: lut}",
+                 "plan_forms_not_a_mapping": "[fused]"}[case]
+        plan.write_text(plan.read_text().replace("\nlayers:", f"\nforms: {forms}\nlayers:", 1))
     else:
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out.onnx"

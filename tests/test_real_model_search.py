@@ -146,6 +146,16 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
         assert ("b6" in plan.ranges) == (form == "decomposed") and plan.choice("add3") == plan.choice("hswish_b")
     ctx.forms = {"hardswish": "fused"}
     assert "add3" not in [la.name for la in ctx.candidates()]  # not searched: it follows its hardswish
+    from qsearch.review import diff, show_text
+    from qsearch.workflow import forms_line
+
+    dec, fused = (ctx.plan(choices, {"hardswish": f}) for f in ("decomposed", "fused"))
+    d = diff(dec, fused)
+    assert ("forms.hardswish", "decomposed", "fused") in d.header
+    assert [c.layer for c in d.layers if c.option_changed] == []  # same choices; the gate's ranges differ
+    assert "forms (measured, inside int8 regions): hardswish fused" in show_text(fused)
+
+    assert forms_line(profile).startswith(f"Forms inside int8 regions, measured: hardswish {chosen} (all-INT8 model: ")
     # a plan from before forms existed (no `forms` key) keeps its decomposed layout
     old = yaml.safe_load(ctx.plan(choices, {"hardswish": "decomposed"}).to_yaml())
     old.pop("forms")
