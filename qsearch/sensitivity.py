@@ -394,7 +394,8 @@ def choose_forms(ctx, choices: dict[str, LayerChoice], rounds: int = 3) -> tuple
     """For each pattern the model has (hardswish), the all-INT8 model built in each of its forms and
     timed in interleaved rounds (best round each): the fastest form wins. Forms within FORM_TIE
     of it tie, and a tie goes to the last form listed (`PATTERN_FORMS`: the one quantizing fewer
-    tensors, so one rounding and one calibrated range fewer). Returns (forms, ms per form)."""
+    tensors, so one rounding and one calibrated range fewer), which is also the choice when the
+    search objective is not latency. Returns (forms, ms per timed form)."""
     from qsearch.model import PATTERN_FORMS
     from qsearch.scoring import latency_ms, make_session
 
@@ -402,6 +403,9 @@ def choose_forms(ctx, choices: dict[str, LayerChoice], rounds: int = 3) -> tuple
     timings: dict[str, dict[str, float]] = {}
     for pattern in sorted({la.pattern for la in ctx.candidates() if la.pattern}):
         options = PATTERN_FORMS[pattern]
+        if ctx.workload.space.objective != "latency":  # size / bitops: nothing to time, fewer tensors win
+            forms[pattern] = options[-1]
+            continue
         sessions = {f: make_session(ctx.rewriter(ctx.plan(choices, {**forms, pattern: f})), ctx.workload.threads)
                     for f in options}
         ms = {f: float("inf") for f in options}
