@@ -100,9 +100,6 @@ def attribute(prepared: PreparedModel, times: Sequence[NodeTime]) -> LatencyProf
     for layer in prepared.layers:
         for n in layer.nodes:
             owner[n] = layer.name
-    for layer in prepared.layers:  # a pattern's gate and tail (hardswish's /6) are its own cost
-        for n in (*layer.gate, *layer.tail):
-            owner.setdefault(n, layer.name)
     # Q/DQ nodes are named after their tensor (and ORT names some fused float kernels after their
     # output): a layer's output belongs to it, so does an input no other layer produces
     tensor_owner: dict[str, str] = {}
@@ -111,8 +108,6 @@ def attribute(prepared: PreparedModel, times: Sequence[NodeTime]) -> LatencyProf
             tensor_owner.setdefault(t, layer.name)
     for layer in prepared.layers:
         tensor_owner[layer.output] = layer.name
-        if layer.fused_output:
-            tensor_owner[layer.fused_output] = layer.name
     by_layer: dict[str, dict[str, float]] = {}
     by_kind = dict.fromkeys(KINDS, 0.0)
     by_op: dict[str, float] = {}

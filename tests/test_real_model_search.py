@@ -3,7 +3,6 @@ does not pay, nondeterministic metrics. Small models built here, real sessions a
 
 import numpy as np
 import onnx
-import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
@@ -147,15 +146,6 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
         assert ("b6" in plan.ranges) == (form == "decomposed") and plan.choice("add3") == plan.choice("hswish_b")
     ctx.forms = {"hardswish": "fused"}
     assert "add3" not in [la.name for la in ctx.candidates()]  # not searched: it follows its hardswish
-    # a pattern's gate and tail are its own cost in the latency attribution, even after a conv
-    from qsearch.profiling import NodeTime, attribute
-
-    times = [NodeTime("conv_b", "Conv", 1.0), NodeTime("add3", "Add", 0.1), NodeTime("relu6", "Clip", 0.2),
-             NodeTime("div6", "Div", 0.4), NodeTime("hswish_b", "Mul", 0.8), NodeTime("bh_QuantizeLinear", "QuantizeLinear", 0.5)]
-    by = attribute(ctx.prepared, times).by_layer
-    # the +3 layer keeps its Clip (folded into its kernel); the /6 after the gate belongs to the hardswish
-    assert by["add3"]["float op"] == pytest.approx(0.3) and by["hswish_b"]["float op"] == pytest.approx(1.2)
-    assert by["hswish_b"]["Q/DQ glue"] == 0.5 and by["conv_b"]["float op"] == 1.0
     from qsearch.review import diff, show_text
     from qsearch.workflow import forms_line
 
