@@ -36,7 +36,7 @@ from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
 from qsearch.scoring import PARTIALS, finish_metric, make_session
 
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
 PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
 
