@@ -449,7 +449,8 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str],
 
     Every int8 layer's activations and output; then, through value-moving ops (MaxPool, Resize,
     Reshape, Slice...; `PASSTHROUGH_OPS`): an op whose output is quantized gets its input quantized
-    too when nothing else reads that input, and both sides share one scale, so ONNX Runtime drops
+    too when every reader of that input is such an op with a quantized output (one Reshape; the
+    q/k/v Slices of one Transpose), and all sides share one scale, so ONNX Runtime drops
     the Q/DQ pair and runs the op on uint8 instead of leaving a float island between two int8
     regions. Returns the tensors in graph order and the groups of tensors that share a scale.
     """
@@ -466,18 +467,25 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str],
     for layer in prepared.layers:
         if layer.name in int8_layers and layer.name not in absorbed:
             quant.update((*layer.quantized_inputs(forms), layer.quantized_output(forms)))
-    links = [(n.input[0], n.output[0]) for n in graph.node
+    moves = [(n.input[0], [n.output[0]]) for n in graph.node
              if n.op_type in PASSTHROUGH_OPS and n.domain in ("", "ai.onnx") and n.input and n.input[0]
              and len(n.output) == 1 and n.input[0] not in inits and _moves_values(n)]
     # Split runs on uint8 when its input and *every* output share one scale (ORT's Split selector)
     splits = [(n.input[0], [t for t in n.output if t]) for n in graph.node
               if n.op_type == "Split" and n.domain in ("", "ai.onnx") and n.input and n.input[0] not in inits]
-    links += [(x, y) for x, ys in splits for y in ys]
+    links = [(x, y) for x, ys in moves + splits for y in ys]
+    movers: dict[str, list[list[str]]] = {}  # tensor -> the outputs of each value-moving op reading it
+    for x, ys in moves + splits:
+        movers.setdefault(x, []).append(ys)
     changed = True
     while changed:  # backwards through chains of such ops (Reshape -> Transpose -> Reshape)
         changed = False
-        for x, y in reversed(links):
-            if y in quant and x not in quant and readers.get(x, 0) == 1:
+        for x, outs in movers.items():
+            # every reader moves values into a quantized tensor (one Reshape; or q/k/v Slices of one
+            # Transpose, as ORT's quantizer does): x joins them, so each op runs on uint8
+            if x in quant or readers.get(x, 0) != len(outs):
+                continue
+            if (len(outs) == 1 and any(y in quant for y in outs[0])) or all(y in quant for ys in outs for y in ys):
                 quant.add(x)
                 changed = True
         for x, ys in splits:

@@ -26,7 +26,7 @@ from qsearch.plan import LayerChoice, Plan, quantized_tensors
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
 FP16_FOLLOWERS = {
     "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape",
