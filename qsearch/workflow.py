@@ -24,7 +24,7 @@ from qsearch.files import (
 from qsearch.limits import CommandTimeout
 from qsearch.model import load_model, prepare
 from qsearch.pipeline import Context
-from qsearch.plan import Plan
+from qsearch.plan import LayerChoice, Plan
 from qsearch.report import Row, plot_attribution, plot_pareto, write_report
 from qsearch.scoring import FusionCheck, fusion_check, latency_ms, make_session, model_size
 from qsearch.search import Search, StudyQueue, check_study, default_study_name, greedy_fallback, storage_label
@@ -526,7 +526,9 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
     ensure_writable_file(output, "-o", (config,))
     ctx = open_context(config, out, eval_timeout)
     ensure_writable_file(output, "-o", (ctx.workload.model,))
-    if kind == "naive":
+    if kind == "naive":  # in the forms `optimize` would measure for it (hardswish fused or not)
+        ctx.forms, _ = sensitivity.choose_forms(ctx, {la.name: LayerChoice("int8", method, granularity)
+                                                      for la in ctx.candidates()})
         plan = ctx.uniform_plan(method, granularity)
     elif kind in ("fp32", "fp16"):
         if kind == "fp16" and ctx.workload.target != "fp16":

@@ -156,6 +156,10 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     assert "forms (measured, inside int8 regions): hardswish fused" in show_text(fused)
 
     assert forms_line(profile).startswith(f"Forms inside int8 regions, measured: hardswish {chosen} (all-INT8 model: ")
+    # the naive baseline command measures the forms too, and records them
+    naive = tmp_path / "naive.yaml"
+    assert main(["baseline", "naive", "--config", str(cfg), "--out", str(tmp_path / "b"), "-o", str(naive)]) == 0
+    assert Plan.read(naive).forms.get("hardswish") in PATTERN_FORMS["hardswish"]
     # a plan from before forms existed (no `forms` key) keeps its decomposed layout
     old = yaml.safe_load(ctx.plan(choices, {"hardswish": "decomposed"}).to_yaml())
     old.pop("forms")
