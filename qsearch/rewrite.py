@@ -76,7 +76,8 @@ class Rewriter:
             g.convert_fp16(fp16_nodes)
         return g.build()
 
-    def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+    def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges,
+              forms: dict[str, str] | None = None) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
         """One model that computes, beside the float graph, a quantized twin of each listed layer
         fed with the *float* inputs: the error of each layer alone, for every layer, in one pass.
         The graph reduces each pair in place to two scalars (sum of squares of the float output,
@@ -86,6 +87,9 @@ class Rewriter:
         pairs = []
         for k, (layer, choice) in enumerate(entries):
             tag = f"__probe{k}"
+            if layer.fused(forms):  # the pattern as it will run: one HardSwish on quantized x
+                pairs.append(self._probe_fused(g, layer, ranges, tag))
+                continue
             twins = [onnx.NodeProto.FromString(g.node(n).SerializeToString()) for n in layer.nodes]
             inner = {t: f"{t}{tag}" for n in twins for t in n.output}
             for n in twins:
@@ -108,6 +112,20 @@ class Rewriter:
             pairs.append((sig, noise))
         model = g.build(extra_outputs=[t for pair in pairs for t in pair])
         return model, pairs
+
+    @staticmethod
+    def _probe_fused(g: _Graph, layer: Layer, ranges, tag: str) -> tuple[str, str]:
+        x, out = layer.activations[0], layer.quantized_output({layer.pattern: "fused"})
+        x_params, out_params = activation_qparams(*ranges[x]), activation_qparams(*ranges[out])
+        g.fake_quant(x, f"{x}{tag}_fq", *x_params)
+        g.extra.append(helper.make_node("HardSwish", [f"{x}{tag}_fq"], [f"{out}{tag}"], name=f"{layer.name}{tag}"))
+        g.min_opset = max(g.min_opset, 14)
+        g.fake_quant(f"{out}{tag}", f"{out}{tag}_fq", *out_params)
+        sig, err, noise = f"{tag}_signal", f"{tag}_error", f"{tag}_noise"
+        g.extra.append(helper.make_node("ReduceSumSquare", [out], [sig], name=f"{tag}_Signal", keepdims=0))
+        g.extra.append(helper.make_node("Sub", [f"{out}{tag}_fq", out], [err], name=f"{tag}_Sub"))
+        g.extra.append(helper.make_node("ReduceSumSquare", [err], [noise], name=f"{tag}_Noise", keepdims=0))
+        return sig, noise
 
     def _quantize_layer(self, g: _Graph, layer: Layer, choice: LayerChoice, act_params, node) -> None:
         if layer.constant is not None:  # QLinearAdd/Mul take both inputs as uint8: the constant too

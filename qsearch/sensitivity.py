@@ -36,7 +36,7 @@ from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
 from qsearch.scoring import PARTIALS, finish_metric, make_session
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
 PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
 
@@ -202,8 +202,8 @@ def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples, queue=Non
 
 def _probe_pass(ctx, sub: list[tuple[Layer, LayerChoice]], method: str, samples) -> list[float]:
     r = {t: tensor_range(ctx.stats.tensors[t], method, ctx.workload.space.percentile)
-         for layer, _ in sub for t in (*layer.activations, layer.output)}
-    model, pairs = ctx.rewriter.probe(sub, r)
+         for layer, _ in sub for t in (*layer.activations, layer.output, layer.fused_output) if t}
+    model, pairs = ctx.rewriter.probe(sub, r, ctx.forms)
     sess = make_session(model, ctx.workload.threads)
     names = [t for pair in pairs for t in pair]
     sig = np.zeros(len(pairs))
@@ -310,6 +310,19 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
         except Exception:
             pass
     screen = Screen(ctx, samples)
+    # 0. forms: how patterns without an int8 kernel (hardswish) run inside int8 regions, timed on
+    # the all-INT8 model (one shared job: every worker must analyse the same layouts). Every later
+    # model (proxy, profile, screen, trials, the result) is built in them.
+    uniform = {la.name: LayerChoice("int8", "minmax", "per_channel") for la in layers}
+
+    def forms_job(_job: dict) -> tuple:
+        return choose_forms(ctx, uniform)
+
+    shared = queue is not None and any(la.pattern for la in layers)  # nothing to time: no job, no stage
+    forms, form_ms = queue.stage("forms").map([{}], forms_job, progress, what="forms")[0] if shared \
+        else forms_job({})
+    ctx.forms = dict(forms)
+    layers = ctx.candidates()  # a fused pattern's gate layers follow it: nothing to analyse on their own
     # 1. proxy: one probe pass per calibration method ranks every layer's options
     entries = [(la, c) for la in layers for c in options_for(la, space.calibration, space.granularity)]
     sq, passes = proxy_sqnr(ctx, entries, screen.data, None if queue is None else queue.stage("proxy"), progress)
@@ -324,23 +337,19 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     all_int8 = {la.name: LayerChoice.parse(best[la.name]) for la in layers}
 
     def attribute(_job: dict) -> tuple:
-        forms, form_ms = choose_forms(ctx, all_int8)
         fp32_p = profiling.profile(ctx.prepared, ctx.prepared.proto, ctx.latency_feed, ctx.workload.threads)
-        int8_p = profiling.profile(ctx.prepared, ctx.rewriter(ctx.plan(all_int8, forms)), ctx.latency_feed,
+        int8_p = profiling.profile(ctx.prepared, ctx.rewriter(ctx.plan(all_int8)), ctx.latency_feed,
                                    ctx.workload.threads)
         return (fp32_p.total_ms, int8_p.total_ms, fp32_p.by_kind, int8_p.by_kind,
-                [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers],
-                forms, form_ms)
+                [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers])
 
     timing = queue.stage("profile").map([{}], attribute, progress, what="profile")[0] if queue is not None else \
         attribute({})
-    fp32_total, int8_total, fp32_kinds, int8_kinds, fp32_ms, int8_ms, forms, form_ms = timing
-    ctx.forms = dict(forms)  # every later model (screen, trials, the result) uses the measured forms
+    fp32_total, int8_total, fp32_kinds, int8_kinds, fp32_ms, int8_ms = timing
     # 3. fidelity screen, where a decision needs it: each layer whose INT8 form pays, alone at its
     # best option on the subset. A layer where INT8 does not pay is never fixed INT8 and goes
     # float in every warm start; its output noise is estimated from its proxy SQNR instead.
-    absorbed = ctx.prepared.absorbed(ctx.forms)  # a fused pattern's gate layers follow it: nothing to screen
-    pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if (screen_all or f - i > 0) and la.name not in absorbed]
+    pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if screen_all or f - i > 0]
     jobs = [{la.name: best[la.name]} for la in pays]
     if queue is not None:
         results = queue.map(jobs, screen.run, progress)

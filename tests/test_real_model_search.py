@@ -3,6 +3,7 @@ does not pay, nondeterministic metrics. Small models built here, real sessions a
 
 import numpy as np
 import onnx
+import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
@@ -156,6 +157,29 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     assert "forms (measured, inside int8 regions): hardswish fused" in show_text(fused)
 
     assert forms_line(profile).startswith(f"Forms inside int8 regions, measured: hardswish {chosen} (all-INT8 model: ")
+    # the proxy probes a fused pattern as it runs: one HardSwish on quantized x, its output quantized
+    import onnxruntime as ort
+
+    from qsearch.calibration import activation_qparams, tensor_range
+
+    layer = ctx.prepared.layer("hswish_b")
+    ranges = {t: tensor_range(ctx.stats.tensors[t], "minmax", 99.99) for t in ("b", "bh")}
+    probe, [(sig, noise)] = ctx.rewriter.probe([(layer, LayerChoice("int8", "minmax", "per_tensor"))], ranges,
+                                               {"hardswish": "fused"})
+    feed = {"x": ctx.search_data.batches[0]["x"]}
+    got_sig, got_noise = ort.InferenceSession(probe.SerializeToString()).run([sig, noise], feed)
+    m = onnx.ModelProto.FromString(ctx.prepared.proto.SerializeToString())
+    m.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in ("b", "bh")])
+    b, bh = ort.InferenceSession(m.SerializeToString()).run(["b", "bh"], feed)
+
+    def fq(v, t):
+        scale, zp = activation_qparams(*ranges[t])
+        return (np.clip(np.round(v / scale) + int(zp), 0, 255) - int(zp)) * scale
+
+    xq = fq(b, "b")
+    twin = fq(xq * np.clip(xq / 6 + 0.5, 0, 1), "bh")
+    assert got_sig == pytest.approx(np.sum(bh.astype(np.float64) ** 2), rel=1e-4)
+    assert got_noise == pytest.approx(np.sum((twin - bh).astype(np.float64) ** 2), rel=1e-2)
     # the naive baseline command measures the forms too, and records them
     naive = tmp_path / "naive.yaml"
     assert main(["baseline", "naive", "--config", str(cfg), "--out", str(tmp_path / "b"), "-o", str(naive)]) == 0
