@@ -136,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     # the user needs no "Exception ignored" trace for it
     quiet = (KeyboardInterrupt, CommandTimeout, EvaluationTimeout)
     sys.unraisablehook = lambda u: None if isinstance(u.exc_value, quiet) else hook(u)
+    # once interrupted, a background thread's failure (Optuna's heartbeat thread finding its storage
+    # session cut mid-commit) is a consequence of stopping, not news: no thread traceback then
+    thread_hook = threading.excepthook
+    threading.excepthook = lambda a: None if INTERRUPTED.is_set() else thread_hook(a)
     try:
         return _main(args)
     finally:
         sys.unraisablehook = hook
+        threading.excepthook = thread_hook
         for s, h in previous.items():
             signal.signal(s, h)
 
