@@ -15,13 +15,13 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 # models inside the wheels (module, file) and the batch they are timed at
 WHEELS = {
@@ -47,22 +47,14 @@ def wheel_model(key: str) -> tuple[Path, tuple[int, ...]]:
 
 
 def ort_all_int8(prepared, feeds):
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """ORT's quantize_static (QDQ, MinMax, per-tensor) as `bench_peers` runs it, on these feeds."""
+    from types import SimpleNamespace
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
+    from bench_peers import ort_static
 
-        def get_next(self):
-            return next(self.it, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = os.path.join(tmp, "m.onnx"), os.path.join(tmp, "q.onnx")
-        onnx.save(prepared.proto, src)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        return onnx.load(dst)
+    ctx = SimpleNamespace(prepared=prepared, calib_data=SimpleNamespace(batches=feeds),
+                          workload=SimpleNamespace(space=SimpleNamespace(percentile=99.99)))
+    return ort_static(ctx, "MinMax", False).model
 
 
 def run(name: str, path: Path, shape: tuple[int, ...], rounds: int) -> str:
