@@ -21,8 +21,8 @@ import onnx
 from bench_peers import ort_reader
 
 from qsearch.config import load_workload
-from qsearch.pipeline import Context
 from qsearch.scoring import fused_op_counts, latency_ms, make_session, model_size
+from qsearch.workbench import open_workbench
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,7 +32,7 @@ def main() -> None:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     except ImportError:
         sys.exit("experiments/bench_fidelity.py needs onnxruntime's quantization tools: pip install onnxruntime")
-    ctx = Context(load_workload(None), cache_dir=None, log=lambda *a: None)
+    ctx = open_workbench(load_workload(None), cache_dir=None, log=lambda *a: None)
     plan = ctx.uniform_plan("minmax", "per_channel")
     t0 = time.perf_counter()
     reps = 20

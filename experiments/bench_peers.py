@@ -137,10 +137,12 @@ def nncf_aac(ctx) -> Row:
 
 
 def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
-    from qsearch.search import greedy_fallback
+    from qsearch.finalize import greedy_fallback
+    from qsearch.study import problem_for
 
     t = time.perf_counter()
-    plan, n = greedy_fallback(ctx, profile)
+    bench = ctx.with_forms(profile.forms)
+    plan, n = greedy_fallback(bench, evaluator(bench), problem_for(bench, profile))
     return Row("greedy fallback (revert most sensitive, minmax per-tensor)", ctx.rewriter(plan),
                time.perf_counter() - t + t_analyze, n + evals_analyze, "incl. the sensitivity analysis")
 
@@ -154,14 +156,14 @@ def qsearch_opt(ctx, workload: str, budget: int, samples: int | None) -> Row:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        rc = run_optimize(str(ctx.workload.path), Path(tmp), budget, samples=samples)
+        rc = run_optimize(str(ctx.workload.path), Path(tmp), budget, samples=samples).status
         wall = time.perf_counter() - t
         if rc != 0:
             return Row(f"qsearch optimize ({budget} trials)", None, wall, "?", "no plan within budget")
         model = onnx.load(os.path.join(tmp, "model.qsearch.onnx"))
         m = yaml.safe_load(Path(tmp, "plan.yaml").read_text())["metrics"]
     e = m["evaluations"]
-    n = e["analysis"] + e["fixing"] + e["trials"]
+    n = e["analysis"] + e["fixing"] + e["trials"] + e.get("final", 0)
     return Row(f"qsearch optimize ({budget} trials)", model, wall, n,
                f"end to end; {n / e['layers']:.1f} evaluations per layer ({e['layers']} layers), "
                f"analysis {m['seconds']['analysis']:.0f} s")
@@ -184,7 +186,7 @@ def retrieval_agreement(ctx, model) -> float:
 
 def context(workload: str, samples: int | None):
     from qsearch.config import load_workload
-    from qsearch.pipeline import Context
+    from qsearch.workbench import open_workbench
 
     if workload == "digits":
         wl = load_workload(None)
@@ -197,7 +199,17 @@ def context(workload: str, samples: int | None):
         import importlib
 
         wl = load_workload(importlib.import_module(f"qsearch.examples.{workload}").build())
-    return Context(wl, cache_dir=HERE / ".cache" / "calib", log=lambda *a: None)
+    return open_workbench(wl, cache_dir=HERE / ".cache" / "calib", log=lambda *a: None)
+
+
+_EVALUATORS: dict = {}
+
+
+def evaluator(bench):
+    """One `Evaluator` per workbench (it caches the FP32 test score)."""
+    from qsearch.evaluator import Evaluator
+
+    return _EVALUATORS.setdefault(id(bench), Evaluator(bench))
 
 
 def interleaved_latency(ctx, models: list, rounds: int = 5) -> list[tuple[float, float]]:
@@ -226,7 +238,7 @@ def plot(ctx, rows_eval, path: Path, fp_ms: float) -> None:
         ax.scatter(fp_ms / ev.latency_ms, ev.score, s=40)
         ax.annotate(r.name.replace("ORT quantize_static ", "ORT ").replace(" (revert most sensitive, minmax per-tensor)", ""),
                     (fp_ms / ev.latency_ms, ev.score), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.axhline(ctx.fp32_test - ctx.allowed_drop(), color="red", ls="--", lw=1, label="budget (FP32 - max_drop)")
+    ax.axhline(evaluator(ctx).fp32_test() - ctx.allowed_drop(), color="red", ls="--", lw=1, label="budget (FP32 - max_drop)")
     ax.set_xlabel("speed-up vs FP32 (ONNX Runtime CPU, 1 thread)")
     ax.set_ylabel(f"test {ctx.workload.metric.name}")
     ax.set_title(f"{ctx.workload.name}: accuracy vs speed, all tools")
@@ -271,7 +283,7 @@ def main() -> None:
 
     timed = interleaved_latency(ctx, [r.model for r in rows])
     fp_ms = timed[0][0]
-    evals = [(r, Evaluation(ctx.evaluate(r.model, "test", timing=False).score, t[0], r.model.ByteSize())
+    evals = [(r, Evaluation(evaluator(ctx).evaluate(r.model, "test", timing=False).score, t[0], r.model.ByteSize())
               if r.model is not None else None) for r, t in zip(rows, timed)]
     fusion = {r.name: fusion_check(r.model).line() for r in rows if r.model is not None}
     metric = ctx.workload.metric.name
@@ -296,7 +308,7 @@ def main() -> None:
         if ev is None:
             lines.append(f"| {r.name} | | | | | | | {r.wall_s:.1f} | {r.evals} |{ret} | {r.note} |")
             continue
-        drop = ctx.fp32_test - ev.score
+        drop = evaluator(ctx).fp32_test() - ev.score
         lines.append(f"| {r.name} | {ev.score:.4f} | {drop:.4f} | {'yes' if drop <= allowed + 1e-12 else 'no'} | "
                      f"{ev.latency_ms:.2f} ({t[1]:.0%}) | {fp_ms / ev.latency_ms:.2f}x | {ev.size_bytes / 2**20:.2f} | "
                      f"{r.wall_s:.1f} | {r.evals} |{ret} {fusion[r.name]} | {r.note} |")

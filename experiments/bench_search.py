@@ -19,11 +19,14 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-from bench_peers import context, require
+from bench_peers import context, evaluator, require
 
+from qsearch.evaluator import Evaluator
+from qsearch.finalize import greedy_fallback
 from qsearch.plan import LayerChoice
-from qsearch.search import Dimensions, Search, build_dimensions, greedy_fallback
 from qsearch.sensitivity import analyze
+from qsearch.strategy import Dimensions, build_dimensions
+from qsearch.study import Search, problem_for
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,15 +50,16 @@ def main() -> None:
     wl = ctx.workload
     t0 = time.perf_counter()
     profile = analyze(ctx, samples=args.samples, cache_dir=HERE / ".cache" / "profiles")
+    ctx = ctx.with_forms(profile.forms)
     t_analyze = time.perf_counter() - t0
     rows = []
     fp32_lat = ctx.baseline.fp32_latency_ms
-    naive = ctx.evaluate(ctx.uniform_plan("minmax", "per_tensor"), "test")
-    naive_s = ctx.evaluate(ctx.uniform_plan("minmax", "per_tensor"), "search", timing=False).score
+    naive = evaluator(ctx).evaluate(ctx.uniform_plan("minmax", "per_tensor"), "test")
+    naive_s = evaluator(ctx).evaluate(ctx.uniform_plan("minmax", "per_tensor"), "search", timing=False).score
     rows.append(("naive int8 (minmax, per-tensor)", naive_s, naive, 1, None, None))
-    greedy, evals = greedy_fallback(ctx, profile)
-    g = ctx.evaluate(greedy, "test")
-    rows.append(("greedy fallback", ctx.evaluate(greedy, "search", timing=False).score, g, evals, None, None))
+    greedy, evals = greedy_fallback(ctx, evaluator(ctx), problem_for(ctx, profile))
+    g = evaluator(ctx).evaluate(greedy, "test")
+    rows.append(("greedy fallback", evaluator(ctx).evaluate(greedy, "search", timing=False).score, g, evals, None, None))
     seeds_summary = []
     space = wl.space
     raw = Dimensions({}, {la.name: (*(LayerChoice("int8", m, g).label() for m in space.calibration
@@ -67,9 +71,9 @@ def main() -> None:
                                          ("random search, raw space", "random", False, False)):
         firsts, costs = [], []
         for seed in range(args.seeds):
-            ctx.workload = replace(wl, space=replace(wl.space, sampler=sampler, warm_start=warm, seed=seed))
+            bench = replace(ctx, workload=replace(wl, space=replace(wl.space, sampler=sampler, warm_start=warm, seed=seed)))
             with tempfile.TemporaryDirectory() as tmp:
-                s = Search(ctx, profile, Path(tmp))
+                s = Search(bench, profile, Evaluator(bench), Path(tmp), budget=args.budget)
                 if not guided:
                     s.dims = raw
                 t1 = time.perf_counter()
@@ -83,17 +87,16 @@ def main() -> None:
                 if best is None:
                     rows.append((label, float("nan"), None, args.budget, None, wall))
                     continue
-                ev = ctx.evaluate(s.plan_for(best), "test")
-                nonscore = 1 - s.scoring_seconds / max(s.trial_seconds, 1e-9)
+                ev = evaluator(ctx).evaluate(s.plan_for(best), "test")
+                nonscore = 1 - s.evaluator.seconds / max(s.trial_seconds, 1e-9)
                 rows.append((label, best.score, ev, len(s.study.trials), (first_feasible(s), nonscore), wall))
         seeds_summary.append((label, firsts, costs))
-    ctx.workload = wl
     lines = [f"# Search vs baselines, `{wl.name}` ({date.today()}, {platform.machine()}, 2 cores, 1 ORT thread)",
-             "", f"FP32: search {ctx.baseline.fp32_search:.4f}, test {ctx.fp32_test:.4f}, "
+             "", f"FP32: search {ctx.baseline.fp32_search:.4f}, test {evaluator(ctx).fp32_test():.4f}, "
              f"latency {fp32_lat:.3f} ms; allowed drop {ctx.allowed_drop():.4f}; analysis "
              f"{'cached' if t_analyze < 1 else f'{t_analyze:.1f}s'} "
              f"({profile.meta['evaluations']} evaluations, proxy Spearman {profile.spearman:.2f}); guided space: "
-             f"{len(build_dimensions(ctx, profile).searched)} of {len(ctx.candidates())} layers searched", "",
+             f"{len(build_dimensions(problem_for(ctx, profile)).searched)} of {len(ctx.candidates())} layers searched", "",
              "| plan | search | test | test drop | latency ms | speed-up | size KiB | trials | first within budget | non-scoring share | search wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, ss, ev, n, extra, wall in rows:
@@ -101,7 +104,7 @@ def main() -> None:
             lines.append(f"| {name} | no plan within budget | | | | | | {n} | | | {wall:.1f} |")
             continue
         ff, ns = extra if extra else ("", None)
-        lines.append(f"| {name} | {ss:.4f} | {ev.score:.4f} | {ctx.fp32_test - ev.score:.4f} | "
+        lines.append(f"| {name} | {ss:.4f} | {ev.score:.4f} | {evaluator(ctx).fp32_test() - ev.score:.4f} | "
                      f"{ev.latency_ms:.3f} | {fp32_lat / ev.latency_ms:.2f}x | {ev.size_bytes / 1024:.1f} | {n} | {ff} | "
                      f"{'' if ns is None else f'{ns:.0%}'} | {'' if wall is None else f'{wall:.1f}'} |")
     lines += ["", f"Over {args.seeds} sampler seeds (search data; latency of the best plan within budget):", "",

@@ -1,12 +1,13 @@
 """qsearch: sensitivity-driven selective quantization search for ONNX models.
 
-The Python API (`qsearch.analyze`, `optimize`, `apply`, `evaluate`, `show`, `diff`) lives in
+The Python API (`qsearch.analyze`, `optimize`, `apply`, `evaluate`, `show`, `diff`, `baseline`,
+`profile`) lives in
 `qsearch.api` and is imported on first use, so `import qsearch` stays cheap.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "apply", "diff", "evaluate", "optimize", "show", "__version__"]
+__all__ = ["analyze", "apply", "baseline", "diff", "evaluate", "optimize", "profile", "show", "__version__"]
 
 
 def __getattr__(name: str):

@@ -11,51 +11,22 @@ between stages; bad input raises `QsearchError` (the CLI turns it into one line 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import optuna
 
+from qsearch.commands import EvaluationResult
 from qsearch.plan import Plan
+from qsearch.profiling import LatencyProfile
 from qsearch.review import PlanDiff
 from qsearch.sensitivity import SensitivityProfile
+from qsearch.workflow import OptimizeResult
+
+__all__ = ["EvaluationResult", "OptimizeResult", "analyze", "apply", "baseline", "diff", "evaluate", "optimize",
+           "profile", "show"]
 
 PathLike = str | os.PathLike
-
-
-@dataclass(frozen=True)
-class OptimizeResult:
-    """What `optimize` wrote to `out`: the plan (None when no plan met the budget: `status` 1)."""
-
-    status: int  # 0 a plan was written, 1 no plan (the log says why)
-    out: Path
-    plan: Plan | None
-
-    @property
-    def plan_path(self) -> Path:
-        return self.out / "plan.yaml"
-
-    @property
-    def model_path(self) -> Path:
-        return self.out / "model.qsearch.onnx"
-
-    @property
-    def report_path(self) -> Path:
-        return self.out / "report.html"
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    """A model scored with the workload's metric and timed on its latency batch, beside FP32."""
-
-    model: str
-    metric: str
-    search: float
-    test: float
-    latency_ms: float
-    size_bytes: int
-    fp32_test: float
-    fp32_latency_ms: float
 
 
 def _config(config: PathLike | None) -> str | None:
@@ -66,45 +37,46 @@ def analyze(config: PathLike | None = None, out: PathLike = "qsearch-out", sampl
             reverse: bool = False, workers: int = 1, eval_timeout: float | None = None) -> SensitivityProfile:
     """Per-layer sensitivity (proxy SQNR of every option, output noise alone in INT8, measured INT8
     cost); also written to `out`/sensitivity.yaml/.csv/.png."""
-    from qsearch import workflow
+    from qsearch import commands
 
-    return workflow.run_analyze(_config(config), Path(out), samples, reverse, max(1, workers), eval_timeout)
+    return commands.run_analyze(_config(config), Path(out), samples, reverse, max(1, workers), eval_timeout)
 
 
 def optimize(config: PathLike | None = None, budget: int = 50, out: PathLike = "qsearch-out",
              timeout: float | None = None, storage: str | None = None, study: str | None = None,
-             samples: int | None = None, workers: int = 1, eval_timeout: float | None = None) -> OptimizeResult:
+             samples: int | None = None, workers: int = 1, eval_timeout: float | None = None,
+             sampler: optuna.samplers.BaseSampler | None = None,
+             pruner: optuna.pruners.BasePruner | None = None) -> OptimizeResult:
     """The main job (`qsearch optimize`): analysis, search, the chosen plan, its model and report in
-    `out`. The same call on the same `out` resumes the study."""
+    `out`. The same call on the same `out` resumes the study. `storage` is an Optuna storage URL or
+    object; `sampler` and `pruner` are Optuna's own (defaults: the search space's sampler, and
+    `study.BudgetPruner`)."""
     from qsearch import workflow
 
-    status = workflow.run_optimize(_config(config), Path(out), budget, timeout, storage, study, samples,
-                                   max(1, workers), eval_timeout)
-    plan = Plan.read(Path(out) / "plan.yaml") if status == 0 else None
-    return OptimizeResult(status, Path(out), plan)
+    return workflow.run_optimize(_config(config), Path(out), budget, timeout, storage, study, samples,
+                                 max(1, workers), eval_timeout, sampler, pruner)
 
 
 def apply(plan: Plan | PathLike, model: PathLike, output: PathLike | None = None) -> onnx.ModelProto:
     """The plan's QDQ model (deterministic, no data needed); also written to `output` if given."""
-    from qsearch import workflow
+    from qsearch import commands
 
-    return workflow.apply_plan(plan, str(model), None if output is None else str(output))
+    return commands.apply_plan(plan, str(model), None if output is None else str(output))
 
 
 def evaluate(model: PathLike, config: PathLike | None = None, out: PathLike = "qsearch-out",
              eval_timeout: float | None = None) -> EvaluationResult:
     """Score any ONNX model that takes the workload's data, beside the FP32 model."""
-    from qsearch import workflow
+    from qsearch import commands
 
-    r = workflow.run_evaluate(str(model), _config(config), Path(out), eval_timeout)
-    return EvaluationResult(**r)
+    return commands.run_evaluate(str(model), _config(config), Path(out), eval_timeout)
 
 
 def show(plan: Plan | PathLike, model: PathLike | None = None) -> str:
     """The plan as a table (what `qsearch show` prints); with the model, a partial plan in full."""
-    from qsearch import workflow
+    from qsearch import commands
 
-    return workflow.show_plan(plan, None if model is None else str(model))
+    return commands.show_plan(plan, None if model is None else str(model))
 
 
 def diff(before: Plan | PathLike, after: Plan | PathLike) -> PlanDiff:
@@ -115,3 +87,20 @@ def diff(before: Plan | PathLike, after: Plan | PathLike) -> PlanDiff:
     b = after if isinstance(after, Plan) else Plan.read(after)
     return plan_diff(a, b, (str(before) if not isinstance(before, Plan) else "before",
                             str(after) if not isinstance(after, Plan) else "after"))
+
+
+def baseline(kind: str, config: PathLike | None = None, output: PathLike = "baseline.yaml",
+             out: PathLike = "qsearch-out", method: str = "minmax", granularity: str = "per_tensor",
+             eval_timeout: float | None = None) -> Plan:
+    """The plan a simpler method ships (`naive`, `hybrid`, `fp32`, `fp16`), scored on test data and
+    written to `output`; `out` keeps the calibration cache."""
+    from qsearch import commands
+
+    return commands.run_baseline(kind, _config(config), Path(out), str(output), method, granularity, eval_timeout)
+
+
+def profile(model: PathLike, config: PathLike | None = None, top: int = 15, output: PathLike | None = None) -> LatencyProfile:
+    """Where the time goes in any ONNX model on the workload's latency batch (`qsearch profile`)."""
+    from qsearch import commands
+
+    return commands.run_profile(str(model), _config(config), top, None if output is None else str(output))

@@ -142,20 +142,18 @@ def collect(
     the order the histograms grow in, so it is part of the cache key)."""
     import onnxruntime as ort
 
+    from qsearch.runtime import make_session
+
     names = sorted(set(tensors))
     m = onnx.ModelProto.FromString(model.SerializeToString())
     present = {o.name for o in m.graph.output}
     for n in names:
         if n not in present:
             m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
     # basic optimizations only: with ~100 intermediate outputs, the layout transformer (NCHWc) adds a
     # reorder per output and the pass ran 5x slower (PP-LCNet: 3.9 s vs 0.8 s for 64 samples);
     # the model is already basic-optimized by `prepare`, so the values are the same
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = make_session(m, threads, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     hists = {n: _Histogram() for n in names}
     samples = batches = 0
     for feed in feeds:

@@ -1,4 +1,4 @@
-"""Command line: parse arguments, call the workflow, turn errors into one line and exit code 2."""
+"""Command line: parse arguments, call the Python API (`api.py`), turn errors into one line and an exit code."""
 
 from __future__ import annotations
 
@@ -150,13 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from qsearch import api, workflow
+    from qsearch import api
 
     try:
         out = Path(getattr(args, "out", "qsearch-out"))
         if args.command == "analyze":
-            if args.samples is not None and args.samples < 1:
-                raise QsearchError(f"--samples must be >= 1, got {args.samples}")
             api.analyze(args.config, out, args.samples, args.reverse, args.workers, args.eval_timeout)
             return 0
         if args.command == "optimize":
@@ -178,11 +176,11 @@ def _main(args) -> int:
             print(diff_text(d, (args.before, args.after)))
             return 0 if d.same else 1
         if args.command == "profile":
-            workflow.run_profile(args.model, args.config, args.top, args.output)
+            api.profile(args.model, args.config, args.top, args.output)
             return 0
         if args.command == "baseline":
-            workflow.run_baseline(args.kind, args.config, out, args.output, args.calibration, args.granularity,
-                                  args.eval_timeout)
+            api.baseline(args.kind, args.config, args.output, out, args.calibration, args.granularity,
+                         args.eval_timeout)
             return 0
     except QsearchError as exc:
         print(f"qsearch: error: {exc}", file=sys.stderr)

@@ -178,14 +178,12 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 def _ort_basic_optimize(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     import onnxruntime as ort
 
+    from qsearch.runtime import make_session
+
     with tempfile.TemporaryDirectory(prefix="qsearch-") as tmp:
         out = os.path.join(tmp, "opt.onnx")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = out
-        so.log_severity_level = 3
         try:
-            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            make_session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized_path=out)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0]
             raise QsearchError(f"{source}: ONNX Runtime cannot load the model: {msg}") from None

@@ -62,16 +62,10 @@ def kind_of(op_type: str) -> str:
 def node_times(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1,
                runs: int = 5, warmup: int = 2) -> list[NodeTime]:
     """Kernel time of every node ORT runs (after its optimizer), in execution order."""
-    import onnxruntime as ort
+    from qsearch.runtime import make_session
 
     with tempfile.TemporaryDirectory(prefix="qsearch-prof-") as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "profile")
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = make_session(model, threads, profile_prefix=os.path.join(tmp, "profile"))
         for _ in range(warmup + runs):
             sess.run(None, dict(feed))
         with open(sess.end_profiling()) as f:

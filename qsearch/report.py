@@ -130,3 +130,51 @@ def plot_attribution(kinds: dict[str, dict[str, float]], path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def forms_line(profile) -> str:
+    """How patterns without an int8 kernel run in this model's int8 regions, and the timings that chose it."""
+    parts = []
+    for pattern, form in sorted(profile.forms.items()):
+        ms = profile.meta.get("form_ms", {}).get(pattern, {})
+        timed = ", ".join(f"{f} {v:.2f} ms" for f, v in ms.items())
+        parts.append(f"{pattern} {form}" + (f" (all-INT8 model: {timed})" if timed else ""))
+    return "Forms inside int8 regions, measured: " + "; ".join(parts) + "."
+
+
+def layer_table(chosen, naive, profile) -> str:
+    """One row per layer in graph order: op, MACs, sensitivity rank and SQNR, the measured INT8
+    saving (glue included), naive's and the chosen plan's option, and whether it changed."""
+    ranked = {x.name: (i, x) for i, x in enumerate(profile.layers, 1)}
+    lines = ["| # | layer | name | op | MMACs | sensitivity rank (SQNR dB) | INT8 saves ms | naive | chosen | changed |",
+             "|---:|---|---|---|---:|---:|---:|---|---|---|"]
+    for k, name in enumerate(chosen.layers, 1):
+        note = chosen.notes.get(name)
+        rank, x = ranked.get(name, (None, None))
+        sens = "" if x is None else f"{rank}/{len(ranked)} ({x.output_sqnr:.1f})"
+        saves = "" if x is None else f"{x.gain_ms:+.3f}"
+        macs = "" if x is None else f"{x.macs / 1e6:.2f}"
+        a, b = naive.choice(name).label(), chosen.choice(name).label()
+        lines.append(f"| {k} | {name} | {note.readable if note else ''} | {note.op if note else ''} | {macs} | {sens} | "
+                     f"{saves} | {a} | {b} | {'yes' if a != b else ''} |")
+    return "\n".join(lines)
+
+
+def fusion_table(checks) -> str:
+    """(plan name, `scoring.FusionCheck`) pairs: what ONNX Runtime's optimizer fused."""
+    lines = ["| plan | int8 kernels | Q/DQ left unfused | int8 kernels by op |", "|---|---:|---:|---|"]
+    for name, f in checks:
+        by_op = ", ".join(f"{op} {n}" for op, n in f.ops.items() if op.startswith(("QLinear", "QGemm", "MatMulInteger",
+                                                                                     "ConvInteger")))
+        lines.append(f"| {name} | {f.int8_kernels} | {f.unfused_qdq} | {by_op} |")
+    return "\n".join(lines)
+
+
+def attribution_table(kinds: dict[str, dict[str, float]]) -> str:
+    """Per-kind milliseconds (int8 kernels, float ops, Q/DQ glue) of each plan, from ORT's profile."""
+    from qsearch.profiling import KINDS
+
+    lines = ["| plan | " + " | ".join(f"{k} ms" for k in KINDS) + " | total ms |", "|---|" + "---:|" * (len(KINDS) + 1)]
+    for name, k in kinds.items():
+        lines.append(f"| {name} | " + " | ".join(f"{k[x]:.3f}" for x in KINDS) + f" | {sum(k.values()):.3f} |")
+    return "\n".join(lines)

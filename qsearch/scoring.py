@@ -18,15 +18,7 @@ import onnxruntime as ort
 from qsearch import limits
 from qsearch.data import Dataset
 from qsearch.errors import QsearchError
-
-
-def make_session(model: onnx.ModelProto | bytes | str, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+from qsearch.runtime import make_session
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -35,12 +27,9 @@ def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="qsearch-") as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = os.path.join(tmp, "fused.onnx")
-        so.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        fused = onnx.load(so.optimized_model_filepath)
+        path = os.path.join(tmp, "fused.onnx")
+        make_session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, optimized_path=path)
+        fused = onnx.load(path)
     counts: dict[str, int] = {}
     for n in fused.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1

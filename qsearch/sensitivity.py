@@ -34,7 +34,9 @@ from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
-from qsearch.scoring import PARTIALS, finish_metric, make_session
+from qsearch.runtime import make_session
+from qsearch.scoring import PARTIALS, finish_metric
+from qsearch.workbench import Workbench
 
 PROFILE_VERSION = 7
 SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
@@ -170,7 +172,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples, queue=None,
+def proxy_sqnr(bench: Workbench, entries: list[tuple[Layer, LayerChoice]], samples, queue=None,
                progress: Callable | None = None) -> tuple[list[float], int]:
     """(per-entry output SQNR, probe passes run): the SQNR (dB) of the layer quantized alone: probe-model passes per calibration
     method (ranges differ by method), every granularity in each. With a `queue`, each method's
@@ -189,7 +191,7 @@ def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples, queue=Non
 
     def run(job: dict) -> tuple[float, ...]:
         sub = groups[job["part"]]
-        return tuple(_probe_pass(ctx, [entries[i] for i in sub], job["method"], samples))
+        return tuple(_probe_pass(bench, [entries[i] for i in sub], job["method"], samples))
 
     jobs = [{"method": entries[g[0]][1].calibration, "part": k} for k, g in enumerate(groups)]
     passes = queue.map(jobs, run, progress, what="proxy") if queue is not None else [run(j) for j in jobs]
@@ -200,15 +202,15 @@ def proxy_sqnr(ctx, entries: list[tuple[Layer, LayerChoice]], samples, queue=Non
     return result, len(jobs)
 
 
-def _probe_pass(ctx, sub: list[tuple[Layer, LayerChoice]], method: str, samples) -> list[float]:
-    r = {t: tensor_range(ctx.stats.tensors[t], method, ctx.workload.space.percentile)
+def _probe_pass(bench: Workbench, sub: list[tuple[Layer, LayerChoice]], method: str, samples) -> list[float]:
+    r = {t: tensor_range(bench.stats.tensors[t], method, bench.workload.space.percentile)
          for layer, _ in sub for t in (*layer.activations, layer.output, layer.fused_output) if t}
-    model, pairs = ctx.rewriter.probe(sub, r, ctx.forms)
-    sess = make_session(model, ctx.workload.threads)
+    model, pairs = bench.rewriter.probe(sub, r, bench.forms)
+    sess = make_session(model, bench.workload.threads)
     names = [t for pair in pairs for t in pair]
     sig = np.zeros(len(pairs))
     noise = np.zeros(len(pairs))
-    for batch in data.chunks(samples.batches, ctx.run_samples):
+    for batch in data.chunks(samples.batches, bench.run_samples):
         outs = sess.run(names, batch)
         sig += np.asarray(outs[0::2], np.float64)
         noise += np.asarray(outs[1::2], np.float64)
@@ -222,15 +224,14 @@ _WORKER: dict = {}
 def _worker_init(workload, cache_dir, samples, forms):
     import signal
 
-    from qsearch.pipeline import Context
+    from qsearch.workbench import open_workbench
 
     # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates us)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    ctx = Context(workload, cache_dir, log=lambda *a: None)
-    ctx.forms = dict(forms)
-    _WORKER["ctx"] = ctx
-    _WORKER["screen"] = Screen(ctx, samples)
+    bench = open_workbench(workload, cache_dir, log=lambda *a: None).with_forms(forms)
+    _WORKER["bench"] = bench
+    _WORKER["screen"] = Screen(bench, samples)
 
 
 def _worker_score(job):
@@ -241,15 +242,15 @@ class Screen:
     """Runs plans on a subset of the search data and measures the outputs' noise against FP32
     (and the built-in metric from the same outputs)."""
 
-    def __init__(self, ctx, samples: int | None):
-        self.ctx = ctx
-        n = min(samples or SCREEN_SAMPLES, ctx.search_data.samples)
-        self.data = data.rechunked(ctx.search_data.head(n), ctx.run_samples)
-        fp32 = make_session(ctx.prepared.proto, ctx.workload.threads)
+    def __init__(self, bench: Workbench, samples: int | None):
+        self.bench = bench
+        n = min(samples or SCREEN_SAMPLES, bench.search_data.samples)
+        self.data = data.rechunked(bench.search_data.head(n), bench.run_samples)
+        fp32 = make_session(bench.prepared.proto, bench.workload.threads)
         self.reference = [fp32.run(None, dict(b)) for b in self.data.batches]
         self.floats = [i for i, o in enumerate(self.reference[0]) if np.issubdtype(o.dtype, np.floating)]
         self.signal = sum(float(np.sum(np.square(r[i], dtype=np.float64))) for r in self.reference for i in self.floats)
-        m = ctx.workload.metric.name
+        m = bench.workload.metric.name
         self.metric = m if m in PARTIALS and (m != "top1" or self.data.labels[0] is not None) else None
         self.fp32_metric = self._metric(self.reference)
 
@@ -261,10 +262,10 @@ class Screen:
 
     def run(self, choices: dict[str, str]) -> tuple[float, float | None]:
         """(output noise / signal power, metric drop or None) of one plan on the subset."""
-        ctx = self.ctx
+        bench = self.bench
         try:
-            plan = ctx.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
-            sess = make_session(ctx.rewriter(plan), ctx.workload.threads)
+            plan = bench.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
+            sess = make_session(bench.rewriter(plan), bench.workload.threads)
             outs = [sess.run(None, dict(b)) for b in self.data.batches]
         except QsearchError:
             raise
@@ -277,55 +278,54 @@ class Screen:
         return noise / max(self.signal, 1e-30), None if score is None else self.fp32_metric - score
 
 
-def _profile_key(ctx, samples, reverse, screen_all=True) -> str:
+def _profile_key(bench: Workbench, samples, reverse, screen_all=True) -> str:
     import hashlib
 
-    space = ctx.workload.space
-    src = json.dumps([PROFILE_VERSION, RANGES_VERSION, ctx.prepared.fingerprint, ctx.search_data.fingerprint,
-                      ctx.calib_data.fingerprint, samples, reverse, screen_all, list(space.calibration), list(space.granularity),
-                      space.percentile, [la.name for la in ctx.candidates()], ctx.workload.metric.name,
-                      ctx.workload.metric.search_entry, ctx.workload.target, ctx.workload.threads,
-                      ctx.workload.latency_batch])
+    space = bench.workload.space
+    src = json.dumps([PROFILE_VERSION, RANGES_VERSION, bench.prepared.fingerprint, bench.search_data.fingerprint,
+                      bench.calib_data.fingerprint, samples, reverse, screen_all, list(space.calibration), list(space.granularity),
+                      space.percentile, [la.name for la in bench.candidates()], bench.workload.metric.name,
+                      bench.workload.metric.search_entry, bench.workload.target, bench.workload.threads,
+                      bench.workload.latency_batch])
     return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 
-def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int = 1,
+def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False, workers: int = 1,
             cache_dir: Path | None = None, progress: Callable | None = None,
             queue=None, screen_all: bool = True) -> SensitivityProfile:
     """Proxy-rank every layer's options, screen each layer alone at its best option for output
     fidelity, attribute latency per layer; most sensitive (noisiest) first. See module docstring.
-    `queue` (e.g. `search.StudyQueue`) runs the screen as shared jobs: several workers split it and
+    The profile carries the measured forms (`profile.forms`): later stages build on
+    `bench.with_forms(profile.forms)`. `queue` (a `jobs.StudyQueue`) runs the screen as shared jobs: several workers split it and
     a resumed run finds the finished ones in storage. `screen_all=False` (what `optimize` uses)
     screens only the layers whose INT8 form pays: the others are never fixed INT8, so an estimate
     of their noise from the proxy is enough to order them."""
     t0 = time.perf_counter()
-    space = ctx.workload.space
-    layers = ctx.candidates()
-    cache = cache_dir / f"sensitivity-{_profile_key(ctx, samples, reverse, screen_all)}.yaml" if cache_dir else None
+    space = bench.workload.space
+    layers = bench.candidates()
+    cache = cache_dir / f"sensitivity-{_profile_key(bench, samples, reverse, screen_all)}.yaml" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
-            cached = SensitivityProfile.from_yaml(cache.read_text())
-            ctx.forms = dict(cached.forms)
-            return cached
+            return SensitivityProfile.from_yaml(cache.read_text())
         except Exception:
             pass
-    screen = Screen(ctx, samples)
     # 0. forms: how patterns without an int8 kernel (hardswish) run inside int8 regions, timed on
     # the all-INT8 model (one shared job: every worker must analyse the same layouts). Every later
     # model (proxy, profile, screen, trials, the result) is built in them.
     uniform = {la.name: LayerChoice("int8", "minmax", "per_channel") for la in layers}
 
     def forms_job(_job: dict) -> tuple:
-        return choose_forms(ctx, uniform)
+        return choose_forms(bench, uniform)
 
     shared = queue is not None and any(la.pattern for la in layers)  # nothing to time: no job, no stage
     forms, form_ms = queue.stage("forms").map([{}], forms_job, progress, what="forms")[0] if shared \
         else forms_job({})
-    ctx.forms = dict(forms)
-    layers = ctx.candidates()  # a fused pattern's gate layers follow it: nothing to analyse on their own
+    bench = bench.with_forms(forms)  # every later model is built in the measured forms
+    layers = bench.candidates()  # a fused pattern's gate layers follow it: nothing to analyse on their own
+    screen = Screen(bench, samples)
     # 1. proxy: one probe pass per calibration method ranks every layer's options
     entries = [(la, c) for la in layers for c in options_for(la, space.calibration, space.granularity)]
-    sq, passes = proxy_sqnr(ctx, entries, screen.data, None if queue is None else queue.stage("proxy"), progress)
+    sq, passes = proxy_sqnr(bench, entries, screen.data, None if queue is None else queue.stage("proxy"), progress)
     proxies: dict[str, dict[str, float]] = {la.name: {} for la in layers}
     for (la, c), v in zip(entries, sq):
         proxies[la.name][c.label()] = float(v)
@@ -337,9 +337,9 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     all_int8 = {la.name: LayerChoice.parse(best[la.name]) for la in layers}
 
     def attribute(_job: dict) -> tuple:
-        fp32_p = profiling.profile(ctx.prepared, ctx.prepared.proto, ctx.latency_feed, ctx.workload.threads)
-        int8_p = profiling.profile(ctx.prepared, ctx.rewriter(ctx.plan(all_int8)), ctx.latency_feed,
-                                   ctx.workload.threads)
+        fp32_p = profiling.profile(bench.prepared, bench.prepared.proto, bench.latency_feed, bench.workload.threads)
+        int8_p = profiling.profile(bench.prepared, bench.rewriter(bench.plan(all_int8)), bench.latency_feed,
+                                   bench.workload.threads)
         return (fp32_p.total_ms, int8_p.total_ms, fp32_p.by_kind, int8_p.by_kind,
                 [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers])
 
@@ -354,7 +354,7 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     if queue is not None:
         results = queue.map(jobs, screen.run, progress)
     else:
-        results = _run_jobs(ctx, screen, jobs, workers, samples, cache_dir, progress, "screen")
+        results = _run_jobs(bench, screen, jobs, workers, samples, cache_dir, progress, "screen")
     measured = {la.name: r for la, r in zip(pays, results)}
     evaluations = passes + len(jobs)
     # output noise per unit of layer noise (the proxy's 10^(-SQNR/10)), median over screened layers
@@ -362,8 +362,8 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     gain = float(np.median(ratios)) if ratios else 1.0
     restore: dict[str, float] = {}
     if reverse:
-        fp = LayerChoice(ctx.float_precision).label()
-        rev = _run_jobs(ctx, screen, [best] + [{**best, la.name: fp} for la in layers], workers, samples, cache_dir,
+        fp = LayerChoice(bench.float_precision).label()
+        rev = _run_jobs(bench, screen, [best] + [{**best, la.name: fp} for la in layers], workers, samples, cache_dir,
                         progress, "reverse")
         evaluations += len(rev)
         for la, (noise, _) in zip(layers, rev[1:]):
@@ -379,8 +379,8 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
     rho = spearman([-x.proxy_sqnr[x.best_option] for x in result if x.screened],
                    [x.noise for x in result if x.screened])
     profile = SensitivityProfile(
-        model=ctx.prepared.name, fingerprint=ctx.prepared.fingerprint, metric=ctx.workload.metric.name,
-        fp32_score=float(ctx.baseline.fp32_search), samples=screen.data.samples,
+        model=bench.prepared.name, fingerprint=bench.prepared.fingerprint, metric=bench.workload.metric.name,
+        fp32_score=float(bench.baseline.fp32_search), samples=screen.data.samples,
         layers=tuple(result), spearman=rho, seconds=round(time.perf_counter() - t0, 3),
         meta={"evaluations": evaluations, "proxy_passes": passes,
               "screened": len(jobs), "noise_per_layer_noise": gain, "profiled_models": 2, "workers": workers,
@@ -399,35 +399,35 @@ def analyze(ctx, samples: int | None = None, reverse: bool = False, workers: int
 FORM_TIE = 0.02  # forms within 2% of the fastest: a tie
 
 
-def choose_forms(ctx, choices: dict[str, LayerChoice], rounds: int = 3) -> tuple[dict[str, str], dict]:
+def choose_forms(bench: Workbench, choices: dict[str, LayerChoice], rounds: int = 3) -> tuple[dict[str, str], dict]:
     """For each pattern the model has (hardswish), the all-INT8 model built in each of its forms and
     timed in interleaved rounds (best round each): the fastest form wins. Forms within FORM_TIE
     of it tie, and a tie goes to the last form listed (`PATTERN_FORMS`: the one quantizing fewer
     tensors, so one rounding and one calibrated range fewer), which is also the choice when the
     search objective is not latency. Returns (forms, ms per timed form)."""
     from qsearch.model import PATTERN_FORMS
-    from qsearch.scoring import latency_ms, make_session
+    from qsearch.scoring import latency_ms
 
     forms: dict[str, str] = {}
     timings: dict[str, dict[str, float]] = {}
-    for pattern in sorted({la.pattern for la in ctx.candidates() if la.pattern}):
+    for pattern in sorted({la.pattern for la in bench.candidates() if la.pattern}):
         options = PATTERN_FORMS[pattern]
-        if ctx.workload.space.objective != "latency":  # size / bitops: nothing to time, fewer tensors win
+        if bench.workload.space.objective != "latency":  # size / bitops: nothing to time, fewer tensors win
             forms[pattern] = options[-1]
             continue
-        sessions = {f: make_session(ctx.rewriter(ctx.plan(choices, {**forms, pattern: f})), ctx.workload.threads)
+        sessions = {f: make_session(bench.rewriter(bench.plan(choices, {**forms, pattern: f})), bench.workload.threads)
                     for f in options}
         ms = {f: float("inf") for f in options}
         for _ in range(rounds):
             for f, sess in sessions.items():
-                ms[f] = min(ms[f], latency_ms(sess, ctx.latency_feed, warmup=2, repeat=5))
+                ms[f] = min(ms[f], latency_ms(sess, bench.latency_feed, warmup=2, repeat=5))
         fastest = min(ms.values())
         forms[pattern] = next(f for f in reversed(options) if ms[f] <= fastest * (1 + FORM_TIE))
         timings[pattern] = {f: round(v, 4) for f, v in ms.items()}
     return forms, timings
 
 
-def _run_jobs(ctx, screen: Screen, jobs: list[dict], workers: int, samples, cache_dir, progress,
+def _run_jobs(bench: Workbench, screen: Screen, jobs: list[dict], workers: int, samples, cache_dir, progress,
               what: str) -> list[tuple[float, float | None]]:
     if progress is not None:
         progress(0, len(jobs), what)
@@ -443,7 +443,7 @@ def _run_jobs(ctx, screen: Screen, jobs: list[dict], workers: int, samples, cach
     # a Pool, not a ProcessPoolExecutor: on Ctrl-C/SIGTERM (or an error) the workers are
     # terminated at once instead of the parent waiting for their queued jobs
     pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init,
-                                        initargs=(ctx.workload, cache_dir, samples, ctx.forms))
+                                        initargs=(bench.workload, cache_dir, samples, bench.forms))
     try:
         for i, s in enumerate(pool.imap(_worker_score, jobs, chunksize=max(1, len(jobs) // (4 * workers)))):
             out.append(s)

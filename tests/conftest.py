@@ -140,3 +140,20 @@ def last_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "Traceback" not in "\n".join(err)
     return err[-1]
+
+
+def open_bench(cfg: Path, cache: Path, **kw):
+    """The workbench of a workload config (quiet), as every command opens it."""
+    from qsearch.config import load_workload
+    from qsearch.workbench import open_workbench
+
+    return open_workbench(load_workload(cfg), cache_dir=cache, log=lambda *a: None, **kw)
+
+
+def new_search(bench, profile, out: Path, **kw):
+    """A study over `profile` on `bench` in the measured forms, scored by a fresh evaluator."""
+    from qsearch.evaluator import Evaluator
+    from qsearch.study import Search
+
+    bench = bench.with_forms(profile.forms)
+    return Search(bench, profile, Evaluator(bench), out, **kw)

@@ -11,13 +11,10 @@ import numpy as np
 import pytest
 
 from qsearch.cli import main
-from qsearch.config import load_workload
 from qsearch.files import OutputSet
-from qsearch.pipeline import Context
-from qsearch.search import Search
 from qsearch.sensitivity import analyze
 
-from .conftest import last_error, make_cnn, write_workload
+from .conftest import last_error, make_cnn, new_search, open_bench, write_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,12 +118,12 @@ def test_garbled_study_storage_and_foreign_study_refused_before_the_analysis(wor
 
 def test_a_run_interrupted_right_after_creating_its_study_still_warm_starts(tmp_path):
     cfg = write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"), n=64)
-    ctx = Context(load_workload(cfg), cache_dir=tmp_path / "cache", log=lambda *a: None)
+    ctx = open_bench(cfg, tmp_path / "cache")
     profile = analyze(ctx, cache_dir=tmp_path / "cache")
-    first = Search(ctx, profile, tmp_path / "out")  # created the study ... and was interrupted here
+    first = new_search(ctx, profile, tmp_path / "out")  # created the study ... and was interrupted here
     assert first.created and not first.study.trials
     first.close()  # (the process ended)
-    resumed = Search(ctx, profile, tmp_path / "out")
+    resumed = new_search(ctx, profile, tmp_path / "out")
     assert not resumed.created
     resumed.run(8)
     warm = [t for t in resumed.study.trials if t.system_attrs.get("fixed_params")]

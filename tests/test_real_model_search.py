@@ -8,28 +8,26 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.cli import main
-from qsearch.config import load_workload
-from qsearch.pipeline import Context
+from qsearch.evaluator import Evaluator
 from qsearch.plan import LayerChoice
-from qsearch.search import Search
 from qsearch.sensitivity import analyze
 
-from .conftest import make_cnn, write_chain_workload, write_workload
+from .conftest import make_cnn, new_search, open_bench, write_chain_workload, write_workload
 
 
 def test_compounding_error_below_resolution_still_meets_budget(tmp_path):
     """30 layers that each cost at most the budget alone, but together break it: the fixed set
     is measured together, and the search (with repair) still returns a plan within budget."""
-    ctx = Context(load_workload(write_chain_workload(tmp_path / "w", max_drop="0.005")), cache_dir=tmp_path / "cache", log=lambda *a: None)
-    allowed, fp32 = ctx.allowed_drop(), ctx.baseline.fp32_search
-    single = [fp32 - ctx.evaluate(ctx.plan({n: LayerChoice("int8", "minmax", "per_tensor")}), timing=False).score
+    ctx = open_bench(write_chain_workload(tmp_path / "w", max_drop="0.005"), tmp_path / "cache")
+    allowed, ev = ctx.allowed_drop(), Evaluator(ctx)
+    single = [ev.evaluate(ctx.plan({n: LayerChoice("int8", "minmax", "per_tensor")}), timing=False).drop
               for n in ctx.prepared.layer_names]
-    all_int8 = fp32 - ctx.evaluate(ctx.uniform_plan("minmax", "per_tensor"), timing=False).score
+    all_int8 = ev.evaluate(ctx.uniform_plan("minmax", "per_tensor"), timing=False).drop
     # each layer alone: at most one of 512 samples flips (the resolution); all together: over budget
     assert len(single) == 31 and max(single) <= 1 / 512 and all_int8 > allowed
     profile = analyze(ctx, cache_dir=tmp_path / "cache")
     assert profile.meta["evaluations"] <= len(single) + 2  # one screen per layer + one proxy pass
-    search = Search(ctx, profile, tmp_path / "out")
+    search = new_search(ctx, profile, tmp_path / "out")
     d = search.decision
     assert d.all_int8_drop > allowed
     assert d.joint_drop is None or d.joint_drop <= ctx.workload.space.fix_below * allowed + 1e-12
@@ -72,19 +70,19 @@ def test_study_is_bound_to_the_config_and_odd_out_paths_work(tmp_path):
     cfg = write_workload(tmp_path / "w", make_cnn(), n=64, max_drop="0.05",
                          extra="search_space: {calibration: [minmax], granularity: [per_tensor], objective: bitops}\n")
     out = tmp_path / "odd?#%out"
-    ctx = Context(load_workload(cfg), cache_dir=out / "cache", log=lambda *a: None)
+    ctx = open_bench(cfg, out / "cache")
     profile = analyze(ctx, cache_dir=out / "cache")
-    s1 = Search(ctx, profile, out)
+    s1 = new_search(ctx, profile, out)
     s1.run(3)
     assert (out / "study.db").is_file() and not any(p.name.startswith("odd") and p.is_file() for p in tmp_path.iterdir())
     # another budget is another study: the old trials are not reused
     cfg.write_text(cfg.read_text().replace("max_drop: 0.05", "max_drop: 0.01"))
-    ctx2 = Context(load_workload(cfg), cache_dir=out / "cache", log=lambda *a: None)
-    s2 = Search(ctx2, analyze(ctx2, cache_dir=out / "cache"), out)
+    ctx2 = open_bench(cfg, out / "cache")
+    s2 = new_search(ctx2, analyze(ctx2, cache_dir=out / "cache"), out)
     assert s2.study_name != s1.study_name and len(s2.study.trials) == 0
     # the same config resumes the same study, with the fixed set read back instead of re-measured
-    s3 = Search(Context(load_workload(cfg), cache_dir=out / "cache", log=lambda *a: None), profile, out)
-    assert s3.study_name == s2.study_name and s3.evaluations == 0
+    s3 = new_search(open_bench(cfg, out / "cache"), profile, out)
+    assert s3.study_name == s2.study_name and s3.evaluator.evaluations == 0
     assert np.isfinite(s1.best().cost)
 
 
@@ -122,7 +120,7 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     from qsearch.sensitivity import FORM_TIE
 
     cfg = write_workload(tmp_path / "w", _hardswish_cnn(), n=64, max_drop="0.05")
-    ctx = Context(load_workload(cfg), cache_dir=tmp_path / "cache", log=lambda *a: None)
+    ctx = open_bench(cfg, tmp_path / "cache")
     assert [(la.name, la.gate) for la in ctx.prepared.layers if la.pattern] == \
         [(la.name, la.gate) for la in ctx.prepared.layers if la.op_type == "Mul"]
     assert len([la for la in ctx.prepared.layers if la.pattern == "hardswish"]) == 2
@@ -130,7 +128,7 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     profile = analyze(ctx, cache_dir=tmp_path / "cache")
     ms = profile.meta["form_ms"]["hardswish"]
     chosen = profile.forms["hardswish"]
-    assert set(ms) == set(PATTERN_FORMS["hardswish"]) and ctx.forms == profile.forms
+    assert set(ms) == set(PATTERN_FORMS["hardswish"]) and ctx.with_forms(profile.forms).forms == profile.forms
     assert ms[chosen] <= min(ms.values()) * (1 + FORM_TIE)
     assert chosen == "fused" or ms["fused"] > ms["decomposed"] * (1 + FORM_TIE)
     choices = {n: LayerChoice("int8", "minmax", "per_tensor") for n in ctx.prepared.layer_names}
@@ -145,10 +143,9 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
         assert ("HardSigmoid" in ops) == ("Clip" in ops) == (form == "decomposed")
         # fused: the gate's tensors need no range, and its +3 layer follows the hardswish
         assert ("b6" in plan.ranges) == (form == "decomposed") and plan.choice("add3") == plan.choice("hswish_b")
-    ctx.forms = {"hardswish": "fused"}
-    assert "add3" not in [la.name for la in ctx.candidates()]  # not searched: it follows its hardswish
+    assert "add3" not in [la.name for la in ctx.with_forms({"hardswish": "fused"}).candidates()]  # not searched: it follows its hardswish
+    from qsearch.report import forms_line
     from qsearch.review import diff, show_text
-    from qsearch.workflow import forms_line
 
     dec, fused = (ctx.plan(choices, {"hardswish": f}) for f in ("decomposed", "fused"))
     d = diff(dec, fused)

@@ -59,10 +59,10 @@ def check_result(out: Path, workload: Path, study: optuna.Study | None = None) -
     assert again.read_bytes() == (out / "model.qsearch.onnx").read_bytes()
     m = plan.metrics
     assert m["fp32"]["search"] - m["plan"]["search"] <= m["max_drop"] + 1e-12
-    from qsearch.workflow import run_evaluate
+    from qsearch.commands import run_evaluate
 
     r = run_evaluate(str(out / "model.qsearch.onnx"), str(workload), out.parent / f"{out.name}-eval")
-    assert r["test"] == m["plan"]["test"] and r["search"] == m["plan"]["search"]
+    assert r.test == m["plan"]["test"] and r.search == m["plan"]["search"]
     trial = plan.provenance.get("trial")
     if study is not None and trial is not None:
         t = study.trials[trial]

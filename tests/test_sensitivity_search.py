@@ -1,17 +1,19 @@
 import numpy as np
 
-from qsearch.config import load_workload
-from qsearch.pipeline import Context
+from qsearch import strategy
+from qsearch.evaluator import Evaluator, bitops
+from qsearch.finalize import greedy_fallback
 from qsearch.plan import LayerChoice
-from qsearch.search import Search, bitops, build_dimensions, greedy_fallback
 from qsearch.sensitivity import analyze, spearman
+from qsearch.study import problem_for
+from qsearch.workbench import open_workbench
 
-from .conftest import make_cnn, write_workload
+from .conftest import make_cnn, new_search, open_bench, write_workload
 
 
 def _ctx(tmp_path, max_drop="0.02", extra=""):
     cfg = write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"), n=128, max_drop=max_drop, extra=extra)
-    return Context(load_workload(cfg), cache_dir=tmp_path / "cache", log=lambda *a: None)
+    return open_bench(cfg, tmp_path / "cache")
 
 
 def test_outlier_layer_is_ranked_first_and_hurts_most(tmp_path):
@@ -26,7 +28,7 @@ def test_outlier_layer_is_ranked_first_and_hurts_most(tmp_path):
 
     def drop(layers):
         plan = ctx.uniform_plan("minmax", "per_tensor", keep_float=tuple(n for n in names if n not in layers))
-        return ctx.baseline.fp32_search - ctx.evaluate(plan, timing=False).score
+        return Evaluator(ctx).evaluate(plan, timing=False).drop
 
     assert drop(names[:half]) > drop(names[half:])
     # the probe proxy agrees on the worst layer, with no scoring function involved
@@ -38,7 +40,7 @@ def test_profile_is_cached_and_calibration_runs_once(tmp_path):
     ctx = _ctx(tmp_path)
     assert ctx.calibration_passes == 1
     p1 = analyze(ctx, samples=64, cache_dir=tmp_path / "cache")
-    ctx2 = Context(ctx.workload, cache_dir=tmp_path / "cache", log=lambda *a: None)
+    ctx2 = open_workbench(ctx.workload, cache_dir=tmp_path / "cache", log=lambda *a: None)
     assert ctx2.calibration_passes == 0  # statistics came from the on-disk cache
     p2 = analyze(ctx2, samples=64, cache_dir=tmp_path / "cache")
     assert p2.to_yaml() == p1.to_yaml()
@@ -54,17 +56,16 @@ def test_search_meets_budget_and_is_at_least_as_good_as_greedy(tmp_path):
     # on a model this tiny int8 is neither faster nor smaller (Q/DQ overhead), so use the analytic cost
     ctx = _ctx(tmp_path, max_drop="0.02", extra="search_space: {objective: bitops}\n")
     profile = analyze(ctx, cache_dir=tmp_path / "cache")
-    dims = build_dimensions(ctx, profile)
+    dims = strategy.build_dimensions(problem_for(ctx, profile))
     assert "conv_b" in dims.searched and dims.searched["conv_b"][-1] == "fp32"
-    search = Search(ctx, profile, tmp_path / "out")
+    search = new_search(ctx, profile, tmp_path / "out")
     search.run(12)
     best = search.best()
     assert best is not None and best.drop <= ctx.allowed_drop()
-    greedy, evals = greedy_fallback(ctx, profile)
+    greedy, evals = greedy_fallback(ctx, Evaluator(ctx), problem_for(ctx, profile))
     greedy_int8 = sum(greedy.choice(n).is_int8 for n in ctx.prepared.layer_names)
     best_int8 = sum(lbl.startswith("int8") for lbl in best.choices.values())
-    greedy_choices = {n: greedy.choice(n).label() for n in ctx.prepared.layer_names}
-    assert best_int8 >= greedy_int8 and best.cost <= bitops(ctx, greedy_choices)
+    assert best_int8 >= greedy_int8 and best.cost <= bitops(ctx, greedy)
     pareto = search.pareto()
     assert pareto and all(np.diff([r.cost for r in pareto]) >= 0)
 
@@ -72,38 +73,39 @@ def test_search_meets_budget_and_is_at_least_as_good_as_greedy(tmp_path):
 def test_calibration_split_into_shared_jobs_equals_one_pass(tmp_path):
     """Per-tensor statistics do not depend on the other tensors: the parts that workers share
     (through the study's job queue) merge into exactly the single pass's statistics."""
-    from qsearch.search import StudyQueue
+    from qsearch.jobs import StudyQueue
 
     ctx = _ctx(tmp_path)
     one = ctx.stats
-    split = Context(ctx.workload, cache_dir=tmp_path / "cache2", log=lambda *a: None, calibrate=False)
+    split = open_workbench(ctx.workload, cache_dir=tmp_path / "cache2", log=lambda *a: None, calibrate=False)
     assert split.stats is None and split.calibration_passes == 0
     queue = StudyQueue(None, tmp_path / "out", "calib-test")
-    shared = split.calibrate(queue)
+    split = split.calibrated(queue, log=lambda *a: None)
+    shared = split.stats
     assert split.calibration_passes == 2  # one pass per part, here both in this process
     assert sorted(shared.tensors) == sorted(one.tensors)
     for t, s in one.tensors.items():
         o = shared.tensors[t]
         assert (o.min, o.max, o.lo, o.hi) == (s.min, s.max, s.lo, s.hi) and np.array_equal(o.counts, s.counts)
-    again = Context(ctx.workload, cache_dir=tmp_path / "cache2", log=lambda *a: None, calibrate=False)
-    again.calibrate(queue)
+    again = open_workbench(ctx.workload, cache_dir=tmp_path / "cache2", log=lambda *a: None, calibrate=False)
+    again = again.calibrated(queue, log=lambda *a: None)
     assert again.calibration_passes == 0  # merged statistics cached; the queue's jobs are done
 
 
 def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
-    """qsearch runs the model in cache-sized pieces of each batch (`pipeline.run_samples`): the
+    """qsearch runs the model in cache-sized pieces of each batch (`workbench.run_samples`): the
     scores, the calibration's exact min/max and the proxy match whole-batch runs."""
-    from qsearch import pipeline, sensitivity
+    from qsearch import sensitivity, workbench
 
     whole = _ctx(tmp_path)
     assert whole.run_samples is not None and whole.run_samples >= 32  # tiny maps: whole batches
-    monkeypatch.setattr(pipeline, "RUN_BYTES", 4 * 8 * 8 * 8 * 4)  # the 8x8x8 feature maps: 4 samples a run
-    small = Context(whole.workload, cache_dir=tmp_path / "cache-small", log=lambda *a: None)
+    monkeypatch.setattr(workbench, "RUN_BYTES", 4 * 8 * 8 * 8 * 4)  # the 8x8x8 feature maps: 4 samples a run
+    small = open_workbench(whole.workload, cache_dir=tmp_path / "cache-small", log=lambda *a: None)
     assert small.run_samples == 4
     assert small.baseline.fp32_search == whole.baseline.fp32_search
-    assert small.fp32_test == whole.fp32_test
+    assert Evaluator(small).fp32_test() == Evaluator(whole).fp32_test()
     plan = {la.name: LayerChoice("int8", "minmax", "per_tensor") for la in whole.candidates()}
-    assert small.evaluate(small.plan(plan)).score == whole.evaluate(whole.plan(plan)).score
+    assert Evaluator(small).evaluate(small.plan(plan)).score == Evaluator(whole).evaluate(whole.plan(plan)).score
     for t, s in whole.stats.tensors.items():
         o = small.stats.tensors[t]
         assert (o.min, o.max, o.counts.sum()) == (s.min, s.max, s.counts.sum())

@@ -1,0 +1,239 @@
+"""The commands besides `optimize`: analyze, apply, show, evaluate, baseline, profile. Each checks
+its arguments, runs its stages and returns a frozen result; `cli.py` only parses and reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from qsearch import limits, sensitivity
+from qsearch.config import load_workload
+from qsearch.errors import QsearchError
+from qsearch.evaluator import Evaluator
+from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir, ensure_writable_file
+from qsearch.finalize import greedy_fallback, layer_reasons
+from qsearch.model import load_model, prepare
+from qsearch.plan import LayerChoice, Plan
+from qsearch.progress import Progress, log
+from qsearch.report import forms_line
+from qsearch.runtime import make_session
+from qsearch.scoring import fusion_check, latency_ms, model_size
+from qsearch.study import problem_for
+from qsearch.workbench import Workbench, open_workbench
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """A model scored with the workload's metric and timed on its latency batch, beside FP32."""
+
+    model: str
+    metric: str
+    search: float
+    test: float
+    latency_ms: float
+    size_bytes: int
+    fp32_test: float
+    fp32_latency_ms: float
+
+
+def open_bench(config: str | None, out: Path, eval_timeout: float | None = None, calibrate: bool = True) -> Workbench:
+    workload = load_workload(config)
+    ensure_writable_dir(out, "--out", create=False)  # a bad config or model leaves no empty --out behind
+    for sub in ("cache", "pareto", "closest"):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise QsearchError(f"--out {out}: '{sub}' there is a file, but qsearch keeps a folder of that name; "
+                               "move it or pick another --out")
+    log(f"workload '{workload.name}': {workload.model.name}, metric {workload.metric.name}, "
+        f"max_drop {workload.max_drop * 100 if workload.relative else workload.max_drop}{'%' if workload.relative else ''}")
+    bench = open_workbench(workload, cache_dir=out / "cache", log=log, eval_timeout=eval_timeout, calibrate=calibrate)
+    ensure_writable_dir(out, "--out")
+    return bench
+
+
+def check_samples(samples) -> None:
+    if samples is not None and samples < 1:
+        raise QsearchError(f"--samples must be >= 1, got {samples}")
+
+
+def check_eval_timeout(eval_timeout) -> None:
+    if eval_timeout is not None and eval_timeout < 0:
+        raise QsearchError(f"--eval-timeout must be >= 0 seconds (0: no limit), got {eval_timeout:g}")
+
+
+def run_analyze(config, out: Path, samples=None, reverse=False, workers=1,
+                eval_timeout=None) -> sensitivity.SensitivityProfile:
+    check_samples(samples)
+    check_eval_timeout(eval_timeout)
+    bench = open_bench(config, out, eval_timeout)
+    profile = sensitivity.analyze(bench, samples=samples, reverse=reverse, workers=workers, cache_dir=out / "cache",
+                                  progress=Progress("analyze"))
+    paths = sensitivity.save_profile(profile, out)
+    print(profile.table())
+    if profile.forms:
+        log(forms_line(profile))
+    log(f"fp32 {profile.metric} {profile.fp32_score:.4f} on {profile.samples} samples; "
+        f"{profile.meta.get('evaluations')} evaluations in {profile.seconds:.1f}s; wrote {', '.join(str(p) for p in paths)}")
+    return profile
+
+
+def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> onnx.ModelProto:
+    """The plan's QDQ model for `model_path`, checked; written atomically to `output` if given."""
+    plan_path = str(plan) if not isinstance(plan, Plan) else "plan"
+    if output is not None:
+        ensure_writable_file(output, "-o", (plan_path, model_path))
+    if not isinstance(plan, Plan):
+        plan = Plan.read(plan_path)
+    prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
+    plan.validate(prepared, plan_path)
+    from qsearch.rewrite import Rewriter
+
+    t0 = time.perf_counter()
+    model = Rewriter(prepared)(plan)
+    dt = time.perf_counter() - t0
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise QsearchError(f"{plan_path}: rewritten model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    if output is not None:
+        atomic_write_bytes(output, model.SerializeToString())
+        n8 = sum(plan.choice(la.name).is_int8 for la in prepared.layers)
+        log(f"wrote {output}: {n8}/{len(prepared.layers)} layers INT8, rewrite {dt * 1e3:.0f} ms")
+    return model
+
+
+def show_plan(plan: Plan | str, model_path: str | None = None) -> str:
+    from qsearch.review import show_text
+
+    plan_path = str(plan) if not isinstance(plan, Plan) else "plan"
+    if not isinstance(plan, Plan):
+        plan = Plan.read(plan_path)
+    if model_path is not None:
+        prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
+        plan.validate(prepared, plan_path)
+        plan = plan.completed(prepared)
+    return show_text(plan)
+
+
+def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=None) -> EvaluationResult:
+    check_eval_timeout(eval_timeout)
+    bench = open_bench(config, out, eval_timeout)
+    model = load_model(model_path)
+    try:
+        sess = make_session(model, bench.workload.threads)
+    except Exception as exc:
+        raise QsearchError(f"{model_path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+    # the model must take the workload's data: same input names and element types
+    want = {i.name: i.dtype for i in bench.prepared.inputs}
+    have = {i.name: i.type for i in sess.get_inputs()}
+    if set(want) != set(have):
+        raise QsearchError(f"{model_path}: its inputs {sorted(have)} do not match the workload's data "
+                           f"{sorted(want)} ({bench.workload.path})")
+    evaluator = Evaluator(bench)
+    try:
+        r = EvaluationResult(
+            model=model_path, metric=bench.workload.metric.name,
+            search=bench.search_scorer.score(sess), test=bench.test_scorer.score(sess),
+            latency_ms=latency_ms(sess, bench.latency_feed, repeat=30), size_bytes=model_size(model),
+            fp32_test=evaluator.fp32_test(), fp32_latency_ms=bench.baseline.fp32_latency_ms)
+    except (QsearchError, limits.EvaluationTimeout):
+        raise
+    except Exception as exc:  # ORT refused the data (shape, type) or the metric the outputs
+        raise QsearchError(f"{model_path}: scoring on the workload's data failed: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    print(f"{model_path}: {r.metric} search {r.search:.4f}, test {r.test:.4f} (fp32 {r.fp32_test:.4f}); "
+          f"latency {r.latency_ms:.3f} ms ({r.fp32_latency_ms / r.latency_ms:.2f}x vs fp32); "
+          f"size {r.size_bytes / 1024:.1f} KiB")
+    return r
+
+
+def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str,
+                 eval_timeout=None) -> Plan:
+    check_eval_timeout(eval_timeout)
+    ensure_writable_file(output, "-o", (config,))
+    bench = open_bench(config, out, eval_timeout)
+    ensure_writable_file(output, "-o", (bench.workload.model,))
+    evaluator = Evaluator(bench)
+    if kind == "naive":  # in the forms `optimize` would measure for it (hardswish fused or not)
+        forms, _ = sensitivity.choose_forms(bench, {la.name: LayerChoice("int8", method, granularity)
+                                                    for la in bench.candidates()})
+        bench = bench.with_forms(forms)
+        plan = bench.uniform_plan(method, granularity)
+    elif kind in ("fp32", "fp16"):
+        if kind == "fp16" and bench.workload.target != "fp16":
+            raise QsearchError(f"{bench.workload.path}: baseline fp16 needs 'target: fp16' (target is {bench.workload.target})")
+        plan = bench.plan({})
+    else:  # hybrid: the greedy fallback, which needs the sensitivity profile
+        profile = sensitivity.analyze(bench, cache_dir=out / "cache", progress=Progress("analyze"))
+        bench = bench.with_forms(profile.forms)
+        evaluator = Evaluator(bench)
+        plan, _ = greedy_fallback(bench, evaluator, problem_for(bench, profile), method, granularity)
+        plan = plan.with_why(layer_reasons(plan, profile, absorbed=bench.prepared.absorbed(plan.forms)))
+    ev = evaluator.evaluate(plan, "test")
+    fp32_test = evaluator.fp32_test()
+    plan = plan.with_info({"test": ev.score, "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes,
+                           "fp32_test": fp32_test}, baseline=kind)
+    plan.write(output)
+    log(f"wrote {output}: {kind} plan, test {bench.workload.metric.name} {ev.score:.4f} "
+        f"(fp32 {fp32_test:.4f}), latency {ev.latency_ms:.3f} ms")
+    return plan
+
+
+def run_profile(model_path: str, config: str | None, top: int = 15, output: str | None = None):
+    """Where the time goes in any ONNX model (the user's own, a qsearch or ORT QDQ model) on the
+    workload's latency batch: ORT's per-node profile by kind, by op type and by layer of the
+    workload's model. Needs no calibration and no scoring."""
+    from qsearch import data, profiling
+    from qsearch.workbench import latency_feed
+
+    if top < 1:
+        raise QsearchError(f"--top must be >= 1, got {top}")
+    workload = load_workload(config)
+    if output is not None:
+        ensure_writable_file(output, "-o", (model_path, config, workload.model))
+    prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))
+    model = load_model(model_path)
+    try:
+        sess = make_session(model, workload.threads)
+    except Exception as exc:
+        raise QsearchError(f"{model_path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+    want = {i.name for i in prepared.inputs}
+    have = {i.name for i in sess.get_inputs()}
+    if want != have:
+        raise QsearchError(f"{model_path}: its inputs {sorted(have)} do not match the workload's data {sorted(want)} "
+                           f"({workload.path})")
+    search = data.load(workload.search, prepared.inputs, workload.batch_size, workload.base)
+    feed = latency_feed(search.batches[0], prepared, workload.latency_batch)
+    try:
+        prof = profiling.profile(prepared, model, feed, workload.threads, runs=10)
+    except Exception as exc:
+        raise QsearchError(f"{model_path}: profiling on the workload's data failed: {str(exc).splitlines()[0]}") from None
+    fusion = fusion_check(model)
+    batch = len(next(iter(feed.values())))
+    total = max(prof.total_ms, 1e-12)
+    lines = [f"{model_path}: {prof.total_ms:.3f} ms per batch of {batch} in ONNX Runtime's kernels "
+             f"(CPU, {workload.threads} thread(s), mean of 10 runs); {fusion.line()}", "",
+             "| kind | ms | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.3f} | {v / total:.0%} |" for k, v in prof.by_kind.items()]
+    lines += ["", "| op type | ms | share |", "|---|---:|---:|"]
+    ops = sorted(prof.by_op.items(), key=lambda kv: -kv[1])
+    lines += [f"| {op} | {ms:.3f} | {ms / total:.0%} |" for op, ms in ops[:top]]
+    layers = sorted(prof.by_layer.items(), key=lambda kv: -sum(kv[1].values()))
+    lines += ["", f"| layer of `{workload.name}` | " + " | ".join(f"{k} ms" for k in profiling.KINDS) + " | total ms |",
+              "|---|" + "---:|" * (len(profiling.KINDS) + 1)]
+    lines += [f"| {name} | " + " | ".join(f"{k[x]:.3f}" for x in profiling.KINDS) + f" | {sum(k.values()):.3f} |"
+              for name, k in layers[:top]]
+    print("\n".join(lines))
+    if output is not None:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["layer", *profiling.KINDS, "total_ms"])
+        for name, k in layers:
+            w.writerow([name, *(round(k[x], 6) for x in profiling.KINDS), round(sum(k.values()), 6)])
+        atomic_write_text(output, buf.getvalue())
+        log(f"wrote {output}: {len(layers)} layers")
+    return prof

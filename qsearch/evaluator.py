@@ -1,0 +1,112 @@
+"""Scoring a plan: the one chain plan -> rewrite -> session -> score -> time, with every evaluation
+counted. Stages and strategies hand a plan in and get a frozen `Evaluation` back; the evaluator
+owns the sessions, the per-evaluation time limit and the cache-sized runs (through its scorers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qsearch.errors import QsearchError
+from qsearch.limits import EvaluationTimeout
+from qsearch.plan import LayerChoice, Plan
+from qsearch.runtime import make_session
+from qsearch.scoring import latency_ms, model_size
+from qsearch.workbench import Workbench
+
+BITS = {"int8": 8, "int16": 16, "fp16": 16, "fp32": 32}
+SPLITS = ("search", "test")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One model scored on one split (and timed on the latency batch unless asked not to)."""
+
+    score: float
+    drop: float  # FP32's score on the same split minus this one
+    latency_ms: float | None
+    size_bytes: int
+    bitops: float  # GBOPs: MACs x weight bits x activation bits
+
+    def cost(self, objective: str) -> float:
+        """The search objective's value (lower is better)."""
+        if objective == "latency":
+            return float(self.latency_ms if self.latency_ms is not None else np.nan)
+        return float(self.size_bytes) if objective == "size" else self.bitops
+
+
+# called after the first slice of a sliceable metric: (estimated drop, batches scored); may raise to stop
+SliceCheck = Callable[[float, int, np.ndarray], None]
+
+
+class Evaluator:
+    def __init__(self, bench: Workbench):
+        self.bench = bench
+        self.evaluations = 0  # every model evaluation this process ran through this evaluator
+        self.seconds = 0.0  # ... and the time they took
+        self._fp32_test = bench.baseline.fp32_test
+
+    def session(self, model: Plan | onnx.ModelProto) -> ort.InferenceSession:
+        proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
+        return make_session(proto, self.bench.workload.threads)
+
+    def plan(self, choices: dict[str, str]) -> Plan:
+        return self.bench.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
+
+    def evaluate(self, model: Plan | onnx.ModelProto, split: str = "search", timing: bool = True,
+                 check: SliceCheck | None = None, prune_fraction: float = 0.3) -> Evaluation:
+        """Score `model` (a plan or a finished ONNX model) on `split`. With `check`, a sliceable
+        metric first scores `prune_fraction` of the batches and calls `check(estimated drop,
+        batches, partial sums)`, which may raise (a pruned trial) before the rest is scored."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        t0 = time.perf_counter()
+        proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
+        sess = make_session(proto, self.bench.workload.threads)
+        scorer = self.bench.search_scorer if split == "search" else self.bench.test_scorer
+        fp32 = self.fp32_score(split)
+        self.evaluations += 1
+        try:
+            if check is not None and scorer.sliceable and scorer.batches >= 3:
+                k = max(1, round(scorer.batches * prune_fraction))
+                head = scorer.partial(sess, 0, k)
+                check(fp32 - scorer.finish(head), k, head)
+                score = scorer.finish(head + scorer.partial(sess, k, scorer.batches))
+            else:
+                score = scorer.score(sess)
+            lat = latency_ms(sess, self.bench.latency_feed) if timing else None
+        finally:
+            self.seconds += time.perf_counter() - t0
+        bops = bitops(self.bench, model) if isinstance(model, Plan) else float("nan")
+        return Evaluation(score, fp32 - score, lat, model_size(proto), bops)
+
+    def drop(self, choices: dict[str, str]) -> float:
+        """Metric drop on the whole search data of a plan given as layer -> option label (layers
+        not named stay float): what search strategies measure."""
+        return self.evaluate(self.plan(choices), timing=False).drop
+
+    def fp32_score(self, split: str) -> float:
+        return self.bench.baseline.fp32_search if split == "search" else self.fp32_test()
+
+    def fp32_test(self) -> float:
+        """The FP32 model's test score, measured on first use (only the final stage needs it)."""
+        if self._fp32_test is None:
+            t0 = time.perf_counter()
+            try:
+                self._fp32_test = self.bench.test_scorer.score(make_session(self.bench.prepared.proto,
+                                                                            self.bench.workload.threads))
+            except EvaluationTimeout as exc:
+                raise QsearchError(f"{self.bench.workload.path}: the FP32 model: {exc}") from None
+            self.seconds += time.perf_counter() - t0
+        return self._fp32_test
+
+
+def bitops(bench: Workbench, plan: Plan) -> float:
+    """Analytic cost for targets we cannot time: MACs x weight bits x activation bits (GBOPs)."""
+    return sum(la.macs * BITS[plan.choice(la.name).precision] ** 2 for la in bench.prepared.layers) / 1e9

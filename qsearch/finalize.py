@@ -1,0 +1,156 @@
+"""The final stage: the search's finalists and the baselines scored on search and test data, timed
+side by side in interleaved rounds, and the choice of the plan to ship.
+
+A simpler plan that is as good wins: qsearch never ships a plan slower than naive INT8 when naive
+meets the budget, and never one slower than FP32 (then FP32 ships, said plainly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from qsearch import strategy
+from qsearch.evaluator import Evaluator
+from qsearch.plan import Plan
+from qsearch.report import Row
+from qsearch.scoring import latency_ms, model_size
+from qsearch.sensitivity import SensitivityProfile
+from qsearch.study import Search, TrialResult
+from qsearch.workbench import Workbench
+
+ROUNDS = 5  # interleaved timing rounds of the final table
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A plan to put in the final table: its row name, and the evaluations that produced it."""
+
+    name: str
+    plan: Plan
+    evaluations: int | None
+    trial: TrialResult | None = None  # the study's trial, for a searched plan
+
+
+@dataclass(frozen=True)
+class FinalChoice:
+    rows: tuple[Row, ...]  # FP32, naive, hybrid, then the shipped plan's row (named for what it is)
+    plan: Plan  # what ships in plan.yaml
+    candidate: Plan  # the fastest INT8 plan within budget (differs from `plan` when FP32 ships)
+    candidate_name: str
+    trial: TrialResult | None  # the shipped searched trial (None: a baseline or FP32 ships)
+    verdict: str  # non-empty when FP32 ships because no INT8 plan pays
+    evaluations: int  # spent by this stage (baselines and the test split)
+
+    @property
+    def fp32(self) -> Row:
+        return self.rows[0]
+
+    @property
+    def chosen(self) -> Row:
+        return self.rows[-1]
+
+
+def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry], rounds: int = ROUNDS) -> list[Row]:
+    """Score each entry on search and test data, then time them in interleaved rounds keeping each
+    one's best median: a background hiccup cannot make one plan look slow."""
+    built = []
+    for e in entries:
+        proto = bench.rewriter(e.plan)
+        search = evaluator.evaluate(proto, "search", timing=False).score
+        test = evaluator.evaluate(proto, "test", timing=False).score
+        n8 = sum(e.plan.choice(la.name).is_int8 for la in bench.prepared.layers)
+        built.append((e, evaluator.session(proto), proto, n8, search, test))
+    times: list[list[float]] = [[] for _ in built]
+    for _ in range(rounds):
+        for i, b in enumerate(built):
+            times[i].append(latency_ms(b[1], bench.latency_feed, repeat=15))
+    return [Row(e.name, search, test, min(times[i]), model_size(proto), n8, e.evaluations,
+                latency_spread=(max(times[i]) - min(times[i])) / min(times[i]))
+            for i, (e, _, proto, n8, search, test) in enumerate(built)]
+
+
+def pick(rows: Sequence[Row], allowed: float) -> int:
+    """Index of the fastest row (after FP32's, row 0) within budget on search data; on equal
+    latency the more accurate."""
+    fp32 = rows[0]
+    within = [i for i in range(1, len(rows)) if fp32.search_score - rows[i].search_score <= allowed + 1e-12]
+    return min(within, key=lambda i: (rows[i].latency_ms, -rows[i].search_score))
+
+
+def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalChoice:
+    """Baselines (FP32, naive INT8, the greedy fallback) and the finalists, timed side by side;
+    the fastest within budget on search data ships, unless it is slower than FP32 on a CPU target."""
+    start = evaluator.evaluations
+    fp32_plan = bench.plan({})
+    naive = bench.uniform_plan("minmax", "per_tensor")
+    hybrid, hybrid_evals = greedy_fallback(bench, evaluator, search.problem)
+    n_trials = len(search.results())
+    entries = [Entry("fp32", fp32_plan, None), Entry("naive int8 (minmax, per-tensor)", naive, 1),
+               Entry("hybrid (greedy fallback)", hybrid, hybrid_evals)]
+    entries += [Entry(f"qsearch (trial {r.number})", search.plan_for(r), n_trials, r) for r in search.finalists()]
+    rows = timed_rows(bench, evaluator, entries)
+    i = pick(rows, search.allowed)
+    chosen, row, trial = entries[i].plan, rows[i], entries[i].trial
+    if trial is None:  # a baseline: say so in the row's name
+        row = _renamed(row, f"qsearch: {row.name} (fastest within budget)", n_trials)
+        chosen = chosen.with_info(study=search.study_name, trial=None, chosen_from="baseline")
+    candidate, candidate_name, verdict = chosen, row.name, ""
+    fp32 = rows[0]
+    if bench.workload.target == "cpu" and row.latency_ms >= fp32.latency_ms:
+        # the contract: never slower than FP32. Say so plainly and ship FP32, keeping the INT8 plan for review.
+        verdict = (f"No INT8 plan within budget beats FP32 here: the best ({candidate_name}) runs at "
+                   f"{fp32.latency_ms / row.latency_ms:.2f}x FP32 speed, so plan.yaml keeps every layer FP32 "
+                   f"(the INT8 plan is in pareto/; see the latency attribution for where the time goes).")
+        chosen = fp32_plan.with_info(study=search.study_name, trial=None)
+        row = _renamed(fp32, "qsearch: FP32 (no INT8 plan pays)", n_trials, int8_layers=0)
+    return FinalChoice((*rows[:3], row), chosen, candidate, candidate_name, trial if not verdict else None, verdict,
+                       evaluator.evaluations - start)
+
+
+def _renamed(row: Row, name: str, evaluations: int, int8_layers: int | None = None) -> Row:
+    return Row(name, row.search_score, row.test_score, row.latency_ms, row.size_bytes,
+               row.int8_layers if int8_layers is None else int8_layers, evaluations, latency_spread=row.latency_spread)
+
+
+def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Problem, method: str = "minmax",
+                    granularity: str = "per_tensor") -> tuple[Plan, int]:
+    """The peers' accuracy-control loop (`strategy.greedy_revert`) as a plan: all-INT8 with one
+    method, the noisiest layers reverted until the budget holds."""
+    option = f"int8/{method}/{granularity}"
+    choices, evals = strategy.greedy_revert(problem, option, evaluator.drop)
+    return evaluator.plan(choices), evals
+
+
+def layer_reasons(plan: Plan, profile: SensitivityProfile, fixed: Mapping[str, str] | None = None,
+                  absorbed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """One line per layer for the reviewer: its sensitivity rank (model-output noise, this layer
+    alone INT8), what INT8 measured to save or cost with its glue, and whether the search chose it.
+    `absorbed`: layers inside a fused pattern (`PreparedModel.absorbed`) -> the layer they follow."""
+    ranked = {x.name: (i, x) for i, x in enumerate(profile.layers, 1)}
+    why = {}
+    for name in plan.layers:
+        if name in (absorbed or {}):
+            why[name] = (f"part of the hardswish gate of layer {absorbed[name]}, which runs as one op (forms: "
+                         "hardswish fused, the faster form measured): follows that layer's choice")
+            continue
+        if name not in ranked:
+            why[name] = "not a search candidate (search_space.candidates)"
+            continue
+        rank, x = ranked[name]
+        gain = x.gain_ms
+        cost = f"INT8 saves {gain:.3f} ms" if gain > 0 else f"INT8 costs {-gain:.3f} ms more"
+        how = "fixed INT8 before the search (measured jointly)" if name in (fixed or {}) else "searched"
+        why[name] = (f"sensitivity rank {rank}/{len(ranked)} (output SQNR {x.output_sqnr:.1f} dB"
+                     f"{'' if x.screened else ', estimated'}); {cost} (measured, glue included); {how}")
+    return why
+
+
+def final_stage_seconds(bench: Workbench) -> float:
+    """What the final stage costs, from the FP32 model's measured times: 7 plans scored on search
+    and test data and timed in 5 interleaved rounds, the greedy fallback's few evaluations, three
+    per-node profiles, the report. Reserved out of `--timeout` so the result can still be written."""
+    seconds = bench.baseline.score_seconds
+    score = seconds["search"] + seconds["test"]
+    batch_s = bench.baseline.fp32_latency_ms / 1e3
+    return 7 * (score + 90 * batch_s + 0.5) + 3 * seconds["search"] + 60 * batch_s + 3.0

@@ -1,0 +1,35 @@
+"""What a person watching a command sees: log lines and progress bars on stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A one-line progress bar with ETA on stderr (plain lines when not a terminal)."""
+
+    def __init__(self, label: str):
+        self.label, self.t0, self.last = label, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, what: str = "", extra: str = "") -> None:
+        now = time.perf_counter()
+        if done not in (0, total) and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        el = now - self.t0
+        eta = el / done * (total - done) if done else float("nan")
+        bar = "#" * int(24 * done / max(total, 1))
+        line = f"{self.label} {what} [{bar:<24}] {done}/{total} {el:5.1f}s elapsed, ~{eta:5.1f}s left {extra}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:150])
+            if done == total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()

@@ -1,0 +1,208 @@
+"""Search strategies: pure functions over what the analysis measured and a `measure` callback.
+
+Nothing here touches ONNX, Optuna or files. A strategy gets a `Problem` (the candidate layers in
+graph order with their best INT8 options, measured saving and output noise) and a callable that
+scores a plan, and returns plans. That makes every strategy testable with planted numbers:
+- `choose_fixed`: the quietest paying layers fixed to INT8 as a set whose *measured* joint drop
+  uses at most `fix_below` of the budget (single-layer drops below a metric's resolution hide
+  compounding);
+- `build_dimensions`: one categorical per remaining layer (its best INT8 options, float);
+- `warm_start_plans`: the first trials of the study (additive noise-model knapsacks and friends);
+- `repair`: when nothing meets the budget, revert INT8 layers of the closest plan by measured
+  noise per benefit, doubling then bisecting;
+- `greedy_revert`: the peers' accuracy-control loop (all-INT8 with one method, the noisiest
+  layers reverted until the budget holds): a baseline.
+Plans are `dict[layer, option label]`; layers a plan does not name stay float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from qsearch.config import SearchSpace
+
+
+class MeasureDrop(Protocol):
+    """Scores a plan on the whole search data and returns its metric drop against FP32."""
+
+    def __call__(self, choices: Mapping[str, str]) -> float: ...
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What the analysis measured of one candidate layer."""
+
+    name: str
+    options: tuple[str, ...]  # INT8 option labels, best first
+    saving: float  # what INT8 saves in the objective's units (measured ms for latency; < 0: it costs)
+    noise: float  # model-output noise / signal power with this layer alone INT8 at its best option
+    rank: int = 0  # sensitivity rank: 0 the noisiest (the analysis's order, ties broken by it)
+
+
+@dataclass(frozen=True)
+class Problem:
+    layers: tuple[LayerFacts, ...]  # candidate layers, graph order
+    float_label: str  # "fp32" or "fp16"
+    allowed: float  # the accuracy budget: largest allowed drop
+    space: SearchSpace
+
+    def facts(self, name: str) -> LayerFacts:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, LayerFacts]:
+        return {x.name: x for x in self.layers}
+
+    @property
+    def best(self) -> dict[str, str]:
+        """Every candidate INT8 at its best option."""
+        return {x.name: x.options[0] for x in self.layers}
+
+    @property
+    def mixable(self) -> bool:
+        """Whether layers can be INT8 or float (else every layer is fixed to the one precision)."""
+        return "int8" in self.space.precisions and "float" in self.space.precisions
+
+
+@dataclass(frozen=True)
+class Dimensions:
+    fixed: dict[str, str]  # layer -> option label, not searched
+    searched: dict[str, tuple[str, ...]]  # layer -> option labels, best first, float last
+
+
+@dataclass(frozen=True)
+class FixDecision:
+    """Layers fixed to INT8 before the search, and the measurements that justify it."""
+
+    fixed: tuple[str, ...]
+    joint_drop: float | None  # user metric, whole search data: the fixed set alone INT8
+    all_int8_drop: float | None  # every candidate INT8 at its best option
+    evaluations: int
+
+
+def choose_fixed(problem: Problem, measure: MeasureDrop) -> FixDecision:
+    """Fix the quietest paying layers to INT8, but only as a set whose measured joint drop uses at
+    most `fix_below` of the budget."""
+    space = problem.space
+    if not problem.mixable:
+        return FixDecision((), None, None, 0)
+    layers, best = problem.layers, problem.best
+    all_drop = measure(best)
+    evaluations = 1
+    share = space.fix_below * problem.allowed
+    noisiest = {x.name for x in sorted(layers, key=lambda x: (-x.noise, x.name))[: space.min_searched]}
+    cands = sorted((x for x in layers if x.saving > 0 and x.name not in noisiest), key=lambda x: (x.noise, x.name))
+    total = sum(x.noise for x in layers)
+    # if the drop grows with the output noise power, `share` buys this much of the all-INT8 noise
+    limit = total if all_drop <= share else total * max(share, 0.0) / all_drop
+    for _ in range(6):
+        chosen, acc = [], 0.0
+        for x in cands:
+            if acc + x.noise > limit:
+                break
+            acc += x.noise
+            chosen.append(x.name)
+        if not chosen:
+            break
+        drop = all_drop if len(chosen) == len(layers) else measure({n: best[n] for n in chosen})
+        evaluations += len(chosen) != len(layers)
+        if drop <= share:
+            return FixDecision(tuple(chosen), drop, all_drop, evaluations)
+        limit = acc / 2
+    return FixDecision((), None, all_drop, evaluations)
+
+
+def build_dimensions(problem: Problem, fixed_int8: tuple[str, ...] = ()) -> Dimensions:
+    space = problem.space
+    fixed, searched = {}, {}
+    for x in problem.layers:
+        options = x.options[: space.options_per_layer]
+        if "int8" not in space.precisions:
+            fixed[x.name] = problem.float_label
+        elif "float" not in space.precisions or x.name in fixed_int8:
+            fixed[x.name] = options[0]
+        else:
+            searched[x.name] = (*options, problem.float_label)
+    return Dimensions(fixed, searched)
+
+
+def warm_start_plans(problem: Problem, dims: Dimensions, decision: FixDecision) -> list[dict[str, str]]:
+    """First trials (over the searched layers), most informative first: "INT8 only where it pays",
+    the best all-INT8 plan, additive noise-model plans, FP32 in every searched layer, then the k
+    noisiest layers float. The additive model: output noise powers of independent layer errors
+    add, and the drop grows with the total noise; the all-INT8 measurement calibrates how much
+    noise the budget buys, and layers go INT8 in order of benefit per unit of noise."""
+    fp, searched, allowed = problem.float_label, dims.searched, problem.allowed
+    best = {n: opts[0] for n, opts in searched.items()}
+    facts = {n: problem.facts(n) for n in searched}
+    pays = {n: best[n] if facts[n].saving > 0 else fp for n in searched}
+    plans = [pays, best]
+    int8_fixed = [n for n, lbl in dims.fixed.items() if lbl != fp]
+    fixed_noise = sum(problem.facts(n).noise for n in int8_fixed)
+    total = sum(x.noise for x in problem.layers)
+    all_drop = decision.all_int8_drop
+    for share in (1.0, 0.5, 0.25):
+        limit = total if all_drop is None or all_drop <= share * allowed else total * share * allowed / all_drop
+        plan, acc = {}, fixed_noise
+        for n in sorted(searched, key=lambda n: -facts[n].saving / max(facts[n].noise, 1e-12)):
+            ok = facts[n].saving > 0 and acc + facts[n].noise <= limit
+            plan[n] = best[n] if ok else fp
+            acc += facts[n].noise if ok else 0.0
+        plans.append(plan)
+    plans.append(dict.fromkeys(searched, fp))
+    ranked = [x.name for x in sorted(problem.layers, key=lambda x: x.rank) if x.name in searched]  # noisiest first
+    for k in (1, 2, 3, 5, 8):
+        if k <= len(ranked):
+            plans.append({**pays, **{n: fp for n in ranked[:k]}})
+    return [dict(t) for t in dict.fromkeys(tuple(sorted(p.items())) for p in plans)]
+
+
+def repair(problem: Problem, start: Mapping[str, str], measure: MeasureDrop, max_steps: int = 12) -> int:
+    """No trial met the budget: revert INT8 layers of the closest plan `start`, most noise per unit
+    of benefit first, in doubling steps, then bisect to keep as many INT8 as possible. Each step is
+    one `measure` call (the caller records it). FP32 (everything reverted) meets any budget.
+    Returns the number of evaluations spent."""
+    fp = problem.float_label
+    int8 = [n for n, lbl in start.items() if lbl != fp and n in problem._by_name()]
+    order = sorted(int8, key=lambda n: -problem.facts(n).noise / max(problem.facts(n).saving, 1e-9))
+    spent = 0
+
+    def feasible(k: int) -> bool:
+        nonlocal spent
+        spent += 1
+        return measure({**start, **{n: fp for n in order[:k]}}) <= problem.allowed + 1e-12
+
+    lo, hi, k = 0, None, 1
+    while hi is None:
+        k = min(k, len(order))
+        if feasible(k):
+            hi = k
+        else:
+            lo = k
+            if k == len(order):
+                return spent  # even FP32 in every searched layer misses: only an impossible budget
+            k *= 2
+    while hi - lo > 1 and spent < max_steps:
+        mid = (lo + hi) // 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+    return spent
+
+
+def greedy_revert(problem: Problem, option: str, measure: MeasureDrop) -> tuple[dict[str, str], int]:
+    """The peers' accuracy-control loop: start all-INT8 with one `option` label, revert the noisiest
+    layer to float, re-score, repeat until within budget. Returns (plan, evaluations)."""
+    fp = problem.float_label
+    order = [x.name for x in sorted(problem.layers, key=lambda x: -x.noise)]  # noisiest first
+    evals = 0
+    for k in range(len(order) + 1):
+        reverted = set(order[:k])
+        plan = {x.name: fp if x.name in reverted else option for x in problem.layers}
+        evals += 1
+        if measure(plan) <= problem.allowed:
+            return plan, evals
+    return dict.fromkeys(order, fp), evals
+
