@@ -16,6 +16,7 @@ import onnxruntime as ort
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.plan import LayerChoice, Plan
+from qsearch.resolution import DropInterval, drop_interval
 from qsearch.runtime import make_session
 from qsearch.scoring import latency_ms, model_size
 from qsearch.workbench import Workbench
@@ -51,6 +52,7 @@ class Evaluator:
         self.evaluations = 0  # every model evaluation this process ran through this evaluator
         self.seconds = 0.0  # ... and the time they took
         self._fp32_test = bench.baseline.fp32_test
+        self._fp32_parts: np.ndarray | None = None
 
     def session(self, model: Plan | onnx.ModelProto) -> ort.InferenceSession:
         proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
@@ -85,6 +87,21 @@ class Evaluator:
             self.seconds += time.perf_counter() - t0
         bops = bitops(self.bench, model) if isinstance(model, Plan) else float("nan")
         return Evaluation(score, fp32 - score, lat, model_size(proto), bops)
+
+    def search_with_interval(self, model: Plan | onnx.ModelProto) -> tuple[float, DropInterval | None]:
+        """The search score and, for a built-in metric, the drop's bootstrap interval against FP32
+        on the same runs (`resolution`); a user's score function gives no parts (None)."""
+        scorer = self.bench.search_scorer
+        if not scorer.sliceable:
+            return self.evaluate(model, timing=False).score, None
+        if self._fp32_parts is None:
+            self._fp32_parts = scorer.parts(make_session(self.bench.prepared.proto, self.bench.workload.threads))
+        t0 = time.perf_counter()
+        parts = scorer.parts(self.session(model))
+        self.evaluations += 1
+        self.seconds += time.perf_counter() - t0
+        interval = drop_interval(scorer.metric, self._fp32_parts, parts)
+        return scorer.finish(parts.sum(0)), interval
 
     def drop(self, choices: dict[str, str]) -> float:
         """Metric drop on the whole search data of a plan given as layer -> option label (layers

@@ -7,19 +7,24 @@ meets the budget, and never one slower than FP32 (then FP32 ships, said plainly)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from qsearch import strategy
 from qsearch.evaluator import Evaluator
 from qsearch.plan import Plan
 from qsearch.report import Row
-from qsearch.scoring import latency_ms, model_size
+from qsearch.scoring import model_size, timing_ms
 from qsearch.sensitivity import SensitivityProfile
 from qsearch.study import Search, TrialResult
 from qsearch.workbench import Workbench
 
 ROUNDS = 5  # interleaved timing rounds of the final table
+TIE = 0.02  # plans within 2% of each other tie even on a quiet machine
+BUSY_RATIO = 1.15  # wall / thread CPU time above this: the machine was busy while timing
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class FinalChoice:
     trial: TrialResult | None  # the shipped searched trial (None: a baseline or FP32 ships)
     verdict: str  # non-empty when FP32 ships because no INT8 plan pays
     evaluations: int  # spent by this stage (baselines and the test split)
+    cpu_clock: bool = False  # the machine was busy: plans were compared on thread CPU time
+    resolution_note: str = ""  # a warning when the budget is finer than the search split resolves
 
     @property
     def fp32(self) -> Row:
@@ -52,30 +59,57 @@ class FinalChoice:
 
 
 def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry], rounds: int = ROUNDS) -> list[Row]:
-    """Score each entry on search and test data, then time them in interleaved rounds keeping each
-    one's best median: a background hiccup cannot make one plan look slow."""
+    """Score each entry on search and test data, then time them in interleaved rounds (wall and
+    thread CPU time) keeping each one's best median: a background hiccup cannot make one plan look
+    slow. Built-in metrics keep their per-run parts, so each drop gets its bootstrap interval."""
     built = []
     for e in entries:
         proto = bench.rewriter(e.plan)
-        search = evaluator.evaluate(proto, "search", timing=False).score
+        search, interval = evaluator.search_with_interval(proto)
         test = evaluator.evaluate(proto, "test", timing=False).score
         n8 = sum(e.plan.choice(la.name).is_int8 for la in bench.prepared.layers)
-        built.append((e, evaluator.session(proto), proto, n8, search, test))
-    times: list[list[float]] = [[] for _ in built]
+        built.append((e, evaluator.session(proto), proto, n8, search, test, interval))
+    wall: list[list[float]] = [[] for _ in built]
+    cpu: list[list[float]] = [[] for _ in built]
     for _ in range(rounds):
         for i, b in enumerate(built):
-            times[i].append(latency_ms(b[1], bench.latency_feed, repeat=15))
-    return [Row(e.name, search, test, min(times[i]), model_size(proto), n8, e.evaluations,
-                latency_spread=(max(times[i]) - min(times[i])) / min(times[i]))
-            for i, (e, _, proto, n8, search, test) in enumerate(built)]
+            w, c = timing_ms(b[1], bench.latency_feed, repeat=15)
+            wall[i].append(w)
+            cpu[i].append(c)
+    return [Row(e.name, search, test, min(wall[i]), model_size(proto), n8, e.evaluations,
+                latency_spread=_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=_spread(cpu[i]),
+                interval="" if interval is None or i == 0 else interval.text(),
+                resolution=None if interval is None else interval.resolution)
+            for i, (e, _, proto, n8, search, test, interval) in enumerate(built)]
 
 
-def pick(rows: Sequence[Row], allowed: float) -> int:
-    """Index of the fastest row (after FP32's, row 0) within budget on search data; on equal
-    latency the more accurate."""
+def _spread(times: Sequence[float]) -> float:
+    return (max(times) - min(times)) / max(min(times), 1e-12)
+
+
+def busy(rows: Sequence[Row]) -> bool:
+    """Whether the machine took the core away while timing: wall time well above the thread's CPU
+    time (ONNX Runtime with one intra-op thread computes on this thread alone)."""
+    ratios = [r.latency_ms / r.cpu_ms for r in rows if r.cpu_ms]
+    return bool(ratios) and float(np.median(ratios)) > BUSY_RATIO
+
+
+def clock(row: Row, cpu: bool) -> tuple[float, float]:
+    """(ms, spread) of a row on the clock the choice uses."""
+    return (row.cpu_ms, row.cpu_spread) if cpu and row.cpu_ms else (row.latency_ms, row.latency_spread)
+
+
+def pick(rows: Sequence[Row], allowed: float, cpu: bool = False) -> int:
+    """Index of the row (after FP32's, row 0) to ship among those within budget on search data:
+    the fastest, except that plans within the measured timing noise of it are a tie, and a tie
+    goes to the plan with the larger accuracy margin (a drop the split cannot resolve decides
+    nothing, a faster time inside the noise neither)."""
     fp32 = rows[0]
     within = [i for i in range(1, len(rows)) if fp32.search_score - rows[i].search_score <= allowed + 1e-12]
-    return min(within, key=lambda i: (rows[i].latency_ms, -rows[i].search_score))
+    fastest = min(within, key=lambda i: (clock(rows[i], cpu)[0], -rows[i].search_score))
+    ms, spread = clock(rows[fastest], cpu)
+    near = [i for i in within if clock(rows[i], cpu)[0] <= ms * (1 + max(TIE, spread, clock(rows[i], cpu)[1]))]
+    return max(near, key=lambda i: (rows[i].search_score, -clock(rows[i], cpu)[0]))
 
 
 def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalChoice:
@@ -90,14 +124,15 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalCho
                Entry("hybrid (greedy fallback)", hybrid, hybrid_evals)]
     entries += [Entry(f"qsearch (trial {r.number})", search.plan_for(r), n_trials, r) for r in search.finalists()]
     rows = timed_rows(bench, evaluator, entries)
-    i = pick(rows, search.allowed)
+    on_cpu = busy(rows)
+    i = pick(rows, search.allowed, on_cpu)
     chosen, row, trial = entries[i].plan, rows[i], entries[i].trial
     if trial is None:  # a baseline: say so in the row's name
         row = _renamed(row, f"qsearch: {row.name} (fastest within budget)", n_trials)
         chosen = chosen.with_info(study=search.study_name, trial=None, chosen_from="baseline")
     candidate, candidate_name, verdict = chosen, row.name, ""
     fp32 = rows[0]
-    if bench.workload.target == "cpu" and row.latency_ms >= fp32.latency_ms:
+    if bench.workload.target == "cpu" and clock(row, on_cpu)[0] >= clock(fp32, on_cpu)[0]:
         # the contract: never slower than FP32. Say so plainly and ship FP32, keeping the INT8 plan for review.
         verdict = (f"No INT8 plan within budget beats FP32 here: the best ({candidate_name}) runs at "
                    f"{fp32.latency_ms / row.latency_ms:.2f}x FP32 speed, so plan.yaml keeps every layer FP32 "
@@ -105,12 +140,25 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalCho
         chosen = fp32_plan.with_info(study=search.study_name, trial=None)
         row = _renamed(fp32, "qsearch: FP32 (no INT8 plan pays)", n_trials, int8_layers=0)
     return FinalChoice((*rows[:3], row), chosen, candidate, candidate_name, trial if not verdict else None, verdict,
-                       evaluator.evaluations - start)
+                       evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed))
+
+
+def resolution_note(row: Row, allowed: float) -> str:
+    """One line when the budget is finer than what the search split resolves (or cannot be told)."""
+    res = row.resolution
+    if res is None:
+        return ("the metric gives no per-sample parts (a user's score function): the drop's interval on "
+                "the search split is unknown")
+    if allowed < res:
+        return (f"warning: the budget {allowed:.3g} is finer than the search split resolves ({res:.3g}: two "
+                f"bootstrap standard errors of a drop, or one sample); choices near the budget are noise. "
+                f"Add search data or widen max_drop")
+    return ""
 
 
 def _renamed(row: Row, name: str, evaluations: int, int8_layers: int | None = None) -> Row:
-    return Row(name, row.search_score, row.test_score, row.latency_ms, row.size_bytes,
-               row.int8_layers if int8_layers is None else int8_layers, evaluations, latency_spread=row.latency_spread)
+    return dataclasses.replace(row, name=name, evaluations=evaluations,
+                               int8_layers=row.int8_layers if int8_layers is None else int8_layers)
 
 
 def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Problem, method: str = "minmax",

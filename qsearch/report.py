@@ -21,6 +21,10 @@ class Row:
     evaluations: int | None = None
     note: str = ""
     latency_spread: float = 0.0  # (slowest - fastest) / fastest over the interleaved timing rounds
+    cpu_ms: float | None = None  # thread CPU time (one intra-op thread: the model's own work)
+    cpu_spread: float = 0.0
+    interval: str = ""  # the search drop with its bootstrap interval, where the metric has parts
+    resolution: float | None = None  # smallest drop difference the search split resolves (None: unknown)
 
 
 def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: int) -> str:

@@ -133,6 +133,17 @@ class Scorer:
                 acc += f(outs, ref, self.data.labels[i])
         return acc
 
+    def parts(self, sess: ort.InferenceSession) -> np.ndarray:
+        """Per-run partial sums (runs x 2) of a built-in metric: summed, they give the score; resampled,
+        how finely the split resolves it (`resolution.drop_interval`)."""
+        f = PARTIALS[self.metric]
+        out = []
+        with self._limit():
+            for i, batch in enumerate(self.data.batches):
+                ref = self.reference[i] if self.reference is not None else None
+                out.append(f(sess.run(None, dict(batch)), ref, self.data.labels[i]))
+        return np.asarray(out, dtype=np.float64).reshape(-1, 2)
+
     def finish(self, acc: np.ndarray) -> float:
         return finish_metric(self.metric, acc)
 
@@ -157,14 +168,22 @@ def reference_outputs(sess: ort.InferenceSession, data: Dataset) -> list[list[np
 
 def latency_ms(sess: ort.InferenceSession, feed: dict, warmup: int = 3, repeat: int = 15) -> float:
     """Median wall time of one batch after warm-up: robust to the odd scheduler hiccup."""
+    return timing_ms(sess, feed, warmup, repeat)[0]
+
+
+def timing_ms(sess: ort.InferenceSession, feed: dict, warmup: int = 3, repeat: int = 15) -> tuple[float, float]:
+    """(median wall ms, median thread CPU ms) of one batch. With one intra-op thread ONNX Runtime
+    runs the kernels on this thread, so its CPU time is the model's work alone: a busy machine
+    that takes the core away inflates the wall time, not the CPU time."""
     for _ in range(warmup):
         sess.run(None, feed)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+        cpu.append(time.thread_time() - c)
+        wall.append(time.perf_counter() - t)
+    return float(np.median(wall) * 1e3), float(np.median(cpu) * 1e3)
 
 
 def model_size(model: onnx.ModelProto) -> int:

@@ -56,16 +56,43 @@ def benefit(objective: str, s: LayerSensitivity) -> float:
 
 
 def problem_for(bench: Workbench, profile: SensitivityProfile) -> Problem:
-    """The analysis, as a strategy sees it: candidates in graph order with options, saving, noise."""
+    """The analysis, as a strategy sees it: candidates in graph order with options, saving, noise,
+    the tensors that join them and, for latency, the measured cost of one float/INT8 border."""
     rank = {x.name: i for i, x in enumerate(profile.layers)}
+    objective = bench.workload.space.objective
     facts = []
     for la in bench.candidates():
         if la.name not in rank:
             raise QsearchError(f"sensitivity profile has no entry for layer '{la.name}' (re-run analyze)")
         s = profile.layers[rank[la.name]]
-        facts.append(LayerFacts(la.name, tuple(s.ranked_options()), benefit(bench.workload.space.objective, s),
-                                s.noise, rank[la.name]))
-    return Problem(tuple(facts), bench.float_precision, bench.allowed_drop(), bench.workload.space)
+        facts.append(LayerFacts(la.name, tuple(s.ranked_options()), benefit(objective, s), s.noise, rank[la.name]))
+    edges, outer = graph_edges(bench)
+    glue = profile.meta.get("int8_by_kind", {}).get("Q/DQ glue", 0.0)
+    # all-INT8 leaves Q/DQ standing only where candidates meet other ops: its glue time per such
+    # border is what each new border between candidates costs
+    border = glue / outer if objective == "latency" and outer else 0.0
+    return Problem(tuple(facts), bench.float_precision, bench.allowed_drop(), bench.workload.space, edges, border)
+
+
+def graph_edges(bench: Workbench) -> tuple[tuple[tuple[str, str], ...], int]:
+    """(producer, consumer) pairs of candidate layers joined by a tensor, and the number of
+    tensors where a candidate meets a non-candidate op (the borders all-INT8 still has)."""
+    forms, cands = bench.forms, bench.candidates()
+    producer = {la.quantized_output(forms): la.name for la in cands}
+    owned = {n for la in cands for n in (*la.nodes, *la.gate, *la.tail)}
+    readers: dict[str, list[str]] = {}
+    for node in bench.prepared.proto.graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node.name)
+    edges, outer = set(), 0
+    for la in cands:
+        for t in la.quantized_inputs(forms):
+            if t in producer:
+                edges.add((producer[t], la.name))
+            else:
+                outer += 1
+    outer += sum(any(r not in owned for r in readers.get(t, [])) for t in producer)
+    return tuple(sorted(edges)), outer
 
 
 def default_sampler(bench: Workbench, budget: int) -> optuna.samplers.BaseSampler:
@@ -258,19 +285,53 @@ class Search:
         return {"score": ev.score, "drop": ev.drop, "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes,
                 "bitops": ev.bitops, "cost": cost, "constraint": ev.drop - self.allowed}
 
-    def warm_start(self) -> int:
-        """Enqueue `strategy.warm_start_plans` once per study: by the worker that created it or,
-        when that run was interrupted before finishing (the study is marked only after the last
-        plan), by the next worker that finds itself alone on the study."""
+    def warm_start(self, budget: int = 50) -> int:
+        """Once per study (by the worker that created it or, when that run was interrupted before
+        finishing, by the next worker alone on it): the closed loop to the budget
+        (`strategy.closed_loop`, each measured plan a trial of the study, at most half the budget),
+        then the incumbent's neighbours and `strategy.warm_start_plans` enqueued for the sampler
+        to start from. Returns the number of plans enqueued."""
         done = self.study.user_attrs.get("warm_started")
         if not self.space.warm_start or not self.dims.searched or done or not (self.created or self._alone):
             return 0
         self.created = False
-        plans = strategy.warm_start_plans(self.problem, self.dims, self.decision)
+        if self.problem.mixable and not self.study.user_attrs.get("closed_loop"):
+            self.incumbent(max_evals=max(2, budget // 2))
+        plans = self._neighbours() + strategy.warm_start_plans(self.problem, self.dims, self.decision)
         for p in plans:
             self.study.enqueue_trial(p, skip_if_exists=True)
         self.study.set_user_attr("warm_started", True)
         return len(plans)
+
+    def incumbent(self, max_evals: int) -> strategy.Incumbent:
+        """`strategy.closed_loop` from the fixed set, every plan it measures recorded as a trial."""
+        fixed = {n: lbl for n, lbl in self.dims.fixed.items()}
+
+        def measure(choices: Mapping[str, str]) -> float:
+            return self.record(dict(choices), strategy="closed loop").drop
+
+        inc = strategy.closed_loop(self.problem, measure, fixed, max_evals=max_evals)
+        self.study.set_user_attr("closed_loop", {"drop": inc.drop, "evaluations": inc.evaluations,
+                                                 "saving": inc.saving})
+        self.log(f"closed loop: {sum(lbl != self.problem.float_label for lbl in inc.choices.values())} of "
+                 f"{len(inc.choices)} layers INT8 at measured drop {inc.drop:.4g} (budget {self.allowed:.4g}), "
+                 f"{inc.evaluations} evaluations")
+        return inc
+
+    def _neighbours(self) -> list[dict[str, str]]:
+        """Plans one step from the best trial within budget so far: each of its INT8 layers with
+        its next-best option (the calibration the proxy ranked second) and the most costly ones
+        (most noise per saving) float. TPE then samples around them."""
+        best = self.best()
+        if best is None:
+            return []
+        fp = self.problem.float_label
+        base = {n: best.choices[n] for n in self.dims.searched}
+        int8 = [n for n, lbl in base.items() if lbl != fp]
+        plans = [{**base, n: self.dims.searched[n][1]} for n in int8[:4] if len(self.dims.searched[n]) > 2]
+        costly = sorted(int8, key=lambda n: -self.problem.facts(n).noise / max(self.problem.facts(n).saving, 1e-9))
+        plans += [{**base, n: fp} for n in costly[:4]]
+        return plans
 
     def run(self, budget: int, deadline: float | None = None, progress: Callable | None = None) -> None:
         """Trials until `budget` are finished in the study or `deadline` (`time.monotonic()`) passes;
@@ -285,7 +346,7 @@ class Search:
             return
         if self._lock_fd is None:  # server storage: no lock; Optuna's heartbeat retries killed trials
             self.recover()
-        self.warm_start()
+        self.warm_start(budget)
         callbacks = [MaxTrialsCallback(budget, states=(TrialState.COMPLETE, TrialState.PRUNED)), _check_interrupt]
         if progress is not None:
             callbacks.append(lambda study, trial: progress(study, trial))

@@ -134,6 +134,8 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
                 return OptimizeResult(1, out, None, evaluations=evaluator.evaluations,
                                       seconds=time.perf_counter() - t_start)
             choice = finalize(bench, evaluator, search)
+            if choice.resolution_note.startswith("warning"):
+                log(choice.resolution_note)
             stage("report", stage.kept)
             plan = _write_result(res, out, bench, profile, search, choice, stage, t_start)
     finally:
@@ -311,6 +313,10 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: Search, choi
         f"per layer ({n_layers} layers). INT8 pays for {pays} layers.",
         f"Time: total {total_s:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in sec.items())
         + f" ({per_trial:.2f}s/trial).",
+        *(["The machine was busy while timing (wall time well above the thread's CPU time): plans were "
+           "compared on thread CPU time, which a busy core does not inflate."] if choice.cpu_clock else []),
+        *([f"Search drop of the chosen plan: {chosen_row.interval}."] if chosen_row.interval else []),
+        *([choice.resolution_note.capitalize() + "."] if choice.resolution_note else []),
         choice.verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
                            f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32 "
                            f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "

@@ -1,0 +1,48 @@
+"""The final choice and the metric's resolution as units: planted rows and parts, no model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qsearch.finalize import busy, pick, resolution_note
+from qsearch.report import Row
+from qsearch.resolution import drop_interval
+
+
+def row(name, search, ms, spread=0.01, cpu=None, resolution=0.001):
+    return Row(name, search, search, ms, 1000, 1, None, latency_spread=spread, cpu_ms=cpu or ms,
+               cpu_spread=spread, resolution=resolution)
+
+
+def test_plans_tied_on_speed_ship_the_larger_accuracy_margin():
+    rows = [row("fp32", 0.90, 10.0), row("naive", 0.80, 5.0), row("thin margin", 0.896, 6.00),
+            row("wide margin", 0.899, 6.05)]
+    # naive is fastest but over budget; 6.00 vs 6.05 ms is inside the 2% timing noise: margin decides
+    assert pick(rows, allowed=0.005) == 3
+    # a clearly faster plan still wins over a more accurate slow one
+    rows[3] = row("wide margin, slow", 0.899, 7.0)
+    assert pick(rows, allowed=0.005) == 2
+
+
+def test_a_busy_machine_is_detected_and_cpu_time_decides():
+    rows = [row("fp32", 0.9, 20.0, spread=1.08, cpu=10.0), row("a", 0.9, 9.0, spread=0.9, cpu=6.0),
+            row("b", 0.9, 12.0, spread=0.9, cpu=5.0)]
+    assert busy(rows)
+    assert pick(rows, allowed=0.01, cpu=True) == 2  # on the wall clock's ±100% everything ties
+    quiet = [row("fp32", 0.9, 10.0, cpu=9.8), row("a", 0.9, 6.0, cpu=5.9)]
+    assert not busy(quiet)
+
+
+def test_a_budget_finer_than_the_split_resolves_is_warned_about():
+    # 80 samples scored top-1 in 40 runs of 2: one sample is 0.0125 of accuracy
+    rng = np.random.default_rng(0)
+    fp32 = np.array([[rng.integers(1, 3), 2] for _ in range(40)], float)
+    plan = fp32.copy()
+    plan[3, 0] -= 1  # one sample flips
+    iv = drop_interval("top1", fp32, plan)
+    assert abs(iv.drop - 1 / 80) < 1e-12 and iv.step == 1 / 80 and iv.low <= iv.drop <= iv.high
+    assert iv.resolution >= 1 / 80
+    r = row("qsearch", 0.9, 5.0, resolution=iv.resolution)
+    assert resolution_note(r, allowed=0.005).startswith("warning: the budget 0.005 is finer")
+    assert resolution_note(r, allowed=0.05) == ""
+    assert "no per-sample parts" in resolution_note(row("custom", 0.9, 5.0, resolution=None), 0.05)
