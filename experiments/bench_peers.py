@@ -142,7 +142,7 @@ def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
 
     t = time.perf_counter()
     bench = ctx.with_forms(profile.forms)
-    plan, n = greedy_fallback(bench, evaluator(bench), problem_for(bench, profile))
+    plan, n, _ = greedy_fallback(bench, evaluator(bench), problem_for(bench, profile))
     return Row("greedy fallback (revert most sensitive, minmax per-tensor)", ctx.rewriter(plan),
                time.perf_counter() - t + t_analyze, n + evals_analyze, "incl. the sensitivity analysis")
 

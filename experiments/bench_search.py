@@ -57,7 +57,7 @@ def main() -> None:
     naive = evaluator(ctx).evaluate(ctx.uniform_plan("minmax", "per_tensor"), "test")
     naive_s = evaluator(ctx).evaluate(ctx.uniform_plan("minmax", "per_tensor"), "search", timing=False).score
     rows.append(("naive int8 (minmax, per-tensor)", naive_s, naive, 1, None, None))
-    greedy, evals = greedy_fallback(ctx, evaluator(ctx), problem_for(ctx, profile))
+    greedy, evals, _ = greedy_fallback(ctx, evaluator(ctx), problem_for(ctx, profile))
     g = evaluator(ctx).evaluate(greedy, "test")
     rows.append(("greedy fallback", evaluator(ctx).evaluate(greedy, "search", timing=False).score, g, evals, None, None))
     seeds_summary = []

@@ -19,19 +19,29 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsearch", description="Sensitivity-driven selective INT8 quantization search.")
     p.add_argument("--version", action="version", version=f"qsearch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _search_commands(sub)
+    _model_commands(sub)
+    _plan_commands(sub)
+    return p
 
-    def common(sp, out_default="qsearch-out", writes_folder=True):
-        sp.add_argument("--config", help="workload YAML (default: the embedded digits workload)")
-        if writes_folder:
-            sp.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
-        else:  # the command's output is -o or stdout; this folder only keeps the calibration cache
-            sp.add_argument("--cache", dest="out", default=out_default,
-                            help="folder whose cache/ keeps calibration statistics (default: %(default)s)")
-            sp.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the earlier name, still accepted
-        sp.add_argument("--eval-timeout", type=float, metavar="SECONDS",
-                        help="limit per model evaluation (default: 20x the FP32 model's, at least 60 s; 0: none); "
-                             "a trial past it fails and the search goes on")
 
+def _common(sp, out_default="qsearch-out", writes_folder=True) -> None:
+    """Arguments every command over a workload takes."""
+    sp.add_argument("--config", help="workload YAML (default: the embedded digits workload)")
+    if writes_folder:
+        sp.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+    else:  # the command's output is -o or stdout; this folder only keeps the calibration cache
+        sp.add_argument("--cache", dest="out", default=out_default,
+                        help="folder whose cache/ keeps calibration statistics (default: %(default)s)")
+        sp.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the earlier name, still accepted
+    sp.add_argument("--eval-timeout", type=float, metavar="SECONDS",
+                    help="limit per model evaluation (default: 20x the FP32 model's, at least 60 s; 0: none); "
+                         "a trial past it fails and the search goes on")
+
+
+def _search_commands(sub) -> None:
+    """analyze and optimize."""
+    common = _common
     a = sub.add_parser("analyze", help="per-layer sensitivity, ranked",
                        description="Calibrate once, then measure every candidate layer: its options' proxy SQNR, "
                                    "its output noise alone in INT8, and whether its INT8 form pays (ORT profile). "
@@ -56,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--study", help="study name (default: derived from the model); same name resumes")
     o.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples only")
     o.add_argument("--workers", type=int, default=1, help="worker processes for the sensitivity analysis")
+
+
+def _model_commands(sub) -> None:
+    """apply, evaluate, profile: commands that take a model."""
+    common = _common
 
     ap = sub.add_parser("apply", help="apply a plan to a model (no data needed)",
                         description="Rewrite a float ONNX model into the plan's QDQ model, deterministically: the "
@@ -85,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=15, help="rows per table (default: %(default)s)")
     pr.add_argument("-o", "--output", help="also write every layer's times as CSV")
 
+
+def _plan_commands(sub) -> None:
+    """show, diff, baseline: commands about plans."""
+    common = _common
+
     sh = sub.add_parser("show", help="a plan as a table: every layer's precision, calibration, granularity, why",
                         description="Print a plan for review: model, scores and provenance, then one row per layer "
                                     "in graph order. With --model, a partial or schema-1 plan is listed in full "
@@ -112,7 +132,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--calibration", choices=METHODS, default="minmax", help="activation ranges (default: %(default)s)")
     b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
                    help="weight scales (default: %(default)s)")
-    return p
 
 
 def _interrupt(signum, frame):

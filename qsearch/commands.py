@@ -171,7 +171,7 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
         profile = sensitivity.analyze(bench, cache_dir=out / "cache", progress=Progress("analyze"))
         bench = bench.with_forms(profile.forms)
         evaluator = Evaluator(bench)
-        plan, _ = greedy_fallback(bench, evaluator, problem_for(bench, profile), method, granularity)
+        plan, _, _ = greedy_fallback(bench, evaluator, problem_for(bench, profile), method, granularity)
         plan = plan.with_why(layer_reasons(plan, profile, absorbed=bench.prepared.absorbed(plan.forms)))
     ev = evaluator.evaluate(plan, "test")
     fp32_test = evaluator.fp32_test()

@@ -89,19 +89,26 @@ class Evaluator:
         return Evaluation(score, fp32 - score, lat, model_size(proto), bops)
 
     def search_with_interval(self, model: Plan | onnx.ModelProto) -> tuple[float, DropInterval | None]:
-        """The search score and, for a built-in metric, the drop's bootstrap interval against FP32
-        on the same runs (`resolution`); a user's score function gives no parts (None)."""
-        scorer = self.bench.search_scorer
-        if not scorer.sliceable:
-            return self.evaluate(model, timing=False).score, None
+        """The search score and the drop's bootstrap interval against FP32 on the same runs
+        (`resolution`): built-in metrics have per-run parts, a user's score function has them when
+        it returns per-sample parts (else None)."""
         if self._fp32_parts is None:
-            self._fp32_parts = scorer.parts(make_session(self.bench.prepared.proto, self.bench.workload.threads))
+            _, self._fp32_parts = self._scored(self.bench.prepared.proto)
         t0 = time.perf_counter()
-        parts = scorer.parts(self.session(model))
+        score, parts = self._scored(model)
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
-        interval = drop_interval(scorer.metric, self._fp32_parts, parts)
-        return scorer.finish(parts.sum(0)), interval
+        if parts is None or self._fp32_parts is None or len(parts) != len(self._fp32_parts):
+            return score, None
+        return score, drop_interval(self.bench.search_scorer.metric, self._fp32_parts, parts)
+
+    def _scored(self, model: Plan | onnx.ModelProto) -> tuple[float, np.ndarray | None]:
+        scorer = self.bench.search_scorer
+        sess = self.session(model)
+        if scorer.sliceable:
+            parts = scorer.parts(sess)
+            return scorer.finish(parts.sum(0)), parts
+        return scorer.score(sess), scorer.last_parts
 
     def drop(self, choices: dict[str, str]) -> float:
         """Metric drop on the whole search data of a plan given as layer -> option label (layers

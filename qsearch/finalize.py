@@ -8,6 +8,7 @@ meets the budget, and never one slower than FP32 (then FP32 ships, said plainly)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,19 +24,21 @@ from qsearch.study import Search, TrialResult
 from qsearch.workbench import Workbench
 
 ROUNDS = 5  # interleaved timing rounds of the final table
+TIMING_S = 1.0  # seconds of runs per plan per timing round (5-15 runs)
 TIE = 0.02  # plans within 2% of each other tie even on a quiet machine
 BUSY_RATIO = 1.15  # wall / thread CPU time above this: the machine was busy while timing
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A plan to put in the final table: its row name, and the evaluations that produced it."""
+    """A plan to put in the final table: its row name, its search score where already measured
+    (trials, baselines built by measuring), and the evaluations that produced it."""
 
     name: str
     plan: Plan
     evaluations: int | None
     trial: TrialResult | None = None  # the study's trial, for a searched plan
-
+    search: float | None = None
 
 @dataclass(frozen=True)
 class FinalChoice:
@@ -59,28 +62,37 @@ class FinalChoice:
 
 
 def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry], rounds: int = ROUNDS) -> list[Row]:
-    """Score each entry on search and test data, then time them in interleaved rounds (wall and
-    thread CPU time) keeping each one's best median: a background hiccup cannot make one plan look
-    slow. Built-in metrics keep their per-run parts, so each drop gets its bootstrap interval."""
+    """Time the entries side by side in interleaved rounds (wall and thread CPU time), keeping each
+    one's best median: a background hiccup cannot make one plan look slow. Search scores are the
+    ones already measured (scored here only where missing); test scores come later, for the rows
+    shown. Each timing takes about TIMING_S, whatever the model's speed."""
     built = []
     for e in entries:
         proto = bench.rewriter(e.plan)
-        search, interval = evaluator.search_with_interval(proto)
-        test = evaluator.evaluate(proto, "test", timing=False).score
+        search = e.search if e.search is not None else evaluator.evaluate(proto, timing=False).score
         n8 = sum(e.plan.choice(la.name).is_int8 for la in bench.prepared.layers)
-        built.append((e, evaluator.session(proto), proto, n8, search, test, interval))
+        built.append((e, evaluator.session(proto), proto, n8, search))
+    repeat = int(max(5, min(15, TIMING_S / max(bench.baseline.fp32_latency_ms / 1e3, 1e-6))))
     wall: list[list[float]] = [[] for _ in built]
     cpu: list[list[float]] = [[] for _ in built]
     for _ in range(rounds):
         for i, b in enumerate(built):
-            w, c = timing_ms(b[1], bench.latency_feed, repeat=15)
+            w, c = timing_ms(b[1], bench.latency_feed, repeat=repeat)
             wall[i].append(w)
             cpu[i].append(c)
-    return [Row(e.name, search, test, min(wall[i]), model_size(proto), n8, e.evaluations,
-                latency_spread=_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=_spread(cpu[i]),
-                interval="" if interval is None or i == 0 else interval.text(),
-                resolution=None if interval is None else interval.resolution)
-            for i, (e, _, proto, n8, search, test, interval) in enumerate(built)]
+    return [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
+                latency_spread=_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=_spread(cpu[i]))
+            for i, (e, _, proto, n8, search) in enumerate(built)]
+
+
+def scored(evaluator: Evaluator, plan: Plan, row: Row, interval: bool = False) -> Row:
+    """The row with its test score (and, with `interval`, its search drop's bootstrap interval)."""
+    test = evaluator.evaluate(plan, "test", timing=False).score
+    if not interval:
+        return dataclasses.replace(row, test_score=test)
+    _, iv = evaluator.search_with_interval(plan)
+    return dataclasses.replace(row, test_score=test, interval="" if iv is None else iv.text(),
+                               resolution=None if iv is None else iv.resolution)
 
 
 def _spread(times: Sequence[float]) -> float:
@@ -114,18 +126,23 @@ def pick(rows: Sequence[Row], allowed: float, cpu: bool = False) -> int:
 
 def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalChoice:
     """Baselines (FP32, naive INT8, the greedy fallback) and the finalists, timed side by side;
-    the fastest within budget on search data ships, unless it is slower than FP32 on a CPU target."""
+    the fastest within budget on search data ships (timing ties to the larger margin), unless it
+    is slower than FP32 on a CPU target. Test data is scored once, for the rows the report shows."""
     start = evaluator.evaluations
     fp32_plan = bench.plan({})
     naive = bench.uniform_plan("minmax", "per_tensor")
-    hybrid, hybrid_evals = greedy_fallback(bench, evaluator, search.problem)
+    hybrid, hybrid_evals, hybrid_drop = greedy_fallback(bench, evaluator, search.problem)
     n_trials = len(search.results())
-    entries = [Entry("fp32", fp32_plan, None), Entry("naive int8 (minmax, per-tensor)", naive, 1),
-               Entry("hybrid (greedy fallback)", hybrid, hybrid_evals)]
-    entries += [Entry(f"qsearch (trial {r.number})", search.plan_for(r), n_trials, r) for r in search.finalists()]
+    fp32_search = bench.baseline.fp32_search
+    entries = [Entry("fp32", fp32_plan, None, search=fp32_search), Entry("naive int8 (minmax, per-tensor)", naive, 1),
+               Entry("hybrid (greedy fallback)", hybrid, hybrid_evals, search=fp32_search - hybrid_drop)]
+    entries += [Entry(f"qsearch (trial {r.number})", search.plan_for(r), n_trials, r, r.score)
+                for r in search.finalists()]
     rows = timed_rows(bench, evaluator, entries)
     on_cpu = busy(rows)
     i = pick(rows, search.allowed, on_cpu)
+    rows = [scored(evaluator, entries[k].plan, rows[k], interval=k == i) if k in (0, 1, 2, i) else rows[k]
+            for k in range(len(rows))]
     chosen, row, trial = entries[i].plan, rows[i], entries[i].trial
     if trial is None:  # a baseline: say so in the row's name
         row = _renamed(row, f"qsearch: {row.name} (fastest within budget)", n_trials)
@@ -162,12 +179,20 @@ def _renamed(row: Row, name: str, evaluations: int, int8_layers: int | None = No
 
 
 def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Problem, method: str = "minmax",
-                    granularity: str = "per_tensor") -> tuple[Plan, int]:
+                    granularity: str = "per_tensor") -> tuple[Plan, int, float]:
     """The peers' accuracy-control loop (`strategy.greedy_revert`) as a plan: all-INT8 with one
-    method, the noisiest layers reverted until the budget holds."""
+    method, the noisiest layers reverted until the budget holds. Returns (plan, evaluations,
+    its measured search drop)."""
     option = f"int8/{method}/{granularity}"
-    choices, evals = strategy.greedy_revert(problem, option, evaluator.drop)
-    return evaluator.plan(choices), evals
+    drops: dict[tuple, float] = {}
+
+    def measure(choices) -> float:
+        drops[tuple(sorted(choices.items()))] = d = evaluator.drop(dict(choices))
+        return d
+
+    choices, evals = strategy.greedy_revert(problem, option, measure)
+    drop = drops.get(tuple(sorted(choices.items())))
+    return evaluator.plan(choices), evals, drop if drop is not None else evaluator.drop(choices)
 
 
 def layer_reasons(plan: Plan, profile: SensitivityProfile, fixed: Mapping[str, str] | None = None,
@@ -195,10 +220,13 @@ def layer_reasons(plan: Plan, profile: SensitivityProfile, fixed: Mapping[str, s
 
 
 def final_stage_seconds(bench: Workbench) -> float:
-    """What the final stage costs, from the FP32 model's measured times: 7 plans scored on search
-    and test data and timed in 5 interleaved rounds, the greedy fallback's few evaluations, three
-    per-node profiles, the report. Reserved out of `--timeout` so the result can still be written."""
+    """What the final stage costs, from the FP32 model's measured times: naive INT8 and the
+    greedy fallback's bisection (about 2 log2 L evaluations) on search data, the chosen plan's
+    interval, four test scorings, six plans timed in ROUNDS interleaved rounds, three per-node
+    profiles, the report. Reserved out of `--timeout` so the result can still be written."""
     seconds = bench.baseline.score_seconds
-    score = seconds["search"] + seconds["test"]
     batch_s = bench.baseline.fp32_latency_ms / 1e3
-    return 7 * (score + 90 * batch_s + 0.5) + 3 * seconds["search"] + 60 * batch_s + 3.0
+    greedy = 2 * math.ceil(math.log2(len(bench.prepared.layers) + 1)) + 2
+    repeat = max(5, min(15, TIMING_S / max(batch_s, 1e-6)))
+    timing = 6 * ROUNDS * (repeat + 3) * batch_s
+    return seconds["search"] * (greedy + 3) + 4 * seconds["test"] + timing + 30 * batch_s + 3.0

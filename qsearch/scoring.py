@@ -104,6 +104,7 @@ class Scorer:
         self.metric, self.data, self.reference = metric, data, reference
         self.custom, self.custom_name = custom, custom_name
         self.limit_s: float | None = None  # per-evaluation time limit (see `limits`); set once FP32 is timed
+        self.last_parts: np.ndarray | None = None  # a user's per-sample parts from the last score, if it gave any
 
     def _limit(self):
         what = f"score function '{self.custom_name}'" if self.custom is not None else f"metric {self.metric}"
@@ -149,17 +150,42 @@ class Scorer:
 
     def score(self, sess: ort.InferenceSession) -> float:
         if self.custom is not None:
-            try:
-                with self._limit():
-                    v = self.custom(sess)
-            except limits.EvaluationTimeout:
-                raise
-            except Exception as exc:
-                raise QsearchError(f"score function '{self.custom_name}' raised {type(exc).__name__}: {exc}") from None
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
-                raise QsearchError(f"score function '{self.custom_name}' returned {v!r}, not a finite number")
-            return float(v)
+            return self._custom_score(sess)
         return self.finish(self.partial(sess, 0, len(self.data)))
+
+    def _custom_score(self, sess: ort.InferenceSession) -> float:
+        """A user's score: a number, or per-sample parts [[numerator, denominator], ...] whose
+        ratio of sums is the metric (mean accuracy, character accuracy, F1 as 2TP / (2TP+FP+FN)):
+        then the parts are kept (`last_parts`) and the drop gets a bootstrap interval."""
+        try:
+            with self._limit():
+                v = self.custom(sess)
+        except limits.EvaluationTimeout:
+            raise
+        except (Exception, SystemExit) as exc:  # an entry point that exits is an error, never a silent success
+            raise QsearchError(f"score function '{self.custom_name}' raised {type(exc).__name__}: {exc}") from None
+        self.last_parts = None
+        if isinstance(v, (list, tuple, np.ndarray)) and not isinstance(v, bool):
+            parts = _parts(v)
+            if parts is None:
+                raise QsearchError(f"score function '{self.custom_name}' returned a sequence that is not per-sample "
+                                   "parts [[numerator, denominator], ...] with finite values and a positive total "
+                                   "denominator")
+            self.last_parts = parts
+            return self.finish(parts.sum(0))
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+            raise QsearchError(f"score function '{self.custom_name}' returned {v!r}, not a finite number")
+        return float(v)
+
+
+def _parts(v) -> np.ndarray | None:
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if a.ndim != 2 or a.shape[1] != 2 or not len(a) or not np.isfinite(a).all() or a[:, 1].sum() <= 0:
+        return None
+    return a
 
 
 def reference_outputs(sess: ort.InferenceSession, data: Dataset) -> list[list[np.ndarray]]:

@@ -264,8 +264,11 @@ def closed_loop(problem: Problem, measure: MeasureDrop, fixed: Mapping[str, str]
     fixed = dict(fixed or {})
     best = problem.best
     free = [x for x in problem.layers if x.name not in fixed]
-    order = [x.name for x in sorted((x for x in free if x.saving > 0),
-                                    key=lambda x: (-x.saving / max(x.noise, 1e-12), x.rank))]
+    pays = sorted((x for x in free if x.saving > 0), key=lambda x: (-x.saving / max(x.noise, 1e-12), x.rank))
+    # then the layers whose INT8 form alone does not pay, cheapest first: inside an INT8 region they
+    # save the Q/DQ pairs a float island costs (the border cleanup below weighs that)
+    costs = sorted((x for x in free if x.saving <= 0), key=lambda x: (-x.saving, x.rank))
+    order = [x.name for x in (*pays, *(costs if problem.border_cost > 0 else ()))]
     evals = 0
 
     def plan_of(int8: set[str]) -> dict[str, str]:
@@ -297,15 +300,15 @@ def closed_loop(problem: Problem, measure: MeasureDrop, fixed: Mapping[str, str]
         chosen |= set(queue[:lo])
         queue = _fitting(problem, queue[lo + 1:], chosen | base, current)
     before = set(chosen)
-    chosen = _drop_int8_islands(problem, chosen, base)
+    chosen = _drop_int8_regions(problem, chosen, base)
     if chosen != before:
         current = None  # fewer INT8 layers: measured again below
-    for n in _float_islands(problem, chosen | base, [x.name for x in free]):  # each measured: it adds risk
+    for region in _float_regions(problem, chosen | base, [x.name for x in free]):  # each measured: it adds risk
         if evals >= max_evals:
             break
-        d = drop_of(chosen | {n})
+        d = drop_of(chosen | region)
         if d <= problem.allowed:
-            chosen.add(n)
+            chosen |= region
             current = d
     if current is None or evals == 0:
         current = drop_of(chosen)
@@ -323,21 +326,58 @@ def _fitting(problem: Problem, queue: list[str], int8: set[str], drop: float | N
     return [n for n in queue if per_noise * problem.facts(n).noise <= slack]
 
 
-def _drop_int8_islands(problem: Problem, chosen: set[str], base: set[str]) -> set[str]:
-    """INT8 layers whose borders cost more than they save go float (fewer INT8 layers: no new risk
-    to the budget)."""
+def _neighbours(problem: Problem) -> dict[str, set[str]]:
+    adj: dict[str, set[str]] = {x.name: set() for x in problem.layers}
+    for a, b in problem.edges:
+        adj.setdefault(a, set()).add(b)
+        adj.setdefault(b, set()).add(a)
+    return adj
+
+
+def _regions(adj: dict[str, set[str]], members: set[str], order: list[str]) -> list[set[str]]:
+    """Connected groups of `members` (graph order of their first layer)."""
+    seen: set[str] = set()
+    out = []
+    for n in order:
+        if n not in members or n in seen:
+            continue
+        region, todo = set(), [n]
+        while todo:
+            m = todo.pop()
+            if m in region:
+                continue
+            region.add(m)
+            todo.extend(k for k in adj.get(m, ()) if k in members and k not in region)
+        seen |= region
+        out.append(region)
+    return out
+
+
+def _drop_int8_regions(problem: Problem, chosen: set[str], base: set[str]) -> set[str]:
+    """INT8 layers, and connected INT8 regions, whose borders cost more than they save go float
+    (fewer INT8 layers: no new risk to the budget), best predicted gain first, until none pays."""
+    if problem.border_cost <= 0:
+        return chosen
+    adj, order = _neighbours(problem), [x.name for x in problem.layers]
     chosen = set(chosen)
-    for n in sorted(chosen, key=lambda n: problem.facts(n).rank):
-        if problem.saving((chosen - {n}) | base) > problem.saving(chosen | base) + 1e-12:
-            chosen.discard(n)
+    for _ in range(min(len(chosen), 50)):
+        now = problem.saving(chosen | base)
+        moves = [{n} for n in chosen] + _regions(adj, chosen, order)
+        gains = [(problem.saving((chosen - m) | base) - now, i) for i, m in enumerate(moves)]
+        gain, i = max(gains, default=(0.0, -1))
+        if gain <= 1e-12:
+            break
+        chosen -= moves[i]
     return chosen
 
 
-def _float_islands(problem: Problem, int8: set[str], free: list[str]) -> list[str]:
-    """Float layers whose going INT8 the border-aware cost model predicts faster (their Q/DQ
-    pairs cost more than INT8 loses), most predicted gain first."""
+def _float_regions(problem: Problem, int8: set[str], free: list[str]) -> list[set[str]]:
+    """Float layers and connected float regions whose going INT8 the border-aware cost model
+    predicts faster (their Q/DQ pairs cost more than INT8 loses), most predicted gain first."""
     if problem.border_cost <= 0:
         return []
-    now = problem.saving(int8)
-    gains = {n: problem.saving(int8 | {n}) - now for n in free if n not in int8}
-    return sorted((n for n, g in gains.items() if g > 1e-12), key=lambda n: -gains[n])
+    adj, now = _neighbours(problem), problem.saving(int8)
+    floats = {n for n in free if n not in int8}
+    moves = [{n} for n in floats] + [r for r in _regions(adj, floats, free) if len(r) > 1]
+    gains = [(problem.saving(int8 | m) - now, i) for i, m in enumerate(moves)]
+    return [moves[i] for g, i in sorted(gains, key=lambda t: -t[0]) if g > 1e-12]

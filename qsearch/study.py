@@ -75,24 +75,39 @@ def problem_for(bench: Workbench, profile: SensitivityProfile) -> Problem:
 
 
 def graph_edges(bench: Workbench) -> tuple[tuple[tuple[str, str], ...], int]:
-    """(producer, consumer) pairs of candidate layers joined by a tensor, and the number of
-    tensors where a candidate meets a non-candidate op (the borders all-INT8 still has)."""
+    """(producer, consumer) pairs of candidate layers joined by a tensor, directly or through
+    value-moving ops (Reshape, Transpose, MaxPool...: they run on whatever precision they are
+    given), and the number of tensors where a candidate meets another op (the borders all-INT8
+    still has)."""
+    from qsearch.model import PASSTHROUGH_OPS
+
     forms, cands = bench.forms, bench.candidates()
-    producer = {la.quantized_output(forms): la.name for la in cands}
     owned = {n for la in cands for n in (*la.nodes, *la.gate, *la.tail)}
-    readers: dict[str, list[str]] = {}
+    readers: dict[str, list] = {}
     for node in bench.prepared.proto.graph.node:
         for t in node.input:
-            readers.setdefault(t, []).append(node.name)
+            readers.setdefault(t, []).append(node)
+    consumer = {t: la.name for la in cands for t in la.quantized_inputs(forms)}
     edges, outer = set(), 0
     for la in cands:
-        for t in la.quantized_inputs(forms):
-            if t in producer:
-                edges.add((producer[t], la.name))
-            else:
-                outer += 1
-    outer += sum(any(r not in owned for r in readers.get(t, [])) for t in producer)
+        todo, seen = [la.quantized_output(forms)], set()
+        while todo:
+            t = todo.pop()
+            seen.add(t)
+            for node in readers.get(t, []):
+                if node.name in owned:
+                    continue
+                if node.op_type in PASSTHROUGH_OPS:
+                    todo.extend(o for o in node.output[:1] if o not in seen)
+                else:
+                    outer += 1
+        edges |= {(la.name, consumer[t]) for t in seen if t in consumer and consumer[t] != la.name}
+    outer += sum(t not in _produced(cands, forms) for t in consumer)
     return tuple(sorted(edges)), outer
+
+
+def _produced(cands, forms) -> set[str]:
+    return {la.quantized_output(forms) for la in cands}
 
 
 def default_sampler(bench: Workbench, budget: int) -> optuna.samplers.BaseSampler:

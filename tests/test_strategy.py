@@ -118,3 +118,18 @@ def test_greedy_revert_bisects_with_few_evaluations():
     plan, evals = strategy.greedy_revert(problem, INT8, measure)
     assert measure(plan) <= problem.allowed
     assert evals <= 2 * int(np.ceil(np.log2(len(problem.layers)))) + 2
+
+
+def test_a_float_region_of_two_layers_between_int8_regions_goes_int8_as_a_whole():
+    """m1 and m2 each lose 0.05 ms in INT8, so neither pays alone and flipping one alone only moves
+    a border; as a region between INT8 neighbours they cost two borders of 0.3 ms: both go INT8."""
+    names = ["a", "m1", "m2", "b"]
+    saving = {"a": 1.0, "m1": -0.05, "m2": -0.05, "b": 1.0}
+    layers = tuple(LayerFacts(n, (INT8,), saving[n], 1e-4, i) for i, n in enumerate(names))
+    problem = Problem(layers, "fp32", 0.01, SearchSpace(), edges=tuple(zip(names, names[1:])), border_cost=0.3)
+    inc = strategy.closed_loop(problem, lambda c: 0.001 * sum(v.startswith("int8") for v in c.values()))
+    assert all(inc.choices[n] == INT8 for n in names)
+    # with a budget that does not allow them, the region stays float and the plan stays within budget
+    tight = Problem(layers, "fp32", 0.0025, SearchSpace(), edges=problem.edges, border_cost=0.3)
+    inc = strategy.closed_loop(tight, lambda c: 0.001 * sum(v.startswith("int8") for v in c.values()))
+    assert inc.drop <= 0.0025 and sum(v == INT8 for v in inc.choices.values()) == 2
