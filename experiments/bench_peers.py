@@ -138,7 +138,7 @@ def nncf_aac(ctx) -> Row:
 
 def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
     from qsearch.finalize import greedy_fallback
-    from qsearch.study import problem_for
+    from qsearch.problem import problem_for
 
     t = time.perf_counter()
     bench = ctx.with_forms(profile.forms)

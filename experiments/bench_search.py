@@ -24,9 +24,10 @@ from bench_peers import context, evaluator, require
 from qsearch.evaluator import Evaluator
 from qsearch.finalize import greedy_fallback
 from qsearch.plan import LayerChoice
+from qsearch.problem import problem_for
 from qsearch.sensitivity import analyze
 from qsearch.strategy import Dimensions, build_dimensions
-from qsearch.study import Search, problem_for
+from qsearch.study import Search
 
 HERE = Path(__file__).resolve().parent
 

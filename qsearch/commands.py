@@ -19,11 +19,11 @@ from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable
 from qsearch.finalize import greedy_fallback, layer_reasons
 from qsearch.model import load_model, prepare
 from qsearch.plan import LayerChoice, Plan
+from qsearch.problem import problem_for
 from qsearch.progress import Progress, log
 from qsearch.report import forms_line
 from qsearch.runtime import make_session
 from qsearch.scoring import fusion_check, latency_ms, model_size
-from qsearch.study import problem_for
 from qsearch.workbench import Workbench, open_workbench
 
 

@@ -18,7 +18,7 @@ from qsearch.limits import EvaluationTimeout
 from qsearch.plan import LayerChoice, Plan
 from qsearch.resolution import DropInterval, drop_interval
 from qsearch.runtime import make_session
-from qsearch.scoring import latency_ms, model_size
+from qsearch.scoring import model_size, timing_ms
 from qsearch.workbench import Workbench
 
 BITS = {"int8": 8, "int16": 16, "fp16": 16, "fp32": 32}
@@ -31,14 +31,18 @@ class Evaluation:
 
     score: float
     drop: float  # FP32's score on the same split minus this one
-    latency_ms: float | None
+    latency_ms: float | None  # median wall time of the latency batch
     size_bytes: int
     bitops: float  # GBOPs: MACs x weight bits x activation bits
+    cpu_ms: float | None = None  # median thread CPU time (with one intra-op thread: the model's own work)
 
     def cost(self, objective: str) -> float:
-        """The search objective's value (lower is better)."""
+        """The search objective's value (lower is better). Latency is the thread's CPU time where
+        ONNX Runtime computes on this thread alone (one intra-op thread): a busy machine inflates
+        wall time, not that."""
         if objective == "latency":
-            return float(self.latency_ms if self.latency_ms is not None else np.nan)
+            ms = self.cpu_ms if self.cpu_ms is not None else self.latency_ms
+            return float(ms if ms is not None else np.nan)
         return float(self.size_bytes) if objective == "size" else self.bitops
 
 
@@ -82,11 +86,13 @@ class Evaluator:
                 score = scorer.finish(head + scorer.partial(sess, k, scorer.batches))
             else:
                 score = scorer.score(sess)
-            lat = latency_ms(sess, self.bench.latency_feed) if timing else None
+            lat, cpu = timing_ms(sess, self.bench.latency_feed) if timing else (None, None)
+            if self.bench.workload.threads != 1:
+                cpu = None  # several threads: CPU time sums them, wall time is the latency
         finally:
             self.seconds += time.perf_counter() - t0
         bops = bitops(self.bench, model) if isinstance(model, Plan) else float("nan")
-        return Evaluation(score, fp32 - score, lat, model_size(proto), bops)
+        return Evaluation(score, fp32 - score, lat, model_size(proto), bops, cpu)
 
     def search_with_interval(self, model: Plan | onnx.ModelProto) -> tuple[float, DropInterval | None]:
         """The search score and the drop's bootstrap interval against FP32 on the same runs

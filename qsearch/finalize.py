@@ -23,8 +23,8 @@ from qsearch.sensitivity import SensitivityProfile
 from qsearch.study import Search, TrialResult
 from qsearch.workbench import Workbench
 
-ROUNDS = 5  # interleaved timing rounds of the final table
-TIMING_S = 1.0  # seconds of runs per plan per timing round (5-15 runs)
+ROUNDS = 4  # interleaved timing rounds of the final table
+TIMING_S = 0.5  # seconds of runs per plan per timing round (5-15 runs)
 TIE = 0.02  # plans within 2% of each other tie even on a quiet machine
 BUSY_RATIO = 1.15  # wall / thread CPU time above this: the machine was busy while timing
 
@@ -77,7 +77,7 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
     cpu: list[list[float]] = [[] for _ in built]
     for _ in range(rounds):
         for i, b in enumerate(built):
-            w, c = timing_ms(b[1], bench.latency_feed, repeat=repeat)
+            w, c = timing_ms(b[1], bench.latency_feed, warmup=2, repeat=repeat)
             wall[i].append(w)
             cpu[i].append(c)
     return [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
@@ -221,12 +221,12 @@ def layer_reasons(plan: Plan, profile: SensitivityProfile, fixed: Mapping[str, s
 
 def final_stage_seconds(bench: Workbench) -> float:
     """What the final stage costs, from the FP32 model's measured times: naive INT8 and the
-    greedy fallback's bisection (about 2 log2 L evaluations) on search data, the chosen plan's
+    greedy fallback's bisection (about log2 L evaluations) on search data, the chosen plan's
     interval, four test scorings, six plans timed in ROUNDS interleaved rounds, three per-node
     profiles, the report. Reserved out of `--timeout` so the result can still be written."""
     seconds = bench.baseline.score_seconds
     batch_s = bench.baseline.fp32_latency_ms / 1e3
-    greedy = 2 * math.ceil(math.log2(len(bench.prepared.layers) + 1)) + 2
+    greedy = math.ceil(math.log2(len(bench.prepared.layers) + 1)) + 1
     repeat = max(5, min(15, TIMING_S / max(batch_s, 1e-6)))
-    timing = 6 * ROUNDS * (repeat + 3) * batch_s
+    timing = 6 * ROUNDS * (repeat + 2) * batch_s
     return seconds["search"] * (greedy + 3) + 4 * seconds["test"] + timing + 30 * batch_s + 3.0

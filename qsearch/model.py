@@ -309,61 +309,14 @@ def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     for node in g.node:
         if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        weight = bias = constant = None
-        axis = 0
         ins = [t for t in node.input if t]
         if any(elem.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT for t in (*ins, *node.output)):
             continue  # integer shape arithmetic, bool masks, float16 islands: no int8 kernel
-        if node.op_type == "Conv":
-            if len(ins) < 2 or ins[1] not in inits:
-                continue
-            acts, weight = (ins[0],), ins[1]
-            bias = ins[2] if len(ins) > 2 and ins[2] in inits else None
-        elif node.op_type == "Gemm":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if ins[1] not in inits or attrs.get("transA", 0) or ins[0] in inits:
-                continue
-            acts, weight = (ins[0],), ins[1]
-            axis = 0 if attrs.get("transB", 0) else 1
-            bias = ins[2] if len(ins) > 2 and ins[2] in inits and len(inits[ins[2]].dims) == 1 else None
-            if bias is not None and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
-                continue
-        elif node.op_type == "MatMul":
-            if ins[0] in inits:
-                continue
-            if ins[1] in inits:
-                if len(inits[ins[1]].dims) != 2:
-                    continue
-                acts, weight, axis = (ins[0],), ins[1], 1
-            else:
-                acts = (ins[0], ins[1])
-        elif node.op_type in BINARY_OPS:  # residuals, gates; or by a constant (hardswish's +3, scales)
-            if len(ins) != 2 or len(set(ins)) != 2 or all(t in inits for t in ins):
-                continue
-            const = [t for t in ins if t in inits]
-            acts = tuple(t for t in ins if t not in inits)
-            constant = const[0] if const else None
-            if node.name in patterns:
-                acts = (patterns[node.name][1], *(t for t in acts if t != patterns[node.name][1]))
-        elif node.op_type in VARIADIC_OPS:  # QLinearConcat: every input an activation
-            if len(ins) < 2 or any(t in inits for t in ins) or len(set(ins)) != len(ins):
-                continue
-            acts = tuple(ins)
-        else:  # unary: one float activation in, one out
-            if not ins or ins[0] in inits or len(node.output) != 1:
-                continue
-            acts = (ins[0],)
-        out = node.output[0]
-        unit = [node.name]
-        nxt = consumers.get(out, [])
-        if (
-            len(nxt) == 1
-            and nxt[0].op_type in FUSED_ACTIVATIONS
-            and out not in graph_outputs
-            and all(t in inits or t == out for t in nxt[0].input if t)
-        ):
-            unit.append(nxt[0].name)
-            out = nxt[0].output[0]
+        roles = _roles(node, ins, inits, patterns)
+        if roles is None:
+            continue
+        acts, weight, bias, axis, constant = roles
+        unit, out = _unit(node, consumers, graph_outputs, inits)
         layers.append(
             Layer(
                 name=node.name,
@@ -386,6 +339,69 @@ def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
             )
         )
     return layers
+
+
+def _roles(node: onnx.NodeProto, ins: list[str], inits: dict, patterns: dict) -> tuple | None:
+    """(activations, weight, bias, weight axis, constant) of a node ORT can run in int8, or None
+    when this node's inputs rule its int8 kernel out."""
+    weight = bias = constant = None
+    axis = 0
+    if node.op_type == "Conv":
+        if len(ins) < 2 or ins[1] not in inits:
+            return None
+        acts, weight = (ins[0],), ins[1]
+        bias = ins[2] if len(ins) > 2 and ins[2] in inits else None
+    elif node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if ins[1] not in inits or attrs.get("transA", 0) or ins[0] in inits:
+            return None
+        acts, weight = (ins[0],), ins[1]
+        axis = 0 if attrs.get("transB", 0) else 1
+        bias = ins[2] if len(ins) > 2 and ins[2] in inits and len(inits[ins[2]].dims) == 1 else None
+        if bias is not None and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            return None
+    elif node.op_type == "MatMul":
+        if ins[0] in inits:
+            return None
+        if ins[1] in inits:
+            if len(inits[ins[1]].dims) != 2:
+                return None
+            acts, weight, axis = (ins[0],), ins[1], 1
+        else:
+            acts = (ins[0], ins[1])
+    elif node.op_type in BINARY_OPS:  # residuals, gates; or by a constant (hardswish's +3, scales)
+        if len(ins) != 2 or len(set(ins)) != 2 or all(t in inits for t in ins):
+            return None
+        const = [t for t in ins if t in inits]
+        acts = tuple(t for t in ins if t not in inits)
+        constant = const[0] if const else None
+        if node.name in patterns:
+            acts = (patterns[node.name][1], *(t for t in acts if t != patterns[node.name][1]))
+    elif node.op_type in VARIADIC_OPS:  # QLinearConcat: every input an activation
+        if len(ins) < 2 or any(t in inits for t in ins) or len(set(ins)) != len(ins):
+            return None
+        acts = tuple(ins)
+    else:  # unary: one float activation in, one out
+        if not ins or ins[0] in inits or len(node.output) != 1:
+            return None
+        acts = (ins[0],)
+    return acts, weight, bias, axis, constant
+
+
+def _unit(node: onnx.NodeProto, consumers: dict, graph_outputs: set[str], inits: dict) -> tuple[list[str], str]:
+    """The node and the activation ORT folds into its int8 kernel (Relu, Clip), and the unit's output."""
+    out = node.output[0]
+    unit = [node.name]
+    nxt = consumers.get(out, [])
+    if (
+        len(nxt) == 1
+        and nxt[0].op_type in FUSED_ACTIVATIONS
+        and out not in graph_outputs
+        and all(t in inits or t == out for t in nxt[0].input if t)
+    ):
+        unit.append(nxt[0].name)
+        out = nxt[0].output[0]
+    return unit, out
 
 
 def _scalar(inits: dict, name: str) -> float | None:

@@ -181,17 +181,7 @@ class Plan:
         if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= pct <= 100.0:
             raise QsearchError(f"{where(path, calib, 'percentile')}: calibration.percentile must be a number in "
                                f"[50, 100], got {pct!r}")
-        forms = doc.get("forms") or {}
-        if not isinstance(forms, dict):
-            raise QsearchError(f"{where(path, doc, 'forms')}: 'forms' must be a mapping of pattern -> form, got "
-                               f"{forms!r}"[:300])
-        for k, v in forms.items():
-            if k not in PATTERN_FORMS:
-                raise QsearchError(f"{where(path, forms, k)}: forms.{k}: unknown pattern (known: "
-                                   f"{', '.join(PATTERN_FORMS)})")
-            if v not in PATTERN_FORMS[k]:
-                raise QsearchError(f"{where(path, forms, k)}: forms.{k} is {v!r}, expected one of "
-                                   f"{', '.join(PATTERN_FORMS[k])}"[:300])
+        forms = _read_forms(path, doc)
         for key in ("metrics", "provenance"):
             if doc.get(key) is not None and not isinstance(doc[key], dict):
                 raise QsearchError(f"{where(path, doc, key)}: '{key}' must be a mapping, got {doc[key]!r}"[:300])
@@ -205,32 +195,7 @@ class Plan:
             layers = {str(n): _parse_choice(path, c or {}, defaults, f"layers.{n}") for n, c in layers_doc.items()}
             _read_ranges(path, doc, "activation_ranges", ranges, owner)
         else:
-            layers = {}
-            layers_doc = doc.get("layers") or []
-            if not isinstance(layers_doc, list):
-                raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a list of layer entries")
-            for i, e in enumerate(layers_doc):
-                if not isinstance(e, dict) or not isinstance(e.get("layer"), str):
-                    raise QsearchError(f"{where(path, layers_doc, i)}: layers[{i}] must be a mapping with a "
-                                       f"'layer' name, got {e!r}"[:300])
-                name = e["layer"]
-                if name in layers:
-                    raise QsearchError(f"{where(path, layers_doc, i)}: layer '{name}' is listed twice")
-                check_keys(path, e, {"layer", "name", "op", "precision", "calibration", "granularity", "ranges", "why"},
-                           f"layers.{name}")
-                for key in ("name", "op", "why"):
-                    if key in e and not isinstance(e[key], str):
-                        raise QsearchError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
-                # no granularity written: a weightless layer (Add, Concat...), one scale per tensor
-                base = replace(defaults or LayerChoice(), granularity="per_tensor") if "granularity" not in e else \
-                    defaults or LayerChoice()
-                layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity")
-                                                    if k in e}, base, f"layers.{name}")
-                tensors = _read_ranges(path, e, "ranges", ranges, owner, f"layers.{name}.ranges", name)
-                note = LayerNote(e.get("op", ""), e.get("name", ""), e.get("why", ""),
-                                 "granularity" in e or not layers[name].is_int8, tuple(tensors))
-                if note != LayerNote():
-                    notes[name] = note
+            layers = _read_layers(path, doc, defaults, ranges, owner, notes)
             _read_ranges(path, doc, "shared_ranges", ranges, owner)
         return cls(
             model_name=str(model.get("name", "model")),
@@ -290,6 +255,55 @@ class Plan:
     def form(self, pattern: str) -> str:
         """How `pattern` runs inside int8 regions (plans without `forms`: decomposed, as before)."""
         return self.forms.get(pattern, PATTERN_FORMS[pattern][0])
+
+
+def _read_forms(path, doc: dict) -> dict:
+    """The plan's `forms` (pattern -> form), each checked against `PATTERN_FORMS`."""
+    forms = doc.get("forms") or {}
+    if not isinstance(forms, dict):
+        raise QsearchError(f"{where(path, doc, 'forms')}: 'forms' must be a mapping of pattern -> form, got "
+                           f"{forms!r}"[:300])
+    for k, v in forms.items():
+        if k not in PATTERN_FORMS:
+            raise QsearchError(f"{where(path, forms, k)}: forms.{k}: unknown pattern (known: "
+                               f"{', '.join(PATTERN_FORMS)})")
+        if v not in PATTERN_FORMS[k]:
+            raise QsearchError(f"{where(path, forms, k)}: forms.{k} is {v!r}, expected one of "
+                               f"{', '.join(PATTERN_FORMS[k])}"[:300])
+    return forms
+
+
+def _read_layers(path, doc: dict, defaults: LayerChoice | None, ranges: dict, owner: dict,
+                 notes: dict) -> dict[str, LayerChoice]:
+    """Schema-2 `layers`: one entry per layer with its option, ranges and reviewer notes (the
+    ranges and notes are collected into `ranges`/`owner` and `notes`)."""
+    layers: dict[str, LayerChoice] = {}
+    layers_doc = doc.get("layers") or []
+    if not isinstance(layers_doc, list):
+        raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a list of layer entries")
+    for i, e in enumerate(layers_doc):
+        if not isinstance(e, dict) or not isinstance(e.get("layer"), str):
+            raise QsearchError(f"{where(path, layers_doc, i)}: layers[{i}] must be a mapping with a "
+                               f"'layer' name, got {e!r}"[:300])
+        name = e["layer"]
+        if name in layers:
+            raise QsearchError(f"{where(path, layers_doc, i)}: layer '{name}' is listed twice")
+        check_keys(path, e, {"layer", "name", "op", "precision", "calibration", "granularity", "ranges", "why"},
+                   f"layers.{name}")
+        for key in ("name", "op", "why"):
+            if key in e and not isinstance(e[key], str):
+                raise QsearchError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
+        # no granularity written: a weightless layer (Add, Concat...), one scale per tensor
+        base = replace(defaults or LayerChoice(), granularity="per_tensor") if "granularity" not in e else \
+            defaults or LayerChoice()
+        layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity")
+                                            if k in e}, base, f"layers.{name}")
+        tensors = _read_ranges(path, e, "ranges", ranges, owner, f"layers.{name}.ranges", name)
+        note = LayerNote(e.get("op", ""), e.get("name", ""), e.get("why", ""),
+                         "granularity" in e or not layers[name].is_int8, tuple(tensors))
+        if note != LayerNote():
+            notes[name] = note
+    return layers
 
 
 def _read_ranges(path, doc: Mapping, key: str, ranges: dict, owner: dict, label: str | None = None,

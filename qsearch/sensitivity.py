@@ -30,16 +30,14 @@ import yaml
 
 from qsearch import data
 from qsearch.calibration import RANGES_VERSION, tensor_range
-from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
 from qsearch.plan import LayerChoice, allowed_granularities
 from qsearch.runtime import make_session
-from qsearch.scoring import PARTIALS, finish_metric
+from qsearch.screen import Screen, run_jobs
 from qsearch.workbench import Workbench
 
 PROFILE_VERSION = 7
-SCREEN_SAMPLES = 64  # fidelity screen: enough to rank layers by output noise, cheap for 100 layers
 PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
 
 
@@ -217,67 +215,6 @@ def _probe_pass(bench: Workbench, sub: list[tuple[Layer, LayerChoice]], method: 
     return [10 * math.log10(max(s, 1e-30) / max(n, 1e-30)) if n > 0 else 120.0 for s, n in zip(sig, noise)]
 
 
-# worker-process state (spawned workers rebuild the context from the workload once)
-_WORKER: dict = {}
-
-
-def _worker_init(workload, cache_dir, samples, forms):
-    import signal
-
-    from qsearch.workbench import open_workbench
-
-    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates us)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    bench = open_workbench(workload, cache_dir, log=lambda *a: None).with_forms(forms)
-    _WORKER["bench"] = bench
-    _WORKER["screen"] = Screen(bench, samples)
-
-
-def _worker_score(job):
-    return _WORKER["screen"].run(job)
-
-
-class Screen:
-    """Runs plans on a subset of the search data and measures the outputs' noise against FP32
-    (and the built-in metric from the same outputs)."""
-
-    def __init__(self, bench: Workbench, samples: int | None):
-        self.bench = bench
-        n = min(samples or SCREEN_SAMPLES, bench.search_data.samples)
-        self.data = data.rechunked(bench.search_data.head(n), bench.run_samples)
-        fp32 = make_session(bench.prepared.proto, bench.workload.threads)
-        self.reference = [fp32.run(None, dict(b)) for b in self.data.batches]
-        self.floats = [i for i, o in enumerate(self.reference[0]) if np.issubdtype(o.dtype, np.floating)]
-        self.signal = sum(float(np.sum(np.square(r[i], dtype=np.float64))) for r in self.reference for i in self.floats)
-        m = bench.workload.metric.name
-        self.metric = m if m in PARTIALS and (m != "top1" or self.data.labels[0] is not None) else None
-        self.fp32_metric = self._metric(self.reference)
-
-    def _metric(self, outs) -> float | None:
-        if self.metric is None:
-            return None
-        acc = sum(PARTIALS[self.metric](o, r, lbl) for o, r, lbl in zip(outs, self.reference, self.data.labels))
-        return finish_metric(self.metric, acc)
-
-    def run(self, choices: dict[str, str]) -> tuple[float, float | None]:
-        """(output noise / signal power, metric drop or None) of one plan on the subset."""
-        bench = self.bench
-        try:
-            plan = bench.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
-            sess = make_session(bench.rewriter(plan), bench.workload.threads)
-            outs = [sess.run(None, dict(b)) for b in self.data.batches]
-        except QsearchError:
-            raise
-        except Exception as exc:
-            raise QsearchError(f"layer(s) {', '.join(choices)}: scoring failed in ONNX Runtime: "
-                               f"{str(exc).splitlines()[0]}") from None
-        noise = sum(float(np.sum(np.square(o[i].astype(np.float64) - r[i]))) for o, r in zip(outs, self.reference)
-                    for i in self.floats)
-        score = self._metric(outs)
-        return noise / max(self.signal, 1e-30), None if score is None else self.fp32_metric - score
-
-
 def _profile_key(bench: Workbench, samples, reverse, screen_all=True) -> str:
     import hashlib
 
@@ -296,42 +233,83 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
     """Proxy-rank every layer's options, screen each layer alone at its best option for output
     fidelity, attribute latency per layer; most sensitive (noisiest) first. See module docstring.
     The profile carries the measured forms (`profile.forms`): later stages build on
-    `bench.with_forms(profile.forms)`. `queue` (a `jobs.StudyQueue`) runs the screen as shared jobs: several workers split it and
-    a resumed run finds the finished ones in storage. `screen_all=False` (what `optimize` uses)
-    screens only the layers whose INT8 form pays: the others are never fixed INT8, so an estimate
-    of their noise from the proxy is enough to order them."""
+    `bench.with_forms(profile.forms)`. `queue` (a `jobs.StudyQueue`) runs the jobs shared: several
+    workers split them and a resumed run finds the finished ones in storage. `screen_all=False`
+    (what `optimize` uses) screens only the layers whose INT8 form pays: the others are never
+    fixed INT8, so an estimate of their noise from the proxy is enough to order them."""
     t0 = time.perf_counter()
-    space = bench.workload.space
-    layers = bench.candidates()
     cache = cache_dir / f"sensitivity-{_profile_key(bench, samples, reverse, screen_all)}.yaml" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             return SensitivityProfile.from_yaml(cache.read_text())
         except Exception:
             pass
-    # 0. forms: how patterns without an int8 kernel (hardswish) run inside int8 regions, timed on
-    # the all-INT8 model (one shared job: every worker must analyse the same layouts). Every later
-    # model (proxy, profile, screen, trials, the result) is built in them.
+    forms, form_ms = _measure_forms(bench, queue, progress)
+    bench = bench.with_forms(forms)  # every later model is built in the measured forms
+    layers = bench.candidates()  # a fused pattern's gate layers follow it: nothing to analyse on their own
+    screen = Screen(bench, samples)
+    proxies, best, passes = _rank_options(bench, layers, screen, queue, progress)
+    timing = _attribute(bench, layers, best, queue, progress)
+    fp32_ms, int8_ms = timing[4], timing[5]
+    # fidelity screen, where a decision needs it: each layer whose INT8 form pays, alone at its
+    # best option on the subset. A layer where INT8 does not pay is never fixed INT8 and goes
+    # float in every warm start; its output noise is estimated from its proxy SQNR instead.
+    pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if screen_all or f - i > 0]
+    jobs = [{la.name: best[la.name]} for la in pays]
+    if queue is not None:
+        results = queue.map(jobs, screen.run, progress)
+    else:
+        results = run_jobs(bench, screen, jobs, workers, samples, cache_dir, progress, "screen")
+    measured = {la.name: r for la, r in zip(pays, results)}
+    evaluations = passes + len(jobs)
+    restore: dict[str, float] = {}
+    if reverse:
+        fp = LayerChoice(bench.float_precision).label()
+        rev = run_jobs(bench, screen, [best] + [{**best, la.name: fp} for la in layers], workers, samples, cache_dir,
+                        progress, "reverse")
+        evaluations += len(rev)
+        for la, (noise, _) in zip(layers, rev[1:]):
+            restore[la.name] = float(rev[0][0] - noise)  # output noise removed by keeping this layer float
+    meta = {"evaluations": evaluations, "proxy_passes": passes, "screened": len(jobs), "workers": workers,
+            **({"form_ms": form_ms} if form_ms else {})}
+    profile = _assemble(bench, layers, proxies, best, measured, restore, timing, meta, screen.data.samples, forms,
+                        time.perf_counter() - t0)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, profile.to_yaml())
+    return profile
+
+
+def _measure_forms(bench: Workbench, queue, progress) -> tuple[dict[str, str], dict]:
+    """How patterns without an int8 kernel (hardswish) run inside int8 regions, timed on the
+    all-INT8 model (one shared job: every worker must analyse the same layouts)."""
+    layers = bench.candidates()
     uniform = {la.name: LayerChoice("int8", "minmax", "per_channel") for la in layers}
 
     def forms_job(_job: dict) -> tuple:
         return choose_forms(bench, uniform)
 
     shared = queue is not None and any(la.pattern for la in layers)  # nothing to time: no job, no stage
-    forms, form_ms = queue.stage("forms").map([{}], forms_job, progress, what="forms")[0] if shared \
-        else forms_job({})
-    bench = bench.with_forms(forms)  # every later model is built in the measured forms
-    layers = bench.candidates()  # a fused pattern's gate layers follow it: nothing to analyse on their own
-    screen = Screen(bench, samples)
-    # 1. proxy: one probe pass per calibration method ranks every layer's options
+    return queue.stage("forms").map([{}], forms_job, progress, what="forms")[0] if shared else forms_job({})
+
+
+def _rank_options(bench: Workbench, layers, screen: Screen, queue, progress) -> tuple[dict, dict, int]:
+    """(proxy SQNR per layer and option, each layer's best option, probe passes): one probe pass
+    per calibration method ranks every layer's options."""
+    space = bench.workload.space
     entries = [(la, c) for la in layers for c in options_for(la, space.calibration, space.granularity)]
     sq, passes = proxy_sqnr(bench, entries, screen.data, None if queue is None else queue.stage("proxy"), progress)
     proxies: dict[str, dict[str, float]] = {la.name: {} for la in layers}
     for (la, c), v in zip(entries, sq):
         proxies[la.name][c.label()] = float(v)
     best = {la.name: max(proxies[la.name], key=lambda k: (proxies[la.name][k], k)) for la in layers}
-    # 2. latency attribution: FP32 and all-INT8 (best options) profiled per node. One shared job:
-    # every worker must derive the same screen from the same timings.
+    return proxies, best, passes
+
+
+def _attribute(bench: Workbench, layers, best: dict[str, str], queue, progress) -> tuple:
+    """Latency attribution: FP32 and all-INT8 (best options) profiled per node. One shared job:
+    every worker must derive the same screen from the same timings. Returns (fp32 total, int8
+    total, fp32 by kind, int8 by kind, fp32 ms per layer, int8 ms per layer)."""
     from qsearch import profiling
 
     all_int8 = {la.name: LayerChoice.parse(best[la.name]) for la in layers}
@@ -343,31 +321,17 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
         return (fp32_p.total_ms, int8_p.total_ms, fp32_p.by_kind, int8_p.by_kind,
                 [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers])
 
-    timing = queue.stage("profile").map([{}], attribute, progress, what="profile")[0] if queue is not None else \
+    return queue.stage("profile").map([{}], attribute, progress, what="profile")[0] if queue is not None else \
         attribute({})
+
+
+def _assemble(bench: Workbench, layers, proxies, best, measured, restore, timing, meta, samples, forms,
+              seconds: float) -> SensitivityProfile:
+    """The profile, noisiest first; unscreened layers' noise estimated from their proxy SQNR
+    through the median output-noise-per-layer-noise ratio of the screened ones."""
     fp32_total, int8_total, fp32_kinds, int8_kinds, fp32_ms, int8_ms = timing
-    # 3. fidelity screen, where a decision needs it: each layer whose INT8 form pays, alone at its
-    # best option on the subset. A layer where INT8 does not pay is never fixed INT8 and goes
-    # float in every warm start; its output noise is estimated from its proxy SQNR instead.
-    pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if screen_all or f - i > 0]
-    jobs = [{la.name: best[la.name]} for la in pays]
-    if queue is not None:
-        results = queue.map(jobs, screen.run, progress)
-    else:
-        results = _run_jobs(bench, screen, jobs, workers, samples, cache_dir, progress, "screen")
-    measured = {la.name: r for la, r in zip(pays, results)}
-    evaluations = passes + len(jobs)
-    # output noise per unit of layer noise (the proxy's 10^(-SQNR/10)), median over screened layers
     ratios = [measured[n][0] / 10 ** (-proxies[n][best[n]] / 10) for n in measured if proxies[n][best[n]] < 120]
     gain = float(np.median(ratios)) if ratios else 1.0
-    restore: dict[str, float] = {}
-    if reverse:
-        fp = LayerChoice(bench.float_precision).label()
-        rev = _run_jobs(bench, screen, [best] + [{**best, la.name: fp} for la in layers], workers, samples, cache_dir,
-                        progress, "reverse")
-        evaluations += len(rev)
-        for la, (noise, _) in zip(layers, rev[1:]):
-            restore[la.name] = float(rev[0][0] - noise)  # output noise removed by keeping this layer float
     result = []
     for la, f, i in zip(layers, fp32_ms, int8_ms):
         noise, drop = measured.get(la.name, (gain * 10 ** (-proxies[la.name][best[la.name]] / 10), None))
@@ -378,22 +342,17 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
     result.sort(key=lambda x: (-x.noise, -x.best_drop, x.name))
     rho = spearman([-x.proxy_sqnr[x.best_option] for x in result if x.screened],
                    [x.noise for x in result if x.screened])
-    profile = SensitivityProfile(
+    form_ms = meta.pop("form_ms", None)
+    meta = {"evaluations": meta["evaluations"], "proxy_passes": meta["proxy_passes"], "screened": meta["screened"],
+            "noise_per_layer_noise": gain, "profiled_models": 2, "workers": meta["workers"],
+            "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
+            "fp32_by_kind": {k: round(v, 4) for k, v in fp32_kinds.items()},
+            "int8_by_kind": {k: round(v, 4) for k, v in int8_kinds.items()},
+            **({"form_ms": form_ms} if form_ms else {})}
+    return SensitivityProfile(
         model=bench.prepared.name, fingerprint=bench.prepared.fingerprint, metric=bench.workload.metric.name,
-        fp32_score=float(bench.baseline.fp32_search), samples=screen.data.samples,
-        layers=tuple(result), spearman=rho, seconds=round(time.perf_counter() - t0, 3),
-        meta={"evaluations": evaluations, "proxy_passes": passes,
-              "screened": len(jobs), "noise_per_layer_noise": gain, "profiled_models": 2, "workers": workers,
-              "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
-              "fp32_by_kind": {k: round(v, 4) for k, v in fp32_kinds.items()},
-              "int8_by_kind": {k: round(v, 4) for k, v in int8_kinds.items()},
-              **({"form_ms": form_ms} if form_ms else {})},
-        forms=dict(forms),
-    )
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, profile.to_yaml())
-    return profile
+        fp32_score=float(bench.baseline.fp32_search), samples=samples, layers=tuple(result), spearman=rho,
+        seconds=round(seconds, 3), meta=meta, forms=dict(forms))
 
 
 FORM_TIE = 0.02  # forms within 2% of the fastest: a tie
@@ -425,37 +384,6 @@ def choose_forms(bench: Workbench, choices: dict[str, LayerChoice], rounds: int 
         forms[pattern] = next(f for f in reversed(options) if ms[f] <= fastest * (1 + FORM_TIE))
         timings[pattern] = {f: round(v, 4) for f, v in ms.items()}
     return forms, timings
-
-
-def _run_jobs(bench: Workbench, screen: Screen, jobs: list[dict], workers: int, samples, cache_dir, progress,
-              what: str) -> list[tuple[float, float | None]]:
-    if progress is not None:
-        progress(0, len(jobs), what)
-    out: list = []
-    if workers <= 1 or len(jobs) < 2:
-        for i, job in enumerate(jobs):
-            out.append(screen.run(job))
-            if progress is not None:
-                progress(i + 1, len(jobs), what)
-        return out
-    import multiprocessing as mp
-
-    # a Pool, not a ProcessPoolExecutor: on Ctrl-C/SIGTERM (or an error) the workers are
-    # terminated at once instead of the parent waiting for their queued jobs
-    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init,
-                                        initargs=(bench.workload, cache_dir, samples, bench.forms))
-    try:
-        for i, s in enumerate(pool.imap(_worker_score, jobs, chunksize=max(1, len(jobs) // (4 * workers)))):
-            out.append(s)
-            if progress is not None:
-                progress(i + 1, len(jobs), what)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-    return out
 
 
 def save_profile(profile: SensitivityProfile, out: Path) -> list[Path]:

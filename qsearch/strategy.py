@@ -52,12 +52,16 @@ class Problem:
     edges: tuple[tuple[str, str], ...] = ()
     border_cost: float = 0.0  # measured cost of one border, in the objective's units
 
+    def borders(self, int8: set[str] | frozenset[str]) -> int:
+        """Tensors between candidate layers where an INT8 region meets a float one."""
+        return sum((a in int8) != (b in int8) for a, b in self.edges)
+
     def saving(self, int8: set[str] | frozenset[str]) -> float:
         """Predicted saving of a plan with these layers INT8: each layer's measured saving (glue to
         non-candidate ops included) minus the cost of every border between candidate layers."""
         by_name = self._by_name()
         own = sum(by_name[n].saving for n in int8 if n in by_name)
-        return own - self.border_cost * sum((a in int8) != (b in int8) for a, b in self.edges)
+        return own - self.border_cost * self.borders(int8)
 
     def facts(self, name: str) -> LayerFacts:
         return self._by_name()[name]
@@ -206,8 +210,8 @@ def repair(problem: Problem, start: Mapping[str, str], measure: MeasureDrop, max
 def greedy_revert(problem: Problem, option: str, measure: MeasureDrop) -> tuple[dict[str, str], int]:
     """The peers' accuracy-control loop as a baseline: all-INT8 with one `option` label, the k
     noisiest layers reverted to float, for the smallest k within budget. Peers revert one layer
-    per evaluation (81-192 evaluations on a 243-layer model); the drop falls with k, so doubling
-    then bisecting finds k in about 2 log2 L evaluations. Returns (plan, evaluations)."""
+    per evaluation (81-192 evaluations on a 243-layer model); the drop falls with k, so bisecting
+    over k finds it in about log2 L evaluations. Returns (plan, evaluations)."""
     fp = problem.float_label
     order = [x.name for x in sorted(problem.layers, key=lambda x: x.rank)]  # noisiest first
     evals = 0
@@ -221,14 +225,9 @@ def greedy_revert(problem: Problem, option: str, measure: MeasureDrop) -> tuple[
         evals += 1
         return measure(plan(k)) <= problem.allowed
 
-    lo, hi, k = -1, None, 0  # lo: known over budget; hi: known within
-    while hi is None:
-        if feasible(k):
-            hi = k
-        elif k >= len(order):
-            return plan(len(order)), evals
-        else:
-            lo, k = k, min(len(order), max(1, 2 * k))
+    if feasible(0):
+        return plan(0), evals
+    lo, hi = 0, len(order)  # lo: over budget (measured); hi: every layer float, within any budget
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if feasible(mid):

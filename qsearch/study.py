@@ -24,8 +24,9 @@ from qsearch import jobs, limits, strategy
 from qsearch.errors import INTERRUPTED, QsearchError
 from qsearch.evaluator import Evaluation, Evaluator
 from qsearch.plan import Plan
-from qsearch.sensitivity import LayerSensitivity, SensitivityProfile
-from qsearch.strategy import Dimensions, FixDecision, LayerFacts, Problem
+from qsearch.problem import problem_for
+from qsearch.sensitivity import SensitivityProfile
+from qsearch.strategy import Dimensions, FixDecision
 from qsearch.workbench import Workbench
 
 # heartbeats and stale-trial retries are what make interrupted runs resumable; they are stable
@@ -44,70 +45,6 @@ class TrialResult:
     size_bytes: int
     bitops: float
     feasible: bool
-
-
-def benefit(objective: str, s: LayerSensitivity) -> float:
-    """What a layer saves in INT8, in the objective's units (measured ms for latency)."""
-    if objective == "latency":
-        return s.gain_ms
-    if objective == "size":
-        return 0.75 * s.weight_bytes
-    return s.macs * (32 * 32 - 8 * 8) / 1e9
-
-
-def problem_for(bench: Workbench, profile: SensitivityProfile) -> Problem:
-    """The analysis, as a strategy sees it: candidates in graph order with options, saving, noise,
-    the tensors that join them and, for latency, the measured cost of one float/INT8 border."""
-    rank = {x.name: i for i, x in enumerate(profile.layers)}
-    objective = bench.workload.space.objective
-    facts = []
-    for la in bench.candidates():
-        if la.name not in rank:
-            raise QsearchError(f"sensitivity profile has no entry for layer '{la.name}' (re-run analyze)")
-        s = profile.layers[rank[la.name]]
-        facts.append(LayerFacts(la.name, tuple(s.ranked_options()), benefit(objective, s), s.noise, rank[la.name]))
-    edges, outer = graph_edges(bench)
-    glue = profile.meta.get("int8_by_kind", {}).get("Q/DQ glue", 0.0)
-    # all-INT8 leaves Q/DQ standing only where candidates meet other ops: its glue time per such
-    # border is what each new border between candidates costs
-    border = glue / outer if objective == "latency" and outer else 0.0
-    return Problem(tuple(facts), bench.float_precision, bench.allowed_drop(), bench.workload.space, edges, border)
-
-
-def graph_edges(bench: Workbench) -> tuple[tuple[tuple[str, str], ...], int]:
-    """(producer, consumer) pairs of candidate layers joined by a tensor, directly or through
-    value-moving ops (Reshape, Transpose, MaxPool...: they run on whatever precision they are
-    given), and the number of tensors where a candidate meets another op (the borders all-INT8
-    still has)."""
-    from qsearch.model import PASSTHROUGH_OPS
-
-    forms, cands = bench.forms, bench.candidates()
-    owned = {n for la in cands for n in (*la.nodes, *la.gate, *la.tail)}
-    readers: dict[str, list] = {}
-    for node in bench.prepared.proto.graph.node:
-        for t in node.input:
-            readers.setdefault(t, []).append(node)
-    consumer = {t: la.name for la in cands for t in la.quantized_inputs(forms)}
-    edges, outer = set(), 0
-    for la in cands:
-        todo, seen = [la.quantized_output(forms)], set()
-        while todo:
-            t = todo.pop()
-            seen.add(t)
-            for node in readers.get(t, []):
-                if node.name in owned:
-                    continue
-                if node.op_type in PASSTHROUGH_OPS:
-                    todo.extend(o for o in node.output[:1] if o not in seen)
-                else:
-                    outer += 1
-        edges |= {(la.name, consumer[t]) for t in seen if t in consumer and consumer[t] != la.name}
-    outer += sum(t not in _produced(cands, forms) for t in consumer)
-    return tuple(sorted(edges)), outer
-
-
-def _produced(cands, forms) -> set[str]:
-    return {la.quantized_output(forms) for la in cands}
 
 
 def default_sampler(bench: Workbench, budget: int) -> optuna.samplers.BaseSampler:
@@ -297,8 +234,8 @@ class Search:
         return (ev.score, cost) if self.space.multi_objective else cost
 
     def _attrs(self, ev: Evaluation, cost: float) -> dict:
-        return {"score": ev.score, "drop": ev.drop, "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes,
-                "bitops": ev.bitops, "cost": cost, "constraint": ev.drop - self.allowed}
+        return {"score": ev.score, "drop": ev.drop, "latency_ms": ev.latency_ms, "cpu_ms": ev.cpu_ms,
+                "size_bytes": ev.size_bytes, "bitops": ev.bitops, "cost": cost, "constraint": ev.drop - self.allowed}
 
     def warm_start(self, budget: int = 50) -> int:
         """Once per study (by the worker that created it or, when that run was interrupted before

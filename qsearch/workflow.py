@@ -250,8 +250,9 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, profile: Sensitiv
     fusions = [(chosen_row.name, fusion)] + ([] if choice.candidate is chosen or not choice.verdict else
                                              [(choice.candidate_name, fusion_check(bench.rewriter(choice.candidate)))])
     # what ORT really runs, in the plan too: candidate layers INT8, int8 kernels, unfused Q/DQ
-    metrics["fusion"] = {"int8_layers": sum(chosen.choice(la.name).is_int8 for la in bench.candidates()),
-                         "int8_kernels": fusion.int8_kernels, "unfused_qdq": fusion.unfused_qdq}
+    int8 = {la.name for la in bench.candidates() if chosen.choice(la.name).is_int8}
+    metrics["fusion"] = {"int8_layers": len(int8), "int8_kernels": fusion.int8_kernels,
+                         "unfused_qdq": fusion.unfused_qdq, "borders": search.problem.borders(int8)}
     chosen = chosen.with_info(metrics, storage=storage_label(search.storage_url)).with_why(
         layer_reasons(chosen, profile, search.dims.fixed, bench.prepared.absorbed(chosen.forms)))
     text = chosen.to_yaml()
@@ -316,13 +317,13 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: Search, choi
         *(["The machine was busy while timing (wall time well above the thread's CPU time): plans were "
            "compared on thread CPU time, which a busy core does not inflate."] if choice.cpu_clock else []),
         *([f"Search drop of the chosen plan: {chosen_row.interval}."] if chosen_row.interval else []),
-        *([choice.resolution_note.capitalize() + "."] if choice.resolution_note else []),
+        *([choice.resolution_note[0].upper() + choice.resolution_note[1:] + "."] if choice.resolution_note else []),
         choice.verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
                            f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32 "
                            f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
                            f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
-        f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}; "
-        f"naive INT8 {naive_fusion.line()}.",
+        f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}, "
+        f"{metrics['fusion']['borders']} float/INT8 borders between candidate layers; naive INT8 {naive_fusion.line()}.",
         *([forms_line(profile)] if profile.forms else []),
     ]
 

@@ -4,8 +4,8 @@ from qsearch import strategy
 from qsearch.evaluator import Evaluator, bitops
 from qsearch.finalize import greedy_fallback
 from qsearch.plan import LayerChoice
+from qsearch.problem import problem_for
 from qsearch.sensitivity import analyze, spearman
-from qsearch.study import problem_for
 from qsearch.workbench import open_workbench
 
 from .conftest import make_cnn, new_search, open_bench, write_workload
@@ -113,3 +113,15 @@ def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
     a, _ = sensitivity.proxy_sqnr(whole, entries, whole.search_data)
     b, _ = sensitivity.proxy_sqnr(small, entries, small.search_data)
     assert np.allclose(a, b, rtol=1e-4)
+
+
+def test_graph_edges_follow_value_moving_ops(tmp_path):
+    """The border model's graph: candidate layers joined by a tensor, through the Reshape between
+    the pooled features and the classifier; the model input is the one border all-INT8 keeps."""
+    from qsearch.problem import graph_edges
+
+    ctx = _ctx(tmp_path)
+    edges, outer = graph_edges(ctx)
+    assert set(edges) == {("conv_a", "conv_b"), ("conv_a", "add_res"), ("conv_b", "add_res"), ("add_res", "gap"),
+                          ("gap", "fc")}
+    assert outer == 1
