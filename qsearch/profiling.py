@@ -142,7 +142,3 @@ def profile(prepared: PreparedModel, model: onnx.ModelProto, feed: Mapping[str, 
             runs: int = 5) -> LatencyProfile:
     return attribute(prepared, node_times(model, feed, threads, runs))
 
-
-def int8_gains(fp32: LatencyProfile, int8: LatencyProfile, layers: Sequence[str]) -> dict[str, float]:
-    """Milliseconds each layer saves in INT8 (negative: its INT8 form, glue included, is slower)."""
-    return {n: fp32.layer_ms(n) - int8.layer_ms(n) for n in layers}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsearch.finalize import busy, pick, resolution_note
+from qsearch.finalize import busy, decide, pick, resolution_note
 from qsearch.report import Row
 from qsearch.resolution import drop_interval
 
@@ -46,3 +46,14 @@ def test_a_budget_finer_than_the_split_resolves_is_warned_about():
     assert resolution_note(r, allowed=0.005).startswith("warning: the budget 0.005 is finer")
     assert resolution_note(r, allowed=0.05) == ""
     assert "no per-sample parts" in resolution_note(row("custom", 0.9, 5.0, resolution=None), 0.05)
+
+
+def test_fp32_ships_when_every_int8_plan_is_slower():
+    """Planted latencies: every INT8 plan within budget is slower than FP32 (the Q/DQ glue costs
+    more than the kernels save): FP32 ships on a CPU target; an FP16 target keeps its plan."""
+    rows = [row("fp32", 0.90, 1.00), row("naive", 0.80, 1.30), row("hybrid", 0.899, 1.20), row("trial 3", 0.9, 1.10)]
+    i, fp32_ships = decide(rows, allowed=0.005, target="cpu")
+    assert fp32_ships and i == 3  # the best INT8 plan (kept for review), not shipped
+    assert not decide(rows, allowed=0.005, target="fp16")[1]
+    rows[3] = row("trial 3", 0.9, 0.80)
+    assert decide(rows, allowed=0.005, target="cpu") == (3, False)

@@ -238,3 +238,18 @@ def test_random_plans_on_random_graphs_give_valid_runnable_models(model, data):
     flt = _run(rewriter(build_plan(prepared, {}, stats, forms=forms)), feeds[0])[0]
     np.testing.assert_array_equal(_run(prepared.proto, feeds[0])[0], flt)
     np.testing.assert_array_equal(_run(model, feeds[0])[0], flt)
+
+
+def test_quantized_tensors_and_shared_scales_on_a_known_graph(cnn):
+    """Direct: conv_b alone quantizes its input and output; gap and fc quantize the pooled tensor
+    and the classifier's input, which the Reshape between them joins into one shared scale."""
+    from qsearch.plan import quantized_tensors
+
+    prepared = prepare(cnn)
+    tensors, groups = quantized_tensors(prepared, {"conv_b"})
+    assert tensors == ["a_relu", "b"] and groups == []
+    tensors, groups = quantized_tensors(prepared, {"gap", "fc"})
+    assert set(tensors) == {"s_relu", "g", "f", "y"}
+    assert {"g", "f"} in [set(g) for g in groups]
+    tensors, _ = quantized_tensors(prepared, set())
+    assert tensors == []

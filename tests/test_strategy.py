@@ -133,3 +133,45 @@ def test_a_float_region_of_two_layers_between_int8_regions_goes_int8_as_a_whole(
     tight = Problem(layers, "fp32", 0.0025, SearchSpace(), edges=problem.edges, border_cost=0.3)
     inc = strategy.closed_loop(tight, lambda c: 0.001 * sum(v.startswith("int8") for v in c.values()))
     assert inc.drop <= 0.0025 and sum(v == INT8 for v in inc.choices.values()) == 2
+
+
+def planted_fix_problem(allowed=0.01):
+    """12 layers with planted output noise (the analysis's measure), L2 slower in INT8."""
+    noise = [1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4, 3e-3, 4e-3, 5e-3, 6e-3, 7e-3, 8e-3]
+    layers = tuple(LayerFacts(f"L{i}", (INT8, "int8/mse/per_channel"), -1.0 if i == 2 else 1.0, v, 11 - i)
+                   for i, v in enumerate(noise))
+    return Problem(layers, "fp32", allowed, SearchSpace(min_searched=4, fix_below=0.25))
+
+
+def test_choose_fixed_takes_the_quietest_paying_layers_whose_measured_joint_drop_fits():
+    problem = planted_fix_problem()
+
+    def additive(choices):  # the drop is the summed noise of the INT8 layers
+        return sum(problem.facts(n).noise for n, lbl in choices.items() if lbl != "fp32")
+
+    d = strategy.choose_fixed(problem, additive)
+    # share = 0.25 x 0.01: L0, L1, L3, L4, L5 (1.8e-3; L2 does not pay, L8-L11 are the 4 noisiest)
+    assert d.fixed == ("L0", "L1", "L3", "L4", "L5") and d.evaluations == 2
+    assert abs(d.joint_drop - 1.8e-3) < 1e-12 and abs(d.all_int8_drop - sum(x.noise for x in problem.layers)) < 1e-12
+
+    def compounding(choices):  # L4 and L5 together cost 1.2e-3 more than their noise says
+        on = {n for n, lbl in choices.items() if lbl != "fp32"}
+        return additive(choices) + (1.2e-3 if {"L4", "L5"} <= on else 0.0)
+
+    d = strategy.choose_fixed(problem, compounding)
+    assert d.fixed == ("L0", "L1", "L3") and d.evaluations == 3 and d.joint_drop <= 0.25 * problem.allowed
+
+
+def test_warm_start_plans_start_from_what_pays_then_all_int8_then_knapsacks():
+    problem = planted_fix_problem()
+    decision = strategy.FixDecision(("L0", "L1"), 3e-4, 0.0351, 2)
+    dims = strategy.build_dimensions(problem, decision.fixed)
+    assert set(dims.fixed) == {"L0", "L1"} and dims.searched["L3"] == (INT8, "int8/mse/per_channel", "fp32")
+    plans = strategy.warm_start_plans(problem, dims, decision)
+    assert plans[0] == {**{n: INT8 for n in dims.searched}, "L2": "fp32"}  # INT8 only where it pays
+    assert plans[1] == {n: INT8 for n in dims.searched}  # the best all-INT8 plan
+    assert dict.fromkeys(dims.searched, "fp32") in plans
+    assert len({tuple(sorted(p.items())) for p in plans}) == len(plans)  # no plan twice
+    knapsack = plans[2]  # the whole budget's worth of noise, by saving per unit of noise
+    int8_noise = sum(problem.facts(n).noise for n, lbl in knapsack.items() if lbl != "fp32") + 3e-4
+    assert int8_noise <= sum(x.noise for x in problem.layers) * problem.allowed / decision.all_int8_drop + 1e-12
