@@ -88,7 +88,7 @@ def main() -> None:
                 if best is None:
                     rows.append((label, float("nan"), None, args.budget, None, wall))
                     continue
-                ev = evaluator(ctx).evaluate(s.plan_for(best), "test")
+                ev = evaluator(ctx).evaluate(s.evaluator.plan(best.choices), "test")
                 nonscore = 1 - s.evaluator.seconds / max(s.trial_seconds, 1e-9)
                 rows.append((label, best.score, ev, len(s.study.trials), (first_feasible(s), nonscore), wall))
         seeds_summary.append((label, firsts, costs))

@@ -20,7 +20,7 @@ from qsearch.plan import Plan
 from qsearch.report import Row
 from qsearch.scoring import model_size, timing_ms
 from qsearch.sensitivity import SensitivityProfile
-from qsearch.study import Search, TrialResult
+from qsearch.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
 ROUNDS = 4  # interleaved timing rounds of the final table
@@ -113,9 +113,11 @@ def clock(row: Row, cpu: bool) -> tuple[float, float]:
 
 def decide(rows: Sequence[Row], allowed: float, target: str, cpu: bool = False) -> tuple[int, bool]:
     """(the row `pick` chooses, whether FP32 ships instead): on a CPU target a plan that is not
-    faster than FP32 never ships; FP32 does, and the result says so."""
+    faster than FP32, or has no INT8 layer left (a fallback that reverted everything), never
+    ships; FP32 does, and the result says so."""
     i = pick(rows, allowed, cpu)
-    return i, target == "cpu" and clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
+    slower = clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
+    return i, target == "cpu" and (slower or rows[i].int8_layers == 0)
 
 
 def pick(rows: Sequence[Row], allowed: float, cpu: bool = False) -> int:
@@ -131,7 +133,12 @@ def pick(rows: Sequence[Row], allowed: float, cpu: bool = False) -> int:
     return max(near, key=lambda i: (rows[i].search_score, -clock(rows[i], cpu)[0]))
 
 
-def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalChoice:
+def trial_plan(evaluator: Evaluator, search: SearchResult, r: TrialResult) -> Plan:
+    """A trial's plan, with the study and trial it came from."""
+    return evaluator.plan(r.choices).with_info(study=search.study_name, trial=r.number)
+
+
+def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult) -> FinalChoice:
     """Baselines (FP32, naive INT8, the greedy fallback) and the finalists, timed side by side;
     the fastest within budget on search data ships (timing ties to the larger margin), unless it
     is slower than FP32 on a CPU target. Test data is scored once, for the rows the report shows."""
@@ -139,11 +146,11 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: Search) -> FinalCho
     fp32_plan = bench.plan({})
     naive = bench.uniform_plan("minmax", "per_tensor")
     hybrid, hybrid_evals, hybrid_drop = greedy_fallback(bench, evaluator, search.problem)
-    n_trials = len(search.results())
+    n_trials = len(search.trials)
     fp32_search = bench.baseline.fp32_search
     entries = [Entry("fp32", fp32_plan, None, search=fp32_search), Entry("naive int8 (minmax, per-tensor)", naive, 1),
                Entry("hybrid (greedy fallback)", hybrid, hybrid_evals, search=fp32_search - hybrid_drop)]
-    entries += [Entry(f"qsearch (trial {r.number})", search.plan_for(r), n_trials, r, r.score)
+    entries += [Entry(f"qsearch (trial {r.number})", trial_plan(evaluator, search, r), n_trials, r, r.score)
                 for r in search.finalists()]
     rows = timed_rows(bench, evaluator, entries)
     on_cpu = busy(rows)

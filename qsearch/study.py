@@ -14,7 +14,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -23,28 +22,15 @@ from optuna.trial import FrozenTrial, TrialState
 from qsearch import jobs, limits, strategy
 from qsearch.errors import INTERRUPTED, QsearchError
 from qsearch.evaluator import Evaluation, Evaluator
-from qsearch.plan import Plan
 from qsearch.problem import problem_for
 from qsearch.sensitivity import SensitivityProfile
 from qsearch.strategy import Dimensions, FixDecision
+from qsearch.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
 # heartbeats and stale-trial retries are what make interrupted runs resumable; they are stable
 # enough for us even though Optuna still labels them experimental
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    number: int
-    choices: dict[str, str]
-    score: float
-    drop: float
-    cost: float
-    latency_ms: float
-    size_bytes: int
-    bitops: float
-    feasible: bool
 
 
 def default_sampler(bench: Workbench, budget: int) -> optuna.samplers.BaseSampler:
@@ -361,38 +347,19 @@ class Search:
         return out
 
     def best(self) -> TrialResult | None:
-        feasible = [r for r in self.results() if r.feasible]
-        if not feasible:
-            return None
-        # costs within 2% are within timing noise: among those, prefer the more accurate plan
-        floor = min(r.cost for r in feasible)
-        near = [r for r in feasible if r.cost <= floor * 1.02]
-        return max(near, key=lambda r: (r.score, -r.cost, -r.number))
+        return self.result().best()
 
-    def finalists(self, n: int = 3) -> list[TrialResult]:
-        """The `n` cheapest feasible trials: each trial's latency was timed once, alone, so the
-        cheapest is a noisy argmin; the final choice re-times these side by side."""
-        return sorted((r for r in self.results() if r.feasible), key=lambda r: (r.cost, -r.score, r.number))[:n]
+    def result(self) -> SearchResult:
+        """The study as the later stages read it: a frozen record."""
+        trials = self.study.get_trials(deepcopy=False)
+        return SearchResult(self.study_name, jobs.storage_label(self.storage_url), self.allowed, self.problem,
+                            self.dims, self.decision, tuple(self.results()), tuple(self.failures()), len(trials),
+                            sum("repair_of" in t.user_attrs for t in trials), self.trial_seconds)
 
     def failures(self) -> list[str]:
         """The recorded errors of failed trials, oldest first."""
         return [t.user_attrs["error"] for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                 if "error" in t.user_attrs]
-
-    def closest(self, n: int = 3) -> list[TrialResult]:
-        return sorted(self.results(), key=lambda r: (r.drop, r.cost))[:n]
-
-    def pareto(self) -> list[TrialResult]:
-        """Non-dominated trials on (score up, cost down), cheapest first."""
-        front, best_score = [], -math.inf
-        for r in sorted(self.results(), key=lambda r: (r.cost, -r.score)):
-            if r.score > best_score + 1e-12:
-                front.append(r)
-                best_score = r.score
-        return front
-
-    def plan_for(self, r: TrialResult) -> Plan:
-        return self.evaluator.plan(r.choices).with_info(study=self.study_name, trial=r.number)
 
 
 def _check_interrupt(study, trial) -> None:

@@ -18,8 +18,8 @@ from qsearch.commands import check_eval_timeout, check_samples, open_bench
 from qsearch.errors import Interrupted, QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import OutputSet, atomic_write_bytes, atomic_write_text
-from qsearch.finalize import FinalChoice, final_stage_seconds, finalize, layer_reasons
-from qsearch.jobs import StudyQueue, check_study, storage_label
+from qsearch.finalize import FinalChoice, final_stage_seconds, finalize, layer_reasons, trial_plan
+from qsearch.jobs import StudyQueue, check_study
 from qsearch.limits import CommandTimeout
 from qsearch.plan import Plan
 from qsearch.progress import Progress, log
@@ -36,6 +36,7 @@ from qsearch.report import (
 from qsearch.scoring import fusion_check
 from qsearch.sensitivity import SensitivityProfile
 from qsearch.study import Search, default_study_name
+from qsearch.trials import SearchResult
 from qsearch.workbench import Workbench
 
 RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "attribution.png", "pareto",
@@ -129,15 +130,16 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
         # place together, so an interrupt never leaves files of two runs side by side
         with OutputSet(out, RESULT_FILES) as res:
             trials_csv(res.path("trials.csv"), search)
-            if search.best() is None:
-                _no_plan(res, out, search, timeout)
+            result = search.result()
+            if result.best() is None:
+                _no_plan(res, out, evaluator, result, timeout)
                 return OptimizeResult(1, out, None, evaluations=evaluator.evaluations,
                                       seconds=time.perf_counter() - t_start)
-            choice = finalize(bench, evaluator, search)
+            choice = finalize(bench, evaluator, result)
             if choice.resolution_note.startswith("warning"):
                 log(choice.resolution_note)
             stage("report", stage.kept)
-            plan = _write_result(res, out, bench, profile, search, choice, stage, t_start)
+            plan = _write_result(res, out, bench, evaluator, profile, result, choice, stage, t_start)
     finally:
         search.close()
     return OptimizeResult(0, out, plan, choice.fp32.latency_ms / choice.chosen.latency_ms,
@@ -195,16 +197,16 @@ def _search(bench: Workbench, profile: SensitivityProfile, search: Search, budge
     search.repair(progress=log)
 
 
-def _no_plan(res: OutputSet, out: Path, search: Search, timeout) -> None:
+def _no_plan(res: OutputSet, out: Path, evaluator: Evaluator, search: SearchResult, timeout) -> None:
     """Nothing met the budget: say why in one line, keep the closest plans for review."""
-    results = search.results()
+    results = search.trials
     closest = search.closest()
     for r in closest:
-        search.plan_for(r).with_info({"search_drop": r.drop, "search_score": r.score}).write(
+        trial_plan(evaluator, search, r).with_info({"search_drop": r.drop, "search_score": r.score}).write(
             res.path(f"closest/plan-trial{r.number:04d}.yaml"))
     drops = ", ".join(f"trial {r.number}: drop {r.drop:.4f}" for r in closest)
     where = f"; their plans are in {out / 'closest'}" if closest else ""
-    failed = search.failures()
+    failed = search.failures
     if not results and failed:
         why = f"every trial failed ({len(failed)}; the first: {failed[0]})"
     elif not results:
@@ -219,10 +221,10 @@ def _no_plan(res: OutputSet, out: Path, search: Search, timeout) -> None:
     res.commit()
 
 
-def _write_result(res: OutputSet, out: Path, bench: Workbench, profile: SensitivityProfile, search: Search,
-                  choice: FinalChoice, stage: Stage, t_start: float) -> Plan:
+def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluator, profile: SensitivityProfile,
+                  search: SearchResult, choice: FinalChoice, stage: Stage, t_start: float) -> Plan:
     """plan.yaml, the model, the Pareto plans, the report; returns the shipped plan."""
-    results = search.results()
+    results = search.trials
     naive = bench.uniform_plan("minmax", "per_tensor")
     fp32_row, chosen_row = choice.fp32, choice.chosen
     if choice.verdict:
@@ -253,7 +255,7 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, profile: Sensitiv
     int8 = {la.name for la in bench.candidates() if chosen.choice(la.name).is_int8}
     metrics["fusion"] = {"int8_layers": len(int8), "int8_kernels": fusion.int8_kernels,
                          "unfused_qdq": fusion.unfused_qdq, "borders": search.problem.borders(int8)}
-    chosen = chosen.with_info(metrics, storage=storage_label(search.storage_url)).with_why(
+    chosen = chosen.with_info(metrics, storage=search.storage).with_why(
         layer_reasons(chosen, profile, search.dims.fixed, bench.prepared.absorbed(chosen.forms)))
     text = chosen.to_yaml()
     atomic_write_text(res.path("plan.yaml"), text)
@@ -261,7 +263,7 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, profile: Sensitiv
     atomic_write_bytes(res.path("model.qsearch.onnx"), chosen_model.SerializeToString())
     pareto = search.pareto()
     for r in pareto:
-        pp = search.plan_for(r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost})
+        pp = trial_plan(evaluator, search, r).with_info({"search_score": r.score, "search_drop": r.drop, "cost": r.cost})
         pp.with_why(layer_reasons(pp, profile, search.dims.fixed, bench.prepared.absorbed(pp.forms))).write(
             res.path(f"pareto/plan-trial{r.number:04d}.yaml"))
     objective = bench.workload.space.objective
@@ -290,19 +292,19 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, profile: Sensitiv
     return chosen
 
 
-def _summary(bench: Workbench, profile: SensitivityProfile, search: Search, choice: FinalChoice, metrics: dict,
+def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult, choice: FinalChoice, metrics: dict,
              fusion, naive_fusion, total_s: float) -> list[str]:
-    results = search.results()
+    results = search.trials
     d = search.decision
     fp32_row, chosen_row = choice.fp32, choice.chosen
     n_layers = len(bench.candidates())
     ev = metrics["evaluations"]
     total_evals = ev["analysis"] + ev["fixing"] + ev["trials"] + ev["final"]
     sec = metrics["seconds"]
-    n_trials = len(search.study.trials)
+    n_trials = search.n_trials
     per_trial = search.trial_seconds / max(n_trials, 1)
     pays = sum(x.gain_ms > 0 for x in profile.layers)
-    repaired = sum("repair_of" in t.user_attrs for t in search.study.trials)
+    repaired = search.repaired
     return [
         f"Model `{bench.prepared.name}` ({bench.prepared.fingerprint}), metric {bench.workload.metric.name}, "
         f"allowed drop {search.allowed:.4g} on search data; target {bench.workload.target}.",

@@ -57,3 +57,6 @@ def test_fp32_ships_when_every_int8_plan_is_slower():
     assert not decide(rows, allowed=0.005, target="fp16")[1]
     rows[3] = row("trial 3", 0.9, 0.80)
     assert decide(rows, allowed=0.005, target="cpu") == (3, False)
+    # a fallback that reverted every layer is FP32 under another name: FP32 ships, said plainly
+    rows[3] = Row("hybrid, all reverted", 0.9, 0.9, 0.95, 1000, 0, None, cpu_ms=0.95)
+    assert decide(rows, allowed=0.005, target="cpu") == (3, True)

@@ -66,7 +66,7 @@ def test_search_meets_budget_and_is_at_least_as_good_as_greedy(tmp_path):
     greedy_int8 = sum(greedy.choice(n).is_int8 for n in ctx.prepared.layer_names)
     best_int8 = sum(lbl.startswith("int8") for lbl in best.choices.values())
     assert best_int8 >= greedy_int8 and best.cost <= bitops(ctx, greedy)
-    pareto = search.pareto()
+    pareto = search.result().pareto()
     assert pareto and all(np.diff([r.cost for r in pareto]) >= 0)
 
 
