@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +199,9 @@ def test_a_trial_lost_by_a_killed_worker_is_retried_once_with_its_plan(tmp_path)
     first = new_search(ctx, profile, tmp_path / "out")
     first.run(4)
     finished = {t.number: t.params for t in first.study.trials if t.state == TrialState.COMPLETE}
-    lost = first.study.ask()  # a worker takes the next trial ... and is killed while scoring it
+    with warnings.catch_warnings():  # (Optuna's heartbeat note: ask() outside optimize())
+        warnings.simplefilter("ignore", UserWarning)
+        lost = first.study.ask()  # a worker takes the next trial ... and is killed while scoring it
     plan = {n: lost.suggest_categorical(n, list(opts)) for n, opts in first.dims.searched.items()}
     first.close()
     resumed = new_search(ctx, profile, tmp_path / "out")
