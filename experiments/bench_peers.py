@@ -39,7 +39,6 @@ NEEDS = {
     "ocr_det": [("rapidocr_onnxruntime", "rapidocr_onnxruntime"), ("PIL", "pillow")],
     "ocr_rec": [("rapidocr_onnxruntime", "rapidocr_onnxruntime"), ("PIL", "pillow")],
 }
-QUARK_PYTHON = HERE / ".venv-quark" / "bin" / "python"
 
 
 def require(workload: str) -> None:
@@ -138,38 +137,43 @@ def nncf_aac(ctx) -> Row:
     return Row(name, q, time.perf_counter() - t, evals[0], "")
 
 
-def quark(ctx, cap_s: float) -> Row:
-    """AMD Quark's AutoSearchPro in its own venv (`peer_quark.py`), stopped at `cap_s` seconds; the
-    best model it had scored by then is its result (its settings are not cut, its time is)."""
+def venv_peer(ctx, name: str, tool: str, cap_s: float, extra: list[str], done: Path | None = None) -> Row:
+    """A peer in its own venv (`peer_quark.py`, `peer_aimet.py`), stopped at `cap_s` seconds: the
+    best model it had scored by then is its result (its settings are not cut, its time is).
+    `done`: a folder where the same script already ran (its tuning time is as it measured it)."""
     import json
     import subprocess
 
     import onnx
 
-    name = "AMD Quark AutoSearchPro (calibration grid + CLE, then AdaRound/AdaQuant TPE)"
-    if not QUARK_PYTHON.exists():
-        return Row(name, None, 0.0, 0, "not installed: see experiments/peer_quark.py")
+    python = HERE / f".venv-{tool}" / "bin" / "python"
     entry = ctx.workload.metric.search_entry
+    if done is None and not python.exists():
+        return Row(name, None, 0.0, 0, f"not installed: see experiments/peer_{tool}.py")
     if entry is None:
         return Row(name, None, 0.0, 0, "needs a score function workload")
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        cmd = [str(QUARK_PYTHON), str(HERE / "peer_quark.py"), str(ctx.workload.base), tmp, "--metric", entry]
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-        try:
-            subprocess.run(cmd, env=env, timeout=cap_s, capture_output=True, text=True)
-            capped = False
-        except subprocess.TimeoutExpired:
-            capped = True
-        wall = time.perf_counter() - t
-        state = Path(tmp, "quark.json")
-        if not state.exists():
-            return Row(name, None, wall, 0, f"no model scored within the {cap_s:.0f} s cap")
+        folder, capped, wall = Path(done or tmp), False, None
+        if done is None:
+            model_file = Path(tmp, "prepared.onnx")  # the same float graph every peer gets
+            onnx.save(ctx.prepared.proto, str(model_file))
+            t = time.perf_counter()
+            cmd = [str(python), str(HERE / f"peer_{tool}.py"), str(ctx.workload.base), tmp, "--metric", entry,
+                   "--model", str(model_file), *extra]
+            try:
+                subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)}, timeout=cap_s,
+                               capture_output=True, text=True)
+            except subprocess.TimeoutExpired:
+                capped = True
+            wall = time.perf_counter() - t
+        state = folder / f"{tool}.json"
+        if not state.exists() or not (folder / f"{tool}.onnx").exists():
+            return Row(name, None, wall or cap_s, 0, f"no model within the {cap_s:.0f} s cap")
         info = json.loads(state.read_text())
-        model = onnx.load(str(Path(tmp, "quark.onnx")))
-    note = (f"stopped at its {cap_s:.0f} s cap after {len(info['log'])} models" if capped or not info["finished"]
-            else "finished") + "; it minimizes the drop of a whole-model config (no mixed precision, no latency)"
-    return Row(name, model, wall, info["evaluations"], note)
+        model = onnx.load(str(folder / f"{tool}.onnx"))
+    note = (f"stopped at its {cap_s:.0f} s cap after {info['evaluations']} evaluations" if capped or not info["finished"]
+            else "finished")
+    return Row(name, model, wall if wall is not None else info["seconds"], info["evaluations"], note)
 
 
 def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
@@ -298,8 +302,11 @@ def main() -> None:
     ap.add_argument("--workload", choices=["digits", "minilm", "orientation", "ocr_det", "ocr_rec"], default="digits")
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--samples", type=int, help="sensitivity analysis on the first N search samples")
-    ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf quark")
-    ap.add_argument("--quark-cap", type=float, default=1200.0, help="seconds AMD Quark's search may take")
+    ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf quark aimet")
+    ap.add_argument("--quark-cap", type=float, default=780.0, help="seconds AMD Quark's search may take")
+    ap.add_argument("--aimet-cap", type=float, default=1500.0, help="seconds AIMET's AMP may take")
+    ap.add_argument("--quark-dir", type=Path, help="a folder where peer_quark.py already ran on this workload")
+    ap.add_argument("--aimet-dir", type=Path, help="a folder where peer_aimet.py already ran on this workload")
     ap.add_argument("--max-drop", help="another accuracy budget than the workload's (e.g. 4-6x below naive's loss)")
     ap.add_argument("--methods", nargs="*", default=["MinMax", "Entropy", "Percentile", "Distribution"],
                     help="ORT quantize_static calibration methods to run")
@@ -325,7 +332,11 @@ def main() -> None:
     if "nncf" not in args.skip:
         rows.append(nncf_aac(ctx))
     if "quark" not in args.skip:
-        rows.append(quark(ctx, args.quark_cap))
+        rows.append(venv_peer(ctx, "AMD Quark AutoSearchPro (calibration grid + CLE, then AdaRound/AdaQuant TPE; "
+                              "minimizes the drop, all-INT8)", "quark", args.quark_cap, [], args.quark_dir))
+    if "aimet" not in args.skip:
+        rows.append(venv_peer(ctx, "AIMET-ONNX AMP (W8A8 / W16A16 per quantizer group, to the budget)", "aimet",
+                              args.aimet_cap, ["--max-drop", str(ctx.allowed_drop())], args.aimet_dir))
     rows.append(qsearch_opt(ctx, args.workload, args.budget, args.samples))
 
     allowed = ctx.allowed_drop()

@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("workload", type=Path, help="a built workload folder: model.onnx, calib.npz")
     ap.add_argument("out", type=Path)
     ap.add_argument("--metric", required=True, help="module:function(session) -> number or per-sample parts")
+    ap.add_argument("--model", type=Path, help="the float model to quantize (default: WORKLOAD_DIR/model.onnx); "
+                                               "bench_peers.py passes qsearch's prepared graph, as to every peer")
     ap.add_argument("--trials", type=int, default=20, help="stage-2 (AdaRound/AdaQuant) trials, Quark's default")
     args = ap.parse_args()
     from quark.onnx.quantization.auto_search import AutoSearchPro
@@ -83,7 +85,7 @@ def main() -> None:
             "seconds": round(time.perf_counter() - state["t0"], 1), "finished": False, "log": state["log"]}, indent=1))
         return float(v)
 
-    model = args.workload / "model.onnx"
+    model = args.model or args.workload / "model.onnx"
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     x = np.load(args.workload / "calib.npz")["x"]

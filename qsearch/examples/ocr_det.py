@@ -14,6 +14,7 @@ entry point `module:function(session) -> float` that owns its data.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +25,7 @@ from qsearch.errors import QsearchError
 from qsearch.examples import builder
 from qsearch.examples.builder import finish, is_fresh
 from qsearch.examples.pages import PageRenderer, normalize
-from qsearch.files import atomic_write_bytes
+from qsearch.files import atomic_write_bytes, atomic_write_text
 
 DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qsearch")) / "ocr_det"
 SIZE = 256  # pages are drawn at the model's input size (a multiple of 32)
@@ -74,7 +75,7 @@ def truth_mask(boxes) -> np.ndarray:
 def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     """Copy the model and render the splits (inputs + truth masks) into `out`; returns workload.yaml."""
     blob = model_path().read_bytes()
-    key = hashlib.sha256(blob + repr((SPLITS, SIZE, SHRINK)).encode() + b"pages-v1").hexdigest()[:16]
+    key = hashlib.sha256(blob + repr((SPLITS, SIZE, SHRINK)).encode() + b"pages-v2").hexdigest()[:16]
     wl = out / "workload.yaml"
     if not force and is_fresh(out, key):
         return wl
@@ -85,6 +86,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
         x = np.stack([normalize(p.image, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for p in pages])
         np.savez(out / f"{name}.npz", x=x)
         np.save(out / f"{name}.truth.npy", np.stack([truth_mask(p.boxes) for p in pages]))
+        atomic_write_text(out / f"{name}.boxes.json", json.dumps([list(map(list, p.boxes)) for p in pages]))
     atomic_write_bytes(out / "model.onnx", blob)
     return finish(out, WORKLOAD, key)
 
@@ -113,6 +115,75 @@ def f1_parts(session, split: str, folder: Path | None = None) -> list[list[int]]
 def f1(session, split: str, folder: Path | None = None) -> float:
     parts = np.asarray(f1_parts(session, split, folder), float)
     return float(parts[:, 0].sum() / max(parts[:, 1].sum(), 1.0))
+
+
+UNCLIP = 1.6  # RapidOCR's unclip ratio: a detected (shrunk) region grows back by area * r / perimeter
+IOU = 0.5  # a detected box matches a text line when their IoU is at least this
+
+
+@lru_cache(maxsize=4)
+def _boxes(name: str, folder: str) -> tuple:
+    return tuple(tuple(tuple(b) for b in page) for page in json.loads((Path(folder) / f"{name}.boxes.json").read_text()))
+
+
+def detected_boxes(prob: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """Text-line boxes as DBNet's post-processing finds them: connected regions of
+    (probability > 0.3), each grown back by the unclip offset (OpenCV, which RapidOCR needs anyway)."""
+    import cv2
+
+    n, _, stats, _ = cv2.connectedComponentsWithStats((prob > THRESH).astype(np.uint8), connectivity=4)
+    boxes = []
+    for x, y, w, h, area in stats[1:n]:
+        if area < 4:  # specks, as DBNet's minimum size drops them
+            continue
+        d = area * UNCLIP / (2 * (w + h))
+        boxes.append((x - d, y - d, x + w + d, y + h + d))
+    return boxes
+
+
+def _iou(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def box_parts(found, truth) -> list[int]:
+    """(2 x matched boxes, detected + true boxes) of one page: greedy one-to-one matching at IoU >= 0.5."""
+    pairs = sorted(((_iou(f, t), i, j) for i, f in enumerate(found) for j, t in enumerate(truth)), reverse=True)
+    used_f, used_t, matched = set(), set(), 0
+    for iou, i, j in pairs:
+        if iou < IOU:
+            break
+        if i not in used_f and j not in used_t:
+            used_f.add(i)
+            used_t.add(j)
+            matched += 1
+    return [2 * matched, len(found) + len(truth)]
+
+
+def box_f1_parts(session, split: str, folder: Path | None = None) -> list[list[int]]:
+    """Box-level F1 of the detected text lines against the rendered ones, per page: a stricter
+    metric than pixel F1 (a line merged with its neighbour or split in two is a miss)."""
+    folder = str(folder or Path(os.environ.get("QSEARCH_OCR_DET", DEFAULT_OUT)))
+    x, _ = _split(split, folder)
+    truth = _boxes(split, folder)
+    name = session.get_inputs()[0].name
+    parts = []
+    for i in range(0, len(x), 16):
+        probs = session.run(None, {name: x[i: i + 16]})[0][:, 0]
+        parts += [box_parts(detected_boxes(p), t) for p, t in zip(probs, truth[i: i + 16])]
+    return parts
+
+
+def search_box_f1(session) -> list[list[int]]:
+    return box_f1_parts(session, "search")
+
+
+def test_box_f1(session) -> list[list[int]]:
+    return box_f1_parts(session, "test")
 
 
 def search_f1(session) -> list[list[int]]:

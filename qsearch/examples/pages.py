@@ -35,12 +35,14 @@ class Page:
 
 
 class PageRenderer:
-    """Deterministic pages for a seed: dense or sparse text, varied fonts, sizes, ink and paper."""
+    """Deterministic pages for a seed: dense or sparse text, varied fonts, sizes, ink and paper.
+    `hard`: small type, faint ink on grey paper, heavy noise (what a phone camera gives)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, hard: bool = False):
         from PIL import ImageFont
 
         self.rng = np.random.default_rng(seed)
+        self.hard = hard
         self.text = sentences()
         self.fonts = fonts()
         self._font = lambda path, size: ImageFont.truetype(path, size)
@@ -49,11 +51,11 @@ class PageRenderer:
         from PIL import Image, ImageDraw
 
         r = self.rng
-        paper = tuple(int(v) for v in r.integers(200, 256, 3))
+        paper = tuple(int(v) for v in r.integers(*((150, 215) if self.hard else (200, 256)), 3))
         img = Image.new("RGB", (width, height), paper)
         d = ImageDraw.Draw(img)
-        font = self._font(self.fonts[r.integers(len(self.fonts))], int(r.integers(10, 24)))
-        ink = tuple(int(v) for v in r.integers(0, 90, 3))
+        font = self._font(self.fonts[r.integers(len(self.fonts))], int(r.integers(*((8, 15) if self.hard else (10, 24)))))
+        ink = tuple(int(v) for v in r.integers(*((50, 130) if self.hard else (0, 90)), 3))
         lines = int(r.integers(2, 30))  # sparse notes to dense pages
         y, k, boxes = int(r.integers(2, height // 4)), int(r.integers(len(self.text))), []
         while y < height - font.size and len(boxes) < lines:
@@ -65,7 +67,7 @@ class PageRenderer:
             boxes.append((box[0], box[1], min(box[2], width - 1), min(box[3], height - 1)))
             k += 1
             y += int(font.size * r.uniform(1.25, 2.2))
-        a = np.asarray(img, np.float32) + r.normal(0, r.uniform(0, 12), (height, width, 1))
+        a = np.asarray(img, np.float32) + r.normal(0, r.uniform(*((8, 24) if self.hard else (0, 12))), (height, width, 1))
         return Page(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), tuple(boxes))
 
 
