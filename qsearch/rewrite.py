@@ -91,25 +91,20 @@ class Rewriter:
                 pairs.append(self._probe_fused(g, layer, ranges, tag))
                 continue
             twins = [onnx.NodeProto.FromString(g.node(n).SerializeToString()) for n in layer.nodes]
-            inner = {t: f"{t}{tag}" for n in twins for t in n.output}
+            inner = {t: g.names.fresh(f"{t}{tag}") for n in twins for t in n.output}
             for n in twins:
-                n.name = f"{n.name}{tag}"
+                n.name = g.names.fresh(f"{n.name}{tag}")
                 for i, t in enumerate(n.input):
                     n.input[i] = inner.get(t, t)
                 for i, t in enumerate(n.output):
                     n.output[i] = inner[t]
             act_params = {t: activation_qparams(*ranges[t]) for t in (*layer.activations, layer.output)}
             for t in layer.activations:
-                g.fake_quant(t, f"{t}{tag}_fq", *act_params[t])
-                g.replace_input(twins[0], t, f"{t}{tag}_fq")
+                g.replace_input(twins[0], t, g.fake_quant(t, f"{t}{tag}_fq", *act_params[t]))
             self._quantize_layer(g, layer, choice, act_params, twins[0])
             g.extra.extend(twins)
-            g.fake_quant(inner[layer.output], f"{layer.output}{tag}_fq", *act_params[layer.output])
-            sig, err, noise = f"{tag}_signal", f"{tag}_error", f"{tag}_noise"
-            g.extra.append(helper.make_node("ReduceSumSquare", [layer.output], [sig], name=f"{tag}_Signal", keepdims=0))
-            g.extra.append(helper.make_node("Sub", [f"{layer.output}{tag}_fq", layer.output], [err], name=f"{tag}_Sub"))
-            g.extra.append(helper.make_node("ReduceSumSquare", [err], [noise], name=f"{tag}_Noise", keepdims=0))
-            pairs.append((sig, noise))
+            twin_out = g.fake_quant(inner[layer.output], f"{layer.output}{tag}_fq", *act_params[layer.output])
+            pairs.append(g.reduce_pair(tag, layer.output, twin_out))
         model = g.build(extra_outputs=[t for pair in pairs for t in pair])
         return model, pairs
 
@@ -117,15 +112,11 @@ class Rewriter:
     def _probe_fused(g: _Graph, layer: Layer, ranges, tag: str) -> tuple[str, str]:
         x, out = layer.activations[0], layer.quantized_output({layer.pattern: "fused"})
         x_params, out_params = activation_qparams(*ranges[x]), activation_qparams(*ranges[out])
-        g.fake_quant(x, f"{x}{tag}_fq", *x_params)
-        g.extra.append(helper.make_node("HardSwish", [f"{x}{tag}_fq"], [f"{out}{tag}"], name=f"{layer.name}{tag}"))
+        xq = g.fake_quant(x, f"{x}{tag}_fq", *x_params)
+        hs = g.names.fresh(f"{out}{tag}")
+        g.extra.append(helper.make_node("HardSwish", [xq], [hs], name=g.names.fresh(f"{layer.name}{tag}")))
         g.min_opset = max(g.min_opset, 14)
-        g.fake_quant(f"{out}{tag}", f"{out}{tag}_fq", *out_params)
-        sig, err, noise = f"{tag}_signal", f"{tag}_error", f"{tag}_noise"
-        g.extra.append(helper.make_node("ReduceSumSquare", [out], [sig], name=f"{tag}_Signal", keepdims=0))
-        g.extra.append(helper.make_node("Sub", [f"{out}{tag}_fq", out], [err], name=f"{tag}_Sub"))
-        g.extra.append(helper.make_node("ReduceSumSquare", [err], [noise], name=f"{tag}_Noise", keepdims=0))
-        return sig, noise
+        return g.reduce_pair(tag, out, g.fake_quant(hs, f"{out}{tag}_fq", *out_params))
 
     def _quantize_layer(self, g: _Graph, layer: Layer, choice: LayerChoice, act_params, node) -> None:
         if layer.constant is not None:  # QLinearAdd/Mul take both inputs as uint8: the constant too
@@ -152,11 +143,50 @@ class Rewriter:
             g.replace_input(node, layer.bias, bname)
 
 
+class Names:
+    """Every name a graph uses (nodes, tensors, initializers, inputs, outputs, value infos, in its
+    subgraphs too). Every name a rewrite creates comes from here, so a user's tensor that happens
+    to be called `x_scale` is never mistaken for (or replaced by) a generated one. Deterministic:
+    the same graph and the same sequence of requests give the same names."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used: set[str] = set()
+        self._collect(graph)
+        self._memo: dict[tuple, str] = {}
+
+    def _collect(self, graph: onnx.GraphProto) -> None:
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            self.used.add(vi.name)
+        self.used.update(i.name for i in graph.initializer)
+        for n in graph.node:
+            self.used.update((n.name, *n.input, *n.output))
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                            a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
+                    self._collect(sub)
+
+    def fresh(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`... whichever is free first; taken from then on."""
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+    def of(self, key: tuple, base: str) -> str:
+        """The same name for the same `key` (a weight's scale read by several layers)."""
+        if key not in self._memo:
+            self._memo[key] = self.fresh(base)
+        return self._memo[key]
+
+
 class _Graph:
     """A mutable view of a graph for one rewrite: nodes by name, producers, consumers."""
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
+        self.names = Names(model.graph)
         self.nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in model.graph.node]
         self.by_name = {n.name: n for n in self.nodes}
         self.position = {n.name: i for i, n in enumerate(self.nodes)}
@@ -165,6 +195,7 @@ class _Graph:
         self.graph_outputs = {o.name for o in model.graph.output}
         self.inits = {i.name: i for i in model.graph.initializer}
         self.new_inits: dict[str, TensorProto] = {}
+        self._consts: dict[tuple, str] = {}  # quantized constants already added, by what they hold
         self.extra: list[onnx.NodeProto] = []
         self.min_opset = 0  # default-domain opset the rewritten ops need (HardSwish: 14)
         self.removed: set[str] = set()  # nodes a rewrite replaced (a fused pattern's tail)
@@ -207,14 +238,13 @@ class _Graph:
             node.output[0] = out
         self.min_opset = max(self.min_opset, 14)
 
-    @staticmethod
-    def _rename_inlined(nodes: list[onnx.NodeProto], inits: list[TensorProto]) -> list[TensorProto]:
+    def _rename_inlined(self, nodes: list[onnx.NodeProto], inits: list[TensorProto]) -> list[TensorProto]:
         """ONNX Runtime inlines a HardSwish (no CPU kernel) into tensors named '_inlfunc_HardSwish_...'
         counting from zero in each session, and the prepared graph already holds such names from its
         own float optimization: a model with new HardSwish nodes would define them twice. Renamed in
         the written model only (plans keep the prepared graph's names)."""
         def fresh(t: str) -> str:
-            return f"qsearch{t}" if t.startswith("_inlfunc_") else t
+            return self.names.of(("inlined", t), f"qsearch{t}") if t.startswith("_inlfunc_") else t
 
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
             return inits  # a subgraph may read them by name: leave the graph as it is
@@ -237,45 +267,69 @@ class _Graph:
         return name
 
     def add_dequantized_init(self, base: str, q, scale, zp, axis: int | None) -> str:
-        out = f"{base}_dequantized"
-        if out in self.new_inits or any(n.output[0] == out for n in self.extra):
-            return out
-        qn = self._init(f"{base}_quantized", q)
-        sn = self._init(f"{base}_scale", scale if axis is not None else np.asarray(scale).reshape(()))
-        zn = self._init(f"{base}_zero_point", zp if axis is not None else np.asarray(zp).reshape(()))
+        """A quantized constant behind its DequantizeLinear, once per `base` (a weight shared by
+        layers is stored once); returns the dequantized tensor's name."""
+        key = ("const", base)
+        if key in self._consts:
+            return self._consts[key]
+        names = self.names
+        out = names.fresh(f"{base}_dequantized")
+        qn = self._init(names.fresh(f"{base}_quantized"), q)
+        sn = self._init(names.fresh(f"{base}_scale"), scale if axis is not None else np.asarray(scale).reshape(()))
+        zn = self._init(names.fresh(f"{base}_zero_point"), zp if axis is not None else np.asarray(zp).reshape(()))
         attrs = {"axis": axis} if axis is not None else {}
-        self.extra.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_DequantizeLinear", **attrs))
+        self.extra.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out],
+                                           name=names.fresh(f"{base}_DequantizeLinear"), **attrs))
+        self._consts[key] = out
         return out
 
     def insert_qdq(self, tensor: str, scale: np.float32, zp: np.uint8) -> None:
         """Q/DQ after `tensor`; the DQ output keeps the tensor's name (see module docstring)."""
-        sn = self._init(f"{tensor}_scale", np.asarray(scale, np.float32).reshape(()))
-        zn = self._init(f"{tensor}_zero_point", np.asarray(zp, np.uint8).reshape(()))
-        q_out, dq_out = f"{tensor}_quantized", tensor
+        names = self.names
+        sn = self._init(names.fresh(f"{tensor}_scale"), np.asarray(scale, np.float32).reshape(()))
+        zn = self._init(names.fresh(f"{tensor}_zero_point"), np.asarray(zp, np.uint8).reshape(()))
+        q_out, dq_out = names.fresh(f"{tensor}_quantized"), tensor
         src = tensor
         prod = self.producer.get(tensor)
         if prod is not None:
-            src = f"{tensor}_prequant"
+            src = names.fresh(f"{tensor}_prequant")
             for i, t in enumerate(prod.output):
                 if t == tensor:
                     prod.output[i] = src
             self.producer[src] = prod
         elif tensor in self.graph_inputs:
-            dq_out = f"{tensor}_dequantized"
+            dq_out = names.fresh(f"{tensor}_dequantized")
             for n in self.nodes:
                 self.replace_input(n, tensor, dq_out)
         else:
             raise QsearchError(f"cannot quantize tensor '{tensor}': it has no producer")
-        self.extra.append(helper.make_node("QuantizeLinear", [src, sn, zn], [q_out], name=f"{tensor}_QuantizeLinear"))
-        self.extra.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out], name=f"{tensor}_DequantizeLinear"))
+        self.extra.append(helper.make_node("QuantizeLinear", [src, sn, zn], [q_out],
+                                           name=names.fresh(f"{tensor}_QuantizeLinear")))
+        self.extra.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out],
+                                           name=names.fresh(f"{tensor}_DequantizeLinear")))
         self.producer[dq_out] = self.extra[-1]
 
-    def fake_quant(self, tensor: str, out: str, scale: np.float32, zp: np.uint8) -> None:
-        """Q/DQ reading `tensor` into a new name, leaving existing consumers alone (probes)."""
-        sn = self._init(f"{out}_scale", np.asarray(scale, np.float32).reshape(()))
-        zn = self._init(f"{out}_zero_point", np.asarray(zp, np.uint8).reshape(()))
-        self.extra.append(helper.make_node("QuantizeLinear", [tensor, sn, zn], [f"{out}_q"], name=f"{out}_Q"))
-        self.extra.append(helper.make_node("DequantizeLinear", [f"{out}_q", sn, zn], [out], name=f"{out}_DQ"))
+    def fake_quant(self, tensor: str, base: str, scale: np.float32, zp: np.uint8) -> str:
+        """Q/DQ reading `tensor` into a new tensor (named from `base`), leaving existing consumers
+        alone (probes); returns the new tensor's name."""
+        names = self.names
+        out, q = names.fresh(base), names.fresh(f"{base}_q")
+        sn = self._init(names.fresh(f"{base}_scale"), np.asarray(scale, np.float32).reshape(()))
+        zn = self._init(names.fresh(f"{base}_zero_point"), np.asarray(zp, np.uint8).reshape(()))
+        self.extra.append(helper.make_node("QuantizeLinear", [tensor, sn, zn], [q], name=names.fresh(f"{base}_Q")))
+        self.extra.append(helper.make_node("DequantizeLinear", [q, sn, zn], [out], name=names.fresh(f"{base}_DQ")))
+        return out
+
+    def reduce_pair(self, tag: str, reference: str, twin: str) -> tuple[str, str]:
+        """In-graph scalars of a probe: sum of squares of `reference` and of `twin - reference`."""
+        names = self.names
+        sig, err, noise = names.fresh(f"{tag}_signal"), names.fresh(f"{tag}_error"), names.fresh(f"{tag}_noise")
+        self.extra.append(helper.make_node("ReduceSumSquare", [reference], [sig], name=names.fresh(f"{tag}_Signal"),
+                                           keepdims=0))
+        self.extra.append(helper.make_node("Sub", [twin, reference], [err], name=names.fresh(f"{tag}_Sub")))
+        self.extra.append(helper.make_node("ReduceSumSquare", [err], [noise], name=names.fresh(f"{tag}_Noise"),
+                                           keepdims=0))
+        return sig, noise
 
     def convert_fp16(self, seeds: set[str]) -> None:
         """Run `seeds` (and float ops fed only by them) in FP16; Cast only at region borders."""
@@ -301,7 +355,7 @@ class _Graph:
                 if not t:
                     continue
                 if t in float_inits:
-                    name = f"{t}_fp16"
+                    name = self.names.of(("fp16", t), f"{t}_fp16")
                     if name not in self.new_inits:
                         arr = numpy_helper.to_array(float_inits[t]).astype(np.float16)
                         self.new_inits[name] = numpy_helper.from_array(arr, name)
@@ -312,17 +366,19 @@ class _Graph:
                     continue  # non-float constants (shapes, axes) stay as they are
                 elif self._is_float(t):
                     if t not in casts_in:
-                        casts_in[t] = f"{t}_to_fp16"
-                        self.extra.append(helper.make_node("Cast", [t], [casts_in[t]], name=f"{t}_CastToFp16",
+                        casts_in[t] = self.names.fresh(f"{t}_to_fp16")
+                        self.extra.append(helper.make_node("Cast", [t], [casts_in[t]],
+                                                           name=self.names.fresh(f"{t}_CastToFp16"),
                                                            to=TensorProto.FLOAT16))
                     n.input[i] = casts_in[t]
             for j, t in enumerate(n.output):
-                renamed[t] = f"{t}_fp16"
+                renamed[t] = self.names.of(("fp16", t), f"{t}_fp16")
                 n.output[j] = renamed[t]
         consumers_outside = {t for n in self.nodes + self.extra if n.name not in fp16 for t in node_reads(n)}
         for t, t16 in renamed.items():
             if t in consumers_outside or t in self.graph_outputs:
-                self.extra.append(helper.make_node("Cast", [t16], [t], name=f"{t}_CastToFp32", to=TensorProto.FLOAT))
+                self.extra.append(helper.make_node("Cast", [t16], [t], name=self.names.fresh(f"{t}_CastToFp32"),
+                                                   to=TensorProto.FLOAT))
 
     def _is_float(self, t: str) -> bool:
         # Every activation the FP16 region reads is float unless shape inference said otherwise.

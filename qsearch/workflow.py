@@ -316,8 +316,9 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
         f"per layer ({n_layers} layers). INT8 pays for {pays} layers.",
         f"Time: total {total_s:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in sec.items())
         + f" ({per_trial:.2f}s/trial).",
-        *(["The machine was busy while timing (wall time well above the thread's CPU time): plans were "
-           "compared on thread CPU time, which a busy core does not inflate."] if choice.cpu_clock else []),
+        *(["The machine was busy while timing (wall time well above the thread's CPU time): every plan was "
+           "timed again, and plans were compared on thread CPU time, which a busy core does not inflate."]
+          if choice.cpu_clock else []),
         *([f"Search drop of the chosen plan: {chosen_row.interval}."] if chosen_row.interval else []),
         *([choice.resolution_note[0].upper() + choice.resolution_note[1:] + "."] if choice.resolution_note else []),
         choice.verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "

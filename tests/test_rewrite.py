@@ -253,3 +253,65 @@ def test_quantized_tensors_and_shared_scales_on_a_known_graph(cnn):
     assert {"g", "f"} in [set(g) for g in groups]
     tensors, _ = quantized_tensors(prepared, set())
     assert tensors == []
+
+
+def _colliding_cnn() -> onnx.ModelProto:
+    """The small CNN, with user names exactly where the rewriter would put its own: a float
+    constant `s_relu_scale` (what the Q/DQ scale of tensor s_relu would be called) read by a Mul
+    on the output path, an int64 constant `b_zero_point`, and activations named `a_relu_quantized`
+    and `b_prequant`."""
+    from onnx import numpy_helper
+
+    m = make_cnn(seed=3)
+    g = m.graph
+    for n in g.node:  # conv_b reads a Relu whose output is called like a quantized twin
+        for i, t in enumerate(n.input):
+            if t == "b":
+                n.input[i] = "b_prequant"
+        for i, t in enumerate(n.output):
+            if t == "b":
+                n.output[i] = "b_prequant"
+    g.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "s_relu_scale"),
+                          numpy_helper.from_array(np.array([0, -1], np.int64), "b_zero_point")])
+    fc = next(n for n in g.node if n.name == "fc")
+    fc.output[0] = "y_raw"
+    g.node.extend([helper.make_node("Mul", ["y_raw", "s_relu_scale"], ["y_half"], name="half"),
+                   helper.make_node("Reshape", ["y_half", "b_zero_point"], ["y"], name="flat")])
+    extra = helper.make_node("Identity", ["a_relu"], ["a_relu_quantized"], name="a_relu_quantized")
+    g.node.insert(2, extra)
+    for n in g.node:
+        if n.name == "conv_b":
+            n.input[0] = "a_relu_quantized"
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_generated_names_never_collide_with_the_users():
+    """Every name the rewriter makes is fresh against the graph's own: the user's constants keep
+    their values, the model loads in ONNX Runtime, an all-float plan is the original to the bit,
+    and all-INT8 stays close to it (a replaced 0.5 scale would change the outputs by far more)."""
+    from onnx import numpy_helper
+
+    model = _colliding_cnn()
+    prepared, stats, feeds = _calibrated(model)
+    rw = Rewriter(prepared)
+    float_plan = build_plan(prepared, {}, stats)
+    for a, b in zip(_run(model, feeds[0]), _run(rw(float_plan), feeds[0])):
+        np.testing.assert_array_equal(a, b)
+    for granularity in ("per_tensor", "per_channel"):
+        plan = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", granularity) for la in prepared.layers},
+                          stats)
+        q = rw(plan)
+        onnx.checker.check_model(q)
+        inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+        # (the Mul by 0.5 is itself an INT8 layer: it reads its own uint8 copy of the constant)
+        assert float(inits.get("s_relu_scale", 0.5)) == 0.5 and inits["b_zero_point"].tolist() == [0, -1]
+        names = [n.name for n in q.graph.node]
+        assert len(names) == len(set(names))
+        want, got = _run(model, feeds[0])[0], _run(q, feeds[0])[0]
+        assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
+    probe, pairs = rw.probe([(la, LayerChoice("int8", "minmax", "per_tensor")) for la in prepared.layers],
+                            {t: (float(s.min), float(s.max)) for t, s in stats.tensors.items()})
+    outs = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [t for p in pairs for t in p], feeds[0])
+    assert all(np.isfinite(o).all() for o in outs)
