@@ -55,14 +55,15 @@ def open_bench(config: str | None, out: Path, eval_timeout: float | None = None,
     return bench
 
 
-def check_samples(samples) -> None:
-    if samples is not None and samples < 1:
-        raise QsearchError(f"--samples must be >= 1, got {samples}")
-
-
 def check_eval_timeout(eval_timeout) -> None:
-    if eval_timeout is not None and eval_timeout < 0:
+    """0 means no limit, and so does a limit too large for the timer (inf); NaN and negatives are refused."""
+    if eval_timeout is not None and not eval_timeout >= 0:  # (NaN is not >= 0)
         raise QsearchError(f"--eval-timeout must be >= 0 seconds (0: no limit), got {eval_timeout:g}")
+
+
+def check_samples(samples) -> None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise QsearchError(f"--samples must be a whole number >= 1, got {samples!r}")
 
 
 def run_analyze(config, out: Path, samples=None, reverse=False, workers=1,

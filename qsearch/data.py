@@ -92,7 +92,7 @@ def import_entry(spec: str, where: str, base: Path | None = None):
         added = True
     try:
         module = importlib.import_module(mod_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that exits on import: an error, never a silent success
         raise QsearchError(f"{where}: cannot import '{mod_name}' for entry point '{spec}': {type(exc).__name__}: {exc}") from None
     finally:
         if added:
@@ -154,7 +154,7 @@ def _raw(spec: DataSpec, base: Path | None) -> tuple[list[dict], list[np.ndarray
                                    f"{MAX_ENTRY_BATCHES} batches (endless?); set data.{spec.name}.limit")
     except QsearchError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a data function is an error naming it
         raise QsearchError(f"{spec.where}: data entry point '{spec.entry}' raised {type(exc).__name__}: {exc}") from None
     feeds, labels, h = [], [], hashlib.sha256()
     for item in items:
@@ -197,8 +197,10 @@ def load(spec: DataSpec, inputs: Sequence[InputSpec], batch_size: int, base: Pat
         if fixed_batch and spec.entry is None and n % fixed_batch:
             raise QsearchError(f"{src}: the model's inputs have a fixed batch of {fixed_batch}, but the {spec.name} "
                                f"data has {n} samples, not a multiple of it")
-        if lab is not None and len(lab) != n:
-            raise QsearchError(f"{src}: {spec.name} labels have {len(lab)} entries for {n} samples")
+        if lab is not None and (lab.ndim == 0 or len(lab) != n):
+            raise QsearchError(f"{src}: {spec.name} labels have "
+                               f"{'a single value (0-d array)' if lab.ndim == 0 else f'{len(lab)} entries'} "
+                               f"for {n} samples; give one label per sample")
         if spec.entry is not None:  # entry points give batches already shaped for the model
             batches.append(chunk)
             batch_labels.append(lab)

@@ -65,7 +65,7 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     factory = import_entry(entry, f"{where(p, spec, 'torch')}: model.torch", base)
     try:
         module = factory()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory that calls sys.exit(0) must not end qsearch with 0
         raise QsearchError(f"{where(p, spec, 'torch')}: '{entry}' raised {type(exc).__name__}: {exc}"[:400]) from None
     if not isinstance(module, torch.nn.Module):
         raise QsearchError(f"{where(p, spec, 'torch')}: '{entry}' returned {type(module).__name__}, not a "

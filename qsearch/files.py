@@ -138,16 +138,27 @@ class LinedDict(dict):
     line: int
 
 
+MAX_DEPTH = 50  # nesting a config or plan never needs; ~400 levels overflow Python's recursion
+
+
 class _Loader(yaml.SafeLoader):
     """No aliases: a few hundred bytes of nested `*ref`s expand to gigabytes when a value is
-    printed or walked (a "billion laughs"), and a config or plan never needs them."""
+    printed or walked (a "billion laughs"), and a config or plan never needs them. Nesting is
+    bounded, so a few hundred bytes of `[[[[...` are an error, not a RecursionError."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(None, None, f"aliases are not allowed (*{event.anchor})",
                                               event.start_mark)
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LinedDict:
@@ -156,6 +167,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LinedDict:
     d.lines = {}
     d.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`: no key of a config or plan is one
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value, not a "
+                                                    "list or mapping", key_node.start_mark)
         key = loader.construct_object(key_node, deep=True)
         if key in d:
             raise yaml.constructor.ConstructorError(

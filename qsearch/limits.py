@@ -63,11 +63,15 @@ def _fire(signum, frame) -> None:
     raise hit.exc(hit.message)
 
 
+MAX_SECONDS = 1e7  # about 115 days: longer limits mean no limit (the interval timer overflows near 1e9)
+
+
 @contextmanager
 def limit(seconds: float | None, message: str, exc: type[BaseException] = EvaluationTimeout) -> Iterator[None]:
-    """Raise `exc(message)` if the body runs longer than `seconds` (None or <= 0: no limit)."""
+    """Raise `exc(message)` if the body runs longer than `seconds` (None, <= 0, or more than the
+    timer can hold, e.g. inf or 1e10: no limit)."""
     global _previous_handler
-    if seconds is None or seconds <= 0 or not enforced():
+    if seconds is None or not 0 < seconds <= MAX_SECONDS or not enforced():
         yield
         return
     if not _stack:

@@ -36,6 +36,15 @@ class LayerChoice:
     calibration: str = "minmax"
     granularity: str = "per_channel"
 
+    def __post_init__(self) -> None:
+        """Checked however the choice is made (YAML, the Python API, a strategy): an unknown
+        precision must not run silently as float."""
+        for key, value, allowed in (("precision", self.precision, PRECISIONS),
+                                    ("calibration", self.calibration, METHODS),
+                                    ("granularity", self.granularity, GRANULARITIES)):
+            if value not in allowed:
+                raise QsearchError(f"layer choice: {key} {value!r} is not one of {', '.join(allowed)}")
+
     @property
     def is_int8(self) -> bool:
         return self.precision == "int8"
@@ -77,6 +86,25 @@ class Plan:
     notes: Mapping[str, LayerNote] = field(default_factory=dict)
     model_file: str = ""
     forms: Mapping[str, str] = field(default_factory=dict)  # pattern -> form (`PATTERN_FORMS`), measured
+
+    def __post_init__(self) -> None:
+        """Every way of making a plan is checked (the YAML reader first, naming file and line; then
+        this, for plans built in Python): ranges a uint8 scale can be computed from, a known target,
+        known forms, choices that are `LayerChoice`s."""
+        if self.target not in TARGETS:
+            raise QsearchError(f"plan: target {self.target!r} is not one of {', '.join(TARGETS)}")
+        for name, c in self.layers.items():
+            if not isinstance(c, LayerChoice):
+                raise QsearchError(f"plan: layer '{name}': its choice must be a LayerChoice, got {c!r}"[:300])
+        for t, r in self.ranges.items():
+            if not _good_range(r):
+                raise QsearchError(f"plan: tensor '{t}': range must be [min <= 0, max >= 0], finite, |values| <= "
+                                   f"{MAX_RANGE:g}, got {r!r}"[:300])
+        for k, v in self.forms.items():
+            if k not in PATTERN_FORMS or v not in PATTERN_FORMS[k]:
+                raise QsearchError(f"plan: forms.{k} = {v!r} is not a known pattern form")
+        if isinstance(self.percentile, bool) or not 50.0 <= float(self.percentile) <= 100.0:
+            raise QsearchError(f"plan: percentile must be in [50, 100], got {self.percentile!r}")
 
     @property
     def float_precision(self) -> str:
@@ -314,10 +342,7 @@ def _read_ranges(path, doc: Mapping, key: str, ranges: dict, owner: dict, label:
     if not isinstance(table, dict):
         raise QsearchError(f"{where(path, doc, key)}: {label} must be a mapping of tensor -> [min, max]")
     for t, r in table.items():
-        ok = isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                         for v in r)
-        # beyond float32 the scale of a uint8 tensor is inf (and the model computes NaN)
-        if not ok or not (r[0] <= 0 <= r[1]) or any(v != v or abs(v) > MAX_RANGE for v in r):
+        if not isinstance(r, list) or not _good_range(r):
             raise QsearchError(
                 f"{where(path, table, t)}: {label}.{t} must be [min <= 0, max >= 0] with "
                 f"|values| <= {MAX_RANGE:g}, got {r!r}"[:300]
@@ -395,6 +420,16 @@ def _choice_dict(c: LayerChoice, defaults: LayerChoice | None) -> dict:
         if defaults is None or c.granularity != defaults.granularity or not defaults.is_int8:
             d["granularity"] = c.granularity
     return d
+
+
+def _good_range(r: Any) -> bool:
+    """[min <= 0 <= max], numbers, finite, within float32 (beyond it the scale of a uint8 tensor is
+    inf, and the model computes NaN)."""
+    if not isinstance(r, (list, tuple)) or len(r) != 2:
+        return False
+    if not all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in r):
+        return False
+    return all(np.isfinite(v) and abs(v) <= MAX_RANGE for v in r) and r[0] <= 0 <= r[1]
 
 
 def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:

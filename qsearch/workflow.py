@@ -88,9 +88,9 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
                  pruner: optuna.pruners.BasePruner | None = None) -> OptimizeResult:
     """`timeout` bounds the whole command: the analysis and final stage are stopped at it, the
     search ends early enough to leave the final stage its measured share."""
-    if budget < 1:
-        raise QsearchError(f"--budget must be a positive number of trials, got {budget}")
-    if timeout is not None and not timeout > 0:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise QsearchError(f"--budget must be a positive whole number of trials, got {budget!r}")
+    if timeout is not None and not timeout > 0:  # (NaN is not > 0)
         raise QsearchError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     check_eval_timeout(eval_timeout)
     check_samples(samples)
@@ -110,7 +110,7 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
 def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, workers, eval_timeout,
               stage: Stage, sampler, pruner) -> OptimizeResult:
     t_start = time.perf_counter()
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None or timeout > limits.MAX_SECONDS else time.monotonic() + timeout
     bench = open_bench(config, out, eval_timeout, calibrate=False)
     name = study or default_study_name(bench)
     # storage URL and study ownership are checked before any calibration or analysis is spent

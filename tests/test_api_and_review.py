@@ -9,6 +9,7 @@ import yaml
 
 import qsearch
 from qsearch.cli import main
+from qsearch.errors import QsearchError
 from qsearch.plan import LayerChoice, Plan
 
 from .conftest import last_error, make_cnn
@@ -127,3 +128,19 @@ def test_every_command_has_a_description_argument_help_and_an_example(command, c
     for k in entries:
         own = lines[k].strip().split("  ", 1)
         assert len(own) == 2 or (k + 1 < len(lines) and lines[k + 1].startswith(" " * 6)), lines[k]
+
+
+@pytest.mark.parametrize("bad", [
+    {"ranges": {"x": (-1e300, 1e300)}}, {"ranges": {"x": (2.0, 1.0)}}, {"ranges": {"x": (float("nan"), 1.0)}},
+    {"ranges": {"x": (-1.0, float("inf"))}}, {"target": "npu9000"}, {"forms": {"hardswish": "melted"}},
+    {"layers": {"conv_a": "int8"}}, {"percentile": 120.0},
+])
+def test_plans_built_in_python_are_checked_like_plans_read_from_yaml(bad):
+    with pytest.raises(QsearchError, match="plan: "):
+        Plan("m", "sha256:0", **bad)
+
+
+def test_an_unknown_precision_is_refused_not_run_as_float():
+    for kw in ({"precision": "int4"}, {"calibration": "magic"}, {"granularity": "per_row"}):
+        with pytest.raises(QsearchError, match="layer choice: "):
+            LayerChoice(**kw)

@@ -109,5 +109,54 @@ def test_samples_below_one_refused_before_any_work(workload, tmp_path, capsys):
     out = tmp_path / "out"
     for n in ("0", "-3"):
         assert main(["analyze", "--config", str(workload), "--out", str(out), "--samples", n]) == 2
-        assert f"--samples must be >= 1, got {n}" in last_error(capsys)
+        assert f"--samples must be a whole number >= 1, got {n}" in last_error(capsys)
     assert not out.exists()
+
+
+def test_yaml_bombs_and_odd_keys_are_one_line_errors(tmp_path, capsys):
+    """Deep nesting (RecursionError before) and complex keys (unhashable before), in configs and
+    plans alike: both go through the one YAML loader."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 400 + "]" * 400 + "\n")
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("? [a, b]\n: 1\n")
+    for f in (deep, odd):
+        for argv in (["optimize", "--config", str(f), "--out", str(tmp_path / "o")], ["show", str(f)]):
+            capsys.readouterr()
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and str(f) in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_d_labels_are_refused(tmp_path, capsys):
+    from .conftest import make_cnn, write_workload
+
+    cfg = write_workload(tmp_path / "w", make_cnn(), n=32)
+    d = np.load(cfg.parent / "search.npz")
+    np.savez(cfg.parent / "search.npz", x=d["x"], label=np.int64(3))
+    assert main(["optimize", "--budget", "1", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "0-d array" in err and "Traceback" not in err
+
+
+def test_entry_points_that_exit_are_errors_naming_them(tmp_path, capsys):
+    """sys.exit(0) inside a user's data or score function (or at import) must not end qsearch with
+    exit 0 and nothing written: one line naming the entry point, exit 2."""
+    from .conftest import make_cnn, write_workload
+
+    cfg = write_workload(tmp_path / "w", make_cnn(), n=32)
+    (cfg.parent / "quitter.py").write_text("import sys\n\ndef score(session):\n    sys.exit(0)\n\n"
+                                          "def data():\n    sys.exit(0)\n")
+    (cfg.parent / "quit_on_import.py").write_text("import sys\nsys.exit(0)\n\ndef score(session):\n    return 1.0\n")
+    base = cfg.read_text()
+    for name, text in (("score", base.replace("metric: top1", "metric: {search: 'quitter:score', test: 'quitter:score'}")),
+                       ("import", base.replace("metric: top1", "metric: {search: 'quit_on_import:score', "
+                                                                "test: 'quit_on_import:score'}")),
+                       ("data", base.replace("calibration: {npz: calib.npz, labels: label}",
+                                             "calibration: {entry: 'quitter:data'}"))):
+        cfg.write_text(text)
+        capsys.readouterr()
+        assert main(["optimize", "--budget", "1", "--config", str(cfg), "--out", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert "SystemExit" in err and "Traceback" not in err, (name, err)

@@ -212,3 +212,21 @@ def test_a_trial_lost_by_a_killed_worker_is_retried_once_with_its_plan(tmp_path)
     retry = [t for t in resumed.study.trials if t.user_attrs.get("retry_of") == lost.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == plan
     assert {t.number: t.params for t in resumed.study.trials if t.number in finished} == finished
+
+
+def test_time_limits_too_large_for_the_timer_mean_no_limit_and_nan_is_refused(tmp_path, capsys):
+    cfg = write_workload(tmp_path / "w", make_cnn(), n=64)
+    out = tmp_path / "o"
+    assert main(["optimize", "--budget", "2", "--timeout", "inf", "--eval-timeout", "1e10", "--config", str(cfg),
+                 "--out", str(out)]) == 0
+    for flag in ("--timeout", "--eval-timeout"):
+        capsys.readouterr()
+        assert main(["optimize", "--budget", "2", flag, "nan", "--config", str(cfg), "--out", str(tmp_path / "n")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be" in err and "Traceback" not in err
+    import qsearch
+    from qsearch.errors import QsearchError
+
+    with pytest.raises(QsearchError, match="--budget must be a positive whole number"):  # before any analysis
+        qsearch.optimize(cfg, budget=float("nan"), out=tmp_path / "api")
+    assert not (tmp_path / "api").exists()
