@@ -250,9 +250,20 @@ class Plan:
         known = set(prepared.layer_names)
         for name, c in self.layers.items():
             if name not in known:
-                raise QsearchError(f"{path}: layer '{name}' does not exist in model '{prepared.name}'")
+                raise QsearchError(f"{path}: layer '{name}' does not exist in model '{prepared.name}'"
+                                   + _closest(name, known))
             if c.precision == "fp16" and self.target != "fp16":
                 raise QsearchError(f"{path}: layer '{name}' is fp16 but target '{self.target}' runs float layers in FP32")
+        tensors_of_model = {t for n in prepared.proto.graph.node for t in (*n.input, *n.output)} | \
+            {i.name for i in prepared.proto.graph.input}
+        for t in self.ranges:  # a misspelled tensor's range would be ignored without a word
+            if t not in tensors_of_model:
+                raise QsearchError(f"{path}: a range is given for tensor '{t}', which model '{prepared.name}' does "
+                                   "not have" + _closest(t, tensors_of_model))
+        patterns = {la.pattern for la in prepared.layers if la.pattern}
+        for k in self.forms:
+            if k not in patterns:
+                raise QsearchError(f"{path}: forms.{k}: model '{prepared.name}' has no {k} pattern")
         absorbed = prepared.absorbed(self.forms)
         for layer in prepared.layers:
             c = self.choice(layer.name)
@@ -420,6 +431,13 @@ def _choice_dict(c: LayerChoice, defaults: LayerChoice | None) -> dict:
         if defaults is None or c.granularity != defaults.granularity or not defaults.is_int8:
             d["granularity"] = c.granularity
     return d
+
+
+def _closest(name: str, known) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
 
 
 def _good_range(r: Any) -> bool:

@@ -382,3 +382,27 @@ def test_the_readme_config_example_works_verbatim(tmp_path, capsys):
     (d / "workload.yaml").write_text(example)
     assert main(["optimize", "--budget", "2", "--config", str(d / "workload.yaml"), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "plan.yaml").is_file()
+
+
+def test_a_misspelled_tensor_or_a_foreign_form_is_refused_naming_the_closest(workload, tmp_path, capsys):
+    """A range for a tensor the model lacks (a typo) would be ignored without a word; forms for a
+    pattern the model lacks would be claimed for nothing. Both are refused where the model is known."""
+    out = tmp_path / "run"
+    assert main(["optimize", "--config", str(workload), "--out", str(out), "--budget", "2"]) == 0
+    doc = yaml.safe_load((out / "plan.yaml").read_text())
+    doc.setdefault("shared_ranges", {})["a_rleu"] = [-1.0, 1.0]
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(doc, sort_keys=False))
+    model = workload.parent / "model.onnx"
+    for argv in (["apply", str(bad), str(model), "-o", str(tmp_path / "m.onnx")], ["show", str(bad), "--model", str(model)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "tensor 'a_rleu'" in err and "did you mean 'a_relu'" in err
+    assert not (tmp_path / "m.onnx").exists()
+    del doc["shared_ranges"]["a_rleu"]
+    doc["forms"] = {"hardswish": "fused"}
+    bad.write_text(yaml.safe_dump(doc, sort_keys=False))
+    capsys.readouterr()
+    assert main(["apply", str(bad), str(model), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "has no hardswish pattern" in capsys.readouterr().err
