@@ -247,71 +247,106 @@ class Incumbent:
     saving: float  # predicted (`Problem.saving`)
 
 
+class _Meter:
+    """Plans over the free layers, measured and counted, within an evaluation budget."""
+
+    def __init__(self, problem: Problem, measure: MeasureDrop, fixed: Mapping[str, str], max_evals: int):
+        self.problem, self.measure, self.fixed, self.max_evals = problem, measure, dict(fixed), max_evals
+        self.free = [x for x in problem.layers if x.name not in self.fixed]
+        self.base = {n for n, lbl in self.fixed.items() if lbl != problem.float_label}
+        self.best = problem.best
+        self.evals = 0
+
+    @property
+    def left(self) -> int:
+        return self.max_evals - self.evals
+
+    def plan(self, int8: set[str]) -> dict[str, str]:
+        fp = self.problem.float_label
+        return {**{x.name: self.best[x.name] if x.name in int8 else fp for x in self.free}, **self.fixed}
+
+    def drop(self, int8: set[str]) -> float:
+        self.evals += 1
+        return self.measure(self.plan(int8))
+
+
 def closed_loop(problem: Problem, measure: MeasureDrop, fixed: Mapping[str, str] | None = None,
                 max_evals: int = 30) -> Incumbent:
     """The largest INT8 set within budget, found by measuring, not by an additive model.
 
-    Layers that pay go INT8 in order of saving per unit of output noise. The longest prefix of that
-    order within budget is found by bisection on the measured drop (about log2 L evaluations); the
-    layer after it broke the budget together with the prefix (compounding errors the single-layer
-    noise does not show), so it stays float and the rest of the order is tried the same way.
-    Layers whose predicted drop exceeds the slack left are skipped unmeasured. Then borders: a
-    float island whose two Q/DQ pairs cost more than it saves goes INT8 if the budget allows, and an
-    INT8 island that costs more glue than it saves goes float. `fixed` (e.g. `choose_fixed`'s INT8
+    Two bisections on the measured drop, each about log2 L evaluations, from both ends: from
+    all-INT8 down (the k noisiest layers float, for the smallest k within budget: few, large INT8
+    regions, so few Q/DQ borders), and from FP32 up (`_grow`: layers in order of saving per unit
+    of output noise, skipping the ones that break the budget together with the rest). The plan the
+    border-aware cost model predicts faster is kept; then its regions are cleaned: an INT8 region
+    whose Q/DQ pairs cost more than it saves goes float, and a float region whose borders cost
+    more than INT8 would go INT8 if the measured drop allows. `fixed` (e.g. `choose_fixed`'s INT8
     set) stays as it is. Every plan measured is one `measure` call (the caller records it)."""
-    fp = problem.float_label
-    fixed = dict(fixed or {})
-    best = problem.best
-    free = [x for x in problem.layers if x.name not in fixed]
-    pays = sorted((x for x in free if x.saving > 0), key=lambda x: (-x.saving / max(x.noise, 1e-12), x.rank))
-    # then the layers whose INT8 form alone does not pay, cheapest first: inside an INT8 region they
-    # save the Q/DQ pairs a float island costs (the border cleanup below weighs that)
-    costs = sorted((x for x in free if x.saving <= 0), key=lambda x: (-x.saving, x.rank))
-    order = [x.name for x in (*pays, *(costs if problem.border_cost > 0 else ()))]
-    evals = 0
-
-    def plan_of(int8: set[str]) -> dict[str, str]:
-        return {**{x.name: best[x.name] if x.name in int8 else fp for x in free}, **fixed}
-
-    def drop_of(int8: set[str]) -> float:
-        nonlocal evals
-        evals += 1
-        return measure(plan_of(int8))
-
-    base = {n for n, lbl in fixed.items() if lbl != fp}
-    chosen: set[str] = set()
-    current = 0.0 if not base else None  # drop of the fixed set with everything else float
-    queue = list(order)
-    while queue and evals < max_evals:
-        full = drop_of(chosen | set(queue))
-        if full <= problem.allowed:
-            chosen |= set(queue)
-            current = full
+    m = _Meter(problem, measure, fixed or {}, max_evals)
+    found = [_shrink(m, max(2, m.left // 3)), _grow(m)]
+    chosen, current = max((f for f in found if f is not None), key=lambda f: problem.saving(f[0] | m.base),
+                          default=(set(), 0.0 if not m.base else None))
+    before = set(chosen)
+    chosen = _drop_int8_regions(problem, chosen, m.base)
+    if chosen != before:
+        current = None  # fewer INT8 layers: measured again below
+    for region in _float_regions(problem, chosen | m.base, [x.name for x in m.free]):  # each measured: adds risk
+        if m.left <= 0:
             break
+        d = m.drop(chosen | region)
+        if d <= problem.allowed:
+            chosen |= region
+            current = d
+    if current is None:
+        current = m.drop(chosen)
+    return Incumbent(m.plan(chosen), current, m.evals, problem.saving(chosen | m.base))
+
+
+def _shrink(m: _Meter, budget: int) -> tuple[set[str], float] | None:
+    """All free layers INT8 but the k noisiest, for the smallest k within budget (bisection over
+    k, at most `budget` evaluations); None when even the largest k tried is over budget."""
+    order = [x.name for x in sorted(m.free, key=lambda x: x.rank)]  # noisiest first
+    names = set(order)
+    stop = m.evals + budget
+    lo, hi, best = -1, len(order), None  # lo: over budget (measured); hi: all float
+    k = 0
+    while hi - lo > 1 and m.evals < stop and m.left > 0:
+        d = m.drop(names - set(order[:k]))
+        if d <= m.problem.allowed:
+            hi, best = k, (names - set(order[:k]), d)
+        else:
+            lo = k
+        k = (lo + hi) // 2 if best is not None or k else max(1, len(order) // 8)
+    return best
+
+
+def _grow(m: _Meter) -> tuple[set[str], float | None]:
+    """From FP32 up: layers in order of saving per unit of output noise (those whose INT8 form
+    alone does not pay last, when borders cost: inside an INT8 region they save Q/DQ pairs). The
+    longest prefix within budget is found by bisection; the layer after it broke the budget with
+    the prefix (compounding the single-layer noise does not show), so it stays float and the rest
+    is tried the same way. Layers whose predicted drop exceeds the slack are skipped unmeasured."""
+    problem = m.problem
+    pays = sorted((x for x in m.free if x.saving > 0), key=lambda x: (-x.saving / max(x.noise, 1e-12), x.rank))
+    costs = sorted((x for x in m.free if x.saving <= 0), key=lambda x: (-x.saving, x.rank))
+    queue = [x.name for x in (*pays, *(costs if problem.border_cost > 0 else ()))]
+    chosen: set[str] = set()
+    current = 0.0 if not m.base else None  # drop of the fixed set with everything else float
+    while queue and m.left > 0:
+        full = m.drop(chosen | set(queue))
+        if full <= problem.allowed:
+            return chosen | set(queue), full
         lo, hi = 0, len(queue)  # prefix lo: within budget (known); hi: over (measured)
-        while hi - lo > 1 and evals < max_evals:
+        while hi - lo > 1 and m.left > 0:
             mid = (lo + hi) // 2
-            d = drop_of(chosen | set(queue[:mid]))
+            d = m.drop(chosen | set(queue[:mid]))
             if d <= problem.allowed:
                 lo, current = mid, d
             else:
                 hi = mid
         chosen |= set(queue[:lo])
-        queue = _fitting(problem, queue[lo + 1:], chosen | base, current)
-    before = set(chosen)
-    chosen = _drop_int8_regions(problem, chosen, base)
-    if chosen != before:
-        current = None  # fewer INT8 layers: measured again below
-    for region in _float_regions(problem, chosen | base, [x.name for x in free]):  # each measured: it adds risk
-        if evals >= max_evals:
-            break
-        d = drop_of(chosen | region)
-        if d <= problem.allowed:
-            chosen |= region
-            current = d
-    if current is None or evals == 0:
-        current = drop_of(chosen)
-    return Incumbent(plan_of(chosen), current, evals, problem.saving(chosen | base))
+        queue = _fitting(problem, queue[lo + 1:], chosen | m.base, current)
+    return chosen, current
 
 
 def _fitting(problem: Problem, queue: list[str], int8: set[str], drop: float | None) -> list[str]:

@@ -175,3 +175,25 @@ def test_warm_start_plans_start_from_what_pays_then_all_int8_then_knapsacks():
     knapsack = plans[2]  # the whole budget's worth of noise, by saving per unit of noise
     int8_noise = sum(problem.facts(n).noise for n, lbl in knapsack.items() if lbl != "fp32") + 3e-4
     assert int8_noise <= sum(x.noise for x in problem.layers) * problem.allowed / decision.all_int8_drop + 1e-12
+
+
+def test_a_few_noisy_layers_in_a_long_chain_go_float_and_the_rest_stays_one_int8_region():
+    """Three noisy layers break the budget; 27 quiet ones fit easily. From all-INT8 down, the three
+    go float and everything else stays INT8 (6 borders), within a handful of evaluations."""
+    n = 30
+    noisy = {4, 15, 23}
+    noise = [5e-3 if i in noisy else 1e-5 for i in range(n)]
+    names = [f"c{i}" for i in range(n)]
+    ranked = sorted(range(n), key=lambda i: -noise[i])
+    layers = tuple(LayerFacts(names[i], (INT8,), 1.0, noise[i], ranked.index(i)) for i in range(n))
+    problem = Problem(layers, "fp32", 0.004, SearchSpace(), edges=tuple(zip(names, names[1:])), border_cost=0.2)
+    calls = []
+
+    def measure(choices):
+        calls.append(choices)
+        return sum(noise[int(k[1:])] for k, v in choices.items() if v.startswith("int8"))
+
+    inc = strategy.closed_loop(problem, measure, max_evals=25)
+    int8 = {k for k, v in inc.choices.items() if v == INT8}
+    assert int8 == set(names) - {f"c{i}" for i in noisy}
+    assert inc.drop <= problem.allowed and problem.borders(int8) == 6 and len(calls) <= 25
