@@ -33,11 +33,15 @@ def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: 
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r.name} | {r.search_score:.4f} | {r.test_score:.4f} | {r.latency_ms:.3f} (±{r.latency_spread:.0%}) | "
+            f"| {r.name} | {r.search_score:.4f} | {_test(r)} | {r.latency_ms:.3f} (±{r.latency_spread:.0%}) | "
             f"{fp32_latency / r.latency_ms:.2f}x | {r.size_bytes / 1024:.1f} | {r.size_bytes / fp32_size:.2f} | "
             f"{r.int8_layers} | {'' if r.evaluations is None else r.evaluations} |"
         )
     return "\n".join(lines)
+
+
+def _test(r: Row) -> str:
+    return "not scored (over budget on search data)" if r.test_score != r.test_score else f"{r.test_score:.4f}"
 
 
 def plot_pareto(results, allowed: float, fp32: float, objective: str, path: Path,
