@@ -39,6 +39,12 @@ def _common(sp, out_default="qsearch-out", writes_folder=True) -> None:
                          "a trial past it fails and the search goes on")
 
 
+def _machine_output(sp) -> None:
+    sp.add_argument("--json", action="store_true",
+                    help="print one JSON object on stdout instead of the tables (keys in the README)")
+    sp.add_argument("--quiet", action="store_true", help="no log lines or progress on stderr (errors still print)")
+
+
 def _search_commands(sub) -> None:
     """analyze and optimize."""
     common = _common
@@ -48,6 +54,7 @@ def _search_commands(sub) -> None:
                                    "Writes sensitivity.yaml/.csv/.png to --out.",
                        epilog="example: qsearch analyze --config my_model.yaml --out runs/my_model")
     common(a)
+    _machine_output(a)
     a.add_argument("--samples", type=int, help="score on the first N search samples only")
     a.add_argument("--reverse", action="store_true", help="also measure all-INT8-but-this-layer (accuracy restored)")
     a.add_argument("--workers", type=int, default=1, help="worker processes for scoring")
@@ -59,6 +66,7 @@ def _search_commands(sub) -> None:
                                    "130 interrupted; the same command resumes.",
                        epilog="example: qsearch optimize --config my_model.yaml --budget 50 --out runs/my_model")
     common(o)
+    _machine_output(o)
     o.add_argument("--budget", type=int, default=50, help="number of trials (default: %(default)s)")
     o.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="bound the whole command: the search stops early enough to write the result in time")
@@ -87,6 +95,7 @@ def _model_commands(sub) -> None:
                        epilog="example: qsearch evaluate model.int8.onnx --config my_model.yaml")
     e.add_argument("model", help="the ONNX model to score")
     common(e, writes_folder=False)
+    _machine_output(e)
 
     pr = sub.add_parser("profile", help="where the time goes in any ONNX model: ORT's per-node profile by kind, "
                                         "op type and layer (no calibration)",
@@ -168,22 +177,42 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, h)
 
 
+def _run_reporting(args, out: Path) -> int | None:
+    """analyze, optimize, evaluate: tables for a person, or with --json one object for a program."""
+    import dataclasses
+    import json
+
+    from qsearch import api
+    from qsearch.progress import output
+
+    with output(quiet=args.quiet, stdout=not args.json):
+        if args.command == "analyze":
+            p = api.analyze(args.config, out, args.samples, args.reverse, args.workers, args.eval_timeout)
+            result, code = {"model": p.model, "metric": p.metric, "fp32_score": p.fp32_score, "samples": p.samples,
+                            "layers": len(p.layers), "int8_pays": sum(x.gain_ms > 0 for x in p.layers),
+                            "most_sensitive": [x.name for x in p.layers[:5]],
+                            "evaluations": p.meta.get("evaluations"), "seconds": p.seconds,
+                            "paths": {k: str(out / f"sensitivity.{k}") for k in ("yaml", "csv", "png")}}, 0
+        elif args.command == "optimize":
+            r = api.optimize(args.config, args.budget, out, args.timeout, args.storage, args.study, args.samples,
+                             args.workers, args.eval_timeout)
+            result, code = r.to_json(), r.status
+        else:
+            result, code = dataclasses.asdict(api.evaluate(args.model, args.config, out, args.eval_timeout)), 0
+    if args.json:
+        print(json.dumps(result, default=str))
+    return code
+
+
 def _main(args) -> int:
     from qsearch import api
 
     try:
         out = Path(getattr(args, "out", "qsearch-out"))
-        if args.command == "analyze":
-            api.analyze(args.config, out, args.samples, args.reverse, args.workers, args.eval_timeout)
-            return 0
-        if args.command == "optimize":
-            return api.optimize(args.config, args.budget, out, args.timeout, args.storage, args.study, args.samples,
-                                args.workers, args.eval_timeout).status
+        if args.command in ("analyze", "optimize", "evaluate"):
+            return _run_reporting(args, out)
         if args.command == "apply":
             api.apply(args.plan, args.model, args.output)
-            return 0
-        if args.command == "evaluate":
-            api.evaluate(args.model, args.config, out, args.eval_timeout)
             return 0
         if args.command == "show":
             print(api.show(args.plan, args.model))

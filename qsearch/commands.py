@@ -20,7 +20,7 @@ from qsearch.finalize import greedy_fallback, layer_reasons
 from qsearch.model import load_model, prepare
 from qsearch.plan import LayerChoice, Plan
 from qsearch.problem import problem_for
-from qsearch.progress import Progress, log
+from qsearch.progress import Progress, log, say
 from qsearch.report import forms_line
 from qsearch.runtime import make_session
 from qsearch.scoring import fusion_check, latency_ms, model_size
@@ -74,7 +74,7 @@ def run_analyze(config, out: Path, samples=None, reverse=False, workers=1,
     profile = sensitivity.analyze(bench, samples=samples, reverse=reverse, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("analyze"))
     paths = sensitivity.save_profile(profile, out)
-    print(profile.table())
+    say(profile.table())
     if profile.forms:
         log(forms_line(profile))
     log(f"fp32 {profile.metric} {profile.fp32_score:.4f} on {profile.samples} samples; "
@@ -146,7 +146,7 @@ def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=No
     except Exception as exc:  # ORT refused the data (shape, type) or the metric the outputs
         raise QsearchError(f"{model_path}: scoring on the workload's data failed: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    print(f"{model_path}: {r.metric} search {r.search:.4f}, test {r.test:.4f} (fp32 {r.fp32_test:.4f}); "
+    say(f"{model_path}: {r.metric} search {r.search:.4f}, test {r.test:.4f} (fp32 {r.fp32_test:.4f}); "
           f"latency {r.latency_ms:.3f} ms ({r.fp32_latency_ms / r.latency_ms:.2f}x vs fp32); "
           f"size {r.size_bytes / 1024:.1f} KiB")
     return r
@@ -228,7 +228,7 @@ def run_profile(model_path: str, config: str | None, top: int = 15, output: str 
               "|---|" + "---:|" * (len(profiling.KINDS) + 1)]
     lines += [f"| {name} | " + " | ".join(f"{k[x]:.3f}" for x in profiling.KINDS) + f" | {sum(k.values()):.3f} |"
               for name, k in layers[:top]]
-    print("\n".join(lines))
+    say("\n".join(lines))
     if output is not None:
         buf = io.StringIO()
         w = csv.writer(buf)

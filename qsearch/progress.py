@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_MODE = {"quiet": False, "stdout": True}
+
+
+@contextmanager
+def output(quiet: bool = False, stdout: bool = True) -> Iterator[None]:
+    """`quiet`: no log lines or progress on stderr (errors still print); `stdout=False`: no human
+    summary on stdout (`--json` prints one JSON object there instead)."""
+    before = dict(_MODE)
+    _MODE.update(quiet=quiet, stdout=stdout)
+    try:
+        yield
+    finally:
+        _MODE.update(before)
 
 
 def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
+    if not _MODE["quiet"]:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def say(text: str) -> None:
+    """A command's human-readable result on stdout."""
+    if _MODE["stdout"]:
+        print(text, flush=True)
 
 
 class Progress:
@@ -18,6 +41,8 @@ class Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int, what: str = "", extra: str = "") -> None:
+        if _MODE["quiet"]:
+            return
         now = time.perf_counter()
         if done not in (0, total) and now - self.last < (0.2 if self.tty else 5.0):
             return

@@ -22,7 +22,7 @@ from qsearch.finalize import FinalChoice, final_stage_seconds, finalize, layer_r
 from qsearch.jobs import StudyQueue, check_study
 from qsearch.limits import CommandTimeout
 from qsearch.plan import Plan
-from qsearch.progress import Progress, log
+from qsearch.progress import Progress, log, say
 from qsearch.report import (
     attribution_table,
     forms_line,
@@ -55,6 +55,20 @@ class OptimizeResult:
     test_drop: float | None = None
     evaluations: int = 0
     seconds: float = 0.0
+    max_drop: float | None = None
+    latency_ms: float | None = None  # the shipped plan's, best median of the final interleaved rounds
+    fp32_latency_ms: float | None = None
+    latency_spread: float | None = None  # (slowest - fastest) / fastest over those rounds
+
+    def to_json(self) -> dict:
+        """What `qsearch optimize --json` prints (keys documented in the README)."""
+        return {"status": "plan" if self.status == 0 else "no_plan", "exit_code": self.status,
+                "speedup": self.speedup, "search_drop": self.search_drop, "test_drop": self.test_drop,
+                "max_drop": self.max_drop, "latency_ms": self.latency_ms, "fp32_latency_ms": self.fp32_latency_ms,
+                "latency_spread": self.latency_spread, "evaluations": self.evaluations,
+                "seconds": round(self.seconds, 3),
+                "paths": {"out": str(self.out), **({"plan": str(self.plan_path), "model": str(self.model_path),
+                                                     "report": str(self.report_path)} if self.status == 0 else {})}}
 
     @property
     def plan_path(self) -> Path:
@@ -142,10 +156,11 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
             plan = _write_result(res, out, bench, evaluator, profile, result, choice, stage, t_start)
     finally:
         search.close()
-    return OptimizeResult(0, out, plan, choice.fp32.latency_ms / choice.chosen.latency_ms,
-                          choice.fp32.search_score - choice.chosen.search_score,
-                          choice.fp32.test_score - choice.chosen.test_score,
-                          profile.meta["evaluations"] + evaluator.evaluations, time.perf_counter() - t_start)
+    fp32, chosen = choice.fp32, choice.chosen
+    return OptimizeResult(0, out, plan, fp32.latency_ms / chosen.latency_ms, fp32.search_score - chosen.search_score,
+                          fp32.test_score - chosen.test_score, profile.meta["evaluations"] + evaluator.evaluations,
+                          time.perf_counter() - t_start, result.allowed, chosen.latency_ms, fp32.latency_ms,
+                          max(chosen.latency_spread, fp32.latency_spread))
 
 
 def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers, stage: Stage
@@ -285,8 +300,8 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
                  [("Pareto front", res.path("pareto.png")), ("Where the time goes", res.path("attribution.png")),
                   ("Layer sensitivity", out / "sensitivity.png")], tables)
     res.commit()
-    print("\n".join(summary))
-    print(rows_markdown(rows, bench.workload.metric.name, fp32_row.latency_ms, fp32_row.size_bytes))
+    say("\n".join(summary))
+    say(rows_markdown(rows, bench.workload.metric.name, fp32_row.latency_ms, fp32_row.size_bytes))
     log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
         f"{len(pareto)} Pareto plans in {out / 'pareto'}")
     return chosen

@@ -406,3 +406,24 @@ def test_a_misspelled_tensor_or_a_foreign_form_is_refused_naming_the_closest(wor
     capsys.readouterr()
     assert main(["apply", str(bad), str(model), "-o", str(tmp_path / "m.onnx")]) == 2
     assert "has no hardswish pattern" in capsys.readouterr().err
+
+
+def test_json_output_is_one_object_and_quiet_is_silent(workload, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["optimize", "--config", str(workload), "--out", str(out), "--budget", "2", "--json", "--quiet"]) == 0
+    cap = capsys.readouterr()
+    r = json.loads(cap.out)  # the whole of stdout is one JSON object
+    assert cap.err == ""
+    assert r["status"] == "plan" and r["exit_code"] == 0 and r["evaluations"] > 0
+    assert r["speedup"] == pytest.approx(r["fp32_latency_ms"] / r["latency_ms"])
+    plan = yaml.safe_load(open(r["paths"]["plan"]).read())
+    assert r["test_drop"] == pytest.approx(plan["metrics"]["test_drop"]) and r["max_drop"] == plan["metrics"]["max_drop"]
+    assert main(["evaluate", r["paths"]["model"], "--config", str(workload), "--cache", str(out), "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["test"] == pytest.approx(plan["metrics"]["plan"]["test"])
+    assert main(["analyze", "--config", str(workload), "--out", str(out), "--json", "--quiet"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert a["layers"] >= 1 and len(a["most_sensitive"]) >= 1
