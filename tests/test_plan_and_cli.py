@@ -1,5 +1,7 @@
 """Plans, workload configs and the command line, as users run them (real subprocess-free CLI calls)."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -419,7 +421,7 @@ def test_json_output_is_one_object_and_quiet_is_silent(workload, tmp_path, capsy
     assert cap.err == ""
     assert r["status"] == "plan" and r["exit_code"] == 0 and r["evaluations"] > 0
     assert r["speedup"] == pytest.approx(r["fp32_latency_ms"] / r["latency_ms"])
-    plan = yaml.safe_load(open(r["paths"]["plan"]).read())
+    plan = yaml.safe_load(Path(r["paths"]["plan"]).read_text())
     assert r["test_drop"] == pytest.approx(plan["metrics"]["test_drop"]) and r["max_drop"] == plan["metrics"]["max_drop"]
     assert main(["evaluate", r["paths"]["model"], "--config", str(workload), "--cache", str(out), "--json"]) == 0
     e = json.loads(capsys.readouterr().out)

@@ -315,3 +315,56 @@ def test_generated_names_never_collide_with_the_users():
     outs = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         [t for p in pairs for t in p], feeds[0])
     assert all(np.isfinite(o).all() for o in outs)
+
+
+GENERATED = ("_scale", "_zero_point", "_quantized", "_prequant", "_dequantized", "_pc_dequantized", "_pt_scale",
+             "_QuantizeLinear", "_DequantizeLinear", "_fp16", "_to_fp16", "__probe0_fq", "__probe0_signal")
+
+
+def _rename_to_generated(model: onnx.ModelProto, data) -> onnx.ModelProto:
+    """The same graph with some internal tensors and initializers renamed to what the rewriter,
+    probes or FP16 conversion would generate for another tensor (x -> `<other>_scale`...)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    g = m.graph
+    keep = {i.name for i in g.input} | {o.name for o in g.output}
+    names = sorted({t for n in g.node for t in n.output if t not in keep} | {i.name for i in g.initializer})
+    picked = data.draw(st.lists(st.sampled_from(names), unique=True, max_size=min(6, len(names))), label="renamed")
+    taken = set(names) | keep
+    mapping = {}
+    for t in picked:
+        new = data.draw(st.sampled_from(names), label="like") + data.draw(st.sampled_from(GENERATED), label="suffix")
+        if new not in taken:
+            mapping[t] = new
+            taken.add(new)
+    for n in g.node:
+        n.input[:] = [mapping.get(t, t) for t in n.input]
+        n.output[:] = [mapping.get(t, t) for t in n.output]
+    for i in g.initializer:
+        i.name = mapping.get(i.name, i.name)
+    del g.value_info[:]
+    return m
+
+
+@settings(max_examples=int(os.environ.get("QSEARCH_FUZZ_EXAMPLES", "30")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(model=random_graphs(), data=st.data())
+def test_random_plans_on_graphs_named_like_generated_tensors_for_every_target_and_form(model, data):
+    """Names chosen to collide with the generated ones, on the CPU and FP16 targets, in every form:
+    valid, runnable models, and the all-float plan is the source to the bit."""
+    model = _rename_to_generated(model, data)
+    onnx.checker.check_model(model)
+    prepared, stats, feeds = _calibrated(model, shape=(2, C, 4, 4))
+    target = data.draw(st.sampled_from(["cpu", "fp16"]), label="target")
+    options = OPTIONS + ([LayerChoice("fp16")] if target == "fp16" else [])
+    choices = {n: data.draw(st.sampled_from(options), label=n) for n in prepared.layer_names}
+    forms = data.draw(st.sampled_from([{}, {"hardswish": "decomposed"}, {"hardswish": "fused"}]), label="forms")
+    rewriter = Rewriter(prepared)
+    out = rewriter(build_plan(prepared, choices, stats, target=target, forms=forms))
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    names = [n.name for n in out.graph.node]
+    assert len(names) == len(set(names))
+    y = _run(out, feeds[0])[0]
+    assert y.shape == (2, 5) and y.dtype == np.float32 and np.isfinite(y).all()
+    flt = _run(rewriter(build_plan(prepared, {}, stats, forms=forms)), feeds[0])[0]
+    np.testing.assert_array_equal(_run(model, feeds[0])[0], flt)
