@@ -243,11 +243,33 @@ def _main(args) -> int:
         return _interrupted(exc.kept)
     except KeyboardInterrupt:
         return _interrupted()
-    except Exception:
+    except Exception as exc:
         if INTERRUPTED.is_set():  # a library wrapped the KeyboardInterrupt in its own error
             return _interrupted()
+        if _storage_failure(exc):
+            print(f"qsearch: error: the study's storage failed ({_first_line(exc)}); a damaged study.db? "
+                  "move it away (its trials are lost) or pick another --out/--storage", file=sys.stderr)
+            return 2
         raise
     return 0
+
+
+def _storage_failure(exc: BaseException) -> bool:
+    """An error of the study's database (a garbled SQLite page, a server gone), from Optuna or
+    SQLAlchemy, wherever in the run it surfaced."""
+    import optuna
+
+    chain = [exc, exc.__cause__, exc.__context__]
+    return any(isinstance(e, optuna.exceptions.StorageInternalError)
+               or type(e).__module__.split(".")[0] in ("sqlalchemy", "sqlite3") for e in chain if e is not None)
+
+
+def _first_line(exc: BaseException) -> str:
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _interrupted(kept: str = "nothing was written") -> int:

@@ -230,3 +230,19 @@ def test_time_limits_too_large_for_the_timer_mean_no_limit_and_nan_is_refused(tm
     with pytest.raises(QsearchError, match="--budget must be a positive whole number"):  # before any analysis
         qsearch.optimize(cfg, budget=float("nan"), out=tmp_path / "api")
     assert not (tmp_path / "api").exists()
+
+
+def test_a_garbled_study_database_is_a_one_line_error(tmp_path, capsys):
+    """Pages of study.db overwritten (a disk or copy gone wrong): wherever the storage fails, one
+    line naming it, exit 2, no traceback."""
+    cfg = write_workload(tmp_path / "w", make_cnn(), n=64)
+    out = tmp_path / "o"
+    assert main(["optimize", "--budget", "2", "--config", str(cfg), "--out", str(out)]) == 0
+    db = out / "study.db"
+    good = db.read_bytes()
+    for start in (4096, 8192, len(good) // 2):
+        db.write_bytes(good[:start] + b"\x5a" * (len(good) - start))
+        capsys.readouterr()
+        assert main(["optimize", "--budget", "3", "--config", str(cfg), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and "storage" in err[-1], err[-3:]
