@@ -157,7 +157,7 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
     check_eval_timeout(eval_timeout)
     ensure_writable_file(output, "-o", (config,))
     bench = open_bench(config, out, eval_timeout)
-    ensure_writable_file(output, "-o", (bench.workload.model,))
+    ensure_writable_file(output, "-o", bench.workload.files_read())
     evaluator = Evaluator(bench)
     if kind == "naive":  # in the forms `optimize` would measure for it (hardswish fused or not)
         forms, _ = sensitivity.choose_forms(bench, {la.name: LayerChoice("int8", method, granularity)
@@ -195,7 +195,7 @@ def run_profile(model_path: str, config: str | None, top: int = 15, output: str 
         raise QsearchError(f"--top must be >= 1, got {top}")
     workload = load_workload(config)
     if output is not None:
-        ensure_writable_file(output, "-o", (model_path, config, workload.model))
+        ensure_writable_file(output, "-o", (model_path, *workload.files_read()))
     prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))
     model = load_model(model_path)
     try:

@@ -84,6 +84,16 @@ class Workload:
     def base(self) -> Path:
         return self.path.parent
 
+    def files_read(self) -> tuple[Path, ...]:
+        """Every file this workload reads (config, model, data): no command may write over one."""
+        files = [self.path, self.model]
+        for spec in (self.calibration, self.search, self.test):
+            if spec.npz is not None:
+                files.append(Path(spec.npz))
+            if spec.npy_dir is not None and Path(spec.npy_dir).is_dir():
+                files += sorted(Path(spec.npy_dir).glob("*.npy"))
+        return tuple(files)
+
     def allowed_drop(self, fp32_score: float) -> float:
         return self.max_drop * abs(fp32_score) if self.relative else self.max_drop
 

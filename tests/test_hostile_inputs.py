@@ -160,3 +160,20 @@ def test_entry_points_that_exit_are_errors_naming_them(tmp_path, capsys):
         assert main(["optimize", "--budget", "1", "--config", str(cfg), "--out", str(tmp_path / name)]) == 2, name
         err = capsys.readouterr().err
         assert "SystemExit" in err and "Traceback" not in err, (name, err)
+
+
+def test_no_command_writes_over_a_file_its_workload_reads(tmp_path, capsys):
+    """profile -o and baseline -o aimed at the workload's own data, model or config: refused, the
+    file untouched."""
+    from .conftest import make_cnn, write_workload
+
+    cfg = write_workload(tmp_path / "w", make_cnn(), n=32)
+    model = cfg.parent / "model.onnx"
+    for victim in (cfg.parent / "search.npz", cfg.parent / "calib.npz", cfg, model):
+        before = victim.read_bytes()
+        for argv in (["profile", str(model), "--config", str(cfg), "-o", str(victim)],
+                     ["baseline", "fp32", "--config", str(cfg), "--cache", str(tmp_path / "c"), "-o", str(victim)]):
+            capsys.readouterr()
+            assert main(argv) == 2, (argv, victim)
+            assert "is an input of this command" in capsys.readouterr().err
+            assert victim.read_bytes() == before
