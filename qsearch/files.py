@@ -122,7 +122,7 @@ def ensure_writable_file(path: str | os.PathLike, what: str, inputs: tuple = ())
         if src is not None and Path(src).exists() and p.exists() and os.path.samefile(p, src):
             raise QsearchError(f"{what} {p}: is an input of this command ({src}); write the result elsewhere")
     try:
-        ensure_writable_dir(p.parent, what)
+        ensure_writable_dir(p.parent, what, create=False)  # folders are made when the file is written
     except QsearchError:
         raise QsearchError(f"{what} {p}: cannot write there ({p.parent} is not a writable folder)") from None
 

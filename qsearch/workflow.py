@@ -19,7 +19,7 @@ from qsearch.errors import Interrupted, QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import OutputSet, atomic_write_bytes, atomic_write_text
 from qsearch.finalize import FinalChoice, final_stage_seconds, finalize, layer_reasons, trial_plan
-from qsearch.jobs import StudyQueue, check_study
+from qsearch.jobs import StudyQueue, check_study, open_storage
 from qsearch.limits import CommandTimeout
 from qsearch.plan import Plan
 from qsearch.progress import Progress, log, say
@@ -125,6 +125,8 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
               stage: Stage, sampler, pruner) -> OptimizeResult:
     t_start = time.perf_counter()
     deadline = None if timeout is None or timeout > limits.MAX_SECONDS else time.monotonic() + timeout
+    if isinstance(storage, str):  # a storage that cannot be opened leaves nothing behind, --out included
+        open_storage(storage, out)
     bench = open_bench(config, out, eval_timeout, calibrate=False)
     name = study or default_study_name(bench)
     # storage URL and study ownership are checked before any calibration or analysis is spent

@@ -177,3 +177,15 @@ def test_no_command_writes_over_a_file_its_workload_reads(tmp_path, capsys):
             assert main(argv) == 2, (argv, victim)
             assert "is an input of this command" in capsys.readouterr().err
             assert victim.read_bytes() == before
+
+
+def test_refused_commands_leave_no_folders_behind(tmp_path, capsys):
+    from .conftest import make_cnn, write_workload
+
+    cfg = write_workload(tmp_path / "w", make_cnn(), n=32)
+    out = tmp_path / "never"
+    assert main(["optimize", "--budget", "1", "--config", str(cfg), "--out", str(out), "--storage", "bogus://x"]) == 2
+    assert not out.exists()
+    deep = tmp_path / "new" / "a" / "b" / "x.csv"
+    assert main(["profile", str(tmp_path / "missing.onnx"), "--config", str(cfg), "-o", str(deep)]) == 2
+    assert not (tmp_path / "new").exists()
