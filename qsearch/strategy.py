@@ -25,10 +25,19 @@ from qsearch import regions
 from qsearch.config import SearchSpace
 
 
-class MeasureDrop(Protocol):
-    """Scores a plan on the whole search data and returns its metric drop against FP32."""
+@dataclass(frozen=True)
+class Measured:
+    """A measured plan: its metric drop and, where the caller timed it, its cost (lower is better)."""
 
-    def __call__(self, choices: Mapping[str, str]) -> float: ...
+    drop: float
+    cost: float | None = None
+
+
+class MeasureDrop(Protocol):
+    """Scores a plan on the whole search data: its metric drop against FP32, or a `Measured` with
+    the drop and the plan's measured cost (latency, size...)."""
+
+    def __call__(self, choices: Mapping[str, str]) -> float | Measured: ...
 
 
 @dataclass(frozen=True)
@@ -257,6 +266,7 @@ class _Meter:
         self.base = {n for n, lbl in self.fixed.items() if lbl != problem.float_label}
         self.best = problem.best
         self.evals = 0
+        self.feasible: list[tuple[float, set[str], float]] = []  # (measured cost, INT8 set, drop)
 
     @property
     def left(self) -> int:
@@ -268,7 +278,18 @@ class _Meter:
 
     def drop(self, int8: set[str]) -> float:
         self.evals += 1
-        return self.measure(self.plan(int8))
+        got = self.measure(self.plan(int8))
+        drop, cost = (got.drop, got.cost) if isinstance(got, Measured) else (float(got), None)
+        if drop <= self.problem.allowed and cost is not None:
+            self.feasible.append((cost, set(int8), drop))
+        return drop
+
+    def cheapest(self) -> tuple[set[str], float] | None:
+        """The feasible plan measured cheapest so far (None: nothing timed)."""
+        if not self.feasible:
+            return None
+        cost, int8, drop = min(self.feasible, key=lambda f: f[0])
+        return int8, drop
 
 
 def closed_loop(problem: Problem, measure: MeasureDrop, fixed: Mapping[str, str] | None = None,
@@ -278,25 +299,30 @@ def closed_loop(problem: Problem, measure: MeasureDrop, fixed: Mapping[str, str]
     Two bisections on the measured drop, each about log2 L evaluations, from both ends: from
     all-INT8 down (the k noisiest layers float, for the smallest k within budget: few, large INT8
     regions, so few Q/DQ borders), and from FP32 up (`_grow`: layers in order of saving per unit
-    of output noise, skipping the ones that break the budget together with the rest). The plan the
-    border-aware cost model predicts faster is kept; then its regions are cleaned: an INT8 region
-    whose Q/DQ pairs cost more than it saves goes float, and a float region whose borders cost
-    more than INT8 would go INT8 if the measured drop allows. `fixed` (e.g. `choose_fixed`'s INT8
-    set) stays as it is. Every plan measured is one `measure` call (the caller records it)."""
+    of output noise, skipping the ones that break the budget together with the rest). Where
+    `measure` returns a `Measured` with a cost, the plan measured cheapest within budget is kept
+    (the per-layer attribution predicts layers that do not pay alone poorly); else the plan the
+    border-aware cost model predicts faster, whose INT8 regions that cost more glue than they save
+    go float. Then float regions whose borders cost more than INT8 would go INT8, each measured,
+    kept within budget (and, where timed, when cheapest). `fixed` (e.g. `choose_fixed`'s INT8 set)
+    stays as it is. Every plan measured is one `measure` call (the caller records it)."""
     m = _Meter(problem, measure, fixed or {}, max_evals)
-    found = [_shrink(m, max(2, m.left // 3)), _grow(m)]
-    chosen, current = max((f for f in found if f is not None), key=lambda f: problem.saving(f[0] | m.base),
-                          default=(set(), 0.0 if not m.base else None))
+    found = [_shrink(m, max(2, m.left // 2)), _grow(m)]
+    # the plan measured cheapest where the caller times plans; else the border-aware prediction
+    chosen, current = m.cheapest() or max((f for f in found if f is not None),
+                                          key=lambda f: problem.saving(f[0] | m.base),
+                                          default=(set(), 0.0 if not m.base else None))
     before = set(chosen)
-    chosen = regions.drop_int8_regions(problem, chosen, m.base)
+    if m.cheapest() is None:  # nothing timed: trust the border-aware model
+        chosen = regions.drop_int8_regions(problem, chosen, m.base)
     if chosen != before:
         current = None  # fewer INT8 layers: measured again below
     for region in regions.float_regions(problem, chosen | m.base, [x.name for x in m.free]):  # each measured: adds risk
         if m.left <= 0:
             break
         d = m.drop(chosen | region)
-        if d <= problem.allowed:
-            chosen |= region
+        if d <= problem.allowed and (m.cheapest() is None or m.cheapest()[0] == chosen | region):
+            chosen |= region  # within budget and, where timed, the cheapest measured so far
             current = d
     if current is None:
         current = m.drop(chosen)
