@@ -104,7 +104,10 @@ def ort_static(ctx, method: str, per_channel: bool) -> Row:
                "one calibration pass per run")
 
 
-def nncf_aac(ctx) -> Row:
+def nncf_aac(ctx, cap_s: float = 1200.0) -> Row:
+    """NNCF's accuracy-control loop, stopped at `cap_s` seconds (then it has no model to show)."""
+    from qsearch import limits
+
     name = "NNCF quantize_with_accuracy_control"
     if importlib.util.find_spec("nncf") is None:
         return Row(name, None, 0.0, 0, "not installed: pip install nncf")
@@ -128,10 +131,13 @@ def nncf_aac(ctx) -> Row:
                and n.op_type in ("Conv", "Gemm", "MatMul", "Add", "Mul")]
     t = time.perf_counter()
     try:
-        q = nncf.quantize_with_accuracy_control(
-            ctx.prepared.proto, calib, val, validate, max_drop=ctx.allowed_drop(), drop_type=nncf.DropType.ABSOLUTE,
-            subset_size=ctx.calib_data.samples, ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
-            model_type=nncf.ModelType.TRANSFORMER if "MatMul" in {la.op_type for la in ctx.candidates()} else None)
+        with limits.limit(cap_s, f"stopped at its {cap_s:.0f} s cap", TimeoutError):
+            q = nncf.quantize_with_accuracy_control(
+                ctx.prepared.proto, calib, val, validate, max_drop=ctx.allowed_drop(), drop_type=nncf.DropType.ABSOLUTE,
+                subset_size=ctx.calib_data.samples, ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+                model_type=nncf.ModelType.TRANSFORMER if "MatMul" in {la.op_type for la in ctx.candidates()} else None)
+    except TimeoutError as exc:
+        return Row(name, None, time.perf_counter() - t, evals[0], f"{exc} (no model)")
     except Exception as exc:
         return Row(name, None, time.perf_counter() - t, evals[0], f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
     return Row(name, q, time.perf_counter() - t, evals[0], "")
@@ -305,6 +311,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: ort nncf quark aimet")
     ap.add_argument("--quark-cap", type=float, default=780.0, help="seconds AMD Quark's search may take")
     ap.add_argument("--aimet-cap", type=float, default=1500.0, help="seconds AIMET's AMP may take")
+    ap.add_argument("--nncf-cap", type=float, default=900.0, help="seconds NNCF's accuracy control may take")
     ap.add_argument("--quark-dir", type=Path, help="a folder where peer_quark.py already ran on this workload")
     ap.add_argument("--aimet-dir", type=Path, help="a folder where peer_aimet.py already ran on this workload")
     ap.add_argument("--max-drop", help="another accuracy budget than the workload's (e.g. 4-6x below naive's loss)")
@@ -330,7 +337,7 @@ def main() -> None:
                 rows.append(ort_static(ctx, m, pc))
     rows.append(greedy(ctx, profile, t_analyze, n_analyze))
     if "nncf" not in args.skip:
-        rows.append(nncf_aac(ctx))
+        rows.append(nncf_aac(ctx, args.nncf_cap))
     if "quark" not in args.skip:
         rows.append(venv_peer(ctx, "AMD Quark AutoSearchPro (calibration grid + CLE, then AdaRound/AdaQuant TPE; "
                               "minimizes the drop, all-INT8)", "quark", args.quark_cap, [], args.quark_dir))
