@@ -478,14 +478,15 @@ def _hardswish_gates(g: onnx.GraphProto, inits: dict, consumers: dict, graph_out
 def readable_name(node: onnx.NodeProto) -> str:
     """The source module a node came from, from the exporter's node metadata: torch's dynamo
     exporter records the module path ('blocks.0.conv'); an op inside a module's forward gets the op
-    too ('blocks.0/add_15'). Empty when the model carries no such metadata."""
+    too ('blocks.0/add_15'). Empty when the model carries no such metadata, or metadata the exporter
+    did not write (names are best effort: the caller falls back to op + index)."""
     import ast
 
     meta = {p.key: p.value for p in node.metadata_props}
     try:
-        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
-    except (ValueError, SyntaxError):
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]")[:100_000])
+        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]")[:100_000])
+    except Exception:  # (ValueError, SyntaxError, RecursionError, MemoryError...: whatever a hostile string gives)
         return ""
     if not isinstance(scopes, list) or not scopes or not all(isinstance(x, str) for x in scopes):
         return ""

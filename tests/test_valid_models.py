@@ -4,6 +4,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.cli import main
@@ -124,3 +125,17 @@ def test_macs_use_the_data_shape_when_spatial_dims_are_symbolic():
     assert conv_a8.macs == 8 * 8 * 8 * 27
     assert conv_a.macs == 8 * 27  # without data the spatial size is unknown (counted as 1)
     assert [la.name for la in fixed.layers] == [la.name for la in prepared.layers]
+
+
+@pytest.mark.parametrize("scopes", ["{1: 2}", "[" * 5000 + "]" * 5000, "[1, 2]", "not python", "['a', None]", "'x' * 9"])
+def test_metadata_the_exporter_did_not_write_falls_back_to_op_names(scopes):
+    from qsearch.model import prepare
+
+    from .conftest import make_cnn
+
+    m = make_cnn()
+    for n in m.graph.node:
+        p = n.metadata_props.add()
+        p.key, p.value = "pkg.torch.onnx.name_scopes", scopes
+    prepared = prepare(m)  # no command fails on it: readable names are best effort
+    assert [la.readable for la in prepared.layers] == [""] * len(prepared.layers)
