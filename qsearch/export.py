@@ -9,6 +9,7 @@ the same ONNX file. PyTorch is needed only here (the `torch` extra).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -75,6 +76,9 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     for k, t in module.state_dict().items():
         h.update(k.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    from qsearch.files import ensure_writable_dir
+
+    ensure_writable_dir(cache_dir(), "the export cache (QSEARCH_CACHE/torch)", create=False)
     path = cache_dir() / f"{entry.split(':')[-1]}-{h.hexdigest()[:16]}.onnx"
     if path.is_file():
         return path
@@ -92,5 +96,6 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
         raise QsearchError(f"{where(p, spec, 'torch')}: exporting '{entry}' to ONNX failed: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}"[:400]) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (nothing was written there)
+            tmp.unlink(missing_ok=True)
     return path

@@ -97,3 +97,17 @@ def test_torch_input_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
     with pytest.raises(QsearchError, match=r"model.torch needs PyTorch, which is not installed"):
         load_workload(cfg)
+
+
+def test_a_cache_folder_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """QSEARCH_CACHE, or its torch/ folder, being a file: one line naming it, no traceback."""
+    for case, blocked in (("a", "cache"), ("b", "cache/torch")):
+        base = tmp_path / case
+        (base / blocked).parent.mkdir(parents=True, exist_ok=True)
+        (base / blocked).write_text("not a folder")
+        monkeypatch.setenv("QSEARCH_CACHE", str(base / "cache"))
+        cfg = _workload(base)
+        capsys.readouterr()
+        assert main(["analyze", "--config", str(cfg), "--out", str(base / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "QSEARCH_CACHE" in err and "Traceback" not in err, err[-500:]
