@@ -59,10 +59,13 @@ def diff(a: Plan, b: Plan, where: tuple[str, str] = ("A", "B")) -> PlanDiff:
     def dflt(p: Plan) -> str:
         return "(every layer listed)" if p.defaults is None else p.defaults.label()
 
-    # partial plans (schema 1, hand-written) leave unlisted layers to `defaults`: a change there is shown as such
+    # partial plans (schema 1, hand-written) leave unlisted layers to `defaults`: a change there is shown
+    # as such, unless one plan lists every layer (schema 2): then the per-layer comparison below covers
+    # every layer, and two plans that build the same model are the same
+    complete = a.defaults is None or b.defaults is None
     header = tuple((k, str(x), str(y)) for k, x, y in (("target", a.target, b.target),
                                                        ("calibration.percentile", a.percentile, b.percentile),
-                                                       ("defaults", dflt(a), dflt(b)),
+                                                       ("defaults", dflt(a), dflt(a) if complete else dflt(b)),
                                                        *((f"forms.{k}", a.form(k), b.form(k))
                                                          for k in sorted({*a.forms, *b.forms}))) if x != y)
     names = list(a.layers) + [n for n in b.layers if n not in a.layers]

@@ -123,6 +123,8 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
     replace(plan, layers={**plan.layers, "fc": LayerChoice("fp32")}).write(v2)
     assert main(["apply", str(v2), model, "-o", str(tmp_path / "v2.onnx")]) == 0
     assert (tmp_path / "v1.onnx").read_bytes() == (tmp_path / "v2.onnx").read_bytes()
+    # the same model from both: diff says they are the same (exit 0), not "0 layers changed" with exit 1
+    assert main(["diff", str(tmp_path / "v1.yaml"), str(v2)]) == 0
     # written again, a migrated plan is schema 2 (its defaults kept: it lists only its overrides)
     text = v1.to_yaml()
     assert text.startswith("qsearch_plan: 2\n") and "defaults:" in text and Plan.from_doc(yaml.safe_load(text)) == v1
