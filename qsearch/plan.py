@@ -298,8 +298,10 @@ class Plan:
 
 def _read_forms(path, doc: dict) -> dict:
     """The plan's `forms` (pattern -> form), each checked against `PATTERN_FORMS`."""
-    forms = doc.get("forms") or {}
-    if not isinstance(forms, dict):
+    forms = doc.get("forms")
+    if forms is None:
+        return {}
+    if not isinstance(forms, dict):  # (false, 0, "" and [] too: nothing is silently ignored)
         raise QsearchError(f"{where(path, doc, 'forms')}: 'forms' must be a mapping of pattern -> form, got "
                            f"{forms!r}"[:300])
     for k, v in forms.items():

@@ -318,6 +318,7 @@ def test_more_bad_workload_inputs(case, expect, workload, tmp_path, capsys):
     ("plan_unknown_pattern", "forms.gelu: unknown pattern (known: hardswish)"),
     ("plan_unknown_form", "forms.hardswish is 'lut', expected one of decomposed, fused"),
     ("plan_forms_not_a_mapping", "'forms' must be a mapping of pattern -> form"),
+    ("plan_forms_false", "'forms' must be a mapping of pattern -> form"),
 ])
 def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
@@ -330,7 +331,7 @@ def test_more_bad_plan_inputs(case, expect, workload, tmp_path, capsys):
         plan.write_text(plan.read_text().replace("target:", "targte:"))
     elif case.startswith("plan_"):
         forms = {"plan_unknown_pattern": "{gelu: fused}", "plan_unknown_form": "{hardswish: lut}",
-                 "plan_forms_not_a_mapping": "[fused]"}[case]
+                 "plan_forms_not_a_mapping": "[fused]", "plan_forms_false": "false"}[case]
         plan.write_text(plan.read_text().replace("\nlayers:", f"\nforms: {forms}\nlayers:", 1))
     else:
         (tmp_path / "afile").write_text("x")
