@@ -245,9 +245,8 @@ class Search:
         """`strategy.closed_loop` from the fixed set, every plan it measures recorded as a trial."""
         fixed = {n: lbl for n, lbl in self.dims.fixed.items()}
 
-        def measure(choices: Mapping[str, str]) -> strategy.Measured:
-            r = self.record(dict(choices), strategy="closed loop")
-            return strategy.Measured(r.drop, r.cost)
+        def measure(choices: Mapping[str, str]) -> float:
+            return self.record(dict(choices), strategy="closed loop").drop
 
         inc = strategy.closed_loop(self.problem, measure, fixed, max_evals=max_evals)
         self.study.set_user_attr("closed_loop", {"drop": inc.drop, "evaluations": inc.evaluations,
