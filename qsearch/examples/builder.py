@@ -33,3 +33,24 @@ def main(build: Callable[[Path, bool], Path], doc: str, default_out: Path, what:
         print(build(args.out, args.force))
     except QsearchError as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+def workload_yaml(comment: str, name: str, metric: str, max_drop: str, batch_size: int, latency_batch: int,
+                  labels: bool = False, search_space: str = "cnn_cpu") -> str:
+    """The config every example writes next to its model and npz splits."""
+    lab = ", labels: label" if labels else ""
+    return (f"# {comment}\nname: {name}\nmodel: model.onnx\ntarget: cpu\ndata:\n  batch_size: {batch_size}\n"
+            f"  calibration: {{npz: calib.npz{lab}}}\n  search: {{npz: search.npz{lab}}}\n"
+            f"  test: {{npz: test.npz{lab}}}\nmetric: {metric}\nmax_drop: {max_drop}\n"
+            f"search_space: {search_space}\nruntime:\n  threads: 1\n  latency_batch: {latency_batch}\n")
+
+
+def wheel_file(module: str, package: str, relative: str, what: str) -> Path:
+    """A model file inside an installed wheel, or a one-line error saying which pip install is missing."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise QsearchError(f"the {what} workload needs the model's wheel: pip install {package}") from None
+    return Path(mod.__file__).parent / relative

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qsearch.errors import QsearchError
 from qsearch.examples import builder
 from qsearch.examples.builder import finish, is_fresh
 from qsearch.examples.pages import PageRenderer, normalize
@@ -33,31 +32,14 @@ SPLITS = {"calib": 32, "search": 64, "test": 128}
 THRESH = 0.3
 SHRINK = 0.4  # DBNet's shrink ratio for the probability-map labels
 
-WORKLOAD = """\
-# PP-OCRv4 text detector from the rapidocr_onnxruntime wheel (written by qsearch.examples.ocr_det)
-name: ppocrv4_det
-model: model.onnx
-target: cpu
-data:
-  batch_size: 16
-  calibration: {npz: calib.npz}
-  search: {npz: search.npz}
-  test: {npz: test.npz}
-metric: {search: "qsearch.examples.ocr_det:search_f1", test: "qsearch.examples.ocr_det:test_f1"}
-max_drop: 0.01
-search_space: cnn_cpu
-runtime:
-  threads: 1
-  latency_batch: 4
-"""
+WORKLOAD = builder.workload_yaml(
+    "PP-OCRv4 text detector from the rapidocr_onnxruntime wheel (written by qsearch.examples.ocr_det)",
+    "ppocrv4_det", '{search: "qsearch.examples.ocr_det:search_f1", test: "qsearch.examples.ocr_det:test_f1"}',
+    "0.01", batch_size=16, latency_batch=4)
 
 
 def model_path() -> Path:
-    try:
-        import rapidocr_onnxruntime
-    except ImportError:
-        raise QsearchError("the OCR detector workload needs the model's wheel: pip install rapidocr_onnxruntime") from None
-    return Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
+    return builder.wheel_file("rapidocr_onnxruntime", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx", "OCR detector")
 
 
 def truth_mask(boxes) -> np.ndarray:

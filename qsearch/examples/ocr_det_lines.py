@@ -27,23 +27,11 @@ from qsearch.files import atomic_write_bytes, atomic_write_text
 DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qsearch")) / "ocr_det_lines"
 SPLITS = {"calib": 32, "search": 96, "test": 160}
 
-WORKLOAD = """\
-# PP-OCRv4 text detector, box-level F1 on hard pages (written by qsearch.examples.ocr_det_lines)
-name: ppocrv4_det_lines
-model: model.onnx
-target: cpu
-data:
-  batch_size: 16
-  calibration: {npz: calib.npz}
-  search: {npz: search.npz}
-  test: {npz: test.npz}
-metric: {search: "qsearch.examples.ocr_det_lines:search_box_f1", test: "qsearch.examples.ocr_det_lines:test_box_f1"}
-max_drop: 0.01
-search_space: cnn_cpu
-runtime:
-  threads: 1
-  latency_batch: 4
-"""
+WORKLOAD = builder.workload_yaml(
+    "PP-OCRv4 text detector, box-level F1 on hard pages (written by qsearch.examples.ocr_det_lines)",
+    "ppocrv4_det_lines",
+    '{search: "qsearch.examples.ocr_det_lines:search_box_f1", test: "qsearch.examples.ocr_det_lines:test_box_f1"}',
+    "0.01", batch_size=16, latency_batch=4)
 
 
 def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:

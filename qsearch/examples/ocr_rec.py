@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qsearch.errors import QsearchError
 from qsearch.examples import builder
 from qsearch.examples.builder import finish, is_fresh
 from qsearch.examples.corpus import sentences
@@ -32,31 +31,14 @@ DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qse
 HEIGHT, WIDTH = 48, 320
 SPLITS = {"calib": 64, "search": 160, "test": 320}
 
-WORKLOAD = """\
-# PP-OCRv4 text recognizer from the rapidocr_onnxruntime wheel (written by qsearch.examples.ocr_rec)
-name: ppocrv4_rec
-model: model.onnx
-target: cpu
-data:
-  batch_size: 16
-  calibration: {npz: calib.npz}
-  search: {npz: search.npz}
-  test: {npz: test.npz}
-metric: {search: "qsearch.examples.ocr_rec:search_accuracy", test: "qsearch.examples.ocr_rec:test_accuracy"}
-max_drop: 0.005
-search_space: cnn_cpu
-runtime:
-  threads: 1
-  latency_batch: 8
-"""
+WORKLOAD = builder.workload_yaml(
+    "PP-OCRv4 text recognizer from the rapidocr_onnxruntime wheel (written by qsearch.examples.ocr_rec)",
+    "ppocrv4_rec", '{search: "qsearch.examples.ocr_rec:search_accuracy", test: "qsearch.examples.ocr_rec:test_accuracy"}',
+    "0.005", batch_size=16, latency_batch=8)
 
 
 def model_path() -> Path:
-    try:
-        import rapidocr_onnxruntime
-    except ImportError:
-        raise QsearchError("the OCR recognizer workload needs the model's wheel: pip install rapidocr_onnxruntime") from None
-    return Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    return builder.wheel_file("rapidocr_onnxruntime", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", "OCR recognizer")
 
 
 def charset(model_file: Path) -> list[str]:
