@@ -24,7 +24,7 @@ from qsearch.files import atomic_write_bytes
 METHODS = ("minmax", "entropy", "percentile", "mse")
 GRANULARITIES = ("per_channel", "per_tensor")
 NUM_BINS = 2048
-STATS_VERSION = 1
+STATS_VERSION = 2
 RANGES_VERSION = 2  # bump when a method's range maths changes: cached profiles are then stale
 
 
@@ -50,10 +50,21 @@ class TensorStats:
 
 
 @dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel mean and max of one tensor over the calibration data: what bias correction
+    (expected input per channel) and clip-aware equalization (does a channel reach the clip?) need."""
+
+    axis: int
+    mean: np.ndarray  # float32, one per channel
+    max: np.ndarray
+
+
+@dataclass(frozen=True)
 class CalibrationStats:
     tensors: Mapping[str, TensorStats]
     samples: int
     batches: int
+    channels: Mapping[str, ChannelStats] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
         arrays = {"__meta__": np.array([STATS_VERSION, self.samples, self.batches], dtype=np.int64)}
@@ -63,6 +74,11 @@ class CalibrationStats:
             s = self.tensors[n]
             arrays[f"c{i}"] = s.counts
             arrays[f"r{i}"] = np.array([s.min, s.max, s.lo, s.hi], dtype=np.float64)
+        chans = sorted(self.channels)
+        arrays["__channels__"] = np.array(chans, dtype=str)
+        for i, n in enumerate(chans):
+            c = self.channels[n]
+            arrays[f"m{i}"], arrays[f"x{i}"], arrays[f"a{i}"] = c.mean, c.max, np.array([c.axis], dtype=np.int64)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())  # unique temp name: workers may save the same cache
@@ -77,7 +93,31 @@ class CalibrationStats:
             for i, n in enumerate(z["__names__"].tolist()):
                 mn, mx, lo, hi = z[f"r{i}"].tolist()
                 tensors[n] = TensorStats(mn, mx, z[f"c{i}"], lo, hi)
-        return cls(tensors, samples, batches)
+            channels = {n: ChannelStats(int(z[f"a{i}"][0]), z[f"m{i}"], z[f"x{i}"])
+                        for i, n in enumerate(z["__channels__"].tolist())}
+        return cls(tensors, samples, batches, channels)
+
+
+class _Channels:
+    """Running per-channel sum (float64), count and max along one axis."""
+
+    def __init__(self, axis: int):
+        self.axis, self.sum, self.max, self.count = axis, None, None, 0
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 0 or x.size == 0:
+            return
+        x = np.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis])
+        total, top = x.sum(axis=0, dtype=np.float64), x.max(axis=0)
+        self.sum = total if self.sum is None else self.sum + total
+        self.max = top if self.max is None else np.maximum(self.max, top)
+        self.count += x.shape[0]
+
+    def stats(self) -> ChannelStats:
+        if self.sum is None:
+            return ChannelStats(self.axis, np.zeros(0, np.float32), np.zeros(0, np.float32))
+        return ChannelStats(self.axis, (self.sum / max(self.count, 1)).astype(np.float32), self.max.astype(np.float32))
 
 
 class _Histogram:
@@ -136,15 +176,18 @@ def collect(
     feeds: Iterable[Mapping[str, np.ndarray]],
     threads: int = 0,
     chunk: int | None = None,
+    channels: Mapping[str, int] | None = None,
 ) -> CalibrationStats:
     """The single calibration pass: every candidate tensor is a graph output of one session, the
     batches run in pieces of `chunk` samples (cache-sized; the statistics depend on it only through
-    the order the histograms grow in, so it is part of the cache key)."""
+    the order the histograms grow in, so it is part of the cache key). `channels` (tensor -> channel
+    axis): tensors whose per-channel mean and max are recorded too (for accuracy recovery)."""
     import onnxruntime as ort
 
     from qsearch.runtime import make_session
 
-    names = sorted(set(tensors))
+    channels = dict(channels or {})
+    names = sorted(set(tensors) | set(channels))
     m = onnx.ModelProto.FromString(model.SerializeToString())
     present = {o.name for o in m.graph.output}
     for n in names:
@@ -155,6 +198,7 @@ def collect(
     # the model is already basic-optimized by `prepare`, so the values are the same
     sess = make_session(m, threads, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     hists = {n: _Histogram() for n in names}
+    per_channel = {n: _Channels(a) for n, a in channels.items()}
     samples = batches = 0
     for feed in feeds:
         for piece in chunks([feed], chunk):
@@ -162,6 +206,8 @@ def collect(
             for n, arr in zip(names, outs):
                 try:
                     hists[n].add(arr)
+                    if n in per_channel:
+                        per_channel[n].add(arr)
                 except FloatingPointError as exc:
                     raise QsearchError(f"calibration: tensor '{n}' has {exc} on the calibration data (batch "
                                        f"{batches}); the FP32 model overflows or the data is not what it expects") from None
@@ -169,7 +215,8 @@ def collect(
         samples += len(next(iter(feed.values())))
     if batches == 0:
         raise QsearchError("calibration data is empty: no batch to calibrate on")
-    return CalibrationStats({n: h.stats() for n, h in hists.items()}, samples, batches)
+    return CalibrationStats({n: h.stats() for n, h in hists.items()}, samples, batches,
+                            {n: c.stats() for n, c in per_channel.items()})
 
 
 def cache_key(*parts: str) -> str:

@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel, node_reads
-from qsearch.plan import LayerChoice, Plan, quantized_tensors
+from qsearch.plan import LayerChoice, Plan
+from qsearch.planning import quantized_tensors
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.

@@ -32,7 +32,8 @@ from qsearch import data
 from qsearch.calibration import RANGES_VERSION, tensor_range
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.model import Layer
-from qsearch.plan import LayerChoice, allowed_granularities
+from qsearch.plan import LayerChoice
+from qsearch.planning import allowed_granularities
 from qsearch.runtime import make_session
 from qsearch.screen import Screen, run_jobs
 from qsearch.workbench import Workbench

@@ -28,7 +28,8 @@ from qsearch.data import Dataset
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
-from qsearch.plan import LayerChoice, Plan, build_plan, provenance
+from qsearch.plan import LayerChoice, Plan, provenance
+from qsearch.planning import build_plan
 from qsearch.rewrite import LAYOUT_VERSION, Rewriter
 from qsearch.scoring import Scorer, latency_ms, make_session, model_size, reference_outputs
 

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
 from qsearch.model import prepare
-from qsearch.plan import LayerChoice, build_plan
+from qsearch.plan import LayerChoice
+from qsearch.planning import build_plan
 from qsearch.rewrite import Rewriter
 from qsearch.scoring import fusion_check
 

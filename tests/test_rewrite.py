@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
 from qsearch.model import prepare
-from qsearch.plan import LayerChoice, build_plan
+from qsearch.plan import LayerChoice
+from qsearch.planning import build_plan
 from qsearch.rewrite import Rewriter
 from qsearch.scoring import fused_op_counts
 
@@ -243,7 +244,7 @@ def test_random_plans_on_random_graphs_give_valid_runnable_models(model, data):
 def test_quantized_tensors_and_shared_scales_on_a_known_graph(cnn):
     """Direct: conv_b alone quantizes its input and output; gap and fc quantize the pooled tensor
     and the classifier's input, which the Reshape between them joins into one shared scale."""
-    from qsearch.plan import quantized_tensors
+    from qsearch.planning import quantized_tensors
 
     prepared = prepare(cnn)
     tensors, groups = quantized_tensors(prepared, {"conv_b"})

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.cli import main
 from qsearch.model import prepare, with_input_shapes
-from qsearch.plan import LayerChoice, build_plan
+from qsearch.plan import LayerChoice
+from qsearch.planning import build_plan
 from qsearch.rewrite import Rewriter
 
 from .conftest import make_cnn, write_workload

@@ -1,0 +1,207 @@
+"""Choices per layer + calibration statistics -> a plan: which tensors get Q/DQ, which share a
+scale, which calibration method each range comes from, and (with recovery) which pairs are
+equalized and which statistics and arrays that implies. The plan *format* lives in `plan`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from qsearch.calibration import GRANULARITIES, CalibrationStats, tensor_range
+from qsearch.errors import QsearchError
+from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
+from qsearch.plan import LayerChoice, Plan, closest, layer_notes
+
+
+def allowed_granularities(layer: Layer) -> tuple[str, ...]:
+    """ONNX Runtime 1.32 fuses a per-channel Gemm into a QGemm that computes wrong results (17% of
+    the output range on a 10-class head; its own quantize_static gives the same model), so Gemm
+    layers are per-tensor only. A layer without a weight (Add, Concat...) has one activation scale
+    per tensor: granularity means nothing there, and plans do not write it."""
+    return ("per_tensor",) if layer.op_type == "Gemm" or not layer.has_weight else GRANULARITIES
+
+
+def normalized(layer: Layer, choice: LayerChoice) -> LayerChoice:
+    if choice.is_int8 and choice.granularity not in allowed_granularities(layer):
+        return LayerChoice(choice.precision, choice.calibration, allowed_granularities(layer)[0])
+    return choice
+
+
+def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice],
+                   forms: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Which activation tensors get Q/DQ, and with which layer's calibration method.
+
+    A layer's method calibrates its *inputs*; a tensor feeding several int8 layers takes the first
+    consumer's method (graph order). An int8 layer's output, needed for the fused kernel, takes
+    its own method when no int8 layer consumes it.
+    """
+    methods: dict[str, str] = {}
+    absorbed = prepared.absorbed(forms)
+    for layer in prepared.layers:
+        c = choices.get(layer.name)
+        if c is not None and c.is_int8 and layer.name not in absorbed:
+            for t in layer.quantized_inputs(forms):
+                methods.setdefault(t, c.calibration)
+    for layer in prepared.layers:
+        c = choices.get(layer.name)
+        if c is not None and c.is_int8 and layer.name not in absorbed:
+            methods.setdefault(layer.quantized_output(forms), c.calibration)
+    return methods
+
+
+def _moves_values(node) -> bool:
+    """ORT drops the Q/DQ pair around Resize only in nearest mode (linear interpolation stays a
+    float op between a DQ and a Q, measured on ORT 1.32)."""
+    if node.op_type != "Resize":
+        return True
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+    return mode == b"nearest"
+
+
+def quantized_tensors(prepared: PreparedModel, int8_layers: set[str],
+                      forms: Mapping[str, str] | None = None) -> tuple[list[str], list[set[str]]]:
+    """Which tensors get Q/DQ for these int8 layers, and which of them must share one scale.
+
+    Every int8 layer's activations and output; then, through value-moving ops (MaxPool, Resize,
+    Reshape, Slice...; `PASSTHROUGH_OPS`): an op whose output is quantized gets its input quantized
+    too when every reader of that input is such an op with a quantized output (one Reshape; the
+    q/k/v Slices of one Transpose), and all sides share one scale, so ONNX Runtime drops
+    the Q/DQ pair and runs the op on uint8 instead of leaving a float island between two int8
+    regions. Returns the tensors in graph order and the groups of tensors that share a scale.
+    """
+    graph = prepared.proto.graph
+    inits = {i.name for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for t in node_reads(node):
+            readers[t] = readers.get(t, 0) + 1
+    for o in graph.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    quant: set[str] = set()
+    absorbed = prepared.absorbed(forms)
+    for layer in prepared.layers:
+        if layer.name in int8_layers and layer.name not in absorbed:
+            quant.update((*layer.quantized_inputs(forms), layer.quantized_output(forms)))
+    moves = [(n.input[0], [n.output[0]]) for n in graph.node
+             if n.op_type in PASSTHROUGH_OPS and n.domain in ("", "ai.onnx") and n.input and n.input[0]
+             and len(n.output) == 1 and n.input[0] not in inits and _moves_values(n)]
+    # Split runs on uint8 when its input and *every* output share one scale (ORT's Split selector)
+    splits = [(n.input[0], [t for t in n.output if t]) for n in graph.node
+              if n.op_type == "Split" and n.domain in ("", "ai.onnx") and n.input and n.input[0] not in inits]
+    links = [(x, y) for x, ys in moves + splits for y in ys]
+    movers: dict[str, list[list[str]]] = {}  # tensor -> the outputs of each value-moving op reading it
+    for x, ys in moves + splits:
+        movers.setdefault(x, []).append(ys)
+    changed = True
+    while changed:  # backwards through chains of such ops (Reshape -> Transpose -> Reshape)
+        changed = False
+        for x, outs in movers.items():
+            # every reader moves values into a quantized tensor (one Reshape; or q/k/v Slices of one
+            # Transpose, as ORT's quantizer does): x joins them, so each op runs on uint8
+            if x in quant or readers.get(x, 0) != len(outs):
+                continue
+            if (len(outs) == 1 and any(y in quant for y in outs[0])) or all(y in quant for ys in outs for y in ys):
+                quant.add(x)
+                changed = True
+        for x, ys in splits:
+            if x in quant and any(y in quant for y in ys) and not all(y in quant for y in ys):
+                quant.update(ys)
+                changed = True
+    parent = {t: t for t in quant}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    for x, y in links:
+        if x in quant and y in quant:
+            parent[root(y)] = root(x)
+    groups: dict[str, set[str]] = {}
+    for t in quant:
+        groups.setdefault(root(t), set()).add(t)
+    order = {t: i for i, n in enumerate(graph.node) for t in n.output}
+    ordered = sorted(quant, key=lambda t: (order.get(t, -1), t))
+    return ordered, [g for g in groups.values() if len(g) > 1]
+
+
+def build_plan(
+    prepared: PreparedModel,
+    choices: Mapping[str, LayerChoice],
+    stats: CalibrationStats | None,
+    target: str = "cpu",
+    percentile: float = 99.99,
+    forms: Mapping[str, str] | None = None,
+) -> Plan:
+    """Choices per layer (unnamed layers float) + calibration statistics -> a self-contained plan
+    listing every layer in graph order."""
+    float_precision = "fp16" if target == "fp16" else "fp32"
+    full = {la.name: normalized(la, choices.get(la.name, LayerChoice(float_precision))) for la in prepared.layers}
+    forms = {p: f for p, f in (forms or {}).items() if any(la.pattern == p for la in prepared.layers)}
+    for name, owner in prepared.absorbed(forms).items():  # a fused pattern's gate follows the pattern
+        full[name] = normalized(prepared.layer(name), full[owner])
+    methods = tensor_methods(prepared, full, forms)
+    ranges: dict[str, tuple[float, float]] = {}
+    for t, method in methods.items():
+        if stats is None or t not in stats.tensors:
+            raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
+        ranges[t] = tensor_range(stats.tensors[t], method, percentile)
+    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8}, forms)
+    for group in groups:  # one scale per group: the union of its members' ranges (nothing clipped)
+        known = [ranges[t] for t in group if t in ranges]
+        shared = (min(r[0] for r in known), max(r[1] for r in known))
+        for t in group:
+            ranges[t] = shared
+    return Plan(
+        model_name=prepared.name,
+        fingerprint=prepared.fingerprint,
+        target=target,
+        layers=full,
+        ranges=ranges,
+        percentile=percentile,
+        notes=layer_notes(prepared),
+        forms=forms,
+    )
+
+
+def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "plan") -> None:
+    """Refuse a plan for another model, or one naming layers/tensors the model lacks."""
+    if plan.fingerprint != prepared.fingerprint:
+        raise QsearchError(
+            f"{path}: plan is for model '{plan.model_name}' ({plan.fingerprint}), "
+            f"not for '{prepared.name}' ({prepared.fingerprint})"
+        )
+    known = set(prepared.layer_names)
+    for name, c in plan.layers.items():
+        if name not in known:
+            raise QsearchError(f"{path}: layer '{name}' does not exist in model '{prepared.name}'"
+                               + closest(name, known))
+        if c.precision == "fp16" and plan.target != "fp16":
+            raise QsearchError(f"{path}: layer '{name}' is fp16 but target '{plan.target}' runs float layers in FP32")
+    tensors_of_model = {t for n in prepared.proto.graph.node for t in (*n.input, *n.output)} | \
+        {i.name for i in prepared.proto.graph.input}
+    for t in plan.ranges:  # a misspelled tensor's range would be ignored without a word
+        if t not in tensors_of_model:
+            raise QsearchError(f"{path}: a range is given for tensor '{t}', which model '{prepared.name}' does "
+                               "not have" + closest(t, tensors_of_model))
+    patterns = {la.pattern for la in prepared.layers if la.pattern}
+    for k in plan.forms:
+        if k not in patterns:
+            raise QsearchError(f"{path}: forms.{k}: model '{prepared.name}' has no {k} pattern")
+    absorbed = prepared.absorbed(plan.forms)
+    for layer in prepared.layers:
+        c = plan.choice(layer.name)
+        if c.is_int8 and layer.has_weight and c.granularity not in allowed_granularities(layer):
+            raise QsearchError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
+                               "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
+        if c.is_int8 and layer.name not in absorbed:
+            for t in (*layer.quantized_inputs(plan.forms), layer.quantized_output(plan.forms)):
+                if t not in plan.ranges:
+                    raise QsearchError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
+    tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if plan.choice(la.name).is_int8},
+                                   plan.forms)
+    for t in tensors:
+        if t not in plan.ranges:
+            raise QsearchError(f"{path}: no activation range for tensor '{t}' (it feeds a value-moving op whose "
+                               "output is quantized; plans record a range for it)")

@@ -1,0 +1,278 @@
+"""Accuracy recovery as per-layer plan options: cross-layer equalization and bias correction.
+
+Both are closed form, computed once from the calibration pass and stored with the plan, so `apply`
+needs no data and trials never recompute them.
+
+- **Equalization (CLE)** of a pair Conv A -> (Relu | Clip(0, hi) | nothing) -> Conv B whose middle
+  tensor only B reads: A's output channel c is divided by s_c and B's matching input channel
+  multiplied by it, s_c = sqrt(r1_c / r2_c) from the two weights' channel ranges, so both layers'
+  weight ranges meet in the middle (depthwise convs with BatchNorm folded in have channels ~100x
+  apart; per-tensor INT8 then rounds the small ones to nothing). Relu and nothing commute with a
+  positive scale: the equalized float model computes what the original does. A Clip to [0, hi]
+  (Relu6) does not: a channel scaled by 1/s is clipped at hi instead of hi/s. Equalization is then
+  *clip-aware*: a channel that reaches hi on the calibration data keeps s = 1, the others get
+  s >= max_c / hi, so no calibration value is clipped differently (exact on that data, and said so).
+  The pair is one decision: it applies when both layers are INT8 and both choose it.
+- **Bias correction**: the mean output error of a layer's quantized weights, (W_q - W) E[x], is
+  removed from its bias, E[x] being the per-channel mean of its input on the calibration data.
+
+The arrays (scales per equalized pair, input means per corrected layer) travel in a `Sidecar`, a
+deterministic ONNX tensor file next to the plan, named with its sha256 in the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qsearch.errors import QsearchError
+from qsearch.model import Layer, PreparedModel, node_reads
+
+RECOVERIES = ("none", "bias", "cle", "cle+bias")  # a layer's recovery option (plan `recovery:`)
+TECHNIQUES = ("bias", "cle")  # what a search space may allow (`recovery: [bias, cle]`, or [none])
+SCALE_LIMIT = 1e4  # equalization scales kept in [1/SCALE_LIMIT, SCALE_LIMIT]: no denormal weights
+SIDECAR_NAME = "qsearch_recovery"  # the ONNX graph name that marks a qsearch sidecar
+
+
+def uses(recovery: str, technique: str) -> bool:
+    return technique in recovery.split("+")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Conv `head` -> optional Relu/Clip -> Conv `tail`; `tensors` scale by 1/s per channel."""
+
+    head: str
+    tail: str
+    conv_out: str  # the head conv's output (before its activation)
+    tensors: tuple[str, ...]  # conv_out and, with an activation, its output (the tail's input)
+    clip: float | None  # the activation's upper bound (Relu6: 6.0); None: Relu or nothing, exact
+
+
+def find_pairs(prepared: PreparedModel) -> tuple[Pair, ...]:
+    """Every equalizable pair in graph order; weights read by another node are left alone."""
+    g = prepared.proto.graph
+    reads: dict[str, int] = {}
+    for n in g.node:
+        for t in node_reads(n):
+            reads[t] = reads.get(t, 0) + 1
+    by_name = {n.name: n for n in g.node}
+    layers_by_input = {la.activations[0]: la for la in prepared.layers if la.op_type == "Conv" and la.activations}
+    outputs = {o.name for o in g.output}
+    pairs = []
+    for a in prepared.layers:
+        b = layers_by_input.get(a.output)
+        if a.op_type != "Conv" or b is None or a.name == b.name or a.output in outputs or reads.get(a.output) != 1:
+            continue
+        if any(reads.get(t, 0) != 1 for t in (a.weight, a.bias, b.weight) if t):
+            continue
+        conv = by_name[a.nodes[0]]
+        clip = _clip_bound(by_name[a.nodes[1]], prepared) if len(a.nodes) > 1 else None
+        if clip == -1.0:  # an activation that does not commute with a channel scale
+            continue
+        if _channels(prepared, a.weight) != _channels(prepared, b.weight, input_side=True, node=by_name[b.nodes[0]]):
+            continue
+        tensors = tuple(dict.fromkeys((conv.output[0], a.output)))
+        pairs.append(Pair(a.name, b.name, conv.output[0], tensors, clip))
+    return tuple(pairs)
+
+
+def _clip_bound(act: onnx.NodeProto, prepared: PreparedModel) -> float | None:
+    """None for Relu; hi for Clip(0, hi) (inf: no upper bound); -1 for anything else."""
+    if act.op_type == "Relu":
+        return None
+    inits = {i.name: i for i in prepared.proto.graph.initializer}
+
+    def bound(k: int, attr: str, default: float) -> float | None:
+        if len(act.input) > k and act.input[k]:
+            if act.input[k] not in inits:
+                return None
+            v = numpy_helper.to_array(inits[act.input[k]])
+            return float(v.reshape(-1)[0]) if v.size == 1 else None
+        return next((float(helper.get_attribute_value(a)) for a in act.attribute if a.name == attr), default)
+
+    lo, hi = bound(1, "min", -np.inf), bound(2, "max", np.inf)
+    if lo != 0.0 or hi is None or not hi > 0:
+        return -1.0
+    return hi
+
+
+def _group(node: onnx.NodeProto) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
+
+
+def _channels(prepared: PreparedModel, weight: str, input_side: bool = False, node=None) -> int:
+    w = next(i for i in prepared.proto.graph.initializer if i.name == weight)
+    return int(w.dims[1]) * _group(node) if input_side else int(w.dims[0])
+
+
+def _tail_index(w2: np.ndarray, groups: int) -> list[tuple[slice, int]]:
+    """For each input channel c of a grouped conv: (its output rows, its column in the weight)."""
+    cin_g, cout_g = w2.shape[1], w2.shape[0] // groups
+    return [(slice((c // cin_g) * cout_g, (c // cin_g + 1) * cout_g), c % cin_g) for c in range(cin_g * groups)]
+
+
+def pair_scales(w1: np.ndarray, w2: np.ndarray, groups: int, clip: float | None,
+                conv_max: np.ndarray | None) -> np.ndarray:
+    """s per channel: sqrt(r1 / r2), clip-aware under a Clip(0, hi) (module docstring)."""
+    r1 = np.abs(w1.reshape(w1.shape[0], -1)).max(axis=1).astype(np.float64)
+    r2 = np.array([np.abs(w2[rows, j]).max() for rows, j in _tail_index(w2, groups)], dtype=np.float64)
+    s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.where(r2 > 0, r2, 1.0)), 1.0)
+    if clip is not None and np.isfinite(clip):
+        top = np.asarray(conv_max, np.float64)
+        s = np.where(top >= clip, 1.0, np.maximum(s, top / clip))
+    return np.clip(s, 1 / SCALE_LIMIT, SCALE_LIMIT).astype(np.float32)
+
+
+def _apply_pair(w: dict[str, np.ndarray], a: Layer, b: Layer, groups: int, s: np.ndarray) -> None:
+    s64 = s.astype(np.float64)
+    w[a.weight] = (w[a.weight] / s64.reshape(-1, *[1] * (w[a.weight].ndim - 1))).astype(np.float32)
+    if a.bias:
+        w[a.bias] = (w[a.bias] / s64).astype(np.float32)
+    w2 = w[b.weight].astype(np.float64)
+    for (rows, j), sc in zip(_tail_index(w2, groups), s64):
+        w2[rows, j] *= sc
+    w[b.weight] = w2.astype(np.float32)
+
+
+def equalized_weights(prepared: PreparedModel, scales: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Initializer -> equalized array for the pairs in `scales` (head layer -> s). Each pair
+    scales other axes of its weights, so the order they apply in does not matter."""
+    pairs = {p.head: p for p in find_pairs(prepared)}
+    nodes = {n.name: n for n in prepared.proto.graph.node}
+    inits = {i.name: i for i in prepared.proto.graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for head, s in scales.items():
+        p = pairs[head]
+        a, b = prepared.layer(p.head), prepared.layer(p.tail)
+        for t in (a.weight, a.bias, b.weight):
+            if t and t not in out:
+                out[t] = numpy_helper.to_array(inits[t]).astype(np.float32)
+        _apply_pair(out, a, b, _group(nodes[b.nodes[0]]), s)
+    return out
+
+
+def compute_scales(prepared: PreparedModel, conv_max: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scales of every pair, in graph order, each computed on the weights the earlier pairs left
+    (a chain A -> B -> C: B's output channels are equalized after its input channels)."""
+    nodes = {n.name: n for n in prepared.proto.graph.node}
+    inits = {i.name: i for i in prepared.proto.graph.initializer}
+    w: dict[str, np.ndarray] = {}
+    scales: dict[str, np.ndarray] = {}
+    for p in find_pairs(prepared):
+        a, b = prepared.layer(p.head), prepared.layer(p.tail)
+        for t in (a.weight, a.bias, b.weight):
+            if t and t not in w:
+                w[t] = numpy_helper.to_array(inits[t]).astype(np.float32)
+        groups = _group(nodes[b.nodes[0]])
+        s = pair_scales(w[a.weight], w[b.weight], groups, p.clip, conv_max.get(p.conv_out))
+        _apply_pair(w, a, b, groups, s)
+        scales[p.head] = s
+    return scales
+
+
+def equalized_model(prepared: PreparedModel, scales: Mapping[str, np.ndarray]) -> PreparedModel:
+    """The same prepared model (layers, tensor names) with every pair in `scales` equalized."""
+    import dataclasses
+
+    new = equalized_weights(prepared, scales)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(prepared.proto)
+    for init in proto.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    return dataclasses.replace(prepared, proto=proto)
+
+
+def correctable(layer: Layer) -> bool:
+    """Bias correction needs a weight and a place for a bias: Conv and Gemm (one is added if absent)."""
+    return layer.has_weight and layer.op_type in ("Conv", "Gemm")
+
+
+def bias_delta(layer: Layer, w: np.ndarray, w_deq: np.ndarray, mean: np.ndarray, groups: int = 1) -> np.ndarray:
+    """-(W_q - W) E[x] per output channel (float64 maths, float32 result). Conv: summed over the
+    kernel, padding ignored; Gemm: along the weight's input axis."""
+    dw = w_deq.astype(np.float64) - w.astype(np.float64)
+    m = mean.astype(np.float64)
+    if layer.op_type == "Conv":
+        per_in = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # (cout, cin/groups)
+        cout_g, cin_g = dw.shape[0] // groups, dw.shape[1]
+        delta = np.array([per_in[o] @ m[(o // cout_g) * cin_g:(o // cout_g + 1) * cin_g] for o in range(dw.shape[0])])
+    else:  # Gemm: weight (K, N) with axis 1 (transB = 0), (N, K) with axis 0
+        delta = m @ dw if layer.weight_axis == 1 else dw @ m
+    return (-delta).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Sidecar:
+    """The recovery arrays of one plan: `equalize/<head layer>` scales, `mean/<layer>` input means.
+    Compared and named by the sha256 of its bytes (deterministic: sorted, raw float32)."""
+
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for k, v in self.arrays.items():
+            kind = k.split("/", 1)[0]
+            if kind not in ("equalize", "mean") or "/" not in k:
+                raise QsearchError(f"recovery sidecar: unknown entry '{k}' (expected equalize/<layer> or mean/<layer>)")
+            a = np.asarray(v)
+            if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)):
+                raise QsearchError(f"recovery sidecar: '{k}' must be a non-empty vector of finite numbers")
+            if kind == "equalize" and not np.all(a > 0):
+                raise QsearchError(f"recovery sidecar: '{k}': equalization scales must be positive, found "
+                                   f"{float(a.min())!r}")
+
+    def to_bytes(self) -> bytes:
+        g = helper.make_graph([], SIDECAR_NAME, [], [], [numpy_helper.from_array(
+            np.ascontiguousarray(self.arrays[k], dtype=np.float32), k) for k in sorted(self.arrays)])
+        return g.SerializeToString(deterministic=True)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sidecar) and self.sha256 == other.sha256
+
+    def __hash__(self) -> int:
+        return hash(self.sha256)
+
+    def __bool__(self) -> bool:
+        return bool(self.arrays)
+
+    def scales(self) -> dict[str, np.ndarray]:
+        return {k.split("/", 1)[1]: v for k, v in self.arrays.items() if k.startswith("equalize/")}
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {k.split("/", 1)[1]: v for k, v in self.arrays.items() if k.startswith("mean/")}
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str, sha256: str) -> Sidecar:
+        """Checked as `apply` needs it: the right bytes (sha256), a qsearch sidecar, sound arrays."""
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise QsearchError(f"{source}: sha256 {got[:16]}... does not match the plan's {sha256[:16]}...: the "
+                               "sidecar is truncated, damaged or belongs to another plan")
+        try:
+            g = onnx.GraphProto.FromString(data)
+            arrays = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        except Exception as exc:
+            raise QsearchError(f"{source}: not a qsearch recovery sidecar ({type(exc).__name__})") from None
+        if g.name != SIDECAR_NAME or g.node:
+            raise QsearchError(f"{source}: not a qsearch recovery sidecar (graph '{g.name[:40]}')")
+        try:
+            return cls(arrays)
+        except QsearchError as exc:
+            raise QsearchError(f"{source}: {exc}") from None
+
+
+def sidecar_name(plan_path: str) -> str:
+    """plan.yaml -> plan.recovery.onnx, next to it."""
+    from pathlib import Path
+
+    return Path(plan_path).stem + ".recovery.onnx"
