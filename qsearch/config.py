@@ -18,6 +18,7 @@ from qsearch.errors import QsearchError
 from qsearch.files import LinedDict, check_keys, load_yaml, where
 from qsearch.model import LAYER_OPS
 from qsearch.plan import TARGETS
+from qsearch.recovery import TECHNIQUES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPACES_DIRS = (PACKAGE_DIR / "search_spaces",)  # shipped inside the package (wheel included)
@@ -35,6 +36,7 @@ class SearchSpace:
     precisions: tuple[str, ...] = ("int8", "float")
     calibration: tuple[str, ...] = METHODS
     granularity: tuple[str, ...] = GRANULARITIES
+    recovery: tuple[str, ...] = TECHNIQUES  # accuracy recovery the search may use (`recovery: [none]`: plain PTQ)
     percentile: float = 99.99
     objective: str = "latency"  # cost to minimize under the accuracy budget
     multi_objective: bool = False  # True: Pareto search over (metric, cost) with NSGA-II
@@ -220,7 +222,7 @@ def _find_space(name: str, base: Path) -> Path | None:
 
 
 SPACE_KEYS = {
-    "extends", "candidates", "precision", "calibration", "granularity", "percentile", "objective", "multi_objective",
+    "extends", "candidates", "precision", "calibration", "granularity", "recovery", "percentile", "objective", "multi_objective",
     "sampler", "seed", "fix_below", "options_per_layer", "min_searched", "warm_start", "prune", "prune_fraction",
 }
 
@@ -264,6 +266,12 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
         kw["calibration"] = _choice_list(p, v, "calibration", METHODS, section)
     if "granularity" in v:
         kw["granularity"] = _choice_list(p, v, "granularity", GRANULARITIES, section)
+    if "recovery" in v:
+        got = _choice_list(p, v, "recovery", ("none", *TECHNIQUES), section)
+        if "none" in got and len(got) > 1:
+            raise QsearchError(f"{where(p, v, 'recovery')}: {section}.recovery: 'none' cannot be listed with "
+                               f"techniques, got {list(got)}")
+        kw["recovery"] = tuple(x for x in got if x != "none")
     if "objective" in v:
         kw["objective"] = _one_of(p, v, "objective", OBJECTIVES, section)
     if "sampler" in v:

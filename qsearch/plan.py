@@ -21,11 +21,12 @@ import yaml
 from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.errors import QsearchError
-from qsearch.files import atomic_write_text, check_keys, load_yaml, where
+from qsearch.files import atomic_write_bytes, atomic_write_text, check_keys, load_yaml, where
 from qsearch.model import PATTERN_FORMS, PreparedModel
+from qsearch.recovery import RECOVERIES, Sidecar, sidecar_name
 
 MAX_RANGE = float(np.finfo(np.float32).max)  # a plan's range must be float32: its scale then stays finite
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: per-layer recovery and its sidecar; 1 and 2 still load
 PRECISIONS = ("int8", "fp16", "fp32")
 TARGETS = ("cpu", "fp16")  # cpu: float layers run FP32; fp16: GPU/NPU, float layers run FP16
 
@@ -35,28 +36,34 @@ class LayerChoice:
     precision: str = "int8"
     calibration: str = "minmax"
     granularity: str = "per_channel"
+    recovery: str = "none"  # `recovery.RECOVERIES`: equalization and/or bias correction
 
     def __post_init__(self) -> None:
         """Checked however the choice is made (YAML, the Python API, a strategy): an unknown
         precision must not run silently as float."""
         for key, value, allowed in (("precision", self.precision, PRECISIONS),
                                     ("calibration", self.calibration, METHODS),
-                                    ("granularity", self.granularity, GRANULARITIES)):
+                                    ("granularity", self.granularity, GRANULARITIES),
+                                    ("recovery", self.recovery, RECOVERIES)):
             if value not in allowed:
                 raise QsearchError(f"layer choice: {key} {value!r} is not one of {', '.join(allowed)}")
+        if self.recovery != "none" and not self.is_int8:
+            raise QsearchError(f"layer choice: recovery {self.recovery!r} needs precision int8, not {self.precision}")
 
     @property
     def is_int8(self) -> bool:
         return self.precision == "int8"
 
     def label(self) -> str:
-        return f"int8/{self.calibration}/{self.granularity}" if self.is_int8 else self.precision
+        if not self.is_int8:
+            return self.precision
+        return f"int8/{self.calibration}/{self.granularity}" + ("" if self.recovery == "none" else f"/{self.recovery}")
 
     @classmethod
     def parse(cls, label: str) -> LayerChoice:
         parts = label.split("/")
-        if parts[0] == "int8" and len(parts) == 3:
-            return cls("int8", parts[1], parts[2])
+        if parts[0] == "int8" and len(parts) in (3, 4):
+            return cls("int8", *parts[1:])
         return cls(parts[0])
 
 
@@ -70,6 +77,7 @@ class LayerNote:
     why: str = ""
     weighted: bool = True  # has a weight: int8 granularity means something
     tensors: tuple[str, ...] = ()
+    recovery: str = ""  # what its recovery does here, summarized (equalized with whom, factors)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class Plan:
     notes: Mapping[str, LayerNote] = field(default_factory=dict)
     model_file: str = ""
     forms: Mapping[str, str] = field(default_factory=dict)  # pattern -> form (`PATTERN_FORMS`), measured
+    sidecar: Sidecar = field(default_factory=Sidecar)  # recovery arrays (equalization scales, input means)
 
     def __post_init__(self) -> None:
         """Every way of making a plan is checked (the YAML reader first, naming file and line; then
@@ -127,7 +136,8 @@ class Plan:
                                     {**{n: x.why for n, x in self.notes.items()}, **why}.items()})
 
     # ------------------------------------------------------------------ YAML
-    def to_yaml(self) -> str:
+    def to_yaml(self, sidecar_file: str = "plan.recovery.onnx") -> str:
+        """The plan as written; a plan with recovery arrays names its sidecar `sidecar_file`."""
         grouped: set[str] = set()
         entries = []
         for name, c in self.layers.items():
@@ -142,6 +152,10 @@ class Plan:
                 e["calibration"] = c.calibration
                 if note.weighted:
                     e["granularity"] = c.granularity
+                if c.recovery != "none":
+                    e["recovery"] = c.recovery
+                    if note.recovery:
+                        e["recovery_factors"] = note.recovery
                 mine = {t: self.ranges[t] for t in note.tensors if t in self.ranges}
                 if mine:
                     e["ranges"] = {t: [float(a), float(b)] for t, (a, b) in mine.items()}
@@ -160,6 +174,8 @@ class Plan:
         }
         if self.forms:  # how patterns without an int8 kernel (hardswish) run inside int8 regions
             doc["forms"] = dict(sorted(self.forms.items()))
+        if self.sidecar:  # the arrays, losslessly, next to the plan
+            doc["recovery"] = {"file": sidecar_file, "sha256": self.sidecar.sha256}
         if self.defaults is not None:
             doc["defaults"] = _choice_dict(self.defaults, None)
         doc["layers"] = entries
@@ -172,7 +188,11 @@ class Plan:
         return yaml.dump(doc, Dumper=_PlanDumper, sort_keys=False, default_flow_style=False, width=120)
 
     def write(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, self.to_yaml())
+        """The sidecar first, then the plan naming it: a plan on disk never names a missing sidecar."""
+        name = sidecar_name(str(path))
+        if self.sidecar:
+            atomic_write_bytes(os.path.join(os.path.dirname(os.fspath(path)), name), self.sidecar.to_bytes())
+        atomic_write_text(path, self.to_yaml(name))
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Plan:
@@ -190,7 +210,8 @@ class Plan:
                 f"by qsearch {__version__} (supports 1..{SCHEMA_VERSION})"
             )
         keys = {"qsearch_plan", "model", "target", "defaults", "layers", "calibration", "metrics", "provenance"}
-        check_keys(path, doc, keys | ({"activation_ranges"} if version == 1 else {"summary", "shared_ranges", "forms"}), "")
+        extra = {"activation_ranges"} if version == 1 else {"summary", "shared_ranges", "forms"}
+        check_keys(path, doc, keys | extra | ({"recovery"} if version >= 3 else set()), "")
         model = doc.get("model") or {}
         check_keys(path, model, {"name", "fingerprint"} | ({"file"} if version > 1 else set()), "model")
         if not isinstance(model.get("fingerprint"), str):
@@ -238,6 +259,7 @@ class Plan:
             notes=notes,
             model_file=str(model.get("file", "")),
             forms={str(k): str(v) for k, v in forms.items()},
+            sidecar=_read_sidecar(path, doc),
         )
 
     def validate(self, prepared: PreparedModel, path: str | os.PathLike = "plan") -> None:
@@ -260,6 +282,27 @@ class Plan:
     def form(self, pattern: str) -> str:
         """How `pattern` runs inside int8 regions (plans without `forms`: decomposed, as before)."""
         return self.forms.get(pattern, PATTERN_FORMS[pattern][0])
+
+
+def _read_sidecar(path, doc: dict) -> Sidecar:
+    """The plan's `recovery: {file, sha256}`: the sidecar next to the plan, checked byte for byte."""
+    rec = doc.get("recovery")
+    if rec is None:
+        return Sidecar()
+    check_keys(path, rec, {"file", "sha256"}, "recovery")
+    name, sha = rec.get("file"), rec.get("sha256")
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise QsearchError(f"{where(path, rec, 'file')}: recovery.file must be a file name next to the plan, "
+                           f"got {name!r}"[:300])
+    if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise QsearchError(f"{where(path, rec, 'sha256')}: recovery.sha256 must be 64 hex digits, got {sha!r}"[:300])
+    side = os.path.join(os.path.dirname(os.fspath(path)), name)
+    if not os.path.isfile(side):
+        raise QsearchError(f"{path}: recovery sidecar '{side}' not found: the plan's recovery arrays are stored "
+                           "there (copy it with the plan)")
+    with open(side, "rb") as f:
+        data = f.read()
+    return Sidecar.from_bytes(data, side, sha)
 
 
 def _read_forms(path, doc: dict) -> dict:
@@ -295,19 +338,19 @@ def _read_layers(path, doc: dict, defaults: LayerChoice | None, ranges: dict, ow
         name = e["layer"]
         if name in layers:
             raise QsearchError(f"{where(path, layers_doc, i)}: layer '{name}' is listed twice")
-        check_keys(path, e, {"layer", "name", "op", "precision", "calibration", "granularity", "ranges", "why"},
-                   f"layers.{name}")
-        for key in ("name", "op", "why"):
+        check_keys(path, e, {"layer", "name", "op", "precision", "calibration", "granularity", "ranges", "why",
+                             "recovery", "recovery_factors"}, f"layers.{name}")
+        for key in ("name", "op", "why", "recovery_factors"):
             if key in e and not isinstance(e[key], str):
                 raise QsearchError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
         # no granularity written: a weightless layer (Add, Concat...), one scale per tensor
         base = replace(defaults or LayerChoice(), granularity="per_tensor") if "granularity" not in e else \
             defaults or LayerChoice()
-        layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity")
+        layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity", "recovery")
                                             if k in e}, base, f"layers.{name}")
         tensors = _read_ranges(path, e, "ranges", ranges, owner, f"layers.{name}.ranges", name)
         note = LayerNote(e.get("op", ""), e.get("name", ""), e.get("why", ""),
-                         "granularity" in e or not layers[name].is_int8, tuple(tensors))
+                         "granularity" in e or not layers[name].is_int8, tuple(tensors), e.get("recovery_factors", ""))
         if note != LayerNote():
             notes[name] = note
     return layers
@@ -398,6 +441,8 @@ def _choice_dict(c: LayerChoice, defaults: LayerChoice | None) -> dict:
             d["calibration"] = c.calibration
         if defaults is None or c.granularity != defaults.granularity or not defaults.is_int8:
             d["granularity"] = c.granularity
+        if c.recovery != "none":
+            d["recovery"] = c.recovery
     return d
 
 
@@ -419,12 +464,17 @@ def _good_range(r: Any) -> bool:
 
 
 def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
-    check_keys(path, d, {"precision", "calibration", "granularity"}, section)
-    for key, allowed in (("precision", PRECISIONS), ("calibration", METHODS), ("granularity", GRANULARITIES)):
+    check_keys(path, d, {"precision", "calibration", "granularity", "recovery"}, section)
+    for key, allowed in (("precision", PRECISIONS), ("calibration", METHODS), ("granularity", GRANULARITIES),
+                         ("recovery", RECOVERIES)):
         if key in d and d[key] not in allowed:
             raise QsearchError(
                 f"{where(path, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}"
             )
-    return LayerChoice(
-        d.get("precision", base.precision), d.get("calibration", base.calibration), d.get("granularity", base.granularity)
-    )
+    precision = d.get("precision", base.precision)
+    recovery = d.get("recovery", base.recovery if precision == "int8" else "none")
+    if recovery != "none" and precision != "int8":
+        raise QsearchError(f"{where(path, d, 'recovery')}: {section}.recovery {recovery!r} needs precision int8, "
+                           f"not {precision}")
+    return LayerChoice(precision, d.get("calibration", base.calibration), d.get("granularity", base.granularity),
+                       recovery)

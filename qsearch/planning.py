@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
 
 from qsearch.calibration import GRANULARITIES, CalibrationStats, tensor_range
 from qsearch.errors import QsearchError
 from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
 from qsearch.plan import LayerChoice, Plan, closest, layer_notes
+from qsearch.recovery import RecoveryStats, Sidecar, active_pairs, correctable, find_pairs, input_channels, uses
 
 
 def allowed_granularities(layer: Layer) -> tuple[str, ...]:
@@ -133,26 +137,49 @@ def build_plan(
     target: str = "cpu",
     percentile: float = 99.99,
     forms: Mapping[str, str] | None = None,
+    recovery: RecoveryStats | None = None,
 ) -> Plan:
     """Choices per layer (unnamed layers float) + calibration statistics -> a self-contained plan
-    listing every layer in graph order."""
+    listing every layer in graph order. With recovery: the pairs both of whose layers choose
+    equalization are equalized, their tensors take the equalized statistics, and the scales and
+    the input means of bias-corrected layers go into the plan's sidecar."""
     float_precision = "fp16" if target == "fp16" else "fp32"
     full = {la.name: normalized(la, choices.get(la.name, LayerChoice(float_precision))) for la in prepared.layers}
     forms = {p: f for p, f in (forms or {}).items() if any(la.pattern == p for la in prepared.layers)}
     for name, owner in prepared.absorbed(forms).items():  # a fused pattern's gate follows the pattern
-        full[name] = normalized(prepared.layer(name), full[owner])
+        full[name] = replace(normalized(prepared.layer(name), full[owner]), recovery="none")
+    rec = recovery or RecoveryStats(find_pairs(prepared) if any(c.recovery != "none" for c in full.values()) else ())
+    check_recovery(prepared, full, rec.pairs, "plan")
+    active = active_pairs(rec.pairs, full.__getitem__)
+    inside = rec.inside(active)
+
+    def source(t: str) -> CalibrationStats | None:
+        return rec.stats if t in inside else stats
+
     methods = tensor_methods(prepared, full, forms)
     ranges: dict[str, tuple[float, float]] = {}
     for t, method in methods.items():
-        if stats is None or t not in stats.tensors:
+        src = source(t)
+        if src is None or t not in src.tensors:
             raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
-        ranges[t] = tensor_range(stats.tensors[t], method, percentile)
+        ranges[t] = tensor_range(src.tensors[t], method, percentile)
     _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8}, forms)
     for group in groups:  # one scale per group: the union of its members' ranges (nothing clipped)
         known = [ranges[t] for t in group if t in ranges]
         shared = (min(r[0] for r in known), max(r[1] for r in known))
         for t in group:
             ranges[t] = shared
+    arrays = {f"equalize/{p.head}": rec.scales[p.head] for p in active}
+    for la in prepared.layers:
+        c = full[la.name]
+        if c.is_int8 and uses(c.recovery, "bias") and la.name not in prepared.absorbed(forms):
+            t, src = la.activations[0], source(la.activations[0])
+            if src is None or t not in src.channels:
+                raise QsearchError(f"no per-channel statistics for tensor '{t}' (stale cache?)")
+            arrays[f"mean/{la.name}"] = src.channels[t].mean
+    notes = layer_notes(prepared)
+    for name, text in recovery_notes(rec.pairs, full, active, arrays).items():
+        notes[name] = replace(notes[name], recovery=text)
     return Plan(
         model_name=prepared.name,
         fingerprint=prepared.fingerprint,
@@ -160,9 +187,49 @@ def build_plan(
         layers=full,
         ranges=ranges,
         percentile=percentile,
-        notes=layer_notes(prepared),
+        notes=notes,
         forms=forms,
+        sidecar=Sidecar(arrays),
     )
+
+
+def recovery_notes(pairs, full: Mapping[str, LayerChoice], active: list, arrays: Mapping) -> dict[str, str]:
+    """What each layer's recovery does in this plan, for the reviewer: equalized with whom and
+    the scales' span, or dropped and why; bias corrected from how many input means."""
+    on = {n for p in active for n in (p.head, p.tail)}
+    notes: dict[str, list[str]] = {}
+    for p in pairs:
+        if p in active:
+            s = arrays[f"equalize/{p.head}"]
+            how = ", clip-aware: no calibration value clipped differently" if p.clip is not None and \
+                np.isfinite(p.clip) else ""
+            notes.setdefault(p.head, []).append(f"equalized with {p.tail}: {s.size} scales in "
+                                                f"[{float(s.min()):.3g}, {float(s.max()):.3g}]{how}")
+            notes.setdefault(p.tail, []).append(f"equalized with {p.head}")
+        else:
+            for me, other in ((p.head, p.tail), (p.tail, p.head)):
+                if uses(full[me].recovery, "cle") and me not in on:
+                    notes.setdefault(me, []).append(f"equalization dropped: {other} is not int8 with cle")
+    for name in full:
+        if f"mean/{name}" in arrays:
+            notes.setdefault(name, []).append(f"bias corrected from {arrays[f'mean/{name}'].size} input means")
+    return {n: "; ".join(v) for n, v in notes.items()}
+
+
+def check_recovery(prepared: PreparedModel, full: Mapping[str, LayerChoice], pairs, path) -> None:
+    """A layer asking for recovery it cannot have: cle without a partner, bias without a weight."""
+    partners = {n for p in pairs for n in (p.head, p.tail)}
+    for la in prepared.layers:
+        c = full.get(la.name)
+        if c is None or c.recovery == "none":
+            continue
+        if uses(c.recovery, "cle") and la.name not in partners:
+            raise QsearchError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery cle but has no "
+                               "equalization partner (Conv -> Relu/Clip(0, hi)/nothing -> Conv, the middle tensor "
+                               "read by the second Conv alone)")
+        if uses(c.recovery, "bias") and not correctable(la):
+            raise QsearchError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery bias but bias "
+                               "correction needs a Conv or Gemm with a weight")
 
 
 def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "plan") -> None:
@@ -205,3 +272,35 @@ def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "p
         if t not in plan.ranges:
             raise QsearchError(f"{path}: no activation range for tensor '{t}' (it feeds a value-moving op whose "
                                "output is quantized; plans record a range for it)")
+    check_sidecar(plan, prepared, path)
+
+
+def check_sidecar(plan: Plan, prepared: PreparedModel, path) -> None:
+    """The plan's recovery and its sidecar agree: scales for exactly the pairs it equalizes (their
+    ranges were calibrated equalized), means for exactly its bias-corrected INT8 layers."""
+    full = {la.name: plan.choice(la.name) for la in prepared.layers}
+    pairs = find_pairs(prepared) if any(c.recovery != "none" for c in full.values()) or plan.sidecar else ()
+    check_recovery(prepared, full, pairs, path)
+    active = {p.head: p for p in active_pairs(pairs, full.__getitem__)}
+    scales, means = plan.sidecar.scales(), plan.sidecar.means()
+    for head, p in active.items():
+        want = input_channels(prepared, prepared.layer(p.tail))
+        if head not in scales or scales[head].size != want:
+            raise QsearchError(f"{path}: layers '{p.head}' and '{p.tail}' are equalized (both int8 with cle) but the "
+                               f"sidecar has no {want} scales for them")
+    for head in scales:
+        if head not in active:
+            raise QsearchError(f"{path}: the sidecar has equalization scales for layer '{head}', which this plan does "
+                               "not equalize (its ranges were calibrated equalized): re-run optimize instead of "
+                               "editing the pair's layers")
+    absorbed = prepared.absorbed(plan.forms)
+    wanted = {n for n, c in full.items() if c.is_int8 and uses(c.recovery, "bias") and n not in absorbed}
+    for name in wanted:
+        n = input_channels(prepared, prepared.layer(name))
+        if name not in means or means[name].size != n:
+            raise QsearchError(f"{path}: layer '{name}' is bias corrected but the sidecar has no {n} input means "
+                               "for it")
+    for name in means:
+        if name not in wanted:
+            raise QsearchError(f"{path}: the sidecar has input means for layer '{name}', which is not an int8 "
+                               "layer with bias correction" + closest(name, wanted))

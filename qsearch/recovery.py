@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qsearch.calibration import CalibrationStats
 from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel, node_reads
 
@@ -276,3 +277,42 @@ def sidecar_name(plan_path: str) -> str:
     from pathlib import Path
 
     return Path(plan_path).stem + ".recovery.onnx"
+
+
+def input_channels(prepared: PreparedModel, layer: Layer) -> int:
+    """How many input means bias correction of `layer` needs."""
+    w = next(i for i in prepared.proto.graph.initializer if i.name == layer.weight)
+    if layer.op_type == "Conv":
+        node = next(n for n in prepared.proto.graph.node if n.name == layer.nodes[0])
+        return int(w.dims[1]) * _group(node)
+    return int(w.dims[0] if layer.weight_axis == 1 else w.dims[1])
+
+
+@dataclass(frozen=True)
+class RecoveryStats:
+    """What recovery options need, measured once after calibration: the pairs, their scales, the
+    calibration statistics of the tensors between pairs in the equalized model (every pair
+    equalized: exact, or clip-aware, so each pair's tensors are what they are when that pair alone
+    is equalized), and that equalized float model (the analysis probes its layers)."""
+
+    pairs: tuple[Pair, ...] = ()
+    scales: Mapping[str, np.ndarray] = field(default_factory=dict)
+    stats: CalibrationStats | None = None
+    prepared: PreparedModel | None = None
+
+    def inside(self, active: list[Pair]) -> set[str]:
+        return {t for p in active for t in p.tensors}
+
+
+def active_pairs(pairs: tuple[Pair, ...], choice_of) -> list[Pair]:
+    """Pairs equalized by these choices: both layers INT8, both with cle."""
+    return [p for p in pairs if all(choice_of(n).is_int8 and uses(choice_of(n).recovery, "cle") for n in (p.head, p.tail))]
+
+
+def channel_tensors(prepared: PreparedModel) -> dict[str, int]:
+    """Tensors whose per-channel mean and max the calibration pass records (tensor -> axis): the
+    inputs of layers bias correction may apply to, and the conv outputs of pair heads."""
+    out = {la.activations[0]: (1 if la.op_type == "Conv" else -1) for la in prepared.layers if correctable(la)}
+    for p in find_pairs(prepared):
+        out.setdefault(p.conv_out, 1)
+    return out

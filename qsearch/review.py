@@ -67,7 +67,8 @@ def diff(a: Plan, b: Plan, where: tuple[str, str] = ("A", "B")) -> PlanDiff:
                                                        ("calibration.percentile", a.percentile, b.percentile),
                                                        ("defaults", dflt(a), dflt(a) if complete else dflt(b)),
                                                        *((f"forms.{k}", a.form(k), b.form(k))
-                                                         for k in sorted({*a.forms, *b.forms}))) if x != y)
+                                                         for k in sorted({*a.forms, *b.forms})),
+                                                       ("recovery sidecar", _sidecar(a), _sidecar(b))) if x != y)
     names = list(a.layers) + [n for n in b.layers if n not in a.layers]
     changes = []
     for name in names:
@@ -81,6 +82,15 @@ def diff(a: Plan, b: Plan, where: tuple[str, str] = ("A", "B")) -> PlanDiff:
         if before != after or ranges:
             changes.append(LayerChange(name, _readable(a, b, name), before, after, tuple(ranges)))
     return PlanDiff(header, tuple(changes))
+
+
+def _sidecar(p: Plan) -> str:
+    """What the plan's recovery arrays are, briefly (a change of factors without a change of option
+    is a re-calibration, and diff says so)."""
+    if not p.sidecar:
+        return "none"
+    return f"{len(p.sidecar.scales())} equalized pairs, {len(p.sidecar.means())} bias corrections " \
+           f"(sha256 {p.sidecar.sha256[:12]})"
 
 
 def _fmt_range(r: tuple[float, float] | None) -> str:
@@ -119,6 +129,8 @@ def show_text(plan: Plan, why_width: int = 70) -> str:
             lines.append(f"{m.get('metric', 'score')}: test {p['test']:.4f} (FP32 {f['test']:.4f}), latency "
                          f"{p['latency_ms']:.3f} ms ({f['latency_ms'] / p['latency_ms']:.2f}x FP32), size "
                          f"{p['size_bytes'] / f['size_bytes']:.2f}x")
+    if plan.sidecar:
+        lines.append(f"recovery: {_sidecar(plan)}")
     if plan.forms:
         lines.append("forms (measured, inside int8 regions): " + ", ".join(f"{k} {v}" for k, v in sorted(plan.forms.items())))
     prov = plan.provenance
@@ -126,14 +138,14 @@ def show_text(plan: Plan, why_width: int = 70) -> str:
                      if prov.get(k) is not None)
     if made:
         lines.append(f"made: {made}")
-    rows = [("#", "layer", "name", "op", "precision", "calibration", "granularity", "why")]
+    rows = [("#", "layer", "name", "op", "precision", "calibration", "granularity", "recovery", "why")]
     for k, (name, c) in enumerate(plan.layers.items(), 1):
         note = plan.notes.get(name)
         weighted = note.weighted if note is not None else True
         why = note.why if note is not None else ""
         rows.append((str(k), name, note.readable if note else "", note.op if note else "", c.precision,
                      c.calibration if c.is_int8 else "", c.granularity if c.is_int8 and weighted else "",
-                     why if len(why) <= why_width else why[:why_width - 3] + "..."))
+                     c.recovery if c.recovery != "none" else "", why if len(why) <= why_width else why[:why_width - 3] + "..."))
     return "\n".join(lines + [""] + _table(rows))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qsearch import calibration, data
+from qsearch import calibration, data, recovery
 from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.data import Dataset
@@ -30,6 +30,7 @@ from qsearch.limits import EvaluationTimeout
 from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
 from qsearch.plan import LayerChoice, Plan, provenance
 from qsearch.planning import build_plan
+from qsearch.recovery import RecoveryStats
 from qsearch.rewrite import LAYOUT_VERSION, Rewriter
 from qsearch.scoring import Scorer, latency_ms, make_session, model_size, reference_outputs
 
@@ -68,6 +69,9 @@ class Workbench:
     # (`sensitivity.choose_forms`); until then, as before (decomposed)
     forms: Mapping[str, str] = dataclasses.field(default_factory=dict)
     calibration_passes: int = 0  # passes this command ran (0: statistics came from the cache)
+    # equalization pairs, scales and the equalized statistics (`recovery`); None: no cle allowed
+    recovery: RecoveryStats | None = None
+    eq_rewriter: Rewriter | None = None  # rewrites the equalized float model (probes of cle options)
 
     # ------------------------------------------------------------------ derived records
     def with_forms(self, forms: Mapping[str, str]) -> Workbench:
@@ -80,7 +84,9 @@ class Workbench:
         if self.stats is not None:
             return self
         stats, passes = _calibrate(self, queue, progress, log)
-        return dataclasses.replace(self, stats=stats, calibration_passes=self.calibration_passes + passes)
+        rec, more = _recovery(self, stats, log)
+        return dataclasses.replace(self, stats=stats, calibration_passes=self.calibration_passes + passes + more,
+                                   recovery=rec, eq_rewriter=None if rec.prepared is None else Rewriter(rec.prepared))
 
     # ------------------------------------------------------------------ plans
     def candidates(self) -> list[Layer]:
@@ -103,7 +109,7 @@ class Workbench:
         (default: this workbench's). Every plan records when and with what it was made."""
         parsed = {n: LayerChoice.parse(c) if isinstance(c, str) else c for n, c in choices.items()}
         plan = build_plan(self.prepared, parsed, self.stats, self.workload.target, self.workload.space.percentile,
-                          self.forms if forms is None else forms)
+                          self.forms if forms is None else forms, self.recovery)
         return dataclasses.replace(plan, model_file=self.workload.model.name).with_info(**provenance())
 
     def uniform_plan(self, method: str = "minmax", granularity: str = "per_tensor",
@@ -129,7 +135,8 @@ class Workbench:
 
     def calibration_tensors(self) -> list[str]:
         return sorted({t for layer in self.prepared.layers
-                       for t in (*layer.activations, layer.output, layer.fused_output) if t})
+                       for t in (*layer.activations, layer.output, layer.fused_output) if t}
+                      | set(recovery.channel_tensors(self.prepared)))
 
 
 # ---------------------------------------------------------------------- loading and checks
@@ -247,9 +254,12 @@ def _load(path: Path | None) -> CalibrationStats | None:
         return None  # stale or damaged cache: recalibrate
 
 
-def _collect(bench: Workbench, tensors: list[str], path: Path | None) -> CalibrationStats:
-    stats = calibration.collect(bench.prepared.proto, tensors, bench.calib_data.batches, bench.workload.threads,
-                                bench.run_samples)
+def _collect(bench: Workbench, tensors: list[str], path: Path | None,
+             prepared: PreparedModel | None = None) -> CalibrationStats:
+    prepared = prepared or bench.prepared
+    axes = recovery.channel_tensors(bench.prepared)
+    stats = calibration.collect(prepared.proto, tensors, bench.calib_data.batches, bench.workload.threads,
+                                bench.run_samples, {t: a for t, a in axes.items() if t in set(tensors)})
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(path)
@@ -281,15 +291,37 @@ def _calibrate(bench: Workbench, queue, progress, log) -> tuple[CalibrationStats
 
     queue.map([{"part": k} for k in range(len(parts))], run, progress, what="calibration")
     merged: dict = {}
+    channels: dict = {}
     for part, p in zip(parts, paths):
         got = _load(p)
         if got is None:
             got, passes = _collect(bench, part, p), passes + 1
         merged.update(got.tensors)
-    stats = CalibrationStats(merged, got.samples, got.batches)
+        channels.update(got.channels)
+    stats = CalibrationStats(merged, got.samples, got.batches, channels)
     if path is not None:
         stats.save(path)
     return stats, passes
+
+
+def _recovery(bench: Workbench, stats: CalibrationStats, log) -> tuple[RecoveryStats, int]:
+    """(what cle needs, passes run): pairs, scales from the weights and the calibration maxima, and
+    one calibration pass of the equalized model over the tensors between pairs (cached)."""
+    if "cle" not in bench.workload.space.recovery:
+        return RecoveryStats(), 0
+    pairs = recovery.find_pairs(bench.prepared)
+    if not pairs:
+        return RecoveryStats(), 0
+    scales = recovery.compute_scales(bench.prepared, {p.conv_out: stats.channels[p.conv_out].max for p in pairs})
+    eq = recovery.equalized_model(bench.prepared, scales)
+    tensors = sorted({t for p in pairs for t in p.tensors})
+    digest = hashlib.sha256(b"".join(scales[h].tobytes() for h in sorted(scales))).hexdigest()[:16]
+    path = _cache_path(bench, tensors, f"-equalized-{digest}")
+    got, passes = _load(path), 0
+    if got is None:
+        log(f"calibrating the equalized model ({len(pairs)} pairs, {len(tensors)} tensors, one pass)")
+        got, passes = _collect(bench, tensors, path, eq), 1
+    return RecoveryStats(pairs, scales, got, eq), passes
 
 
 # ---------------------------------------------------------------------- run sizes

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import yaml
 
 from qsearch import limits, profiling, sensitivity
 from qsearch.commands import check_eval_timeout, check_samples, open_bench
@@ -39,7 +38,7 @@ from qsearch.study import Search, default_study_name
 from qsearch.trials import SearchResult
 from qsearch.workbench import Workbench
 
-RESULT_FILES = ("plan.yaml", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "attribution.png", "pareto",
+RESULT_FILES = ("plan.yaml", "plan.recovery.onnx", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "attribution.png", "pareto",
                 "trials.csv", "closest")
 
 
@@ -274,9 +273,8 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
                          "unfused_qdq": fusion.unfused_qdq, "borders": search.problem.borders(int8)}
     chosen = chosen.with_info(metrics, storage=search.storage).with_why(
         layer_reasons(chosen, profile, search.dims.fixed, bench.prepared.absorbed(chosen.forms)))
-    text = chosen.to_yaml()
-    atomic_write_text(res.path("plan.yaml"), text)
-    chosen = Plan.from_doc(yaml.safe_load(text), out / "plan.yaml")  # the result is the plan as written
+    chosen.write(res.path("plan.yaml"))  # (with its recovery sidecar)
+    chosen = Plan.read(res.path("plan.yaml"))  # the result is the plan as written
     atomic_write_bytes(res.path("model.qsearch.onnx"), chosen_model.SerializeToString())
     pareto = search.pareto()
     for r in pareto:

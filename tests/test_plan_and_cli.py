@@ -21,7 +21,7 @@ def workload(tmp_path):
 
 
 GOLDEN_PLAN = """\
-qsearch_plan: 2
+qsearch_plan: 3
 model:
   name: m
   fingerprint: sha256:abc
@@ -127,7 +127,7 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
     assert main(["diff", str(tmp_path / "v1.yaml"), str(v2)]) == 0
     # written again, a migrated plan is schema 2 (its defaults kept: it lists only its overrides)
     text = v1.to_yaml()
-    assert text.startswith("qsearch_plan: 2\n") and "defaults:" in text and Plan.from_doc(yaml.safe_load(text)) == v1
+    assert text.startswith("qsearch_plan: 3\n") and "defaults:" in text and Plan.from_doc(yaml.safe_load(text)) == v1
 
 
 def test_baseline_apply_evaluate_roundtrip(workload, tmp_path, capsys):
@@ -182,7 +182,7 @@ def test_apply_bad_inputs(case, expect, workload, tmp_path, capsys):
         head, tail = doc.split("- layer: conv_a\n", 1)
         plan.write_text(head + "- layer: conv_a\n" + tail.replace("calibration: minmax", "calibration: kl", 1))
     elif case == "future_plan":
-        plan.write_text(doc.replace("qsearch_plan: 2", "qsearch_plan: 99"))
+        plan.write_text(doc.replace("qsearch_plan: 3", "qsearch_plan: 99"))
     out = tmp_path / "out.onnx"
     assert main(["apply", str(plan), str(model), "-o", str(out)]) == 2
     assert expect in last_error(capsys)
