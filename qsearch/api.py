@@ -91,12 +91,14 @@ def diff(before: Plan | PathLike, after: Plan | PathLike) -> PlanDiff:
 
 def baseline(kind: str, config: PathLike | None = None, output: PathLike = "baseline.yaml",
              out: PathLike = "qsearch-out", method: str = "minmax", granularity: str = "per_tensor",
-             eval_timeout: float | None = None) -> Plan:
+             eval_timeout: float | None = None, recovery: str = "none") -> Plan:
     """The plan a simpler method ships (`naive`, `hybrid`, `fp32`, `fp16`), scored on test data and
-    written to `output`; `out` keeps the calibration cache."""
+    written to `output`; `out` keeps the calibration cache. `recovery` (naive only: `bias`, `cle`,
+    `cle+bias`): where each layer can take it."""
     from qsearch import commands
 
-    return commands.run_baseline(kind, _config(config), Path(out), str(output), method, granularity, eval_timeout)
+    return commands.run_baseline(kind, _config(config), Path(out), str(output), method, granularity, eval_timeout,
+                                 recovery)
 
 
 def profile(model: PathLike, config: PathLike | None = None, top: int = 15, output: PathLike | None = None) -> LatencyProfile:

@@ -13,6 +13,7 @@ from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.errors import INTERRUPTED, Interrupted, QsearchError
 from qsearch.limits import CommandTimeout, EvaluationTimeout
+from qsearch.recovery import RECOVERIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,6 +142,9 @@ def _plan_commands(sub) -> None:
     b.add_argument("--calibration", choices=METHODS, default="minmax", help="activation ranges (default: %(default)s)")
     b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
                    help="weight scales (default: %(default)s)")
+    b.add_argument("--recovery", choices=RECOVERIES, default="none",
+                   help="naive only: cross-layer equalization (cle) and/or bias correction where each layer can "
+                        "take it (default: %(default)s)")
 
 
 def _interrupt(signum, frame):
@@ -228,7 +232,7 @@ def _main(args) -> int:
             return 0
         if args.command == "baseline":
             api.baseline(args.kind, args.config, args.output, out, args.calibration, args.granularity,
-                         args.eval_timeout)
+                         args.eval_timeout, args.recovery)
             return 0
     except QsearchError as exc:
         print(f"qsearch: error: {exc}", file=sys.stderr)

@@ -153,7 +153,7 @@ def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=No
 
 
 def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str,
-                 eval_timeout=None) -> Plan:
+                 eval_timeout=None, recovery: str = "none") -> Plan:
     check_eval_timeout(eval_timeout)
     ensure_writable_file(output, "-o", (config,))
     bench = open_bench(config, out, eval_timeout)
@@ -163,7 +163,9 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
         forms, _ = sensitivity.choose_forms(bench, {la.name: LayerChoice("int8", method, granularity)
                                                     for la in bench.candidates()})
         bench = bench.with_forms(forms)
-        plan = bench.uniform_plan(method, granularity)
+        plan = bench.uniform_plan(method, granularity, recovery=recovery)
+    elif recovery != "none":
+        raise QsearchError(f"--recovery applies to the naive baseline, not to {kind}")
     elif kind in ("fp32", "fp16"):
         if kind == "fp16" and bench.workload.target != "fp16":
             raise QsearchError(f"{bench.workload.path}: baseline fp16 needs 'target: fp16' (target is {bench.workload.target})")

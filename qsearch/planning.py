@@ -196,7 +196,6 @@ def build_plan(
 def recovery_notes(pairs, full: Mapping[str, LayerChoice], active: list, arrays: Mapping) -> dict[str, str]:
     """What each layer's recovery does in this plan, for the reviewer: equalized with whom and
     the scales' span, or dropped and why; bias corrected from how many input means."""
-    on = {n for p in active for n in (p.head, p.tail)}
     notes: dict[str, list[str]] = {}
     for p in pairs:
         if p in active:
@@ -208,8 +207,8 @@ def recovery_notes(pairs, full: Mapping[str, LayerChoice], active: list, arrays:
             notes.setdefault(p.tail, []).append(f"equalized with {p.head}")
         else:
             for me, other in ((p.head, p.tail), (p.tail, p.head)):
-                if uses(full[me].recovery, "cle") and me not in on:
-                    notes.setdefault(me, []).append(f"equalization dropped: {other} is not int8 with cle")
+                if uses(full[me].recovery, "cle"):
+                    notes.setdefault(me, []).append(f"equalization with {other} dropped: {other} is not int8 with cle")
     for name in full:
         if f"mean/{name}" in arrays:
             notes.setdefault(name, []).append(f"bias corrected from {arrays[f'mean/{name}'].size} input means")

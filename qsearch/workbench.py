@@ -30,7 +30,7 @@ from qsearch.limits import EvaluationTimeout
 from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
 from qsearch.plan import LayerChoice, Plan, provenance
 from qsearch.planning import build_plan
-from qsearch.recovery import RecoveryStats
+from qsearch.recovery import RecoveryStats, correctable
 from qsearch.rewrite import LAYOUT_VERSION, Rewriter
 from qsearch.scoring import Scorer, latency_ms, make_session, model_size, reference_outputs
 
@@ -113,11 +113,24 @@ class Workbench:
         return dataclasses.replace(plan, model_file=self.workload.model.name).with_info(**provenance())
 
     def uniform_plan(self, method: str = "minmax", granularity: str = "per_tensor",
-                     keep_float: tuple[str, ...] = ()) -> Plan:
-        """All candidate layers INT8 with one method: the naive baseline (or hybrid with keep_float)."""
+                     keep_float: tuple[str, ...] = (), recovery: str = "none") -> Plan:
+        """All candidate layers INT8 with one method: the naive baseline (or hybrid with keep_float).
+        `recovery`: applied where a layer can take it (equalization in pairs, bias correction
+        on Conv/Gemm); refused when the search space does not allow it."""
+        allowed = self.workload.space.recovery
+        for technique in recovery.split("+") if recovery != "none" else ():
+            if technique not in allowed:
+                raise QsearchError(f"{self.workload.path}: recovery {technique} is not allowed by the search space "
+                                   f"(search_space.recovery: {list(allowed) or ['none']})")
+        partnered = {n for p in (self.recovery.pairs if self.recovery else ()) for n in (p.head, p.tail)}
         fp = LayerChoice(self.float_precision)
-        return self.plan({la.name: fp if la.name in keep_float else LayerChoice("int8", method, granularity)
-                          for la in self.candidates()})
+        choices = {}
+        for la in self.candidates():
+            parts = [t for t in recovery.split("+") if (t == "cle" and la.name in partnered)
+                     or (t == "bias" and correctable(la))]
+            choices[la.name] = fp if la.name in keep_float else \
+                LayerChoice("int8", method, granularity, "+".join(parts) or "none")
+        return self.plan(choices)
 
     def allowed_drop(self) -> float:
         return self.workload.allowed_drop(self.baseline.fp32_search)
