@@ -20,7 +20,7 @@ class Row:
     int8_layers: int
     evaluations: int | None = None
     note: str = ""
-    latency_spread: float = 0.0  # (slowest - fastest) / fastest over the interleaved timing rounds
+    latency_spread: float = 0.0  # (second-best - best) / best of the interleaved timing rounds
     cpu_ms: float | None = None  # thread CPU time (one intra-op thread: the model's own work)
     cpu_spread: float = 0.0
     interval: str = ""  # the search drop with its bootstrap interval, where the metric has parts
@@ -148,6 +148,18 @@ def forms_line(profile) -> str:
         timed = ", ".join(f"{f} {v:.2f} ms" for f, v in ms.items())
         parts.append(f"{pattern} {form}" + (f" (all-INT8 model: {timed})" if timed else ""))
     return "Forms inside int8 regions, measured: " + "; ".join(parts) + "."
+
+
+def recovery_line(plan, pairs: int) -> str:
+    """What accuracy recovery the chosen plan uses, out of what the model offers."""
+    cle = sum("cle" in c.recovery for c in plan.layers.values() if c.is_int8)
+    bias = len(plan.sidecar.means())
+    if not plan.sidecar:
+        return (f"Recovery: none in the chosen plan ({pairs} equalizable Conv pairs in the model; "
+                f"{cle} layers chose equalization without their partner)." if cle else
+                f"Recovery: none in the chosen plan ({pairs} equalizable Conv pairs in the model).")
+    return (f"Recovery: {len(plan.sidecar.scales())} of {pairs} Conv pairs equalized, {bias} layers bias corrected "
+            f"(arrays in plan.recovery.onnx, sha256 {plan.sidecar.sha256[:12]}).")
 
 
 def layer_table(chosen, naive, profile) -> str:

@@ -29,6 +29,7 @@ from qsearch.report import (
     layer_table,
     plot_attribution,
     plot_pareto,
+    recovery_line,
     rows_markdown,
     write_report,
 )
@@ -57,7 +58,7 @@ class OptimizeResult:
     max_drop: float | None = None
     latency_ms: float | None = None  # the shipped plan's, best median of the final interleaved rounds
     fp32_latency_ms: float | None = None
-    latency_spread: float | None = None  # (slowest - fastest) / fastest over those rounds
+    latency_spread: float | None = None  # (second-best - best) / best of those rounds
 
     def to_json(self) -> dict:
         """What `qsearch optimize --json` prints (keys documented in the README)."""
@@ -291,6 +292,7 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
     plot_attribution(kinds, res.path("attribution.png"))
     stage("done", stage.kept)
     summary = _summary(bench, profile, search, choice, metrics, fusion, naive_fusion, time.perf_counter() - t_start)
+    summary.append(recovery_line(chosen, len(bench.recovery.pairs) if bench.recovery else 0))
     tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
               ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution_table(kinds)),
               ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)]))]
