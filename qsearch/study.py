@@ -100,6 +100,7 @@ class Search:
         self.trial_seconds = 0.0
         self.deadline: float | None = None
         self.decision = self._decision()
+        self.problem = strategy.with_option_set(self.problem, self.decision.option_set)
         self.dims: Dimensions = strategy.build_dimensions(self.problem, self.decision.fixed)
         self._alone = False  # no other live worker on this study (known for file storages only)
         self._lock_fd: int | None = None
@@ -140,11 +141,13 @@ class Search:
         worker reuses it instead of measuring again."""
         saved = self.study.user_attrs.get("fix_decision")
         if isinstance(saved, dict):
-            return FixDecision(tuple(saved["fixed"]), saved["joint_drop"], saved["all_int8_drop"], 0)
+            return FixDecision(tuple(saved["fixed"]), saved["joint_drop"], saved["all_int8_drop"], 0,
+                               saved.get("option_set", "analysis"))
         decision = strategy.choose_fixed(self.problem, self.evaluator.drop)
         self.study.set_user_attr("fix_decision", {"fixed": list(decision.fixed), "joint_drop": decision.joint_drop,
                                                   "all_int8_drop": decision.all_int8_drop,
-                                                  "evaluations": decision.evaluations})
+                                                  "evaluations": decision.evaluations,
+                                                  "option_set": decision.option_set})
         return decision
 
     def recover(self, orphans: bool = False) -> int:

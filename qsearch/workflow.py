@@ -192,6 +192,7 @@ def _search(bench: Workbench, profile: SensitivityProfile, search: Search, budge
         + (f" (their joint drop, measured: {d.joint_drop:.4g}; all layers INT8: {d.all_int8_drop:.4g})"
            if d.joint_drop is not None else
            f" (all layers INT8: drop {d.all_int8_drop:.4g})" if d.all_int8_drop is not None else "")
+        + ("" if d.option_set == "analysis" else f"; options: {d.option_set} first (its all-INT8 drop measured lowest)")
         + f"; budget {budget} trials, allowed drop {search.allowed:.4g}")
     bar = Progress("optimize")
     planned = profile.meta["evaluations"] + d.evaluations + budget

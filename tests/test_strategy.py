@@ -197,3 +197,24 @@ def test_a_few_noisy_layers_in_a_long_chain_go_float_and_the_rest_stays_one_int8
     int8 = {k for k, v in inc.choices.items() if v == INT8}
     assert int8 == set(names) - {f"c{i}" for i in noisy}
     assert inc.drop <= problem.allowed and problem.borders(int8) == 6 and len(calls) <= 25
+
+
+def test_choose_fixed_orders_options_by_the_all_int8_set_measured_best():
+    """The proxy ranks a clipping range first everywhere; all-INT8 with MinMax loses less: measured
+    once each, the MinMax set wins and every layer's MinMax option comes first from then on."""
+    clip, mm, mm_pt = "int8/percentile/per_channel", "int8/minmax/per_channel/cle", "int8/minmax/per_tensor"
+    layers = tuple(LayerFacts(f"L{i}", (clip, mm, mm_pt), 1.0, 1e-4, i) for i in range(4))
+    problem = Problem(layers, "fp32", 0.01, SearchSpace(min_searched=0))
+    seen = []
+
+    def measure(choices):
+        seen.append(dict(choices))
+        return sum({clip: 0.02, mm: 0.004, mm_pt: 0.001}.get(lbl, 0.0) for lbl in choices.values())
+
+    d = strategy.choose_fixed(problem, measure)
+    # the analysis's set, then the MinMax one; "MinMax per-channel" is the same set: not measured again
+    assert [set(s.values()) for s in seen[:2]] == [{clip}, {mm}] and d.option_set == "minmax"
+    assert abs(d.all_int8_drop - 4 * 0.004) < 1e-12
+    assert strategy.with_option_set(problem, d.option_set).best == {f"L{i}": mm for i in range(4)}
+    assert all(set(s.values()) <= {mm, "fp32"} for s in seen[2:])  # the fixed set is measured in it
+    assert d.evaluations == len(seen)
