@@ -64,6 +64,10 @@ class Problem:
         own = sum(by_name[n].saving for n in int8 if n in by_name)
         return own - self.border_cost * self.borders(int8)
 
+    @property
+    def names(self) -> set[str]:
+        return {x.name for x in self.layers}
+
     def facts(self, name: str) -> LayerFacts:
         return self._by_name()[name]
 
@@ -218,7 +222,7 @@ def repair(problem: Problem, start: Mapping[str, str], measure: MeasureDrop, max
     one `measure` call (the caller records it). FP32 (everything reverted) meets any budget.
     Returns the number of evaluations spent."""
     fp = problem.float_label
-    int8 = [n for n, lbl in start.items() if lbl != fp and n in problem._by_name()]
+    int8 = [n for n, lbl in start.items() if lbl != fp and n in problem.names]
     order = sorted(int8, key=lambda n: -problem.facts(n).noise / max(problem.facts(n).saving, 1e-9))
     spent = 0
 

@@ -60,3 +60,24 @@ def test_fp32_ships_when_every_int8_plan_is_slower():
     # a fallback that reverted every layer is FP32 under another name: FP32 ships, said plainly
     rows[3] = Row("hybrid, all reverted", 0.9, 0.9, 0.95, 1000, 0, None, cpu_ms=0.95)
     assert decide(rows, allowed=0.005, target="cpu") == (3, True)
+
+
+def test_finalists_keep_the_widest_feasible_plan_beside_the_cheapest():
+    """Trial timings are noisy: the feasible plan with the most INT8 layers is re-timed too."""
+    from qsearch.config import SearchSpace
+    from qsearch.strategy import Dimensions, FixDecision, LayerFacts, Problem
+    from qsearch.trials import SearchResult, TrialResult
+
+    names = [f"L{i}" for i in range(6)]
+    problem = Problem(tuple(LayerFacts(n, ("int8/minmax/per_channel",), 1.0, 1e-4) for n in names), "fp32", 0.01,
+                      SearchSpace())
+
+    def trial(k, n8, cost, feasible=True):
+        choices = {n: "int8/minmax/per_channel" if i < n8 else "fp32" for i, n in enumerate(names)}
+        return TrialResult(k, choices, 0.9, 0.0, cost, cost, 0, 0.0, feasible)
+
+    trials = (trial(0, 6, 80.0), trial(1, 3, 74.0), trial(2, 4, 75.0), trial(3, 2, 76.0), trial(4, 6, 70.0, False))
+    result = SearchResult("s", "mem", 0.01, problem, Dimensions({}, {}), FixDecision((), None, None, 0), trials, (),
+                          5, 0, 0.0)
+    assert [r.number for r in result.finalists()] == [1, 2, 0]  # two cheapest, then all six INT8 (infeasible 4 not)
+    assert [r.number for r in result.finalists(n=2)] == [1, 0]
