@@ -95,7 +95,7 @@ def test_calibration_split_into_shared_jobs_equals_one_pass(tmp_path):
 def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
     """qsearch runs the model in cache-sized pieces of each batch (`workbench.run_samples`): the
     scores, the calibration's exact min/max and the proxy match whole-batch runs."""
-    from qsearch import sensitivity, workbench
+    from qsearch import proxy, workbench
 
     whole = _ctx(tmp_path)
     assert whole.run_samples is not None and whole.run_samples >= 32  # tiny maps: whole batches
@@ -110,8 +110,8 @@ def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
         o = small.stats.tensors[t]
         assert (o.min, o.max, o.counts.sum()) == (s.min, s.max, s.counts.sum())
     entries = [(la, LayerChoice("int8", "minmax", "per_tensor")) for la in whole.candidates()]
-    a, _ = sensitivity.proxy_sqnr(whole, entries, whole.search_data)
-    b, _ = sensitivity.proxy_sqnr(small, entries, small.search_data)
+    a, _ = proxy.proxy_sqnr(whole, entries, whole.search_data)
+    b, _ = proxy.proxy_sqnr(small, entries, small.search_data)
     assert np.allclose(a, b, rtol=1e-4)
 
 

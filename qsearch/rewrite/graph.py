@@ -1,35 +1,19 @@
-"""Plan + prepared model -> QDQ / FP16 ONNX model. The only module that edits graphs.
-
-QDQ layout follows what ONNX Runtime's optimizer fuses into int8 kernels: every int8 layer has
-Q/DQ on its activation inputs and on its (post-Relu) output, int8 weights stored quantized behind a
-DequantizeLinear, int32 bias with scale s_x * s_w. A quantized tensor's producer is renamed and
-the DequantizeLinear takes the tensor's original name, so consumers and graph outputs need no
-rewiring and the model keeps its input/output names and dtypes.
-
-Edits are expressed as a small `_Graph` (producers, consumers, new nodes, new initializers) and
-materialized once, followed by dead-node removal and a topological sort.
-"""
+"""The graph a rewrite edits: every name it creates unique (`Names`), producers and consumers,
+Q/DQ insertion, quantized constants, FP16 regions, the final sort and sweep. Only `Rewriter`
+(this package's `__init__`) drives it: the package is the one place graphs are edited."""
 
 from __future__ import annotations
 
-import hashlib
+import heapq
 from collections.abc import Iterable
-from functools import lru_cache
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
-from qsearch.model import Layer, PreparedModel, node_reads
-from qsearch.plan import LayerChoice, Plan
-from qsearch.planning import quantized_tensors
-from qsearch.recovery import bias_delta, equalized_weights, uses
+from qsearch.model import Layer, node_reads
 
-# Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
-# models of one layout, so it is part of the study key.
-LAYOUT_VERSION = 3
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
 FP16_FOLLOWERS = {
     "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape",
@@ -38,147 +22,7 @@ FP16_FOLLOWERS = {
 }
 
 
-class Rewriter:
-    """Applies plans to one prepared model; caches quantized weights across plans (the search
-    rewrites the same model hundreds of times)."""
-
-    def __init__(self, prepared: PreparedModel):
-        self.prepared = prepared
-        self.inits = {i.name: i for i in prepared.proto.graph.initializer}
-        self._quant = lru_cache(maxsize=None)(self._quantize_weight)
-        self._weights: dict[str, np.ndarray] = {}  # equalized weights of the plan being applied
-
-    def _quantize_weight(self, name: str, axis: int, per_channel: bool, scaled: bytes = b""):
-        """`scaled`: the equalization scales this weight was multiplied by (their bytes: the key)."""
-        w = self._weights[name] if scaled else numpy_helper.to_array(self.inits[name])
-        return quantize_weight(w, axis, per_channel)
-
-    def _float(self, name: str, weights: dict[str, np.ndarray]) -> np.ndarray:
-        got = weights.get(name)
-        return got if got is not None else numpy_helper.to_array(self.inits[name]).astype(np.float32)
-
-    def __call__(self, plan: Plan) -> onnx.ModelProto:
-        return self.apply(plan)
-
-    def apply(self, plan: Plan) -> onnx.ModelProto:
-        choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
-        g = _Graph(self.prepared.proto)
-        int8 = [layer for layer in self.prepared.layers if choices[layer.name].is_int8]
-        tensors, _ = quantized_tensors(self.prepared, {layer.name for layer in int8}, plan.forms)
-        missing = [t for t in tensors if t not in plan.ranges]
-        if missing:
-            raise QsearchError(f"plan has no activation range for tensor '{missing[0]}' (quantized for its int8 "
-                               f"layers{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
-        act_params = {t: activation_qparams(*plan.ranges[t]) for t in tensors}
-        absorbed = self.prepared.absorbed(plan.forms)
-        weights = equalized_weights(self.prepared, plan.sidecar.scales()) if plan.sidecar else {}
-        means = plan.sidecar.means()
-        for layer in int8:
-            if layer.name in absorbed:  # inside a fused pattern's gate: swept with it
-                continue
-            self._quantize_layer(g, layer, choices[layer.name], act_params, g.node(layer.name), weights,
-                                 means.get(layer.name))
-            if layer.fused(plan.forms):
-                g.fuse_hardswish(layer)
-        for t in sorted(act_params, key=g.order_of):
-            g.insert_qdq(t, *act_params[t])
-        if plan.target == "fp16":
-            fp16_nodes = {n for layer in self.prepared.layers if choices[layer.name].precision == "fp16"
-                          for n in layer.nodes}
-            g.convert_fp16(fp16_nodes)
-        return g.build()
-
-    def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges, forms: dict[str, str] | None = None,
-              means: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-        """One model that computes, beside the float graph, a quantized twin of each listed layer
-        fed with the *float* inputs: the error of each layer alone, for every layer, in one pass.
-        The graph reduces each pair in place to two scalars (sum of squares of the float output,
-        of the twin's error), so a 100-layer probe on large feature maps returns a few numbers
-        instead of gigabytes. Returns the model and, per entry, (signal, noise) output names.
-        `means`: input means per layer, for entries whose choice corrects the bias. Equalization
-        is probed on an equalized model's rewriter (`recovery.equalized_model`)."""
-        g = _Graph(self.prepared.proto)
-        pairs = []
-        for k, (layer, choice) in enumerate(entries):
-            tag = f"__probe{k}"
-            if layer.fused(forms):  # the pattern as it will run: one HardSwish on quantized x
-                pairs.append(self._probe_fused(g, layer, ranges, tag))
-                continue
-            twins = [onnx.NodeProto.FromString(g.node(n).SerializeToString()) for n in layer.nodes]
-            inner = {t: g.names.fresh(f"{t}{tag}") for n in twins for t in n.output}
-            for n in twins:
-                n.name = g.names.fresh(f"{n.name}{tag}")
-                for i, t in enumerate(n.input):
-                    n.input[i] = inner.get(t, t)
-                for i, t in enumerate(n.output):
-                    n.output[i] = inner[t]
-            act_params = {t: activation_qparams(*ranges[t]) for t in (*layer.activations, layer.output)}
-            for t in layer.activations:
-                g.replace_input(twins[0], t, g.fake_quant(t, f"{t}{tag}_fq", *act_params[t]))
-            mean = (means or {}).get(layer.name) if uses(choice.recovery, "bias") else None
-            self._quantize_layer(g, layer, choice, act_params, twins[0], None, mean)
-            g.extra.extend(twins)
-            twin_out = g.fake_quant(inner[layer.output], f"{layer.output}{tag}_fq", *act_params[layer.output])
-            pairs.append(g.reduce_pair(tag, layer.output, twin_out))
-        model = g.build(extra_outputs=[t for pair in pairs for t in pair])
-        return model, pairs
-
-    @staticmethod
-    def _probe_fused(g: _Graph, layer: Layer, ranges, tag: str) -> tuple[str, str]:
-        x, out = layer.activations[0], layer.quantized_output({layer.pattern: "fused"})
-        x_params, out_params = activation_qparams(*ranges[x]), activation_qparams(*ranges[out])
-        xq = g.fake_quant(x, f"{x}{tag}_fq", *x_params)
-        hs = g.names.fresh(f"{out}{tag}")
-        g.extra.append(helper.make_node("HardSwish", [xq], [hs], name=g.names.fresh(f"{layer.name}{tag}")))
-        g.min_opset = max(g.min_opset, 14)
-        return g.reduce_pair(tag, out, g.fake_quant(hs, f"{out}{tag}_fq", *out_params))
-
-    def _quantize_layer(self, g: _Graph, layer: Layer, choice: LayerChoice, act_params, node,
-                        weights: dict[str, np.ndarray] | None = None, mean: np.ndarray | None = None) -> None:
-        """Q/DQ weights and int32 bias for one layer. `weights`: equalized float weights (the
-        plan's pairs); `mean`: the layer's input means, for bias correction."""
-        if layer.constant is not None:  # QLinearAdd/Mul take both inputs as uint8: the constant too
-            c = numpy_helper.to_array(self.inits[layer.constant]).astype(np.float32)
-            scale, zp = activation_qparams(float(min(c.min(initial=0.0), 0.0)), float(max(c.max(initial=0.0), 0.0)))
-            q = np.clip(np.round(c / scale) + int(zp), 0, 255).astype(np.uint8)
-            cq = g.add_dequantized_init(f"{layer.constant}_{layer.name}_u8", q, np.float32(scale), np.uint8(zp), None)
-            g.replace_input(node, layer.constant, cq)
-        if layer.weight is None:
-            return
-        weights = weights or {}
-        per_channel = choice.granularity == "per_channel"
-        key = b""
-        if layer.weight in weights:  # equalized: cached by the scaled weight's bytes
-            self._weights[layer.weight] = weights[layer.weight]
-            key = hashlib.sha256(weights[layer.weight].tobytes()).digest()
-        q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel, key)
-        suffix = ("pc" if per_channel else "pt") + ("_eq" if key else "")
-        wq = g.add_dequantized_init(f"{layer.weight}_{suffix}", q, w_scale, np.zeros(w_scale.shape, np.int8),
-                                    layer.weight_axis if per_channel else None)
-        g.replace_input(node, layer.weight, wq)
-        b = None if layer.bias is None else self._float(layer.bias, weights).astype(np.float64)
-        if mean is not None:  # bias correction: the weights' mean output error, removed
-            w = self._float(layer.weight, weights)
-            shape = [1] * w.ndim
-            if per_channel:
-                shape[layer.weight_axis] = -1
-            deq = q.astype(np.float32) * w_scale.reshape(shape)
-            delta = bias_delta(layer, w, deq, mean, _groups(node)).astype(np.float64)
-            b = delta if b is None else b + delta
-        if b is not None:
-            x_scale = act_params[layer.activations[0]][0]
-            b_scale = (w_scale.astype(np.float64) * float(x_scale)).astype(np.float32)
-            bq = np.clip(np.round(b / b_scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
-            base = f"{layer.bias or layer.weight + '_bias'}_{layer.name}" + ("_corrected" if mean is not None else "")
-            bname = g.add_dequantized_init(base, bq, b_scale, np.zeros(b_scale.shape, np.int32),
-                                           0 if per_channel else None)
-            if layer.bias is None:  # Conv and Gemm take an optional third input
-                node.input.append(bname)
-            else:
-                g.replace_input(node, layer.bias, bname)
-
-
-def _groups(node: onnx.NodeProto) -> int:
+def groups(node: onnx.NodeProto) -> int:
     return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
 
 
@@ -220,7 +64,7 @@ class Names:
         return self._memo[key]
 
 
-class _Graph:
+class EditGraph:
     """A mutable view of a graph for one rewrite: nodes by name, producers, consumers."""
 
     def __init__(self, model: onnx.ModelProto):
@@ -437,8 +281,6 @@ class _Graph:
             for j in d:
                 users.setdefault(j, []).append(i)
         waiting = [len(d) for d in deps]
-        import heapq
-
         ready = [i for i, w in enumerate(waiting) if w == 0]
         heapq.heapify(ready)
         out = []
