@@ -63,7 +63,9 @@ class FinalChoice:
 
 def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry], rounds: int = ROUNDS) -> list[Row]:
     """Time the entries side by side in interleaved rounds (wall and thread CPU time), keeping each
-    one's best median: a background hiccup cannot make one plan look slow. Search scores are the
+    one's best median: a background hiccup cannot make one plan look slow. Two rounds first; the
+    rest of `rounds` only where some plan's two best rounds differ by more than the tie (on a quiet
+    machine the final stage then costs half). Search scores are the
     ones already measured (scored here only where missing); test scores come later, for the rows
     shown. Each timing takes about TIMING_S, whatever the model's speed. On a busy machine (wall
     time well above CPU time) every plan is timed again."""
@@ -84,7 +86,9 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
                 wall[i].append(w)
                 cpu[i].append(c)
 
-    time_rounds(rounds)
+    time_rounds(2)
+    if any(_spread(c) > TIE for c in cpu):  # two rounds agree within the tie for every plan: enough
+        time_rounds(rounds - 2)
     if np.median([min(w) / max(min(c), 1e-9) for w, c in zip(wall, cpu)]) > BUSY_RATIO:
         time_rounds(rounds)  # a busy machine: time again, the best rounds of both count
     return [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
