@@ -66,15 +66,17 @@ class Evaluator:
         return self.bench.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
 
     def evaluate(self, model: Plan | onnx.ModelProto, split: str = "search", timing: bool = True,
-                 check: SliceCheck | None = None, prune_fraction: float = 0.3) -> Evaluation:
+                 check: SliceCheck | None = None, prune_fraction: float = 0.3,
+                 session: ort.InferenceSession | None = None) -> Evaluation:
         """Score `model` (a plan or a finished ONNX model) on `split`. With `check`, a sliceable
         metric first scores `prune_fraction` of the batches and calls `check(estimated drop,
-        batches, partial sums)`, which may raise (a pruned trial) before the rest is scored."""
+        batches, partial sums)`, which may raise (a pruned trial) before the rest is scored.
+        `session`: the model's session if one is already built (it must be this model's)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         t0 = time.perf_counter()
         proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
-        sess = make_session(proto, self.bench.workload.threads)
+        sess = session or make_session(proto, self.bench.workload.threads)
         scorer = self.bench.search_scorer if split == "search" else self.bench.test_scorer
         fp32 = self.fp32_score(split)
         self.evaluations += 1
@@ -94,23 +96,24 @@ class Evaluator:
         bops = bitops(self.bench, model) if isinstance(model, Plan) else float("nan")
         return Evaluation(score, fp32 - score, lat, model_size(proto), bops, cpu)
 
-    def search_with_interval(self, model: Plan | onnx.ModelProto) -> tuple[float, DropInterval | None]:
+    def search_with_interval(self, model: Plan | onnx.ModelProto, session: ort.InferenceSession | None = None,
+                             fp32_session: ort.InferenceSession | None = None) -> tuple[float, DropInterval | None]:
         """The search score and the drop's bootstrap interval against FP32 on the same runs
         (`resolution`): built-in metrics have per-run parts, a user's score function has them when
-        it returns per-sample parts (else None)."""
+        it returns per-sample parts (else None). Sessions already built may be passed."""
         if self._fp32_parts is None:
-            _, self._fp32_parts = self._scored(self.bench.prepared.proto)
+            _, self._fp32_parts = self._scored(self.bench.prepared.proto, fp32_session)
         t0 = time.perf_counter()
-        score, parts = self._scored(model)
+        score, parts = self._scored(model, session)
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
         if parts is None or self._fp32_parts is None or len(parts) != len(self._fp32_parts):
             return score, None
         return score, drop_interval(self.bench.search_scorer.metric, self._fp32_parts, parts)
 
-    def _scored(self, model: Plan | onnx.ModelProto) -> tuple[float, np.ndarray | None]:
+    def _scored(self, model: Plan | onnx.ModelProto, session=None) -> tuple[float, np.ndarray | None]:
         scorer = self.bench.search_scorer
-        sess = self.session(model)
+        sess = session or self.session(model)
         if scorer.sliceable:
             parts = scorer.parts(sess)
             return scorer.finish(parts.sum(0)), parts

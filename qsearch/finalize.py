@@ -61,7 +61,8 @@ class FinalChoice:
         return self.rows[-1]
 
 
-def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry], rounds: int = ROUNDS) -> list[Row]:
+def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
+               rounds: int = ROUNDS) -> tuple[list[Row], list]:
     """Time the entries side by side in interleaved rounds (wall and thread CPU time), keeping each
     one's best median: a background hiccup cannot make one plan look slow. Two rounds first; the
     rest of `rounds` only where some plan's two best rounds differ by more than the tie (on a quiet
@@ -91,17 +92,19 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
         time_rounds(rounds - 2)
     if np.median([min(w) / max(min(c), 1e-9) for w, c in zip(wall, cpu)]) > BUSY_RATIO:
         time_rounds(rounds)  # a busy machine: time again, the best rounds of both count
-    return [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
+    rows = [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
                 latency_spread=_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=_spread(cpu[i]))
             for i, (e, _, proto, n8, search) in enumerate(built)]
+    return rows, [b[1] for b in built]
 
 
-def scored(evaluator: Evaluator, plan: Plan, row: Row, interval: bool = False) -> Row:
-    """The row with its test score (and, with `interval`, its search drop's bootstrap interval)."""
-    test = evaluator.evaluate(plan, "test", timing=False).score
+def scored(evaluator: Evaluator, plan: Plan, row: Row, interval: bool = False, session=None, fp32_session=None) -> Row:
+    """The row with its test score (and, with `interval`, its search drop's bootstrap interval);
+    `session`: the plan's session, already built for timing."""
+    test = evaluator.evaluate(plan, "test", timing=False, session=session).score
     if not interval:
         return dataclasses.replace(row, test_score=test)
-    _, iv = evaluator.search_with_interval(plan)
+    _, iv = evaluator.search_with_interval(plan, session, fp32_session)
     return dataclasses.replace(row, test_score=test, interval="" if iv is None else iv.text(),
                                resolution=None if iv is None else iv.resolution)
 
@@ -160,21 +163,25 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult) -> Fi
     start = evaluator.evaluations
     fp32_plan = bench.plan({})
     naive = bench.uniform_plan("minmax", "per_tensor")
-    hybrid, hybrid_evals, hybrid_drop = greedy_fallback(bench, evaluator, search.problem)
+    memo: dict[tuple, float] = {}
+    hybrid, hybrid_evals, hybrid_drop = greedy_fallback(bench, evaluator, search.problem, memo=memo)
     n_trials = len(search.trials)
     fp32_search = bench.baseline.fp32_search
-    entries = [Entry("fp32", fp32_plan, None, search=fp32_search), Entry("naive int8 (minmax, per-tensor)", naive, 1),
+    naive_drop = memo.get(tuple(sorted((la.name, "int8/minmax/per_tensor") for la in bench.candidates())))
+    entries = [Entry("fp32", fp32_plan, None, search=fp32_search),
+               Entry("naive int8 (minmax, per-tensor)", naive, 1,
+                     search=None if naive_drop is None else fp32_search - naive_drop),  # greedy's first step
                Entry("hybrid (greedy fallback)", hybrid, hybrid_evals, search=fp32_search - hybrid_drop)]
     entries += [Entry(f"qsearch (trial {r.number})", trial_plan(evaluator, search, r), n_trials, r, r.score)
                 for r in search.finalists()]
-    rows = timed_rows(bench, evaluator, entries)
+    rows, sessions = timed_rows(bench, evaluator, entries)
     on_cpu = busy(rows)
     i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
     # test data for the rows the report shows; a baseline already over budget on search data is not
     # worth a test scoring (its row says so)
     over = {k for k in (1, 2) if rows[0].search_score - rows[k].search_score > search.allowed + 1e-12}
-    rows = [scored(evaluator, entries[k].plan, rows[k], interval=k == i) if k in (0, 1, 2, i) and k not in over
-            else rows[k] for k in range(len(rows))]
+    rows = [scored(evaluator, entries[k].plan, rows[k], k == i, sessions[k], sessions[0])
+            if k in (0, 1, 2, i) and k not in over else rows[k] for k in range(len(rows))]
     chosen, row, trial = entries[i].plan, rows[i], entries[i].trial
     if trial is None:  # a baseline: say so in the row's name
         row = _renamed(row, f"qsearch: {row.name} (fastest within budget)", n_trials)
@@ -211,12 +218,12 @@ def _renamed(row: Row, name: str, evaluations: int, int8_layers: int | None = No
 
 
 def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Problem, method: str = "minmax",
-                    granularity: str = "per_tensor") -> tuple[Plan, int, float]:
+                    granularity: str = "per_tensor", memo: dict | None = None) -> tuple[Plan, int, float]:
     """The peers' accuracy-control loop (`strategy.greedy_revert`) as a plan: all-INT8 with one
     method, the noisiest layers reverted until the budget holds. Returns (plan, evaluations,
-    its measured search drop)."""
+    its measured search drop). `memo` collects every measured drop (its first: all-INT8)."""
     option = f"int8/{method}/{granularity}"
-    drops: dict[tuple, float] = {}
+    drops: dict[tuple, float] = {} if memo is None else memo
 
     def measure(choices) -> float:
         drops[tuple(sorted(choices.items()))] = d = evaluator.drop(dict(choices))
