@@ -18,6 +18,7 @@ from qsearch import strategy
 from qsearch.evaluator import Evaluator
 from qsearch.plan import Plan
 from qsearch.report import Row
+from qsearch.resolution import clearly_over
 from qsearch.scoring import model_size, timing_ms
 from qsearch.sensitivity import SensitivityProfile
 from qsearch.trials import SearchResult, TrialResult
@@ -217,6 +218,10 @@ def _renamed(row: Row, name: str, evaluations: int, int8_layers: int | None = No
                                int8_layers=row.int8_layers if int8_layers is None else int8_layers)
 
 
+class _Over(Exception):
+    """A greedy step's slice estimate is clearly over budget."""
+
+
 def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Problem, method: str = "minmax",
                     granularity: str = "per_tensor", memo: dict | None = None) -> tuple[Plan, int, float]:
     """The peers' accuracy-control loop (`strategy.greedy_revert`) as a plan: all-INT8 with one
@@ -224,9 +229,22 @@ def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Pr
     its measured search drop). `memo` collects every measured drop (its first: all-INT8)."""
     option = f"int8/{method}/{granularity}"
     drops: dict[tuple, float] = {} if memo is None else memo
+    space, allowed = bench.workload.space, problem.allowed
+    binomial = bench.workload.metric.name == "top1"
+
+    def over(est: float, batches: int, head) -> None:
+        """The trials' pruning rule: a step clearly over budget on the first slice stops there."""
+        if clearly_over(est, allowed, (float(head[0]), float(head[1])) if binomial else None):
+            raise _Over(est)
 
     def measure(choices) -> float:
-        drops[tuple(sorted(choices.items()))] = d = evaluator.drop(dict(choices))
+        key = tuple(sorted(choices.items()))
+        try:
+            drops[key] = d = evaluator.evaluate(evaluator.plan(dict(choices)), timing=False,
+                                                check=over if space.prune else None,
+                                                prune_fraction=space.prune_fraction).drop
+        except _Over as stop:
+            d = float(stop.args[0])  # an estimate: not recorded as a measured drop
         return d
 
     choices, evals = strategy.greedy_revert(problem, option, measure)

@@ -8,6 +8,7 @@ one sample, for top-1) cannot tell plans apart; the result says so instead of pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,3 +53,14 @@ def drop_interval(metric: str, fp32_parts: np.ndarray, plan_parts: np.ndarray, s
     step = 1.0 / samples if metric == "top1" and samples > 0 else 0.0
     low, high = np.percentile(drops, [5, 95])
     return DropInterval(float(drop), float(low), float(high), float(drops.std()), step)
+
+
+def clearly_over(estimate: float, allowed: float, slice_parts: tuple[float, float] | None = None) -> bool:
+    """Whether a drop estimated on the first slice of the search data is clearly over budget: twice
+    the budget, plus 3 sigma of a binomial accuracy estimate when the slice's (correct, samples)
+    are given (top-1), so borderline plans are scored in full."""
+    margin = 2 * allowed
+    if slice_parts is not None and slice_parts[1] > 0:
+        p = max(min(slice_parts[0] / slice_parts[1], 1 - 1e-3), 1e-3)
+        margin += 3 * math.sqrt(p * (1 - p) / slice_parts[1])
+    return estimate > max(margin, 1e-9)

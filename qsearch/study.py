@@ -9,7 +9,6 @@ A trial never recalibrates: plan -> rewrite with cached ranges -> session -> sco
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -23,6 +22,7 @@ from qsearch import jobs, limits, strategy
 from qsearch.errors import INTERRUPTED, QsearchError
 from qsearch.evaluator import Evaluation, Evaluator
 from qsearch.problem import problem_for
+from qsearch.resolution import clearly_over
 from qsearch.sensitivity import SensitivityProfile
 from qsearch.strategy import Dimensions, FixDecision
 from qsearch.trials import SearchResult, TrialResult
@@ -64,12 +64,8 @@ class BudgetPruner(optuna.pruners.BasePruner):
         est = trial.intermediate_values.get(step) if step is not None else trial.user_attrs.get("drop_estimate")
         if est is None:
             return False
-        margin = 2 * self.allowed
-        correct, n = trial.user_attrs.get("slice_parts", (0.0, 0.0))
-        if self.binomial and n > 0:
-            p = max(min(correct / n, 1 - 1e-3), 1e-3)
-            margin += 3 * math.sqrt(p * (1 - p) / n)
-        return est > max(margin, 1e-9)
+        parts = trial.user_attrs.get("slice_parts")
+        return clearly_over(est, self.allowed, tuple(parts) if self.binomial and parts else None)
 
 
 def default_study_name(bench: Workbench) -> str:
