@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,8 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     if not isinstance(module, torch.nn.Module):
         raise QsearchError(f"{where(p, spec, 'torch')}: '{entry}' returned {type(module).__name__}, not a "
                            "torch.nn.Module")
-    module.eval()
-    h = hashlib.sha256(repr((entry, examples, torch.__version__)).encode())
-    for k, t in module.state_dict().items():
-        h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    module = _float32(module, torch, where(p, spec, "torch"), entry)
+    h = _weights_hash(module, torch, repr((entry, examples, torch.__version__)))
     from qsearch.files import ensure_writable_dir
 
     ensure_writable_dir(cache_dir(), "the export cache (QSEARCH_CACHE/torch)", create=False)
@@ -86,16 +84,66 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     args = tuple(torch.zeros((2, *shape[1:]), dtype=getattr(torch, dtype)) for shape, dtype in examples)
     dynamic = tuple({0: torch.export.Dim("batch", min=1)} for _ in args)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    log = path.with_suffix(".export.log")  # the exporter's own output, kept beside the export
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
+        with open(log, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+                _logging_to(sink), torch.no_grad():
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, verbose=False)
-        program.save(str(tmp))
+            program.save(str(tmp))
         os.replace(tmp, path)
     except Exception as exc:
+        first = ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
         raise QsearchError(f"{where(p, spec, 'torch')}: exporting '{entry}' to ONNX failed: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}"[:400]) from None
+                           f"{first}"[:400] + f" (the exporter's log: {log})") from None
     finally:
         with contextlib.suppress(OSError):  # (nothing was written there)
             tmp.unlink(missing_ok=True)
     return path
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextlib.contextmanager
+def _logging_to(sink):
+    """torch's exporter logs through `logging` (about 40 lines, colored): into the log file, not
+    the user's terminal."""
+    import logging
+
+    handler = logging.StreamHandler(sink)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+
+
+def _float32(module, torch, at: str, entry: str):
+    """The module as qsearch quantizes it: float32 weights on the CPU. bf16/fp16 weights are
+    widened (qsearch's INT8 comes from float32); weights on the meta device have no values."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise QsearchError(f"{at}: '{entry}' returned a module with weights on the meta device (no values): "
+                           "load or initialize its weights before returning it")
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        module = module.float()
+    return module.cpu().eval()
+
+
+def _weights_hash(module, torch, head: str):
+    """Hash of the entry, the example input and every state_dict entry: tensors by their bytes (bf16
+    included, through an integer view), anything else a module keeps (`get_extra_state`) by repr."""
+    h = hashlib.sha256(head.encode())
+    for k, t in module.state_dict().items():
+        h.update(k.encode())
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            h.update(t.numpy().tobytes())
+        else:
+            h.update(repr(t)[:100_000].encode())
+    return h

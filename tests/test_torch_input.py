@@ -40,6 +40,39 @@ class Net(torch.nn.Module):
 def build():
     torch.manual_seed(0)
     return Net()
+
+
+def build_bf16():
+    return build().to(torch.bfloat16)
+
+
+def build_meta():
+    with torch.device("meta"):
+        return Net()
+
+
+class Stateful(Net):
+    def get_extra_state(self):
+        return {"vocab": ["a", "b"], "version": 3}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def build_extra():
+    torch.manual_seed(0)
+    return Stateful()
+
+
+class Branchy(Net):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+            return super().forward(x)
+        return super().forward(-x)
+
+
+def build_branchy():
+    return Branchy()
 '''
 
 
@@ -111,3 +144,26 @@ def test_a_cache_folder_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch
         assert main(["analyze", "--config", str(cfg), "--out", str(base / "o")]) == 2
         err = capsys.readouterr().err
         assert "QSEARCH_CACHE" in err and "Traceback" not in err, err[-500:]
+
+
+def test_unusual_torch_modules_export_or_fail_in_one_line(tmp_path, monkeypatch, capsys):
+    """bf16 weights are widened to float32, get_extra_state is hashed by its repr, weights on the
+    meta device are refused, and an export failure is one line pointing at the exporter's log."""
+    import onnx
+
+    monkeypatch.setenv("QSEARCH_CACHE", str(tmp_path / "cache"))
+    cfg = _workload(tmp_path)
+    text = cfg.read_text()
+    for factory in ("build_bf16", "build_extra"):
+        cfg.write_text(text.replace("tinynet:build", f"tinynet:{factory}"))
+        path = load_workload(cfg).model
+        dtypes = {i.data_type for i in onnx.load(str(path)).graph.initializer if i.data_type in (1, 10, 16)}
+        assert dtypes == {onnx.TensorProto.FLOAT}, (factory, dtypes)
+        assert path.with_suffix(".export.log").is_file()
+    for factory, message in (("build_meta", "weights on the meta device"), ("build_branchy", "exporter's log")):
+        cfg.write_text(text.replace("tinynet:build", f"tinynet:{factory}"))
+        capsys.readouterr()
+        assert main(["analyze", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and "\x1b" not in err, err[-600:]
+        assert len(err.splitlines()) == 1, err[-600:]
