@@ -188,17 +188,18 @@ if getattr(yaml, "__with_libyaml__", False):
         depth are refused by `_prescan` first, since the C composer cannot be overridden. Tag
         resolution (regexes per scalar) is memoized: a plan repeats the same few words."""
 
-        _resolved: dict = {}
+        _plain: dict = {}  # plain scalar -> tag: with no path resolvers, a plain scalar's tag is its value's
 
-        def resolve(self, kind, value, implicit):
-            if kind is not yaml.ScalarNode:
+        def resolve(self, kind, value, implicit, _scalar=yaml.ScalarNode, _str="tag:yaml.org,2002:str"):
+            if kind is not _scalar:
                 return super().resolve(kind, value, implicit)
-            key = (value, implicit)
-            tag = self._resolved.get(key)
+            if not implicit[0]:  # quoted: a string
+                return _str
+            tag = self._plain.get(value)
             if tag is None:
-                tag = self._resolved[key] = super().resolve(kind, value, implicit)
-                if len(self._resolved) > 200_000:
-                    self._resolved.clear()
+                tag = super().resolve(kind, value, implicit)
+                if len(self._plain) < 200_000:
+                    self._plain[value] = tag
             return tag
 
     _FastLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -233,6 +234,12 @@ def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
     try:
         if _FastLoader is None:
             return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+        from qsearch import yamlread
+
+        try:
+            return yamlread.load(text, LinedDict, MAX_DEPTH)  # one pass over libyaml's events
+        except yamlread.Unusual:  # merge keys, tagged collections: the full loader
+            pass
         _prescan(text)
         return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - _FastLoader derives from CSafeLoader
     except yaml.YAMLError as exc:
