@@ -27,6 +27,9 @@ def test_api_optimize_apply_evaluate(workload, tmp_path):
     assert (ev.search, ev.test) == (result.plan.metrics["plan"]["search"], result.plan.metrics["plan"]["test"])
     profile = qsearch.analyze(workload, out=out)
     assert {x.name for x in profile.layers} == set(result.plan.layers)
+    from .test_reliability import check_result
+
+    check_result(out, workload)  # re-applied byte for byte, scores reproduced, budget met
 
 
 def _naive(workload, tmp_path, capsys) -> Plan:

@@ -45,7 +45,7 @@ def _study(storage: str) -> optuna.Study:
     return optuna.load_study(study_name=search[0], storage=storage)
 
 
-def check_result(out: Path, workload: Path, study: optuna.Study | None = None) -> None:
+def check_result(out: Path, workload: Path, study: optuna.Study | None = None, model: Path | None = None) -> None:
     """What a finished run must mean, however it got there (clean, resumed, interrupted, reused,
     several workers): plan.yaml re-applied gives model.qsearch.onnx byte for byte, the model scores
     what the plan says on test data, the plan meets the budget on search data, and a plan chosen
@@ -55,7 +55,8 @@ def check_result(out: Path, workload: Path, study: optuna.Study | None = None) -
 
     plan = Plan.read(out / "plan.yaml")
     again = out.parent / f"{out.name}-reapplied.onnx"
-    assert main(["apply", str(out / "plan.yaml"), str(workload.parent / "model.onnx"), "-o", str(again)]) == 0
+    model = model or workload.parent / "model.onnx"  # (a PyTorch factory's: the exported file)
+    assert main(["apply", str(out / "plan.yaml"), str(model), "-o", str(again)]) == 0
     assert again.read_bytes() == (out / "model.qsearch.onnx").read_bytes()
     m = plan.metrics
     assert m["fp32"]["search"] - m["plan"]["search"] <= m["max_drop"] + 1e-12

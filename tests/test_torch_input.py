@@ -114,6 +114,9 @@ def test_torch_module_is_exported_cached_and_searched(tmp_path, monkeypatch, cap
     plan = Plan.read(out / "plan.yaml")
     names = {n.readable for n in plan.notes.values()}
     assert {"stem", "blocks.0.conv", "blocks.1.conv", "fc"} <= names  # the module paths, from the exporter
+    from .test_reliability import check_result
+
+    check_result(out, cfg, model=first)  # re-applied byte for byte, scores reproduced, budget met
 
 
 def test_torch_input_errors_are_one_line(tmp_path, monkeypatch, capsys):
