@@ -369,3 +369,37 @@ def test_random_plans_on_graphs_named_like_generated_tensors_for_every_target_an
     assert y.shape == (2, 5) and y.dtype == np.float32 and np.isfinite(y).all()
     flt = _run(rewriter(build_plan(prepared, {}, stats, forms=forms)), feeds[0])[0]
     np.testing.assert_array_equal(_run(model, feeds[0])[0], flt)
+
+
+def test_shared_weights_and_biases_are_stored_once():
+    """Six convs over one kernel and one zero bias (a constant-Q transform's layout): the INT8 model
+    stores the kernel once, no bias at all (a zero bias adds nothing), and is smaller than FP32; a
+    shared non-zero bias is stored once per distinct (values, scale)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 16, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "b0"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b1")]
+    nodes, t = [], "x"
+    for i in range(6):
+        nodes.append(helper.make_node("Conv", [t, "w", "b0" if i < 3 else "b1"], [f"c{i}"], name=f"conv{i}",
+                                      pads=[1, 1, 1, 1]))
+        t = f"c{i}"
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              [helper.make_tensor_value_info(t, TensorProto.FLOAT, ["N", 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    prepared = prepare(model)
+    x = rng.normal(size=(8, 16, 8, 8)).astype(np.float32)
+    stats = collect(prepared.proto, [s for la in prepared.layers for s in (*la.activations, la.output)], [{"x": x}])
+    for gran in ("per_tensor", "per_channel"):
+        plan = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", gran) for la in prepared.layers}, stats)
+        q = Rewriter(prepared)(plan)
+        names = [i.name for i in q.graph.initializer]
+        assert sum(n.endswith("_quantized") and n.startswith("w_") for n in names) == 1, names
+        assert not any(n.startswith("b0") for n in names)  # the zero bias: gone
+        assert sum(n.startswith("b1") and n.endswith("_quantized") for n in names) <= 3  # one per distinct scale
+        assert q.ByteSize() < prepared.proto.ByteSize()
+        ref = ort.InferenceSession(prepared.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+        a, b = ref.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
+        assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # still the same computation, quantized

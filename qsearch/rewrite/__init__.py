@@ -159,13 +159,18 @@ class Rewriter:
             deq = q.astype(np.float32) * w_scale.reshape(shape)
             delta = bias_delta(layer, w, deq, mean, groups(node)).astype(np.float64)
             b = delta if b is None else b + delta
-        if b is not None:
+        if b is not None and not np.any(b):  # a zero bias adds nothing: the int8 kernel runs without one
+            if layer.bias is not None and len(node.input) > 2 and node.input[2] == layer.bias:
+                del node.input[2]
+        elif b is not None:
             x_scale = act_params[layer.activations[0]][0]
             b_scale = (w_scale.astype(np.float64) * float(x_scale)).astype(np.float32)
             bq = np.clip(np.round(b / b_scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
             base = f"{layer.bias or layer.weight + '_bias'}_{layer.name}" + ("_corrected" if mean is not None else "")
-            bname = g.add_dequantized_init(base, bq, b_scale, np.zeros(b_scale.shape, np.int32),
-                                           0 if per_channel else None)
+            axis = 0 if per_channel else None
+            # consumers of one bias whose quantized values and scales agree share one constant
+            bname = g.add_dequantized_init(base, bq, b_scale, np.zeros(b_scale.shape, np.int32), axis,
+                                           key=("bias", layer.bias, bq.tobytes(), b_scale.tobytes(), axis))
             if layer.bias is None:  # Conv and Gemm take an optional third input
                 node.input.append(bname)
             else:

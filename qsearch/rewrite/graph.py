@@ -149,10 +149,10 @@ class EditGraph:
             self.new_inits[name] = numpy_helper.from_array(np.asarray(array), name)
         return name
 
-    def add_dequantized_init(self, base: str, q, scale, zp, axis: int | None) -> str:
-        """A quantized constant behind its DequantizeLinear, once per `base` (a weight shared by
-        layers is stored once); returns the dequantized tensor's name."""
-        key = ("const", base)
+    def add_dequantized_init(self, base: str, q, scale, zp, axis: int | None, key: tuple | None = None) -> str:
+        """A quantized constant behind its DequantizeLinear, once per `base` or `key` (a weight
+        shared by layers is stored once); returns the dequantized tensor's name."""
+        key = key or ("const", base)
         if key in self._consts:
             return self._consts[key]
         names = self.names
