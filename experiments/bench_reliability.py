@@ -159,6 +159,12 @@ def main() -> None:
          "tests/test_rewrite.py -k random", {"QSEARCH_FUZZ_EXAMPLES": str(args.fuzz)}),
         ("interruption and workers, each ending in the same result semantics (tests/test_reliability.py)",
          "tests/test_reliability.py", None),
+        ("accuracy recovery: hand-computed values, the equalized model (hypothesis), the sidecar round trip, bad "
+         "recovery input (tests/test_recovery.py)", "tests/test_recovery.py", None),
+        ("the YAML reader against safe_load (hypothesis) and its refusals (tests/test_yamlread.py)",
+         "tests/test_yamlread.py", None),
+        ("PyTorch factories: export, cache, bf16 / meta / extra state, export failures (tests/test_torch_input.py)",
+         "tests/test_torch_input.py", None),
     ):
         p, f, s = pytest_count(expr, env)
         if name.startswith("rewriter"):
