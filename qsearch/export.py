@@ -81,7 +81,11 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     if path.is_file():
         return path
     # batch 2 in the example: torch.export specializes a dimension of size 1
-    args = tuple(torch.zeros((2, *shape[1:]), dtype=getattr(torch, dtype)) for shape, dtype in examples)
+    try:
+        args = tuple(torch.zeros((2, *shape[1:]), dtype=getattr(torch, dtype)) for shape, dtype in examples)
+    except (RuntimeError, MemoryError) as exc:
+        raise QsearchError(f"{where(p, spec, 'example_input')}: model.example_input {[list(s) for s, _ in examples]} "
+                           f"is too large to allocate ({type(exc).__name__})"[:400]) from None
     dynamic = tuple({0: torch.export.Dim("batch", min=1)} for _ in args)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     log = path.with_suffix(".export.log")  # the exporter's own output, kept beside the export

@@ -303,3 +303,15 @@ def check_sidecar(plan: Plan, prepared: PreparedModel, path) -> None:
         if name not in wanted:
             raise QsearchError(f"{path}: the sidecar has input means for layer '{name}', which is not an int8 "
                                "layer with bias correction" + closest(name, wanted))
+
+
+def weight_copies(prepared: PreparedModel, plan: Plan) -> dict[str, tuple[str, ...]]:
+    """Weights shared by INT8 layers that quantize them differently (per-tensor here, per-channel
+    there): each form is stored, so the model grows. Weight -> its forms, for the report. (A
+    shared weight is never equalized: pairs need weights of their own.)"""
+    forms: dict[str, set[str]] = {}
+    for la in prepared.layers:
+        c = plan.choice(la.name)
+        if la.weight and c.is_int8:
+            forms.setdefault(la.weight, set()).add(c.granularity.replace("_", "-"))
+    return {w: tuple(sorted(f)) for w, f in forms.items() if len(f) > 1}

@@ -21,6 +21,7 @@ from qsearch.finalize import FinalChoice, final_stage_seconds, finalize, layer_r
 from qsearch.jobs import StudyQueue, check_study, open_storage
 from qsearch.limits import CommandTimeout
 from qsearch.plan import Plan
+from qsearch.planning import weight_copies
 from qsearch.progress import Progress, log, say
 from qsearch.report import (
     attribution_table,
@@ -294,6 +295,11 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
     stage("done", stage.kept)
     summary = _summary(bench, profile, search, choice, metrics, fusion, naive_fusion, time.perf_counter() - t_start)
     summary.append(recovery_line(chosen, len(bench.recovery.pairs) if bench.recovery else 0))
+    copies = weight_copies(bench.prepared, chosen)
+    if copies:  # consumers of a shared weight disagree on its quantization: each form is stored
+        w, f = next(iter(copies.items()))
+        summary.append(f"Size: {len(copies)} shared weight(s) are stored in more than one quantized form because "
+                       f"their layers chose differently (e.g. '{w}': {', '.join(f)}).")
     tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
               ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution_table(kinds)),
               ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)]))]

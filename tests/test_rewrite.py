@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qsearch.calibration import collect
 from qsearch.model import prepare
 from qsearch.plan import LayerChoice
-from qsearch.planning import build_plan
+from qsearch.planning import build_plan, weight_copies
 from qsearch.rewrite import Rewriter
 from qsearch.scoring import fused_op_counts
 
@@ -399,7 +399,11 @@ def test_shared_weights_and_biases_are_stored_once():
         assert not any(n.startswith("b0") for n in names)  # the zero bias: gone
         assert sum(n.startswith("b1") and n.endswith("_quantized") for n in names) <= 3  # one per distinct scale
         assert q.ByteSize() < prepared.proto.ByteSize()
+        assert weight_copies(prepared, plan) == {}
         ref = ort.InferenceSession(prepared.proto.SerializeToString(), providers=["CPUExecutionProvider"])
         got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
         a, b = ref.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
         assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # still the same computation, quantized
+    mixed = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", "per_tensor" if i % 2 else "per_channel")
+                                  for i, la in enumerate(prepared.layers)}, stats)
+    assert weight_copies(prepared, mixed) == {"w": ("per-channel", "per-tensor")}  # the report says why it grew

@@ -129,6 +129,9 @@ def test_torch_input_errors_are_one_line(tmp_path, monkeypatch, capsys):
     cfg.write_text(text.replace("tinynet:build", "tinynet:nothing"))
     assert main(["analyze", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "has no function 'nothing'" in last_error(capsys)
+    cfg.write_text(text.replace("example_input: [1, 3, 8, 8]", "example_input: [1, 65536, 65536, 65536]"))
+    assert main(["analyze", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "is too large to allocate" in last_error(capsys)
     cfg.write_text(text)
     monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
     with pytest.raises(QsearchError, match=r"model.torch needs PyTorch, which is not installed"):
