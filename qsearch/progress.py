@@ -48,9 +48,9 @@ class Progress:
             return
         self.last = now
         el = now - self.t0
-        eta = el / done * (total - done) if done else float("nan")
+        left = f"~{el / done * (total - done):.1f}s left" if done else "time left unknown yet"
         bar = "#" * int(24 * done / max(total, 1))
-        line = f"{self.label} {what} [{bar:<24}] {done}/{total} {el:5.1f}s elapsed, ~{eta:5.1f}s left {extra}"
+        line = f"{self.label} {what} [{bar:<24}] {done}/{total} {el:.1f}s elapsed, {left} {extra}".rstrip()
         if self.tty:
             sys.stderr.write("\r" + line[:150])
             if done == total:

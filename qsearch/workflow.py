@@ -334,7 +334,7 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
         f"allowed drop {search.allowed:.4g} on search data; target {bench.workload.target}.",
         f"{n_trials} trials ({len(results)} complete, {repaired} of them repair steps), "
         f"{len(search.dims.searched)} layers searched, {len(search.dims.fixed)} fixed "
-        f"(measured joint drop {d.joint_drop if d.joint_drop is not None else 'n/a'}). "
+        f"(measured joint drop {f'{d.joint_drop:.4g}' if d.joint_drop is not None else 'n/a'}). "
         f"Model evaluations: {total_evals} = analysis {ev['analysis']} (on {profile.samples} samples) + fixing "
         f"{ev['fixing']} + trials {ev['trials']} + final stage {ev['final']}; {total_evals / max(n_layers, 1):.1f} "
         f"per layer ({n_layers} layers). INT8 pays for {pays} layers.",

@@ -246,3 +246,15 @@ def test_a_garbled_study_database_is_a_one_line_error(tmp_path, capsys):
         assert main(["optimize", "--budget", "3", "--config", str(cfg), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert "Traceback" not in "\n".join(err) and "storage" in err[-1], err[-3:]
+
+
+def test_progress_off_a_terminal_is_plain_lines_without_nan(capsys):
+    from qsearch.progress import Progress
+
+    bar = Progress("optimize")
+    for done in (0, 1, 3):
+        bar(done, 3, "trials")
+    err = capsys.readouterr().err
+    assert "\r" not in err and "nan" not in err.lower()
+    lines = err.splitlines()
+    assert len(lines) == 2 and "0/3" in lines[0] and "unknown" in lines[0] and "3/3" in lines[1]  # (1/3: throttled)
