@@ -68,8 +68,12 @@ class OptimizeResult:
                 "max_drop": self.max_drop, "latency_ms": self.latency_ms, "fp32_latency_ms": self.fp32_latency_ms,
                 "latency_spread": self.latency_spread, "evaluations": self.evaluations,
                 "seconds": round(self.seconds, 3),
+                "recovery": None if self.plan is None else {"equalized_pairs": len(self.plan.sidecar.scales()),
+                                                            "bias_corrected": len(self.plan.sidecar.means())},
                 "paths": {"out": str(self.out), **({"plan": str(self.plan_path), "model": str(self.model_path),
-                                                     "report": str(self.report_path)} if self.status == 0 else {})}}
+                                                     "report": str(self.report_path)} if self.status == 0 else {}),
+                          **({"recovery": str(self.out / "plan.recovery.onnx")} if self.plan is not None
+                             and self.plan.sidecar else {})}}
 
     @property
     def plan_path(self) -> Path:

@@ -426,6 +426,8 @@ def test_json_output_is_one_object_and_quiet_is_silent(workload, tmp_path, capsy
     assert r["speedup"] == pytest.approx(r["fp32_latency_ms"] / r["latency_ms"])
     plan = yaml.safe_load(Path(r["paths"]["plan"]).read_text())
     assert r["test_drop"] == pytest.approx(plan["metrics"]["test_drop"]) and r["max_drop"] == plan["metrics"]["max_drop"]
+    rec = plan.get("recovery")  # the recovery counts agree with the plan's sidecar (none on this model: no pairs)
+    assert r["recovery"]["equalized_pairs"] == 0 and (rec is None) == ("recovery" not in r["paths"])
     assert main(["evaluate", r["paths"]["model"], "--config", str(workload), "--cache", str(out), "--json"]) == 0
     e = json.loads(capsys.readouterr().out)
     assert e["test"] == pytest.approx(plan["metrics"]["plan"]["test"])
