@@ -52,7 +52,7 @@ def load(text: str, mapping_type: type, max_depth: int) -> Any:
     """The document's value (None for an empty one); `mapping_type()` gets `.lines` and `.line`."""
     stack: list[list] = []  # [container, key, key line, expecting a key]
     root, documents = None, 0
-    for e in yaml.parse(text, Loader=yaml.CSafeLoader):
+    for e in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when built with it
         kind = type(e)
         if kind is yaml.ScalarEvent:
             value = _scalar(e)
