@@ -170,9 +170,10 @@ def build_plan(
         for t in group:
             ranges[t] = shared
     arrays = {f"equalize/{p.head}": rec.scales[p.head] for p in active}
+    absorbed = prepared.absorbed(forms)
     for la in prepared.layers:
         c = full[la.name]
-        if c.is_int8 and uses(c.recovery, "bias") and la.name not in prepared.absorbed(forms):
+        if c.is_int8 and uses(c.recovery, "bias") and la.name not in absorbed:
             t, src = la.activations[0], source(la.activations[0])
             if src is None or t not in src.channels:
                 raise QsearchError(f"no per-channel statistics for tensor '{t}' (stale cache?)")

@@ -76,7 +76,8 @@ def find_pairs(prepared: PreparedModel) -> tuple[Pair, ...]:
         clip = _clip_bound(by_name[a.nodes[1]], prepared) if len(a.nodes) > 1 else None
         if clip == -1.0:  # an activation that does not commute with a channel scale
             continue
-        if _channels(prepared, a.weight) != _channels(prepared, b.weight, input_side=True, node=by_name[b.nodes[0]]):
+        head_w = next(i for i in g.initializer if i.name == a.weight)
+        if int(head_w.dims[0]) != input_channels(prepared, b):
             continue
         tensors = tuple(dict.fromkeys((conv.output[0], a.output)))
         pairs.append(Pair(a.name, b.name, conv.output[0], tensors, clip))
@@ -103,13 +104,9 @@ def _clip_bound(act: onnx.NodeProto, prepared: PreparedModel) -> float | None:
     return hi
 
 
-def _group(node: onnx.NodeProto) -> int:
+def group(node: onnx.NodeProto) -> int:
+    """A Conv's `group` attribute (1 when absent)."""
     return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
-
-
-def _channels(prepared: PreparedModel, weight: str, input_side: bool = False, node=None) -> int:
-    w = next(i for i in prepared.proto.graph.initializer if i.name == weight)
-    return int(w.dims[1]) * _group(node) if input_side else int(w.dims[0])
 
 
 def _tail_index(w2: np.ndarray, groups: int) -> list[tuple[slice, int]]:
@@ -141,10 +138,12 @@ def _apply_pair(w: dict[str, np.ndarray], a: Layer, b: Layer, groups: int, s: np
     w[b.weight] = w2.astype(np.float32)
 
 
-def equalized_weights(prepared: PreparedModel, scales: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def equalized_weights(prepared: PreparedModel, scales: Mapping[str, np.ndarray],
+                      pairs: tuple[Pair, ...] | None = None) -> dict[str, np.ndarray]:
     """Initializer -> equalized array for the pairs in `scales` (head layer -> s). Each pair
-    scales other axes of its weights, so the order they apply in does not matter."""
-    pairs = {p.head: p for p in find_pairs(prepared)}
+    scales other axes of its weights, so the order they apply in does not matter. `pairs`: the
+    model's (`find_pairs`), when the caller already has them."""
+    pairs = {p.head: p for p in (find_pairs(prepared) if pairs is None else pairs)}
     nodes = {n.name: n for n in prepared.proto.graph.node}
     inits = {i.name: i for i in prepared.proto.graph.initializer}
     out: dict[str, np.ndarray] = {}
@@ -154,7 +153,7 @@ def equalized_weights(prepared: PreparedModel, scales: Mapping[str, np.ndarray])
         for t in (a.weight, a.bias, b.weight):
             if t and t not in out:
                 out[t] = numpy_helper.to_array(inits[t]).astype(np.float32)
-        _apply_pair(out, a, b, _group(nodes[b.nodes[0]]), s)
+        _apply_pair(out, a, b, group(nodes[b.nodes[0]]), s)
     return out
 
 
@@ -170,7 +169,7 @@ def compute_scales(prepared: PreparedModel, conv_max: Mapping[str, np.ndarray]) 
         for t in (a.weight, a.bias, b.weight):
             if t and t not in w:
                 w[t] = numpy_helper.to_array(inits[t]).astype(np.float32)
-        groups = _group(nodes[b.nodes[0]])
+        groups = group(nodes[b.nodes[0]])
         s = pair_scales(w[a.weight], w[b.weight], groups, p.clip, conv_max.get(p.conv_out))
         _apply_pair(w, a, b, groups, s)
         scales[p.head] = s
@@ -284,7 +283,7 @@ def input_channels(prepared: PreparedModel, layer: Layer) -> int:
     w = next(i for i in prepared.proto.graph.initializer if i.name == layer.weight)
     if layer.op_type == "Conv":
         node = next(n for n in prepared.proto.graph.node if n.name == layer.nodes[0])
-        return int(w.dims[1]) * _group(node)
+        return int(w.dims[1]) * group(node)
     return int(w.dims[0] if layer.weight_axis == 1 else w.dims[1])
 
 

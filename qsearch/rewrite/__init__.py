@@ -24,8 +24,8 @@ from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel
 from qsearch.plan import LayerChoice, Plan
 from qsearch.planning import quantized_tensors
-from qsearch.recovery import bias_delta, equalized_weights, uses
-from qsearch.rewrite.graph import EditGraph, groups
+from qsearch.recovery import Pair, bias_delta, equalized_weights, find_pairs, group, uses
+from qsearch.rewrite.graph import EditGraph
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
@@ -41,6 +41,14 @@ class Rewriter:
         self.inits = {i.name: i for i in prepared.proto.graph.initializer}
         self._quant = lru_cache(maxsize=None)(self._quantize_weight)
         self._weights: dict[str, np.ndarray] = {}  # equalized weights of the plan being applied
+        self._pairs: tuple[Pair, ...] | None = None
+
+    @property
+    def pairs(self) -> tuple[Pair, ...]:
+        """The model's equalization pairs, found once (every trial's rewrite needs them)."""
+        if self._pairs is None:
+            self._pairs = find_pairs(self.prepared)
+        return self._pairs
 
     def _quantize_weight(self, name: str, axis: int, per_channel: bool, scaled: bytes = b""):
         """`scaled`: the equalization scales this weight was multiplied by (their bytes: the key)."""
@@ -65,7 +73,7 @@ class Rewriter:
                                f"layers{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
         act_params = {t: activation_qparams(*plan.ranges[t]) for t in tensors}
         absorbed = self.prepared.absorbed(plan.forms)
-        weights = equalized_weights(self.prepared, plan.sidecar.scales()) if plan.sidecar else {}
+        weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
         means = plan.sidecar.means()
         for layer in int8:
             if layer.name in absorbed:  # inside a fused pattern's gate: swept with it
@@ -157,7 +165,7 @@ class Rewriter:
             if per_channel:
                 shape[layer.weight_axis] = -1
             deq = q.astype(np.float32) * w_scale.reshape(shape)
-            delta = bias_delta(layer, w, deq, mean, groups(node)).astype(np.float64)
+            delta = bias_delta(layer, w, deq, mean, group(node)).astype(np.float64)
             b = delta if b is None else b + delta
         if b is not None and not np.any(b):  # a zero bias adds nothing: the int8 kernel runs without one
             if layer.bias is not None and len(node.input) > 2 and node.input[2] == layer.bias:

@@ -22,10 +22,6 @@ FP16_FOLLOWERS = {
 }
 
 
-def groups(node: onnx.NodeProto) -> int:
-    return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
-
-
 class Names:
     """Every name a graph uses (nodes, tensors, initializers, inputs, outputs, value infos, in its
     subgraphs too). Every name a rewrite creates comes from here, so a user's tensor that happens
