@@ -24,7 +24,7 @@ from qsearch.files import atomic_write_bytes
 METHODS = ("minmax", "entropy", "percentile", "mse")
 GRANULARITIES = ("per_channel", "per_tensor")
 NUM_BINS = 2048
-STATS_VERSION = 2
+STATS_VERSION = 3
 RANGES_VERSION = 2  # bump when a method's range maths changes: cached profiles are then stale
 
 
@@ -51,12 +51,19 @@ class TensorStats:
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per-channel mean and max of one tensor over the calibration data: what bias correction
-    (expected input per channel) and clip-aware equalization (does a channel reach the clip?) need."""
+    """Per-channel statistics of one tensor over the calibration data: what bias correction
+    (expected input per channel), clip-aware equalization (does a channel reach the clip?) and
+    smoothing (each channel's range and power) need."""
 
     axis: int
     mean: np.ndarray  # float32, one per channel
     max: np.ndarray
+    min: np.ndarray
+    square: np.ndarray  # mean of x**2
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.min), np.abs(self.max))
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class CalibrationStats:
         for i, n in enumerate(chans):
             c = self.channels[n]
             arrays[f"m{i}"], arrays[f"x{i}"], arrays[f"a{i}"] = c.mean, c.max, np.array([c.axis], dtype=np.int64)
+            arrays[f"n{i}"], arrays[f"q{i}"] = c.min, c.square
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())  # unique temp name: workers may save the same cache
@@ -93,31 +101,38 @@ class CalibrationStats:
             for i, n in enumerate(z["__names__"].tolist()):
                 mn, mx, lo, hi = z[f"r{i}"].tolist()
                 tensors[n] = TensorStats(mn, mx, z[f"c{i}"], lo, hi)
-            channels = {n: ChannelStats(int(z[f"a{i}"][0]), z[f"m{i}"], z[f"x{i}"])
+            channels = {n: ChannelStats(int(z[f"a{i}"][0]), z[f"m{i}"], z[f"x{i}"], z[f"n{i}"], z[f"q{i}"])
                         for i, n in enumerate(z["__channels__"].tolist())}
         return cls(tensors, samples, batches, channels)
 
 
 class _Channels:
-    """Running per-channel sum (float64), count and max along one axis."""
+    """Running per-channel sum and sum of squares (float64), count, min and max along one axis."""
 
     def __init__(self, axis: int):
-        self.axis, self.sum, self.max, self.count = axis, None, None, 0
+        self.axis, self.sum, self.sq, self.max, self.min, self.count = axis, None, None, None, None, 0
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 0 or x.size == 0:
             return
         x = np.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis])
-        total, top = x.sum(axis=0, dtype=np.float64), x.max(axis=0)
-        self.sum = total if self.sum is None else self.sum + total
-        self.max = top if self.max is None else np.maximum(self.max, top)
+        total, sq = x.sum(axis=0, dtype=np.float64), np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        top, bottom = x.max(axis=0), x.min(axis=0)
+        first = self.sum is None
+        self.sum = total if first else self.sum + total
+        self.sq = sq if first else self.sq + sq
+        self.max = top if first else np.maximum(self.max, top)
+        self.min = bottom if first else np.minimum(self.min, bottom)
         self.count += x.shape[0]
 
     def stats(self) -> ChannelStats:
         if self.sum is None:
-            return ChannelStats(self.axis, np.zeros(0, np.float32), np.zeros(0, np.float32))
-        return ChannelStats(self.axis, (self.sum / max(self.count, 1)).astype(np.float32), self.max.astype(np.float32))
+            empty = np.zeros(0, np.float32)
+            return ChannelStats(self.axis, empty, empty, empty, empty)
+        n = max(self.count, 1)
+        return ChannelStats(self.axis, (self.sum / n).astype(np.float32), self.max.astype(np.float32),
+                            self.min.astype(np.float32), (self.sq / n).astype(np.float32))
 
 
 class _Histogram:

@@ -67,6 +67,7 @@ class Layer:
     gate: tuple[str, ...] = ()  # the nodes computing the gate from x (HardSigmoid; Add, Clip, Div)
     tail: tuple[str, ...] = ()  # nodes after the product that belong to the pattern (paddle2onnx's /6)
     fused_output: str = ""  # the tensor the whole pattern writes (the tail's output, else the Mul's)
+    bias_add: str = ""  # a weight MatMul's bias: the Add of a 1-D initializer that alone reads its output
 
     def fused(self, forms: Mapping[str, str] | None) -> bool:
         """Whether this pattern layer runs as one op (its gate absorbed) under `forms`."""
@@ -337,9 +338,27 @@ def find_layers(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 gate=patterns[node.name][0] if node.name in patterns else (),
                 tail=patterns[node.name][2] if node.name in patterns else (),
                 fused_output=patterns[node.name][3] if node.name in patterns else "",
+                bias_add=_bias_add(node, weight, out, consumers, inits, graph_outputs),
             )
         )
     return layers
+
+
+def _bias_add(node: onnx.NodeProto, weight: str | None, out: str, consumers: dict, inits: dict,
+              graph_outputs: set[str]) -> str:
+    """The Add that gives a weight MatMul its bias (exporters write MatMul + Add): the output's only
+    reader, adding a 1-D initializer of the output width that nothing else reads. Bias correction
+    of the MatMul adjusts that initializer."""
+    if node.op_type != "MatMul" or weight is None or out != node.output[0] or out in graph_outputs:
+        return ""
+    nxt = consumers.get(out, [])
+    if len(nxt) != 1 or nxt[0].op_type != "Add" or len(nxt[0].input) != 2 or len(set(nxt[0].input)) != 2:
+        return ""
+    other = next(t for t in nxt[0].input if t != out)
+    b = inits.get(other)
+    if b is None or list(b.dims) != [inits[weight].dims[1]] or len(consumers.get(other, [])) != 1:
+        return ""
+    return nxt[0].name
 
 
 def _roles(node: onnx.NodeProto, ins: list[str], inits: dict, patterns: dict) -> tuple | None:

@@ -5,7 +5,7 @@ equalized and which statistics and arrays that implies. The plan *format* lives 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +15,7 @@ from qsearch.errors import QsearchError
 from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
 from qsearch.plan import LayerChoice, Plan, closest, layer_notes
 from qsearch.recovery import RecoveryStats, Sidecar, active_pairs, correctable, find_pairs, input_channels, uses
+from qsearch.smoothing import find_groups, fold_target, width
 
 
 def allowed_granularities(layer: Layer) -> tuple[str, ...]:
@@ -31,6 +32,18 @@ def normalized(layer: Layer, choice: LayerChoice) -> LayerChoice:
     return choice
 
 
+def smoothed_layers(choices: Mapping[str, LayerChoice]) -> set[str]:
+    """INT8 layers that read their group's smoothed input (`smoothing`) instead of the tensor."""
+    return {n for n, c in choices.items() if c.is_int8 and uses(c.recovery, "smooth")}
+
+
+def inputs_of(layer: Layer, forms: Mapping[str, str] | None, smoothed: Collection[str]) -> tuple[str, ...]:
+    """The activations of an int8 layer that get Q/DQ under their own names (a smoothed layer's
+    first input is its group's smoothed tensor, quantized by the rewriter)."""
+    ins = layer.quantized_inputs(forms)
+    return ins[1:] if layer.name in smoothed else ins
+
+
 def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice],
                    forms: Mapping[str, str] | None = None) -> dict[str, str]:
     """Which activation tensors get Q/DQ, and with which layer's calibration method.
@@ -41,10 +54,11 @@ def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice],
     """
     methods: dict[str, str] = {}
     absorbed = prepared.absorbed(forms)
+    smoothed = smoothed_layers(choices)
     for layer in prepared.layers:
         c = choices.get(layer.name)
         if c is not None and c.is_int8 and layer.name not in absorbed:
-            for t in layer.quantized_inputs(forms):
+            for t in inputs_of(layer, forms, smoothed):
                 methods.setdefault(t, c.calibration)
     for layer in prepared.layers:
         c = choices.get(layer.name)
@@ -62,8 +76,8 @@ def _moves_values(node) -> bool:
     return mode == b"nearest"
 
 
-def quantized_tensors(prepared: PreparedModel, int8_layers: set[str],
-                      forms: Mapping[str, str] | None = None) -> tuple[list[str], list[set[str]]]:
+def quantized_tensors(prepared: PreparedModel, int8_layers: set[str], forms: Mapping[str, str] | None = None,
+                      smoothed: Collection[str] = ()) -> tuple[list[str], list[set[str]]]:
     """Which tensors get Q/DQ for these int8 layers, and which of them must share one scale.
 
     Every int8 layer's activations and output; then, through value-moving ops (MaxPool, Resize,
@@ -72,6 +86,7 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str],
     q/k/v Slices of one Transpose), and all sides share one scale, so ONNX Runtime drops
     the Q/DQ pair and runs the op on uint8 instead of leaving a float island between two int8
     regions. Returns the tensors in graph order and the groups of tensors that share a scale.
+    `smoothed`: layers whose first input is replaced by a smoothed tensor (`inputs_of`).
     """
     graph = prepared.proto.graph
     inits = {i.name for i in graph.initializer}
@@ -85,7 +100,7 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str],
     absorbed = prepared.absorbed(forms)
     for layer in prepared.layers:
         if layer.name in int8_layers and layer.name not in absorbed:
-            quant.update((*layer.quantized_inputs(forms), layer.quantized_output(forms)))
+            quant.update((*inputs_of(layer, forms, smoothed), layer.quantized_output(forms)))
     moves = [(n.input[0], [n.output[0]]) for n in graph.node
              if n.op_type in PASSTHROUGH_OPS and n.domain in ("", "ai.onnx") and n.input and n.input[0]
              and len(n.output) == 1 and n.input[0] not in inits and _moves_values(n)]
@@ -163,13 +178,15 @@ def build_plan(
         if src is None or t not in src.tensors:
             raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
         ranges[t] = tensor_range(src.tensors[t], method, percentile)
-    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8}, forms)
+    smoothed = smoothed_layers(full)
+    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8}, forms, smoothed)
     for group in groups:  # one scale per group: the union of its members' ranges (nothing clipped)
         known = [ranges[t] for t in group if t in ranges]
         shared = (min(r[0] for r in known), max(r[1] for r in known))
         for t in group:
             ranges[t] = shared
     arrays = {f"equalize/{p.head}": rec.scales[p.head] for p in active}
+    arrays.update(_smoothing_arrays(rec, smoothed))
     absorbed = prepared.absorbed(forms)
     for la in prepared.layers:
         c = full[la.name]
@@ -177,9 +194,10 @@ def build_plan(
             t, src = la.activations[0], source(la.activations[0])
             if src is None or t not in src.channels:
                 raise QsearchError(f"no per-channel statistics for tensor '{t}' (stale cache?)")
-            arrays[f"mean/{la.name}"] = src.channels[t].mean
+            sm = rec.smoothing_of(la.name) if la.name in smoothed else None
+            arrays[f"mean/{la.name}"] = src.channels[t].mean / (1 if sm is None else sm.scales)
     notes = layer_notes(prepared)
-    for name, text in recovery_notes(rec.pairs, full, active, arrays).items():
+    for name, text in recovery_notes(prepared, rec, full, active, arrays).items():
         notes[name] = replace(notes[name], recovery=text)
     return Plan(
         model_name=prepared.name,
@@ -194,11 +212,40 @@ def build_plan(
     )
 
 
-def recovery_notes(pairs, full: Mapping[str, LayerChoice], active: list, arrays: Mapping) -> dict[str, str]:
+def _smoothing_arrays(rec: RecoveryStats, smoothed: set[str]) -> dict[str, np.ndarray]:
+    """The factors and smoothed range of every group one of whose members reads it smoothed."""
+    have = {n for sm in rec.smoothing.values() for n in sm.group.layers}
+    if smoothed - have:
+        name = sorted(smoothed - have)[0]
+        raise QsearchError(f"no smoothing factors for layer '{name}': smoothing was not computed for it "
+                           "(the search space does not allow smooth, or its input has no per-channel statistics)")
+    arrays = {}
+    for tensor, sm in rec.smoothing.items():
+        if smoothed & set(sm.group.layers):
+            arrays[f"smooth/{tensor}"] = sm.scales
+            arrays[f"smooth_range/{tensor}"] = np.array([sm.lo, sm.hi], np.float32)
+    return arrays
+
+
+def recovery_notes(prepared: PreparedModel, rec: RecoveryStats, full: Mapping[str, LayerChoice], active: list,
+                   arrays: Mapping) -> dict[str, str]:
     """What each layer's recovery does in this plan, for the reviewer: equalized with whom and
-    the scales' span, or dropped and why; bias corrected from how many input means."""
+    the scales' span, or dropped and why; smoothed with which alpha, factors, where the divisor
+    goes; bias corrected from how many input means."""
     notes: dict[str, list[str]] = {}
-    for p in pairs:
+    smoothed = smoothed_layers(full)
+    for tensor, sm in rec.smoothing.items():
+        members = [n for n in sm.group.layers if n in smoothed]
+        if not members:
+            continue
+        s = arrays[f"smooth/{tensor}"]
+        fold = fold_target(prepared, sm.group, set(members))
+        where = f"folded into {fold.op_type} '{fold.name}'" if fold is not None else "one Mul inserted"
+        for n in members:
+            notes.setdefault(n, []).append(
+                f"smoothed (alpha {sm.alpha:g}): {s.size} factors in [{float(s.min()):.3g}, {float(s.max()):.3g}], "
+                f"input '{tensor}' shared by {len(members)} layer{'s' if len(members) > 1 else ''}, {where}")
+    for p in rec.pairs:
         if p in active:
             s = arrays[f"equalize/{p.head}"]
             how = ", clip-aware: no calibration value clipped differently" if p.clip is not None and \
@@ -217,8 +264,11 @@ def recovery_notes(pairs, full: Mapping[str, LayerChoice], active: list, arrays:
 
 
 def check_recovery(prepared: PreparedModel, full: Mapping[str, LayerChoice], pairs, path) -> None:
-    """A layer asking for recovery it cannot have: cle without a partner, bias without a weight."""
+    """A layer asking for recovery it cannot have: cle without a partner, bias without a weight,
+    smooth without a weight MatMul/Gemm (or with a range that is not MinMax)."""
     partners = {n for p in pairs for n in (p.head, p.tail)}
+    smoothable = {n for g in find_groups(prepared) for n in g.layers} \
+        if any(uses(c.recovery, "smooth") for c in full.values()) else set()
     for la in prepared.layers:
         c = full.get(la.name)
         if c is None or c.recovery == "none":
@@ -229,7 +279,14 @@ def check_recovery(prepared: PreparedModel, full: Mapping[str, LayerChoice], pai
                                "read by the second Conv alone)")
         if uses(c.recovery, "bias") and not correctable(la):
             raise QsearchError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery bias but bias "
-                               "correction needs a Conv or Gemm with a weight")
+                               "correction needs a Conv or Gemm with a weight, or a MatMul with a weight and a bias Add")
+        if uses(c.recovery, "smooth"):
+            if la.name not in smoothable:
+                raise QsearchError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery smooth but smoothing "
+                                   "needs a MatMul or Gemm with a 2-D weight of its own")
+            if c.calibration != "minmax":
+                raise QsearchError(f"{path}: layer '{la.name}' asks for recovery smooth with calibration "
+                                   f"{c.calibration}: a smoothed input's range is MinMax (use calibration minmax)")
 
 
 def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "plan") -> None:
@@ -257,17 +314,18 @@ def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "p
         if k not in patterns:
             raise QsearchError(f"{path}: forms.{k}: model '{prepared.name}' has no {k} pattern")
     absorbed = prepared.absorbed(plan.forms)
+    smoothed = smoothed_layers({la.name: plan.choice(la.name) for la in prepared.layers})
     for layer in prepared.layers:
         c = plan.choice(layer.name)
         if c.is_int8 and layer.has_weight and c.granularity not in allowed_granularities(layer):
             raise QsearchError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
                                "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
         if c.is_int8 and layer.name not in absorbed:
-            for t in (*layer.quantized_inputs(plan.forms), layer.quantized_output(plan.forms)):
+            for t in (*inputs_of(layer, plan.forms, smoothed), layer.quantized_output(plan.forms)):
                 if t not in plan.ranges:
                     raise QsearchError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
     tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if plan.choice(la.name).is_int8},
-                                   plan.forms)
+                                   plan.forms, smoothed)
     for t in tensors:
         if t not in plan.ranges:
             raise QsearchError(f"{path}: no activation range for tensor '{t}' (it feeds a value-moving op whose "
@@ -304,6 +362,24 @@ def check_sidecar(plan: Plan, prepared: PreparedModel, path) -> None:
         if name not in wanted:
             raise QsearchError(f"{path}: the sidecar has input means for layer '{name}', which is not an int8 "
                                "layer with bias correction" + closest(name, wanted))
+    _check_smoothing(plan, prepared, full, path)
+
+
+def _check_smoothing(plan: Plan, prepared: PreparedModel, full: Mapping[str, LayerChoice], path) -> None:
+    """Factors and a range for exactly the groups the plan smooths, one factor per channel."""
+    smoothed = smoothed_layers(full)
+    factors, ranges = plan.sidecar.of("smooth"), plan.sidecar.of("smooth_range")
+    groups = {g.tensor: g for g in find_groups(prepared)} if smoothed or factors or ranges else {}
+    wanted = {t: g for t, g in groups.items() if smoothed & set(g.layers)}
+    for t, g in wanted.items():
+        n = width(prepared, g)
+        if t not in factors or factors[t].size != n or t not in ranges:
+            raise QsearchError(f"{path}: layer '{sorted(smoothed & set(g.layers))[0]}' is smoothed but the sidecar "
+                               f"has no {n} smoothing factors and range for its input '{t}'")
+    for t in {*factors, *ranges}:
+        if t not in wanted:
+            raise QsearchError(f"{path}: the sidecar smooths tensor '{t}', which no int8 layer with recovery smooth "
+                               "reads in this plan")
 
 
 def weight_copies(prepared: PreparedModel, plan: Plan) -> dict[str, tuple[str, ...]]:

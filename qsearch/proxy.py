@@ -1,7 +1,7 @@
 """The one-pass proxy: probe models rank every layer's INT8 options (method x granularity x
 recovery) by the SQNR of the layer's output, each layer quantized alone with float inputs. One
 pass per calibration method (their ranges differ); options that equalize run in the equalized
-float model. Cheap enough for 200+ layer models; blind to what a layer's error does downstream,
+float model, options that smooth read their own x / s. Cheap enough for 200+ layer models; blind to what a layer's error does downstream,
 which is why the search measures option sets all-INT8 (`strategy.OPTION_SETS`)."""
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from qsearch.workbench import Workbench
 PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
 
 
-def options_for(layer: Layer, methods, granularities, techniques=(), partnered: bool = False) -> list[LayerChoice]:
+def options_for(layer: Layer, methods, granularities, techniques=(), partnered: bool = False,
+                smoothable: bool = False) -> list[LayerChoice]:
     """Every INT8 option of a layer: method x granularity x the recovery it can take (bias
-    correction with a weight, equalization with a partner) among the allowed `techniques`."""
+    correction with a weight, equalization with a partner, smoothing in a group: MinMax only)
+    among the allowed `techniques`."""
     grans = [g for g in granularities if g in allowed_granularities(layer)] or ["per_tensor"]
     if not layer.has_weight:
         grans = grans[:1]
@@ -34,7 +36,11 @@ def options_for(layer: Layer, methods, granularities, techniques=(), partnered: 
         recs.append("bias")
     if "cle" in techniques and partnered:
         recs += ["cle", "cle+bias"] if "bias" in recs else ["cle"]
-    return [LayerChoice("int8", m, g, r) for m in methods for g in grans for r in recs]
+    smooth = ["smooth", "smooth+bias"] if "bias" in recs else ["smooth"]
+    if "smooth" in techniques and smoothable and "minmax" in methods:
+        recs += smooth
+    return [LayerChoice("int8", m, g, r) for m in methods for g in grans for r in recs
+            if m == "minmax" or not uses(r, "smooth")]
 
 
 def proxy_sqnr(bench: Workbench, entries: list[tuple[Layer, LayerChoice]], samples, queue=None,
@@ -80,10 +86,12 @@ def _probe_pass(bench: Workbench, sub: list[tuple[Layer, LayerChoice]], method: 
 
     tensors = {t for layer, _ in sub for t in (*layer.activations, layer.output, layer.fused_output) if t}
     r = {t: tensor_range(stats_of(t).tensors[t], method, bench.workload.space.percentile) for t in tensors}
+    smoothing = {la.name: rec.smoothing_of(la.name) for la, c in sub if uses(c.recovery, "smooth")}
     means = {la.name: stats_of(la.activations[0]).channels[la.activations[0]].mean for la, c in sub
              if uses(c.recovery, "bias")}
+    means.update({n: means[n] / sm.scales for n, sm in smoothing.items() if n in means})
     rewriter = bench.eq_rewriter if eq else bench.rewriter
-    model, pairs = rewriter.probe(sub, r, bench.forms, means)
+    model, pairs = rewriter.probe(sub, r, bench.forms, means, smoothing)
     sess = make_session(model, bench.workload.threads)
     names = [t for pair in pairs for t in pair]
     sig = np.zeros(len(pairs))
@@ -101,8 +109,10 @@ def rank_options(bench: Workbench, layers, samples, queue, progress) -> tuple[di
     space = bench.workload.space
     pairs = bench.recovery.pairs if bench.recovery is not None else ()
     partnered = {n for p in pairs for n in (p.head, p.tail)}
+    smoothable = {n for sm in (bench.recovery.smoothing.values() if bench.recovery else ()) for n in sm.group.layers}
     entries = [(la, c) for la in layers
-               for c in options_for(la, space.calibration, space.granularity, space.recovery, la.name in partnered)]
+               for c in options_for(la, space.calibration, space.granularity, space.recovery, la.name in partnered,
+                                    la.name in smoothable)]
     sq, passes = proxy_sqnr(bench, entries, samples, None if queue is None else queue.stage("proxy"), progress)
     proxies: dict[str, dict[str, float]] = {la.name: {} for la in layers}
     for (la, c), v in zip(entries, sq):

@@ -1,4 +1,5 @@
-"""Accuracy recovery as per-layer plan options: cross-layer equalization and bias correction.
+"""Accuracy recovery as per-layer plan options: cross-layer equalization, bias correction and
+smoothing (`smoothing`).
 
 Both are closed form, computed once from the calibration pass and stored with the plan, so `apply`
 needs no data and trials never recompute them.
@@ -33,9 +34,12 @@ from onnx import helper, numpy_helper
 from qsearch.calibration import CalibrationStats
 from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel, node_reads
+from qsearch.smoothing import Smoothing, find_groups
 
-RECOVERIES = ("none", "bias", "cle", "cle+bias")  # a layer's recovery option (plan `recovery:`)
-TECHNIQUES = ("bias", "cle")  # what a search space may allow (`recovery: [bias, cle]`, or [none])
+RECOVERIES = ("none", "bias", "cle", "cle+bias", "smooth", "smooth+bias")  # a layer's option (plan `recovery:`)
+TECHNIQUES = ("bias", "cle", "smooth")  # what a search space may allow (`recovery: [bias, cle]`, or [none])
+SIDECAR_KINDS = {"equalize": "equalization scales", "mean": "input means", "smooth": "smoothing factors",
+                 "smooth_range": "smoothed input range"}
 SCALE_LIMIT = 1e4  # equalization scales kept in [1/SCALE_LIMIT, SCALE_LIMIT]: no denormal weights
 SIDECAR_NAME = "qsearch_recovery"  # the ONNX graph name that marks a qsearch sidecar
 
@@ -190,27 +194,29 @@ def equalized_model(prepared: PreparedModel, scales: Mapping[str, np.ndarray]) -
 
 
 def correctable(layer: Layer) -> bool:
-    """Bias correction needs a weight and a place for a bias: Conv and Gemm (one is added if absent)."""
-    return layer.has_weight and layer.op_type in ("Conv", "Gemm")
+    """Bias correction needs a weight and a place for a bias: Conv and Gemm (one is added if
+    absent), a MatMul whose bias is the Add after it (`Layer.bias_add`)."""
+    return layer.has_weight and (layer.op_type in ("Conv", "Gemm") or bool(layer.bias_add))
 
 
 def bias_delta(layer: Layer, w: np.ndarray, w_deq: np.ndarray, mean: np.ndarray, groups: int = 1) -> np.ndarray:
     """-(W_q - W) E[x] per output channel (float64 maths, float32 result). Conv: summed over the
-    kernel, padding ignored; Gemm: along the weight's input axis."""
+    kernel, padding ignored; Gemm and MatMul: along the weight's input axis."""
     dw = w_deq.astype(np.float64) - w.astype(np.float64)
     m = mean.astype(np.float64)
     if layer.op_type == "Conv":
         per_in = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # (cout, cin/groups)
         cout_g, cin_g = dw.shape[0] // groups, dw.shape[1]
         delta = np.array([per_in[o] @ m[(o // cout_g) * cin_g:(o // cout_g + 1) * cin_g] for o in range(dw.shape[0])])
-    else:  # Gemm: weight (K, N) with axis 1 (transB = 0), (N, K) with axis 0
+    else:  # Gemm, MatMul: weight (K, N) with axis 1 (MatMul; Gemm transB = 0), (N, K) with axis 0
         delta = m @ dw if layer.weight_axis == 1 else dw @ m
     return (-delta).astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)
 class Sidecar:
-    """The recovery arrays of one plan: `equalize/<head layer>` scales, `mean/<layer>` input means.
+    """The recovery arrays of one plan: `equalize/<head layer>` scales, `mean/<layer>` input means,
+    `smooth/<tensor>` smoothing factors and `smooth_range/<tensor>` the smoothed tensor's range.
     Compared and named by the sha256 of its bytes (deterministic: sorted, raw float32)."""
 
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -218,14 +224,17 @@ class Sidecar:
     def __post_init__(self) -> None:
         for k, v in self.arrays.items():
             kind = k.split("/", 1)[0]
-            if kind not in ("equalize", "mean") or "/" not in k:
-                raise QsearchError(f"recovery sidecar: unknown entry '{k}' (expected equalize/<layer> or mean/<layer>)")
+            if kind not in SIDECAR_KINDS or "/" not in k:
+                raise QsearchError(f"recovery sidecar: unknown entry '{k}' (expected "
+                                   f"{', '.join(f'{x}/<name>' for x in SIDECAR_KINDS)})")
             a = np.asarray(v)
             if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)):
                 raise QsearchError(f"recovery sidecar: '{k}' must be a non-empty vector of finite numbers")
-            if kind == "equalize" and not np.all(a > 0):
-                raise QsearchError(f"recovery sidecar: '{k}': equalization scales must be positive, found "
+            if kind in ("equalize", "smooth") and not np.all(a > 0):
+                raise QsearchError(f"recovery sidecar: '{k}': {SIDECAR_KINDS[kind]} must be positive, found "
                                    f"{float(a.min())!r}")
+            if kind == "smooth_range" and not (a.size == 2 and a[0] <= 0 <= a[1]):
+                raise QsearchError(f"recovery sidecar: '{k}' must be [low, high] around zero")
 
     def to_bytes(self) -> bytes:
         g = helper.make_graph([], SIDECAR_NAME, [], [], [numpy_helper.from_array(
@@ -249,7 +258,11 @@ class Sidecar:
         return {k.split("/", 1)[1]: v for k, v in self.arrays.items() if k.startswith("equalize/")}
 
     def means(self) -> dict[str, np.ndarray]:
-        return {k.split("/", 1)[1]: v for k, v in self.arrays.items() if k.startswith("mean/")}
+        return self.of("mean")
+
+    def of(self, kind: str) -> dict[str, np.ndarray]:
+        """name -> array of one kind of entry (`SIDECAR_KINDS`)."""
+        return {k.split("/", 1)[1]: v for k, v in self.arrays.items() if k.split("/", 1)[0] == kind}
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str, sha256: str) -> Sidecar:
@@ -298,6 +311,10 @@ class RecoveryStats:
     scales: Mapping[str, np.ndarray] = field(default_factory=dict)
     stats: CalibrationStats | None = None
     prepared: PreparedModel | None = None
+    smoothing: Mapping[str, Smoothing] = field(default_factory=dict)  # input tensor -> its group's factors
+
+    def smoothing_of(self, layer: str) -> Smoothing | None:
+        return next((s for s in self.smoothing.values() if layer in s.group.layers), None)
 
     def inside(self, active: list[Pair]) -> set[str]:
         return {t for p in active for t in p.tensors}
@@ -310,8 +327,11 @@ def active_pairs(pairs: tuple[Pair, ...], choice_of) -> list[Pair]:
 
 def channel_tensors(prepared: PreparedModel) -> dict[str, int]:
     """Tensors whose per-channel mean and max the calibration pass records (tensor -> axis): the
-    inputs of layers bias correction may apply to, and the conv outputs of pair heads."""
+    inputs of layers bias correction may apply to, the conv outputs of pair heads, the inputs of
+    smoothing groups."""
     out = {la.activations[0]: (1 if la.op_type == "Conv" else -1) for la in prepared.layers if correctable(la)}
     for p in find_pairs(prepared):
         out.setdefault(p.conv_out, 1)
+    for g in find_groups(prepared):
+        out.setdefault(g.tensor, -1)
     return out

@@ -158,7 +158,9 @@ def recovery_line(plan, pairs: int) -> str:
         return (f"Recovery: none in the chosen plan ({pairs} equalizable Conv pairs in the model; "
                 f"{cle} layers chose equalization without their partner)." if cle else
                 f"Recovery: none in the chosen plan ({pairs} equalizable Conv pairs in the model).")
-    return (f"Recovery: {len(plan.sidecar.scales())} of {pairs} Conv pairs equalized, {bias} layers bias corrected "
+    smoothed = sum("smooth" in c.recovery for c in plan.layers.values() if c.is_int8)
+    return (f"Recovery: {len(plan.sidecar.scales())} of {pairs} Conv pairs equalized, {smoothed} layers smoothed "
+            f"({len(plan.sidecar.of('smooth'))} inputs), {bias} layers bias corrected "
             f"(arrays in plan.recovery.onnx, sha256 {plan.sidecar.sha256[:12]}).")
 
 

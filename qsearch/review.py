@@ -89,8 +89,8 @@ def _sidecar(p: Plan) -> str:
     is a re-calibration, and diff says so)."""
     if not p.sidecar:
         return "none"
-    return f"{len(p.sidecar.scales())} equalized pairs, {len(p.sidecar.means())} bias corrections " \
-           f"(sha256 {p.sidecar.sha256[:12]})"
+    return f"{len(p.sidecar.scales())} equalized pairs, {len(p.sidecar.of('smooth'))} smoothed inputs, " \
+           f"{len(p.sidecar.means())} bias corrections (sha256 {p.sidecar.sha256[:12]})"
 
 
 def _fmt_range(r: tuple[float, float] | None) -> str:

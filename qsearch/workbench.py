@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qsearch import calibration, data, recovery
+from qsearch import calibration, data, recovery, smoothing
 from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.data import Dataset
@@ -115,19 +115,24 @@ class Workbench:
     def uniform_plan(self, method: str = "minmax", granularity: str = "per_tensor",
                      keep_float: tuple[str, ...] = (), recovery: str = "none") -> Plan:
         """All candidate layers INT8 with one method: the naive baseline (or hybrid with keep_float).
-        `recovery`: applied where a layer can take it (equalization in pairs, bias correction
-        on Conv/Gemm); refused when the search space does not allow it."""
+        `recovery`: applied where a layer can take it (equalization in pairs, smoothing in
+        groups, bias correction with a bias); refused when the search space does not allow it."""
         allowed = self.workload.space.recovery
         for technique in recovery.split("+") if recovery != "none" else ():
             if technique not in allowed:
                 raise QsearchError(f"{self.workload.path}: recovery {technique} is not allowed by the search space "
                                    f"(search_space.recovery: {list(allowed) or ['none']})")
-        partnered = {n for p in (self.recovery.pairs if self.recovery else ()) for n in (p.head, p.tail)}
+        if "smooth" in recovery and method != "minmax":
+            raise QsearchError(f"recovery smooth needs calibration minmax (a smoothed input's range is MinMax), "
+                               f"not {method}")
+        rec = self.recovery or RecoveryStats()
+        partnered = {n for p in rec.pairs for n in (p.head, p.tail)}
+        smoothable = {n for sm in rec.smoothing.values() for n in sm.group.layers}
         fp = LayerChoice(self.float_precision)
         choices = {}
         for la in self.candidates():
             parts = [t for t in recovery.split("+") if (t == "cle" and la.name in partnered)
-                     or (t == "bias" and correctable(la))]
+                     or (t == "bias" and correctable(la)) or (t == "smooth" and la.name in smoothable)]
             choices[la.name] = fp if la.name in keep_float else \
                 LayerChoice("int8", method, granularity, "+".join(parts) or "none")
         return self.plan(choices)
@@ -318,13 +323,15 @@ def _calibrate(bench: Workbench, queue, progress, log) -> tuple[CalibrationStats
 
 
 def _recovery(bench: Workbench, stats: CalibrationStats, log) -> tuple[RecoveryStats, int]:
-    """(what cle needs, passes run): pairs, scales from the weights and the calibration maxima, and
-    one calibration pass of the equalized model over the tensors between pairs (cached)."""
-    if "cle" not in bench.workload.space.recovery:
-        return RecoveryStats(), 0
-    pairs = recovery.find_pairs(bench.prepared)
+    """(what recovery needs, passes run): smoothing factors from the per-channel statistics (no
+    pass); for cle the pairs, scales from the weights and the calibration maxima, and one
+    calibration pass of the equalized model over the tensors between pairs (cached)."""
+    space = bench.workload.space
+    smooth = smoothing.compute(bench.prepared, stats.channels, "per_channel" in space.granularity) \
+        if "smooth" in space.recovery else {}
+    pairs = recovery.find_pairs(bench.prepared) if "cle" in space.recovery else ()
     if not pairs:
-        return RecoveryStats(), 0
+        return RecoveryStats(smoothing=smooth), 0
     scales = recovery.compute_scales(bench.prepared, {p.conv_out: stats.channels[p.conv_out].max for p in pairs})
     eq = recovery.equalized_model(bench.prepared, scales)
     tensors = sorted({t for p in pairs for t in p.tensors})
@@ -334,7 +341,7 @@ def _recovery(bench: Workbench, stats: CalibrationStats, log) -> tuple[RecoveryS
     if got is None:
         log(f"calibrating the equalized model ({len(pairs)} pairs, {len(tensors)} tensors, one pass)")
         got, passes = _collect(bench, tensors, path, eq), 1
-    return RecoveryStats(pairs, scales, got, eq), passes
+    return RecoveryStats(pairs, scales, got, eq, smooth), passes
 
 
 # ---------------------------------------------------------------------- run sizes

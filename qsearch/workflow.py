@@ -69,6 +69,7 @@ class OptimizeResult:
                 "latency_spread": self.latency_spread, "evaluations": self.evaluations,
                 "seconds": round(self.seconds, 3),
                 "recovery": None if self.plan is None else {"equalized_pairs": len(self.plan.sidecar.scales()),
+                                                            "smoothed_inputs": len(self.plan.sidecar.of("smooth")),
                                                             "bias_corrected": len(self.plan.sidecar.means())},
                 "paths": {"out": str(self.out), **({"plan": str(self.plan_path), "model": str(self.model_path),
                                                      "report": str(self.report_path)} if self.status == 0 else {}),

@@ -23,9 +23,10 @@ from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel
 from qsearch.plan import LayerChoice, Plan
-from qsearch.planning import quantized_tensors
+from qsearch.planning import quantized_tensors, smoothed_layers
 from qsearch.recovery import Pair, bias_delta, equalized_weights, find_pairs, group, uses
 from qsearch.rewrite.graph import EditGraph
+from qsearch.smoothing import Group, find_groups, fold_target, scaled_weight
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
@@ -42,6 +43,7 @@ class Rewriter:
         self._quant = lru_cache(maxsize=None)(self._quantize_weight)
         self._weights: dict[str, np.ndarray] = {}  # equalized weights of the plan being applied
         self._pairs: tuple[Pair, ...] | None = None
+        self._groups: dict[str, Group] | None = None
 
     @property
     def pairs(self) -> tuple[Pair, ...]:
@@ -62,11 +64,19 @@ class Rewriter:
     def __call__(self, plan: Plan) -> onnx.ModelProto:
         return self.apply(plan)
 
+    @property
+    def groups(self) -> dict[str, Group]:
+        """The model's smoothing groups by input tensor, found once."""
+        if self._groups is None:
+            self._groups = {g.tensor: g for g in find_groups(self.prepared)}
+        return self._groups
+
     def apply(self, plan: Plan) -> onnx.ModelProto:
         choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
         g = EditGraph(self.prepared.proto)
         int8 = [layer for layer in self.prepared.layers if choices[layer.name].is_int8]
-        tensors, _ = quantized_tensors(self.prepared, {layer.name for layer in int8}, plan.forms)
+        smoothed = smoothed_layers(choices)
+        tensors, _ = quantized_tensors(self.prepared, {layer.name for layer in int8}, plan.forms, smoothed)
         missing = [t for t in tensors if t not in plan.ranges]
         if missing:
             raise QsearchError(f"plan has no activation range for tensor '{missing[0]}' (quantized for its int8 "
@@ -74,12 +84,20 @@ class Rewriter:
         act_params = {t: activation_qparams(*plan.ranges[t]) for t in tensors}
         absorbed = self.prepared.absorbed(plan.forms)
         weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
+        smoothed_inputs = self._smooth(g, plan, smoothed, weights)
+        act_params.update(smoothed_inputs)
         means = plan.sidecar.means()
         for layer in int8:
             if layer.name in absorbed:  # inside a fused pattern's gate: swept with it
                 continue
-            self._quantize_layer(g, layer, choices[layer.name], act_params, g.node(layer.name), weights,
-                                 means.get(layer.name))
+            node = g.node(layer.name)
+            delta = self._quantize_layer(g, layer, choices[layer.name], act_params, node, weights,
+                                         means.get(layer.name), act_params.get(node.input[0]))
+            if delta is not None:  # a MatMul's bias lives in the Add after it
+                add = g.node(layer.bias_add)
+                b = next(t for t in add.input if t != layer.output)
+                weights[b] = self._float(b, weights) + delta
+                g.set_initializer(b, weights[b])
             if layer.fused(plan.forms):
                 g.fuse_hardswish(layer)
         for t in sorted(act_params, key=g.order_of):
@@ -90,15 +108,41 @@ class Rewriter:
             g.convert_fp16(fp16_nodes)
         return g.build()
 
+    def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> dict:
+        """Each group the plan smooths: its smoothed members read x / s (one Mul; or the
+        LayerNormalization writing x with the divisor in its scale and bias, when nothing else
+        reads x) and their weights' rows times s. Returns the smoothed tensors' Q/DQ parameters."""
+        out = {}
+        ranges = plan.sidecar.of("smooth_range")
+        for tensor, s in plan.sidecar.of("smooth").items():
+            group = self.groups[tensor]
+            members = [n for n in group.layers if n in smoothed]
+            fold = fold_target(self.prepared, group, set(members))
+            if fold is not None:
+                for t in (t for t in fold.input[1:3] if t):
+                    g.set_initializer(t, (self._float(t, weights).astype(np.float64) / s).astype(np.float32))
+                x = tensor
+            else:
+                x = g.scale_channels(tensor, (1 / s.astype(np.float64)).astype(np.float32))
+            for n in members:
+                layer = self.prepared.layer(n)
+                g.replace_input(g.node(layer.nodes[0]), tensor, x)
+                weights[layer.weight] = scaled_weight(layer, self._float(layer.weight, weights), s)
+            out[x] = activation_qparams(*(float(v) for v in ranges[tensor]))
+        return out
+
     def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges, forms: dict[str, str] | None = None,
-              means: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+              means: dict[str, np.ndarray] | None = None, smoothing: dict | None = None,
+              ) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
         """One model that computes, beside the float graph, a quantized twin of each listed layer
         fed with the *float* inputs: the error of each layer alone, for every layer, in one pass.
         The graph reduces each pair in place to two scalars (sum of squares of the float output,
         of the twin's error), so a 100-layer probe on large feature maps returns a few numbers
         instead of gigabytes. Returns the model and, per entry, (signal, noise) output names.
-        `means`: input means per layer, for entries whose choice corrects the bias. Equalization
-        is probed on an equalized model's rewriter (`recovery.equalized_model`)."""
+        `means`: input means per layer, for entries whose choice corrects the bias (of the
+        smoothed input, when smoothed); `smoothing`: layer -> its group's `Smoothing`, for entries
+        that smooth. Equalization is probed on an equalized model's rewriter
+        (`recovery.equalized_model`)."""
         g = EditGraph(self.prepared.proto)
         pairs = []
         for k, (layer, choice) in enumerate(entries):
@@ -115,12 +159,24 @@ class Rewriter:
                 for i, t in enumerate(n.output):
                     n.output[i] = inner[t]
             act_params = {t: activation_qparams(*ranges[t]) for t in (*layer.activations, layer.output)}
+            sm = (smoothing or {}).get(layer.name) if uses(choice.recovery, "smooth") else None
+            x_params, weights = act_params.get(layer.activations[0]), None
             for t in layer.activations:
-                g.replace_input(twins[0], t, g.fake_quant(t, f"{t}{tag}_fq", *act_params[t]))
+                if sm is not None and t == layer.activations[0]:
+                    x_params = activation_qparams(sm.lo, sm.hi)
+                    x = g.fake_quant(g.scale_channels(t, (1 / sm.scales.astype(np.float64)).astype(np.float32)),
+                                     f"{t}{tag}_fq", *x_params)
+                    weights = {layer.weight: scaled_weight(layer, self._float(layer.weight, {}), sm.scales)}
+                else:
+                    x = g.fake_quant(t, f"{t}{tag}_fq", *act_params[t])
+                g.replace_input(twins[0], t, x)
             mean = (means or {}).get(layer.name) if uses(choice.recovery, "bias") else None
-            self._quantize_layer(g, layer, choice, act_params, twins[0], None, mean)
+            delta = self._quantize_layer(g, layer, choice, act_params, twins[0], weights, mean, x_params)
             g.extra.extend(twins)
-            twin_out = g.fake_quant(inner[layer.output], f"{layer.output}{tag}_fq", *act_params[layer.output])
+            out = inner[layer.output]
+            if delta is not None:  # the bias Add is not in the twin: the correction joins its output
+                out = g.add_channels(out, delta)
+            twin_out = g.fake_quant(out, f"{layer.output}{tag}_fq", *act_params[layer.output])
             pairs.append(g.reduce_pair(tag, layer.output, twin_out))
         model = g.build(extra_outputs=[t for pair in pairs for t in pair])
         return model, pairs
@@ -136,21 +192,24 @@ class Rewriter:
         return g.reduce_pair(tag, out, g.fake_quant(hs, f"{out}{tag}_fq", *out_params))
 
     def _quantize_layer(self, g: EditGraph, layer: Layer, choice: LayerChoice, act_params, node,
-                        weights: dict[str, np.ndarray] | None = None, mean: np.ndarray | None = None) -> None:
-        """Q/DQ weights and int32 bias for one layer. `weights`: equalized float weights (the
-        plan's pairs); `mean`: the layer's input means, for bias correction."""
+                        weights: dict[str, np.ndarray] | None = None, mean: np.ndarray | None = None,
+                        x_params: tuple | None = None) -> np.ndarray | None:
+        """Q/DQ weights and int32 bias for one layer. `weights`: equalized or smoothed float
+        weights; `mean`: the layer's input means, for bias correction; `x_params`: its input's
+        Q/DQ parameters (default: its first activation's). Returns the correction of a MatMul's
+        bias Add (the caller adds it where the bias lives), else None."""
         if layer.constant is not None:  # QLinearAdd/Mul take both inputs as uint8: the constant too
-            c = numpy_helper.to_array(self.inits[layer.constant]).astype(np.float32)
+            c = self._float(layer.constant, weights or {})  # a MatMul's corrected bias, if it is one
             scale, zp = activation_qparams(float(min(c.min(initial=0.0), 0.0)), float(max(c.max(initial=0.0), 0.0)))
             q = np.clip(np.round(c / scale) + int(zp), 0, 255).astype(np.uint8)
             cq = g.add_dequantized_init(f"{layer.constant}_{layer.name}_u8", q, np.float32(scale), np.uint8(zp), None)
             g.replace_input(node, layer.constant, cq)
         if layer.weight is None:
-            return
+            return None
         weights = weights or {}
         per_channel = choice.granularity == "per_channel"
         key = b""
-        if layer.weight in weights:  # equalized: cached by the scaled weight's bytes
+        if layer.weight in weights:  # equalized or smoothed: cached by the scaled weight's bytes
             self._weights[layer.weight] = weights[layer.weight]
             key = hashlib.sha256(weights[layer.weight].tobytes()).digest()
         q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel, key)
@@ -166,12 +225,14 @@ class Rewriter:
                 shape[layer.weight_axis] = -1
             deq = q.astype(np.float32) * w_scale.reshape(shape)
             delta = bias_delta(layer, w, deq, mean, group(node)).astype(np.float64)
+            if layer.bias_add:
+                return delta.astype(np.float32)
             b = delta if b is None else b + delta
         if b is not None and not np.any(b):  # a zero bias adds nothing: the int8 kernel runs without one
             if layer.bias is not None and len(node.input) > 2 and node.input[2] == layer.bias:
                 del node.input[2]
         elif b is not None:
-            x_scale = act_params[layer.activations[0]][0]
+            x_scale = (x_params or act_params[layer.activations[0]])[0]
             b_scale = (w_scale.astype(np.float64) * float(x_scale)).astype(np.float32)
             bq = np.clip(np.round(b / b_scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
             base = f"{layer.bias or layer.weight + '_bias'}_{layer.name}" + ("_corrected" if mean is not None else "")
@@ -183,3 +244,4 @@ class Rewriter:
                 node.input.append(bname)
             else:
                 g.replace_input(node, layer.bias, bname)
+        return None

@@ -145,6 +145,27 @@ class EditGraph:
             self.new_inits[name] = numpy_helper.from_array(np.asarray(array), name)
         return name
 
+    def set_initializer(self, name: str, array: np.ndarray) -> None:
+        """A new value for an existing initializer, same name (a corrected bias, a LayerNorm scale
+        with the smoothing divisor folded in); the caller knows nothing else reads it."""
+        self.new_inits[name] = numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name)
+
+    def scale_channels(self, tensor: str, factors: np.ndarray) -> str:
+        """A Mul of `tensor` by per-channel (last axis) factors, into a new tensor (returned)."""
+        return self._channel_op("Mul", tensor, factors, "smoothed")
+
+    def add_channels(self, tensor: str, values: np.ndarray) -> str:
+        """An Add of per-channel (last axis) values to `tensor`, into a new tensor (returned)."""
+        return self._channel_op("Add", tensor, values, "corrected")
+
+    def _channel_op(self, op: str, tensor: str, values: np.ndarray, what: str) -> str:
+        names = self.names
+        out = names.fresh(f"{tensor}_{what}")
+        fn = self._init(names.fresh(f"{tensor}_{what}_{op.lower()}"), np.ascontiguousarray(values, np.float32))
+        self.extra.append(helper.make_node(op, [tensor, fn], [out], name=names.fresh(f"{tensor}_{op}_{what}")))
+        self.producer[out] = self.extra[-1]
+        return out
+
     def add_dequantized_init(self, base: str, q, scale, zp, axis: int | None, key: tuple | None = None) -> str:
         """A quantized constant behind its DequantizeLinear, once per `base` or `key` (a weight
         shared by layers is stored once); returns the dequantized tensor's name."""
