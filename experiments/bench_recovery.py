@@ -1,5 +1,6 @@
 """Accuracy recovery on real workloads: the all-INT8 drop (MinMax, per-tensor and per-channel
-weights) with no recovery, bias correction, cross-layer equalization and both, on search and test
+weights) with no recovery, bias correction, cross-layer equalization, smoothing and their
+combinations, on search and test
 data, every model from one calibration; then (`--optimize`) `qsearch optimize` with recovery
 (the default search space) against `recovery: [none]`, both timed side by side with FP32 in
 interleaved rounds in this run. Writes recovery_<workload>.md.
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_closed_loop import workload_config  # noqa: E402
 
-RECOVERIES = ("none", "bias", "cle", "cle+bias")
+from qsearch.recovery import RECOVERIES  # noqa: E402
 
 
 def drops(cfg: Path, cache: Path) -> tuple[list[str], object]:
@@ -38,7 +39,12 @@ def drops(cfg: Path, cache: Path) -> tuple[list[str], object]:
     setup = time.perf_counter() - t
     ev = Evaluator(bench)
     pairs = bench.recovery.pairs if bench.recovery else ()
+    smooth = bench.recovery.smoothing if bench.recovery else {}
+    alphas = sorted(sm.alpha for sm in smooth.values())
     lines = [f"Equalizable pairs: {len(pairs)} ({sum(p.clip is not None for p in pairs)} through a Clip, clip-aware); "
+             f"smoothing groups: {len(smooth)} inputs of {sum(len(sm.group.layers) for sm in smooth.values())} layers"
+             + (f" (alpha chosen per group: {alphas[0]:g}-{alphas[-1]:g}, median {alphas[len(alphas) // 2]:g})"
+                if alphas else "") + "; "
              f"layers bias correction applies to: {sum(correctable(la) for la in bench.candidates())} of "
              f"{len(bench.candidates())}. Setup with both calibration passes: {setup:.1f} s "
              f"({bench.calibration_passes} passes).", "",
@@ -125,7 +131,7 @@ def main() -> None:
             f"Runtime {__import__('onnxruntime').__version__}, 1 thread)", "",
             f"Metric {bench.workload.metric.name}, budget max_drop {bench.allowed_drop():g}. All-INT8 = every candidate "
             "layer INT8 with MinMax ranges; recovery applied where a layer can take it (equalization in Conv pairs, "
-            "bias correction on Conv/Gemm).", ""]
+            "smoothing of MatMul/Gemm inputs, bias correction on Conv/Gemm and MatMul with a bias Add).", ""]
     if args.optimize:
         lines += ["", *optimize(args.workload, args.seeds, args.budget, args.rounds, root)]
     (HERE / f"recovery_{args.workload}.md").write_text("\n".join(head + lines) + "\n")
