@@ -143,8 +143,8 @@ def _plan_commands(sub) -> None:
     b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
                    help="weight scales (default: %(default)s)")
     b.add_argument("--recovery", choices=RECOVERIES, default="none",
-                   help="naive only: cross-layer equalization (cle) and/or bias correction where each layer can "
-                        "take it (default: %(default)s)")
+                   help="naive only: cross-layer equalization (cle) or smoothing (smooth, MinMax only), and/or "
+                        "bias correction, where each layer can take it (default: %(default)s)")
 
 
 def _interrupt(signum, frame):
