@@ -36,10 +36,12 @@ from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel, node_reads
 from qsearch.smoothing import Smoothing, find_groups
 
-RECOVERIES = ("none", "bias", "cle", "cle+bias", "smooth", "smooth+bias")  # a layer's option (plan `recovery:`)
-TECHNIQUES = ("bias", "cle", "smooth")  # what a search space may allow (`recovery: [bias, cle]`, or [none])
+_CLOSED_FORM = ("none", "bias", "cle", "cle+bias", "smooth", "smooth+bias")
+# a layer's option (plan `recovery:`): a closed-form one, and learned rounding on top of it
+RECOVERIES = (*_CLOSED_FORM, *("round" if r == "none" else f"{r}+round" for r in _CLOSED_FORM))
+TECHNIQUES = ("bias", "cle", "smooth", "round")  # what a search space may allow (`recovery: [bias, cle]`, or [none])
 SIDECAR_KINDS = {"equalize": "equalization scales", "mean": "input means", "smooth": "smoothing factors",
-                 "smooth_range": "smoothed input range"}
+                 "smooth_range": "smoothed input range", "round": "learned weight codes"}
 SCALE_LIMIT = 1e4  # equalization scales kept in [1/SCALE_LIMIT, SCALE_LIMIT]: no denormal weights
 SIDECAR_NAME = "qsearch_recovery"  # the ONNX graph name that marks a qsearch sidecar
 
@@ -235,6 +237,8 @@ class Sidecar:
                                    f"{float(a.min())!r}")
             if kind == "smooth_range" and not (a.size == 2 and a[0] <= 0 <= a[1]):
                 raise QsearchError(f"recovery sidecar: '{k}' must be [low, high] around zero")
+            if kind == "round" and not (np.all(a == np.round(a)) and np.abs(a).max() <= 127):
+                raise QsearchError(f"recovery sidecar: '{k}': learned weight codes must be integers in [-127, 127]")
 
     def to_bytes(self) -> bytes:
         g = helper.make_graph([], SIDECAR_NAME, [], [], [numpy_helper.from_array(

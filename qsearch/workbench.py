@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qsearch import calibration, data, recovery, smoothing
+from qsearch import calibration, data, recovery, rounding, smoothing
 from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.data import Dataset
@@ -116,7 +116,8 @@ class Workbench:
                      keep_float: tuple[str, ...] = (), recovery: str = "none") -> Plan:
         """All candidate layers INT8 with one method: the naive baseline (or hybrid with keep_float).
         `recovery`: applied where a layer can take it (equalization in pairs, smoothing in
-        groups, bias correction with a bias); refused when the search space does not allow it."""
+        groups, bias correction with a bias, learned rounding with a weight of its own, within
+        `rounding.CAP_S`); refused when the search space does not allow it."""
         allowed = self.workload.space.recovery
         for technique in recovery.split("+") if recovery != "none" else ():
             if technique not in allowed:
@@ -135,7 +136,10 @@ class Workbench:
                      or (t == "bias" and correctable(la)) or (t == "smooth" and la.name in smoothable)]
             choices[la.name] = fp if la.name in keep_float else \
                 LayerChoice("int8", method, granularity, "+".join(parts) or "none")
-        return self.plan(choices)
+        plan = self.plan(choices)
+        if "round" in recovery.split("+"):  # learned for this plan, in graph order, within the cap
+            plan, _ = rounding.learn_for_plan(self, plan, [la.name for la in self.candidates()])
+        return plan
 
     def allowed_drop(self) -> float:
         return self.workload.allowed_drop(self.baseline.fp32_search)

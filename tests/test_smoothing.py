@@ -162,3 +162,44 @@ def test_bad_smoothing_input_is_refused_in_one_line(tmp_path, capsys, case, mess
     err = last_error(capsys)
     assert message in err and "\n" not in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- learned rounding
+def test_learned_rounding_beats_nearest_on_correlated_inputs():
+    from qsearch.rounding import layer_problem, learn
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0, 1, (2048, 32)) @ rng.normal(0, 1, (32, 32)) * 0.3 + rng.normal(0, 1, (2048, 32)))
+    w = rng.normal(0, 0.1, (16, 32)).astype(np.float32)
+    layer = Layer("g", "Gemm", ("g",), ("x",), "y", weight="w", weight_axis=0)
+    for per_channel in (True, False):
+        wg, sg, g, back = layer_problem(layer, w, per_channel, x.astype(np.float32))
+        codes, nearest, learned = learn(wg, sg, g)
+        assert learned < 0.8 * nearest  # neighbouring weights' errors stop adding up
+        c = back(codes)
+        assert c.shape == w.shape and np.all(np.abs(c) <= 127) and np.all(c == np.round(c))
+        # each weight rounds down or up, never further
+        assert np.all(np.abs(c * sg[0, :, 0][:, None] - w) <= sg[0, :, 0][:, None] * (1 + 1e-6))
+
+
+def test_rounded_plan_is_written_checked_and_rebuilt(tmp_path, capsys):
+    from qsearch.rounding import learn_for_plan
+
+    cfg, bench = _bench(tmp_path, False)
+    plan, rounded = learn_for_plan(bench, bench.plan(_all_int8(bench, "smooth")), ["mm_q", "mm_v"])
+    assert set(rounded) == {"mm_q", "mm_v"} and plan.choice("mm_q").recovery == "smooth+round"
+    assert all(r.learned_error <= r.nearest_error for r in rounded.values())
+    assert "less output error than nearest rounding" in plan.notes["mm_q"].recovery
+    path = tmp_path / "p" / "plan.yaml"
+    path.parent.mkdir()
+    plan.write(path)
+    assert main(["apply", str(path), str(cfg.parent / "model.onnx"), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").read_bytes() == bench.rewriter(plan).SerializeToString()
+    side = path.parent / "plan.recovery.onnx"
+    arrays = {n.name: numpy_helper.to_array(n) for n in onnx.GraphProto.FromString(side.read_bytes()).initializer}
+    for forged, message in (({**arrays, "round/mm_q": arrays["round/mm_q"] + 0.5}, "must be integers"),
+                            ({k: v for k, v in arrays.items() if k != "round/mm_v"}, "no 576 weight codes")):
+        _forge(side, forged, path)
+        assert main(["apply", str(path), str(cfg.parent / "model.onnx"), "-o", str(tmp_path / "bad.onnx")]) == 2
+        assert message in last_error(capsys)
+        assert not (tmp_path / "bad.onnx").exists()

@@ -23,8 +23,9 @@ from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel
 from qsearch.plan import LayerChoice, Plan
-from qsearch.planning import quantized_tensors, smoothed_layers
+from qsearch.planning import quantized_tensors
 from qsearch.recovery import Pair, bias_delta, equalized_weights, find_pairs, group, uses
+from qsearch.recoveryplan import smoothed_layers
 from qsearch.rewrite.graph import EditGraph
 from qsearch.smoothing import Group, find_groups, fold_target, scaled_weight
 
@@ -86,13 +87,13 @@ class Rewriter:
         weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
         smoothed_inputs = self._smooth(g, plan, smoothed, weights)
         act_params.update(smoothed_inputs)
-        means = plan.sidecar.means()
+        means, codes = plan.sidecar.means(), plan.sidecar.of("round")
         for layer in int8:
             if layer.name in absorbed:  # inside a fused pattern's gate: swept with it
                 continue
             node = g.node(layer.name)
             delta = self._quantize_layer(g, layer, choices[layer.name], act_params, node, weights,
-                                         means.get(layer.name), act_params.get(node.input[0]))
+                                         means.get(layer.name), act_params.get(node.input[0]), codes.get(layer.name))
             if delta is not None:  # a MatMul's bias lives in the Add after it
                 add = g.node(layer.bias_add)
                 b = next(t for t in add.input if t != layer.output)
@@ -114,10 +115,8 @@ class Rewriter:
         reads x) and their weights' rows times s. Returns the smoothed tensors' Q/DQ parameters."""
         out = {}
         ranges = plan.sidecar.of("smooth_range")
-        for tensor, s in plan.sidecar.of("smooth").items():
-            group = self.groups[tensor]
-            members = [n for n in group.layers if n in smoothed]
-            fold = fold_target(self.prepared, group, set(members))
+        for tensor, members, s in self._smoothed_weights(plan, smoothed, weights):
+            fold = fold_target(self.prepared, self.groups[tensor], set(members))
             if fold is not None:
                 for t in (t for t in fold.input[1:3] if t):
                     g.set_initializer(t, (self._float(t, weights).astype(np.float64) / s).astype(np.float32))
@@ -125,11 +124,30 @@ class Rewriter:
             else:
                 x = g.scale_channels(tensor, (1 / s.astype(np.float64)).astype(np.float32))
             for n in members:
-                layer = self.prepared.layer(n)
-                g.replace_input(g.node(layer.nodes[0]), tensor, x)
-                weights[layer.weight] = scaled_weight(layer, self._float(layer.weight, weights), s)
+                g.replace_input(g.node(self.prepared.layer(n).nodes[0]), tensor, x)
             out[x] = activation_qparams(*(float(v) for v in ranges[tensor]))
         return out
+
+    def _smoothed_weights(self, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> list[tuple]:
+        """(tensor, smoothed members, factors) per group the plan smooths; the members' scaled
+        weights go into `weights`."""
+        out = []
+        for tensor, s in plan.sidecar.of("smooth").items():
+            members = [n for n in self.groups[tensor].layers if n in smoothed]
+            for n in members:
+                layer = self.prepared.layer(n)
+                weights[layer.weight] = scaled_weight(layer, self._float(layer.weight, weights), s)
+            out.append((tensor, members, s))
+        return out
+
+    def float_weights(self, plan: Plan) -> dict[str, np.ndarray]:
+        """Layer -> the float weight it quantizes under this plan (equalized, smoothed), for each
+        INT8 layer with a weight: what learned rounding rounds."""
+        choices = {la.name: plan.choice(la.name) for la in self.prepared.layers}
+        weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
+        self._smoothed_weights(plan, smoothed_layers(choices), weights)
+        return {la.name: self._float(la.weight, weights) for la in self.prepared.layers
+                if la.weight and choices[la.name].is_int8}
 
     def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges, forms: dict[str, str] | None = None,
               means: dict[str, np.ndarray] | None = None, smoothing: dict | None = None,
@@ -193,11 +211,12 @@ class Rewriter:
 
     def _quantize_layer(self, g: EditGraph, layer: Layer, choice: LayerChoice, act_params, node,
                         weights: dict[str, np.ndarray] | None = None, mean: np.ndarray | None = None,
-                        x_params: tuple | None = None) -> np.ndarray | None:
+                        x_params: tuple | None = None, codes: np.ndarray | None = None) -> np.ndarray | None:
         """Q/DQ weights and int32 bias for one layer. `weights`: equalized or smoothed float
         weights; `mean`: the layer's input means, for bias correction; `x_params`: its input's
-        Q/DQ parameters (default: its first activation's). Returns the correction of a MatMul's
-        bias Add (the caller adds it where the bias lives), else None."""
+        Q/DQ parameters (default: its first activation's); `codes`: learned int8 weight codes
+        (`rounding`) in place of nearest rounding. Returns the correction of a MatMul's bias Add
+        (the caller adds it where the bias lives), else None."""
         if layer.constant is not None:  # QLinearAdd/Mul take both inputs as uint8: the constant too
             c = self._float(layer.constant, weights or {})  # a MatMul's corrected bias, if it is one
             scale, zp = activation_qparams(float(min(c.min(initial=0.0), 0.0)), float(max(c.max(initial=0.0), 0.0)))
@@ -213,7 +232,9 @@ class Rewriter:
             self._weights[layer.weight] = weights[layer.weight]
             key = hashlib.sha256(weights[layer.weight].tobytes()).digest()
         q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel, key)
-        suffix = ("pc" if per_channel else "pt") + ("_eq" if key else "")
+        if codes is not None:  # learned rounding: the same scale, other codes
+            q = codes.reshape(q.shape).astype(np.int8)
+        suffix = ("pc" if per_channel else "pt") + ("_eq" if key else "") + ("_rounded" if codes is not None else "")
         wq = g.add_dequantized_init(f"{layer.weight}_{suffix}", q, w_scale, np.zeros(w_scale.shape, np.int8),
                                     layer.weight_axis if per_channel else None)
         g.replace_input(node, layer.weight, wq)
