@@ -44,47 +44,69 @@ def _h(v: np.ndarray) -> np.ndarray:
     return np.clip(1 / (1 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def _moment(x: np.ndarray) -> np.ndarray:
-    """G = X^T X / n per group: x (rows, groups, in_g) -> (groups, in_g, in_g), float64."""
-    x = x.astype(np.float64)
-    return np.einsum("rgi,rgj->gij", x, x) / max(x.shape[0], 1)
+@dataclass(frozen=True)
+class Moments:
+    """Second moments of a layer's inputs per group: g = X~^T X~ / n of what the quantized model
+    feeds it, k = X~^T (X - X~) / n and e = (X - X~)^T (X - X~) / n against the float model's X
+    (zero when only X~ is known). The output error ||X W^T - X~ W_q^T||^2 / n of codes W_q is then
+    tr(W e W^T) - 2 tr(D k W^T) + tr(D g D^T), D = W_q - W: the codes also absorb what the
+    layers before got wrong (AdaRound's asymmetric reconstruction)."""
+
+    g: np.ndarray
+    k: np.ndarray
+    e: np.ndarray
+
+    @classmethod
+    def of(cls, xq: np.ndarray, xf: np.ndarray | None = None, centered: bool = False) -> Moments:
+        """From rows (rows, groups, in_g) of the quantized and (optionally) float inputs;
+        `centered`: about their means, when bias correction removes the mean error anyway."""
+        q = xq.astype(np.float64)
+        if centered:
+            q = q - q.mean(axis=0)
+            xf = None if xf is None else xf - xf.mean(axis=0)
+        n = max(q.shape[0], 1)
+        g = np.einsum("rgi,rgj->gij", q, q) / n
+        if xf is None:
+            return cls(g, np.zeros_like(g), np.zeros_like(g))
+        d = xf.astype(np.float64) - q
+        return cls(g, np.einsum("rgi,rgj->gij", q, d) / n, np.einsum("rgi,rgj->gij", d, d) / n)
+
+    def error(self, w: np.ndarray, d: np.ndarray) -> float:
+        return float(np.einsum("gij,gjk,gik->", w, self.e, w) - 2 * np.einsum("gij,gjk,gik->", d, self.k, w)
+                     + np.einsum("gij,gjk,gik->", d, self.g, d))
+
+    def gradient(self, w: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return 2 * (np.einsum("gij,gjk->gik", d, self.g) - np.einsum("gik,gjk->gij", w, self.k))
 
 
-def learn(w: np.ndarray, scale: np.ndarray, g: np.ndarray, steps: int = STEPS, lam: float = 0.01,
+def learn(w: np.ndarray, scale: np.ndarray, mom: Moments, steps: int = STEPS, lam: float = 0.01,
           lr: float = 0.05) -> tuple[np.ndarray, float, float]:
-    """Codes for w (groups, out_g, in_g) with per-row scale (groups, out_g, 1) minimizing
-    tr(D G D^T), D = s * codes - w: Adam on v, the regularizer annealed from beta 20 to 2 over
-    the last 80% of the steps. Returns (codes, nearest error, learned error)."""
+    """Codes for w (groups, out_g, in_g) with per-row scale (groups, out_g, 1) minimizing the
+    output error (`Moments.error`): Adam on v, the regularizer annealed from beta 20 to 2 over
+    the last 80% of the steps. Returns (codes, nearest's error, the codes' error); nearest
+    rounding where the learned codes do not beat it."""
     w64, s = w.astype(np.float64), scale.astype(np.float64)
     base = np.floor(w64 / s)
     rest = w64 / s - base
     v = -np.log((ZETA - GAMMA) / (np.clip(rest, 1e-4, 1 - 1e-4) - GAMMA) - 1)  # h(v) = rest at the start
     m, u = np.zeros_like(v), np.zeros_like(v)
     lo, hi = -127 - base, 127 - base  # codes stay in [-127, 127]
-    norm = float(np.einsum("gij,gjk,gik->", w64, g, w64)) or 1.0
-
-    def err(codes: np.ndarray) -> float:
-        d = s * codes - w64
-        return float(np.einsum("gij,gjk,gik->", d, g, d))
-
+    norm = float(np.einsum("gij,gjk,gik->", w64, mom.g, w64)) or 1.0
     for t in range(1, steps + 1):
         hv = _h(v)
-        d = s * (base + np.clip(hv, lo, hi)) - w64
-        grad_h = 2 * np.einsum("gij,gjk->gik", d, g) * s / norm
-        warm = t < 0.2 * steps
-        if not warm:
+        grad_h = mom.gradient(w64, s * (base + np.clip(hv, lo, hi)) - w64) * s / norm
+        if t >= 0.2 * steps:  # after a warm-up, push every h to 0 or 1
             beta = 20 + (2 - 20) * (t - 0.2 * steps) / (0.8 * steps)
             y = 2 * hv - 1
             grad_h += lam * -beta * np.abs(y) ** (beta - 1) * np.sign(y) * 2 / hv.size
         sig = 1 / (1 + np.exp(-v))
-        inside = (hv > 0) & (hv < 1)
-        grad = grad_h * sig * (1 - sig) * (ZETA - GAMMA) * inside
+        grad = grad_h * sig * (1 - sig) * (ZETA - GAMMA) * ((hv > 0) & (hv < 1))
         m = 0.9 * m + 0.1 * grad
         u = 0.999 * u + 0.001 * grad**2
         v -= lr * (m / (1 - 0.9**t)) / (np.sqrt(u / (1 - 0.999**t)) + 1e-8)
     learned = np.clip(base + (_h(v) >= 0.5), -127, 127)
     nearest = np.clip(np.round(w64 / s), -127, 127)
-    e_near, e_learn = err(nearest), err(learned)
+    e_near, e_learn = mom.error(w64, s * nearest - w64), mom.error(w64, s * learned - w64)
     return (learned if e_learn < e_near else nearest), e_near, min(e_learn, e_near)
 
 
@@ -107,33 +129,25 @@ def conv_rows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads
     return out
 
 
-def layer_problem(layer: Layer, w: np.ndarray, per_channel: bool, x_rows: np.ndarray, groups: int = 1):
-    """(w, scale, G) in the (groups, out_g, in_g) form `learn` takes, and how to fold codes back.
-    `x_rows`: Conv (rows, cin, kh*kw) patches; Gemm/MatMul (rows, in)."""
+def layer_problem(layer: Layer, w: np.ndarray, per_channel: bool, x_rows: np.ndarray, groups: int = 1,
+                  float_rows: np.ndarray | None = None, centered: bool = False):
+    """(w, scale, Moments) in the (groups, out_g, in_g) form `learn` takes, and how to fold codes
+    back. `x_rows`: the quantized model's inputs, Conv (rows, cin, kh*kw) patches, Gemm/MatMul
+    (rows, in); `float_rows`: the float model's at the same places, if known; `centered`: the
+    layer's bias is corrected (`Moments.of`)."""
     _, scale = quantize_weight(w, layer.weight_axis, per_channel)
     if layer.op_type == "Conv":
         cout = w.shape[0]
         wg = w.reshape(groups, cout // groups, -1)
         sg = (scale if per_channel else np.full(cout, float(scale))).reshape(groups, cout // groups, 1)
-        xg = x_rows.reshape(x_rows.shape[0], groups, -1)
-        return wg, sg, _moment(xg), lambda c: c.reshape(w.shape)
+        def grouped(x):
+            return None if x is None else x.reshape(x.shape[0], groups, -1)
+        return wg, sg, Moments.of(grouped(x_rows), grouped(float_rows), centered), lambda c: c.reshape(w.shape)
     wt = w.T if layer.weight_axis == 1 else w  # (out, in)
     sc = (scale if per_channel else np.full(wt.shape[0], float(scale))).reshape(1, -1, 1)
     back = (lambda c: c[0].T) if layer.weight_axis == 1 else (lambda c: c[0])
-    return wt[None], sc, _moment(x_rows[:, None, :]), back
-
-
-def round_layers(problems: Mapping[str, tuple], cap_s: float, steps: int = STEPS) -> dict[str, Rounded]:
-    """Learned codes for each layer (in the given order, most sensitive first) until `cap_s`
-    seconds have gone; the layers left over keep nearest rounding."""
-    out: dict[str, Rounded] = {}
-    start = time.perf_counter()
-    for name, (w, s, g, back) in problems.items():
-        if time.perf_counter() - start > cap_s:
-            break
-        codes, near, learned = learn(w, s, g, steps)
-        out[name] = Rounded(back(codes).astype(np.int8), near, learned)
-    return out
+    flat = None if float_rows is None else float_rows[:, None, :]
+    return wt[None], sc, Moments.of(x_rows[:, None, :], flat, centered), back
 
 
 # ---------------------------------------------------------------------- for a plan
@@ -152,18 +166,11 @@ def roundable(prepared, layers: Sequence[Layer]) -> list[Layer]:
             and (dims[la.weight] == 4 if la.op_type == "Conv" else dims[la.weight] == 2)]
 
 
-def layer_inputs(bench, model, layers: Sequence[Layer], rows: int = ROWS, seed: int = 0) -> dict[str, np.ndarray]:
-    """Each layer's input rows as `model` (a plan's QDQ model) feeds its compute node, on the
-    first SAMPLES calibration samples: Conv patches (rows, cin, kh*kw), else (rows, in)."""
-    from onnx import helper
-
+def _run(bench, model, names: list[str]) -> dict[str, np.ndarray]:
+    """These tensors of `model` on the first SAMPLES calibration samples."""
     from qsearch.calibration import observing
     from qsearch.runtime import make_session
 
-    rng = np.random.default_rng(seed)
-    nodes = {n.name: n for n in model.graph.node}
-    src = {la.name: nodes[la.nodes[0]].input[0] for la in layers}
-    names = sorted(set(src.values()))
     sess = make_session(observing(model, names), bench.workload.threads)
     got: dict[str, list[np.ndarray]] = {n: [] for n in names}
     seen = 0
@@ -174,37 +181,74 @@ def layer_inputs(bench, model, layers: Sequence[Layer], rows: int = ROWS, seed: 
         seen += take
         if seen >= SAMPLES:
             break
-    dims = {i.name: tuple(i.dims) for i in bench.prepared.proto.graph.initializer}
+    return {n: np.concatenate(v) for n, v in got.items()}
+
+
+def _float_inputs(bench, plan, layers: Sequence[Layer]) -> dict[str, np.ndarray]:
+    """Each layer's input in the float model, as the plan's float weights expect it: divided by
+    its equalization scales (a tail of an equalized pair) or smoothing factors."""
+    from qsearch.recovery import uses
+
+    got = _run(bench, bench.prepared.proto, sorted({la.activations[0] for la in layers}))
+    pairs = {p.head: p for p in bench.rewriter.pairs}
+    per_tensor = {t: s for head, s in plan.sidecar.scales().items() for t in pairs[head].tensors}
+    smooth = plan.sidecar.of("smooth")
     out = {}
     for la in layers:
-        x = np.concatenate(got[src[la.name]])
-        if la.op_type == "Conv":
-            a = {at.name: helper.get_attribute_value(at) for at in nodes[la.nodes[0]].attribute}
-            out[la.name] = conv_rows(x, dims[la.weight][2:], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]),
-                                     a.get("dilations", [1, 1]), rows, rng)
-        else:
-            flat = x.reshape(-1, x.shape[-1])
-            out[la.name] = flat[rng.choice(flat.shape[0], size=min(rows, flat.shape[0]), replace=False)]
+        x = got[la.activations[0]]
+        if la.activations[0] in per_tensor:
+            x = x / per_tensor[la.activations[0]].reshape(1, -1, *[1] * (x.ndim - 2))
+        if uses(plan.choice(la.name).recovery, "smooth") and la.activations[0] in smooth:
+            x = x / smooth[la.activations[0]]
+        out[la.name] = x
     return out
 
 
-def learn_for_plan(bench, plan, layer_names: Sequence[str], cap_s: float = CAP_S):
-    """The plan with learned rounding for these INT8 layers (most sensitive first), as many as
-    `cap_s` allows: codes in its sidecar, `+round` in their recovery, what it bought in the notes."""
-    from qsearch.recovery import group
+def _rows(bench, layer: Layer, node, x: np.ndarray, seed: int, rows: int = ROWS) -> np.ndarray:
+    """`rows` input rows of a layer at places fixed by `seed`: Conv patches (rows, cin, kh*kw),
+    else (rows, in)."""
+    from onnx import helper
 
-    layers = roundable(bench.prepared, [bench.prepared.layer(n) for n in layer_names if plan.choice(n).is_int8])
-    if not layers:
-        return plan, {}
+    rng = np.random.default_rng(seed)
+    if layer.op_type == "Conv":
+        a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        dims = next(tuple(i.dims) for i in bench.prepared.proto.graph.initializer if i.name == layer.weight)
+        return conv_rows(x, dims[2:], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), a.get("dilations", [1, 1]),
+                         rows, rng)
+    flat = x.reshape(-1, x.shape[-1])
+    return flat[rng.choice(flat.shape[0], size=min(rows, flat.shape[0]), replace=False)]
+
+
+def learn_for_plan(bench, plan, layer_names: Sequence[str], cap_s: float = CAP_S):
+    """The plan with learned rounding for these INT8 layers, in graph order, as many as `cap_s`
+    allows: codes in its sidecar, `+round` in their recovery, what it bought in the notes. Each
+    layer is fitted on the inputs the plan feeds it *with the codes learned before it* (the
+    layers before it round differently now, and its codes correct what they still get wrong)."""
+    from qsearch.recovery import group, uses
+
+    wanted = set(layer_names)
+    layers = roundable(bench.prepared, [la for la in bench.prepared.layers
+                                        if la.name in wanted and plan.choice(la.name).is_int8])
     start = time.perf_counter()
-    inputs = layer_inputs(bench, bench.rewriter(plan), layers)
+    floats = _float_inputs(bench, plan, layers) if layers else {}
     weights = bench.rewriter.float_weights(plan)
     nodes = {n.name: n for n in bench.prepared.proto.graph.node}
-    problems = {la.name: layer_problem(la, weights[la.name], plan.choice(la.name).granularity == "per_channel",
-                                       inputs[la.name], group(nodes[la.nodes[0]]) if la.op_type == "Conv" else 1)
-                for la in layers}
-    rounded = round_layers(problems, cap_s - (time.perf_counter() - start))
-    return with_rounding(plan, rounded), rounded
+    rounded: dict[str, Rounded] = {}
+    for k, la in enumerate(layers):
+        if time.perf_counter() - start > cap_s:
+            break
+        model = bench.rewriter(plan)
+        src = next(n for n in model.graph.node if n.name == la.nodes[0]).input[0]
+        node = nodes[la.nodes[0]]
+        xq = _rows(bench, la, node, _run(bench, model, [src])[src], k)
+        w, sc, mom, back = layer_problem(la, weights[la.name], plan.choice(la.name).granularity == "per_channel",
+                                         xq, group(node) if la.op_type == "Conv" else 1,
+                                         _rows(bench, la, node, floats[la.name], k),
+                                         uses(plan.choice(la.name).recovery, "bias"))
+        codes, near, learned = learn(w, sc, mom)
+        rounded[la.name] = Rounded(back(codes).astype(np.int8), near, learned)
+        plan = with_rounding(plan, {la.name: rounded[la.name]})
+    return plan, rounded
 
 
 def with_rounding(plan, rounded: Mapping[str, Rounded]):
