@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qsearch import strategy
+from qsearch import rounding, strategy
 from qsearch.evaluator import Evaluator
 from qsearch.plan import Plan
 from qsearch.report import Row
@@ -25,6 +25,8 @@ from qsearch.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
 ROUNDS = 4  # interleaved timing rounds of the final table
+RESCUE_FACTOR = 2.0  # learned rounding tries a cheaper trial over budget by at most this factor
+ROUNDED_LAYERS = 24  # the most sensitive INT8 layers it fits
 TIMING_S = 0.35  # seconds of runs per plan per timing round (5-15 runs)
 TIE = 0.02  # plans within 2% of each other tie even on a quiet machine
 BUSY_RATIO = 1.15  # wall / thread CPU time above this: the machine was busy while timing
@@ -157,7 +159,34 @@ def trial_plan(evaluator: Evaluator, search: SearchResult, r: TrialResult) -> Pl
     return evaluator.plan(r.choices).with_info(study=search.study_name, trial=r.number)
 
 
-def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult) -> FinalChoice:
+def rounded_entries(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=print) -> list[Entry]:
+    """Learned rounding turns accuracy into speed: the cheapest trial that missed the budget by at
+    most RESCUE_FACTOR x while being cheaper than every feasible trial, with codes learned for its
+    most sensitive INT8 layers (at most ROUNDED_LAYERS, within `rounding.CAP_S`). One more
+    evaluation; a finalist when it then fits the budget."""
+    if "round" not in bench.workload.space.recovery:
+        return []
+    cheapest = min((r.cost for r in search.trials if r.feasible), default=math.inf)
+    over = [r for r in search.trials if not r.feasible and r.cost < cheapest and r.drop <= RESCUE_FACTOR * search.allowed]
+    if not over:
+        return []
+    r = min(over, key=lambda t: (t.cost, t.drop, t.number))
+    noise = {x.name: x.noise for x in search.problem.layers}
+    int8 = sorted((n for n, lbl in r.choices.items() if lbl != search.problem.float_label),
+                  key=lambda n: (-noise.get(n, 0.0), n))[:ROUNDED_LAYERS]
+    plan, rounded = rounding.learn_for_plan(bench, trial_plan(evaluator, search, r), int8)
+    if not rounded:
+        return []
+    score = evaluator.evaluate(plan, "search", timing=False).score
+    drop = bench.baseline.fp32_search - score
+    fits = drop <= search.allowed + 1e-12
+    log(f"learned rounding on trial {r.number} (drop {r.drop:.4g}, over the budget {search.allowed:g}): "
+        f"{len(rounded)} layers -> drop {drop:.4g}, {'within budget: a finalist' if fits else 'still over'}")
+    return [Entry(f"qsearch (trial {r.number} + learned rounding)", plan, len(search.trials) + 1, r, score)] \
+        if fits else []
+
+
+def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=print) -> FinalChoice:
     """Baselines (FP32, naive INT8, the greedy fallback) and the finalists, timed side by side;
     the fastest within budget on search data ships (timing ties to the larger margin), unless it
     is slower than FP32 on a CPU target. Test data is scored once, for the rows the report shows."""
@@ -175,6 +204,7 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult) -> Fi
                Entry("hybrid (greedy fallback)", hybrid, hybrid_evals, search=fp32_search - hybrid_drop)]
     entries += [Entry(f"qsearch (trial {r.number})", trial_plan(evaluator, search, r), n_trials, r, r.score)
                 for r in search.finalists()]
+    entries += rounded_entries(bench, evaluator, search, log)
     rows, sessions = timed_rows(bench, evaluator, entries)
     on_cpu = busy(rows)
     i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)

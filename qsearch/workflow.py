@@ -157,7 +157,7 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
                 _no_plan(res, out, evaluator, result, timeout)
                 return OptimizeResult(1, out, None, evaluations=evaluator.evaluations,
                                       seconds=time.perf_counter() - t_start)
-            choice = finalize(bench, evaluator, result)
+            choice = finalize(bench, evaluator, result, log)
             if choice.resolution_note.startswith("warning"):
                 log(choice.resolution_note)
             stage("report", stage.kept)
