@@ -203,3 +203,40 @@ def test_rounded_plan_is_written_checked_and_rebuilt(tmp_path, capsys):
         assert main(["apply", str(path), str(cfg.parent / "model.onnx"), "-o", str(tmp_path / "bad.onnx")]) == 2
         assert message in last_error(capsys)
         assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_learned_rounding_rescues_a_cheaper_trial_over_budget(tmp_path):
+    """Planted trials: a feasible all-float one and a cheaper all-INT8 one over the budget. The
+    final stage fits learned rounding to the cheaper one and keeps it as a finalist only when
+    that brings it within budget; a trial far over budget (more than 2x) is not tried."""
+    from qsearch.config import SearchSpace
+    from qsearch.evaluator import Evaluator
+    from qsearch.finalize import rounded_entries
+    from qsearch.strategy import Dimensions, FixDecision, LayerFacts, Problem
+    from qsearch.trials import SearchResult, TrialResult
+
+    _, bench = _bench(tmp_path, True)
+    ev = Evaluator(bench)
+    names = [la.name for la in bench.candidates() if la.op_type == "MatMul"]
+    problem = Problem(tuple(LayerFacts(n, ("int8/minmax/per_channel",), 1.0, 1e-3 * (i + 1))
+                            for i, n in enumerate(names)), "fp32", 0.01, SearchSpace())
+    int8 = {n: "int8/minmax/per_channel" for n in names}
+    fp = bench.baseline.fp32_search
+    plain = fp - ev.evaluate(bench.plan(int8), "search", timing=False).score
+
+    def result(allowed, drop):
+        trials = (TrialResult(0, {n: "fp32" for n in names}, fp, 0.0, 10.0, 10.0, 0, 0.0, True),
+                  TrialResult(1, int8, fp - drop, drop, 5.0, 5.0, 0, 0.0, False))
+        return SearchResult("s", "mem", allowed, problem, Dimensions({}, {}), FixDecision((), None, None, 0),
+                            trials, (), 2, 0, 0.0)
+
+    lines = []
+    got = rounded_entries(bench, ev, result(1.0, plain), lines.append)  # any drop fits a budget of 1
+    assert len(got) == 1 and got[0].name == "qsearch (trial 1 + learned rounding)"
+    assert {got[0].plan.choice(n).recovery for n in names} == {"round"} and "a finalist" in lines[0]
+    assert got[0].search == ev.evaluate(got[0].plan, "search", timing=False).score
+    assert plain > 0  # all-INT8 loses something here
+    tight = result(plain / 1.9, plain)  # within 2x of the budget: tried
+    assert rounded_entries(bench, ev, tight, lines.append) == [] and "still over" in lines[-1]
+    before = len(lines)
+    assert rounded_entries(bench, ev, result(0.1, 0.25), lines.append) == [] and len(lines) == before  # > 2x
