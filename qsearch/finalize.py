@@ -162,8 +162,8 @@ def trial_plan(evaluator: Evaluator, search: SearchResult, r: TrialResult) -> Pl
 def rounded_entries(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=print) -> list[Entry]:
     """Learned rounding turns accuracy into speed: the cheapest trial that missed the budget by at
     most RESCUE_FACTOR x while being cheaper than every feasible trial, with codes learned for its
-    most sensitive INT8 layers (at most ROUNDED_LAYERS, within `rounding.CAP_S`). One more
-    evaluation; a finalist when it then fits the budget."""
+    most sensitive INT8 layers (at most ROUNDED_LAYERS, within `rounding.CAP_S` and a tenth of the
+    search's time). One more evaluation; a finalist when it then fits the budget."""
     if "round" not in bench.workload.space.recovery:
         return []
     cheapest = min((r.cost for r in search.trials if r.feasible), default=math.inf)
@@ -174,7 +174,8 @@ def rounded_entries(bench: Workbench, evaluator: Evaluator, search: SearchResult
     noise = {x.name: x.noise for x in search.problem.layers}
     int8 = sorted((n for n, lbl in r.choices.items() if lbl != search.problem.float_label),
                   key=lambda n: (-noise.get(n, 0.0), n))[:ROUNDED_LAYERS]
-    plan, rounded = rounding.learn_for_plan(bench, trial_plan(evaluator, search, r), int8)
+    cap = min(rounding.CAP_S, max(10.0, 0.1 * search.trial_seconds))
+    plan, rounded = rounding.learn_for_plan(bench, trial_plan(evaluator, search, r), int8, cap)
     if not rounded:
         return []
     score = evaluator.evaluate(plan, "search", timing=False).score
