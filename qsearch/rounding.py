@@ -27,7 +27,7 @@ from qsearch.calibration import quantize_weight
 from qsearch.model import Layer
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
-STEPS = 400  # Adam steps per layer
+STEPS = 120  # Adam steps per layer (full batch on the moments, lr 0.5: as good as 400 steps at 0.1)
 ROWS = 4096  # input rows sampled per layer (patches for a Conv)
 
 
@@ -65,22 +65,23 @@ class Moments:
             q = q - q.mean(axis=0)
             xf = None if xf is None else xf - xf.mean(axis=0)
         n = max(q.shape[0], 1)
-        g = np.einsum("rgi,rgj->gij", q, q) / n
+        qt = q.transpose(1, 2, 0)  # (groups, in_g, rows)
+        g = qt @ q.transpose(1, 0, 2) / n
         if xf is None:
             return cls(g, np.zeros_like(g), np.zeros_like(g))
-        d = xf.astype(np.float64) - q
-        return cls(g, np.einsum("rgi,rgj->gij", q, d) / n, np.einsum("rgi,rgj->gij", d, d) / n)
+        d = (xf.astype(np.float64) - q).transpose(1, 0, 2)
+        return cls(g, qt @ d / n, d.transpose(0, 2, 1) @ d / n)
 
     def error(self, w: np.ndarray, d: np.ndarray) -> float:
-        return float(np.einsum("gij,gjk,gik->", w, self.e, w) - 2 * np.einsum("gij,gjk,gik->", d, self.k, w)
-                     + np.einsum("gij,gjk,gik->", d, self.g, d))
+        return float(np.sum((w @ self.e) * w) - 2 * np.sum((d @ self.k) * w) + np.sum((d @ self.g) * d))
 
-    def gradient(self, w: np.ndarray, d: np.ndarray) -> np.ndarray:
-        return 2 * (np.einsum("gij,gjk->gik", d, self.g) - np.einsum("gik,gjk->gij", w, self.k))
+    def gradient(self, w: np.ndarray, d: np.ndarray, wk: np.ndarray | None = None) -> np.ndarray:
+        """d error / d D (batched matmuls: BLAS, not einsum's loops); `wk`: W k^T, if known."""
+        return 2 * (d @ self.g - (w @ self.k.transpose(0, 2, 1) if wk is None else wk))
 
 
 def learn(w: np.ndarray, scale: np.ndarray, mom: Moments, steps: int = STEPS, lam: float = 0.01,
-          lr: float = 0.05) -> tuple[np.ndarray, float, float]:
+          lr: float = 0.5) -> tuple[np.ndarray, float, float]:
     """Codes for w (groups, out_g, in_g) with per-row scale (groups, out_g, 1) minimizing the
     output error (`Moments.error`): Adam on v, the regularizer annealed from beta 20 to 2 over
     the last 80% of the steps. Returns (codes, nearest's error, the codes' error); nearest
@@ -91,10 +92,14 @@ def learn(w: np.ndarray, scale: np.ndarray, mom: Moments, steps: int = STEPS, la
     v = -np.log((ZETA - GAMMA) / (np.clip(rest, 1e-4, 1 - 1e-4) - GAMMA) - 1)  # h(v) = rest at the start
     m, u = np.zeros_like(v), np.zeros_like(v)
     lo, hi = -127 - base, 127 - base  # codes stay in [-127, 127]
-    norm = float(np.einsum("gij,gjk,gik->", w64, mom.g, w64)) or 1.0
+    norm = float(np.sum((w64 @ mom.g) * w64)) or 1.0
+    # the steps run in float32 (half the time; the result is compared in float64 below)
+    w32, s32, base32, g32 = (a.astype(np.float32) for a in (w64, s, base, mom.g))
+    wk32 = (w64 @ mom.k.transpose(0, 2, 1)).astype(np.float32)  # constant: computed once
     for t in range(1, steps + 1):
         hv = _h(v)
-        grad_h = mom.gradient(w64, s * (base + np.clip(hv, lo, hi)) - w64) * s / norm
+        d = s32 * (base32 + np.clip(hv, lo, hi).astype(np.float32)) - w32
+        grad_h = 2 * (d @ g32 - wk32).astype(np.float64) * s / norm
         if t >= 0.2 * steps:  # after a warm-up, push every h to 0 or 1
             beta = 20 + (2 - 20) * (t - 0.2 * steps) / (0.8 * steps)
             y = 2 * hv - 1
@@ -219,16 +224,35 @@ def _rows(bench, layer: Layer, node, x: np.ndarray, seed: int, rows: int = ROWS)
     return flat[rng.choice(flat.shape[0], size=min(rows, flat.shape[0]), replace=False)]
 
 
+FLOPS = 2e10  # a cautious one-core BLAS rate: what choosing the layers that fit the cap assumes
+OVERHEAD_S = 0.5  # per layer: the plan's rewrite and one pass of the quantized model
+
+
+def _within(bench, names: Sequence[str], cap_s: float) -> list[Layer]:
+    """The roundable layers among `names` (most important first) whose estimated cost fits the
+    cap, in graph order (each is fitted on what the ones before it feed it)."""
+    dims = {i.name: tuple(i.dims) for i in bench.prepared.proto.graph.initializer}
+    chosen, total = set(), 0.0
+    for la in roundable(bench.prepared, [bench.prepared.layer(n) for n in names]):
+        d = dims[la.weight]
+        # a step costs out x in_g^2 multiply-adds (per group: out_g x in_g^2)
+        out, inner = (d[0], int(np.prod(d[1:]))) if la.op_type == "Conv" else (d[la.weight_axis], d[1 - la.weight_axis])
+        cost = OVERHEAD_S + 2 * STEPS * out * inner * inner / FLOPS
+        if total + cost <= cap_s:
+            chosen.add(la.name)
+            total += cost
+    return [la for la in bench.prepared.layers if la.name in chosen]
+
+
 def learn_for_plan(bench, plan, layer_names: Sequence[str], cap_s: float = CAP_S):
-    """The plan with learned rounding for these INT8 layers, in graph order, as many as `cap_s`
-    allows: codes in its sidecar, `+round` in their recovery, what it bought in the notes. Each
+    """The plan with learned rounding for these INT8 layers (most important first: those whose
+    estimated cost fits `cap_s`; fitted in graph order, stopping at the cap): codes in its sidecar,
+    `+round` in their recovery, what it bought in the notes. Each
     layer is fitted on the inputs the plan feeds it *with the codes learned before it* (the
     layers before it round differently now, and its codes correct what they still get wrong)."""
     from qsearch.recovery import group, uses
 
-    wanted = set(layer_names)
-    layers = roundable(bench.prepared, [la for la in bench.prepared.layers
-                                        if la.name in wanted and plan.choice(la.name).is_int8])
+    layers = _within(bench, [n for n in layer_names if plan.choice(n).is_int8], cap_s)
     start = time.perf_counter()
     floats = _float_inputs(bench, plan, layers) if layers else {}
     weights = bench.rewriter.float_weights(plan)
