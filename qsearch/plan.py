@@ -236,7 +236,9 @@ def layer_notes(prepared: PreparedModel) -> dict[str, LayerNote]:
     for la in prepared.layers:
         kind = "HardSwish" if la.pattern == "hardswish" else la.op_type  # a Mul that computes hardswish
         seen[kind] = seen.get(kind, 0) + 1
-        tensors = (*la.activations, la.output, *([la.fused_output] if la.fused_output not in ("", la.output) else []))
+        outputs = () if la.float_output else (la.output, *([la.fused_output] if la.fused_output not in ("", la.output)
+                                                         else []))
+        tensors = (*la.activations, *outputs)
         notes[la.name] = LayerNote(la.op_type, la.readable or f"{kind} {seen[kind]}", "", la.has_weight, tensors)
     return notes
 

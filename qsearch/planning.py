@@ -55,7 +55,7 @@ def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice],
                 methods.setdefault(t, c.calibration)
     for layer in prepared.layers:
         c = choices.get(layer.name)
-        if c is not None and c.is_int8 and layer.name not in absorbed:
+        if c is not None and c.is_int8 and layer.name not in absorbed and not layer.float_output:
             methods.setdefault(layer.quantized_output(forms), c.calibration)
     return methods
 
@@ -93,7 +93,9 @@ def quantized_tensors(prepared: PreparedModel, int8_layers: set[str], forms: Map
     absorbed = prepared.absorbed(forms)
     for layer in prepared.layers:
         if layer.name in int8_layers and layer.name not in absorbed:
-            quant.update((*inputs_of(layer, forms, smoothed), layer.quantized_output(forms)))
+            quant.update(inputs_of(layer, forms, smoothed))
+            if not layer.float_output:
+                quant.add(layer.quantized_output(forms))
     moves = [(n.input[0], [n.output[0]]) for n in graph.node
              if n.op_type in PASSTHROUGH_OPS and n.domain in ("", "ai.onnx") and n.input and n.input[0]
              and len(n.output) == 1 and n.input[0] not in inits and _moves_values(n)]
@@ -237,7 +239,8 @@ def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "p
             raise QsearchError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
                                "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
         if c.is_int8 and layer.name not in absorbed:
-            for t in (*inputs_of(layer, plan.forms, smoothed), layer.quantized_output(plan.forms)):
+            for t in (*inputs_of(layer, plan.forms, smoothed), *([] if layer.float_output else
+                                                                   [layer.quantized_output(plan.forms)])):
                 if t not in plan.ranges:
                     raise QsearchError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
     tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if plan.choice(la.name).is_int8},

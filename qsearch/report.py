@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +38,43 @@ def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: 
     return "\n".join(lines)
 
 
+def fmt_drop(x: float) -> str:
+    """A drop in the metric's units, 2-4 significant digits (0.0012, -0.00125, 0.083)."""
+    if x != x:
+        return "n/a"
+    if x == 0:
+        return "0"
+    return f"{x:.3g}" if abs(x) >= 1e-4 else f"{x:.2g}"
+
+
+def speed(ratio: float) -> str:
+    """A speed ratio against FP32 as words that cannot be misread ("0.55x faster" was)."""
+    return f"{ratio:.2f}x faster than FP32" if ratio >= 1 else f"{1 / ratio:.2f}x slower than FP32"
+
+
+def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships: bool) -> str:
+    """The report in one sentence: speed, then the drop on search and test data against the budget."""
+    def side(drop: float, split: str) -> str:
+        if drop != drop:
+            return f"not scored on {split} data"
+        word = "below" if drop > 0 else "above"
+        return "equal to FP32" + f" on {split} data" if drop == 0 else f"{fmt_drop(abs(drop))} {word} it on {split} data"
+    head = "FP32 ships (no INT8 plan within budget beats it)" if fp32_ships else speed(fp32.latency_ms / chosen.latency_ms)
+    return (f"{head}; {metric} {side(fp32.search_score - chosen.search_score, 'search')} (budget: lose at most "
+            f"{fmt_drop(allowed)}) and {side(fp32.test_score - chosen.test_score, 'test')}.")
+
+
 def _test(r: Row) -> str:
     return "not scored (over budget on search data)" if r.test_score != r.test_score else f"{r.test_score:.4f}"
+
+
+def zoom(fp32: float, allowed: float, scores: list[float]) -> tuple[float, float]:
+    """The score axis around the budget: from two budgets below FP32 (or the lowest plan within
+    budget) to just above the best score, so plans that matter do not sit in one flat line."""
+    budget = fp32 - allowed
+    inside = [s for s in scores if s >= budget]
+    span = max(allowed, (max(inside + [fp32]) - budget)) or 1e-3
+    return min(budget - span, min(inside, default=budget)), max(inside + [fp32]) + 0.15 * span
 
 
 def plot_pareto(results, allowed: float, fp32: float, objective: str, path: Path,
@@ -57,7 +90,8 @@ def plot_pareto(results, allowed: float, fp32: float, objective: str, path: Path
     fig, ax = plt.subplots(figsize=(7, 4.2))
     feas = [r for r in results if r.feasible]
     infeas = [r for r in results if not r.feasible]
-    ax.scatter([r.cost for r in infeas], [r.score for r in infeas], s=14, c="#bbbbbb", label="trial, over budget")
+    ax.scatter([r.cost for r in infeas], [r.score for r in infeas], s=14, c="#bbbbbb", label="trial, over budget",
+               clip_on=True)
     ax.scatter([r.cost for r in feas], [r.score for r in feas], s=18, c="#2166ac", label="trial, within budget")
     front = sorted(results, key=lambda r: (r.cost, -r.score))
     fx, fy, best_s = [], [], -1e300
@@ -69,30 +103,25 @@ def plot_pareto(results, allowed: float, fp32: float, objective: str, path: Path
     ax.step(fx, fy, where="post", c="#2166ac", lw=1, alpha=0.6, label="Pareto front (trials)")
     ax.axhline(fp32 - allowed, c="#b2182b", ls="--", lw=1, label="accuracy budget")
     styles = [("s", "#4d4d4d"), ("v", "#e08214"), ("D", "#1b7837"), ("*", "#b2182b")]
+    lo, hi = zoom(fp32, allowed, [r.score for r in feas] + [m[2] for m in marks])
     for (name, cost, score), (marker, color) in zip(marks, styles):
-        ax.scatter([cost], [score], s=130 if marker == "*" else 60, marker=marker, c=color, edgecolors="k",
-                   linewidths=0.5, label=f"{name} (report table)", zorder=5)
+        off = score < lo  # far below the budget (naive INT8 at 0.33): drawn at the edge, said so
+        ax.scatter([cost], [max(score, lo)], s=130 if marker == "*" else 60, marker=marker, c=color, edgecolors="k",
+                   linewidths=0.5, label=f"{name}" + (f" (off scale: {score:.3g})" if off else ""), zorder=5,
+                   clip_on=False)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel({"latency": "latency (ms / batch)", "size": "size (bytes)", "bitops": "GBOPs"}[objective])
     ax.set_ylabel("score on search data")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def _html_table(table: str) -> str:
-    head, _, *body = table.splitlines()
-    cells = [c.strip() for c in head.strip("|").split("|")]
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>"]
-    for line in body:
-        out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
-
 def write_report(out: Path, title: str, summary: list[str], rows: list[Row], metric: str, fp32_latency: float,
-                 fp32_size: int, images: list[tuple[str, Path]], tables: list[tuple[str, str]] = ()) -> None:
-    """report.md and a self-contained report.html: the summary, the plan comparison, then each
-    (heading, markdown table) in `tables` and the figures."""
+                 fp32_size: int, images: list[tuple[str, Path]], tables: list[tuple[str, str]] = (),
+                 page: str | None = None) -> None:
+    """report.md (the summary, the plan comparison, each (heading, markdown table) in `tables`,
+    the figures) and report.html (`page`, from `htmlreport.render`)."""
     table = rows_markdown(rows, metric, fp32_latency, fp32_size)
     md = [f"# {title}", "", *summary, "", table, ""]
     for heading, t in tables:
@@ -100,21 +129,8 @@ def write_report(out: Path, title: str, summary: list[str], rows: list[Row], met
     for caption, img in images:
         md += [f"![{caption}]({img.name})", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin-bottom:1em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child{text-align:left}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    parts += [f"<p>{html.escape(s)}</p>" for s in summary if s]
-    parts.append(_html_table(table))
-    for heading, t in tables:
-        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(t)]
-    for caption, img in images:
-        if img.is_file():
-            b64 = base64.b64encode(img.read_bytes()).decode()
-            parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>")
-    parts.append("</body></html>")
-    atomic_write_text(out / "report.html", "\n".join(parts))
+    if page is not None:
+        atomic_write_text(out / "report.html", page)
 
 
 def plot_attribution(kinds: dict[str, dict[str, float]], path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from qsearch import limits, profiling, sensitivity
+from qsearch import htmlreport, limits, profiling, sensitivity
 from qsearch.commands import check_eval_timeout, check_samples, open_bench
 from qsearch.errors import Interrupted, QsearchError
 from qsearch.evaluator import Evaluator
@@ -32,6 +32,8 @@ from qsearch.report import (
     plot_pareto,
     recovery_line,
     rows_markdown,
+    speed,
+    verdict_line,
     write_report,
 )
 from qsearch.scoring import fusion_check
@@ -309,10 +311,16 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
               ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution_table(kinds)),
               ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)]))]
     rows = list(choice.rows)
-    write_report(res.dir, f"qsearch report: {bench.prepared.name}", summary, rows, bench.workload.metric.name,
-                 fp32_row.latency_ms, fp32_row.size_bytes,
-                 [("Pareto front", res.path("pareto.png")), ("Where the time goes", res.path("attribution.png")),
-                  ("Layer sensitivity", out / "sensitivity.png")], tables)
+    title, metric = f"qsearch report: {bench.prepared.name}", bench.workload.metric.name
+    verdict = verdict_line(fp32_row, chosen_row, search.allowed, metric, bool(choice.verdict))
+    page = htmlreport.render(title, verdict, summary, rows, metric, fp32_row.latency_ms, fp32_row.size_bytes,
+                             res.path("pareto.png"), res.path("attribution.png"),
+                             htmlreport.layer_rows(chosen, naive, profile), tables[1:],
+                             [("Layer sensitivity (the analysis)", out / "sensitivity.png")])
+    write_report(res.dir, title, [f"**{verdict}**", "", *summary], rows, metric, fp32_row.latency_ms,
+                 fp32_row.size_bytes, [("Pareto front", res.path("pareto.png")),
+                                       ("Where the time goes", res.path("attribution.png")),
+                                       ("Layer sensitivity", out / "sensitivity.png")], tables, page)
     res.commit()
     say("\n".join(summary))
     say(rows_markdown(rows, bench.workload.metric.name, fp32_row.latency_ms, fp32_row.size_bytes))
@@ -351,7 +359,7 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
         *([f"Search drop of the chosen plan: {chosen_row.interval}."] if chosen_row.interval else []),
         *([choice.resolution_note[0].upper() + choice.resolution_note[1:] + "."] if choice.resolution_note else []),
         choice.verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
-                           f"{fp32_row.latency_ms / chosen_row.latency_ms:.2f}x faster than FP32 "
+                           f"{speed(fp32_row.latency_ms / chosen_row.latency_ms)} "
                            f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
                            f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
         f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}, "

@@ -31,7 +31,7 @@ from qsearch.smoothing import Group, find_groups, fold_target, scaled_weight
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4  # 4: MatMul/Gemm outputs stay float (MatMulIntegerToFloat, QGemm)
 
 
 class Rewriter:
@@ -194,8 +194,9 @@ class Rewriter:
             out = inner[layer.output]
             if delta is not None:  # the bias Add is not in the twin: the correction joins its output
                 out = g.add_channels(out, delta)
-            twin_out = g.fake_quant(out, f"{layer.output}{tag}_fq", *act_params[layer.output])
-            pairs.append(g.reduce_pair(tag, layer.output, twin_out))
+            if not layer.float_output:  # the output is quantized as the int8 kernel writes it
+                out = g.fake_quant(out, f"{layer.output}{tag}_fq", *act_params[layer.output])
+            pairs.append(g.reduce_pair(tag, layer.output, out))
         model = g.build(extra_outputs=[t for pair in pairs for t in pair])
         return model, pairs
 
