@@ -249,6 +249,11 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     study = optuna.load_study(study_name=plan.provenance["study"], storage=f"sqlite:///{out / 'study.db'}")
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 11
+    # what optuna-dashboard shows, through Optuna's own API: the objective's name and the budget as
+    # each trial's constraint (feasible when <= 0)
+    assert study.metric_names == ["latency"] and study.user_attrs["allowed_drop"] == plan.metrics["max_drop"]
+    for t in (t for t in finished if t.state.name == "COMPLETE"):
+        assert t.constraints == [pytest.approx(t.user_attrs["drop"] - plan.metrics["max_drop"])]
     check_result(out, workload, study)
     # reused: the same command again adds no trial and ends with a result of the same meaning
     assert main(["optimize", "--config", str(workload), "--budget", "11", "--out", str(out)]) == 0
