@@ -253,7 +253,8 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     # each trial's constraint (feasible when <= 0)
     assert study.metric_names == ["latency"] and study.user_attrs["allowed_drop"] == plan.metrics["max_drop"]
     for t in (t for t in finished if t.state.name == "COMPLETE"):
-        assert t.constraints == [pytest.approx(t.user_attrs["drop"] - plan.metrics["max_drop"])]
+        values = list(t.constraints.values()) if isinstance(t.constraints, dict) else list(t.constraints)
+        assert values == [pytest.approx(t.user_attrs["drop"] - plan.metrics["max_drop"])]
     check_result(out, workload, study)
     # reused: the same command again adds no trial and ends with a result of the same meaning
     assert main(["optimize", "--config", str(workload), "--budget", "11", "--out", str(out)]) == 0
