@@ -34,27 +34,47 @@ def say(text: str) -> None:
 
 
 class Progress:
-    """A one-line progress bar with ETA on stderr (plain lines when not a terminal)."""
+    """Progress of one stage on stderr: on a terminal a live `rich` display (the stage's step,
+    done/total, elapsed, ETA, the best plan so far), one bar per step; elsewhere plain lines
+    (the first and last of a step, and one every 5 s), never a carriage return or a NaN."""
 
     def __init__(self, label: str):
         self.label, self.t0, self.last = label, time.perf_counter(), 0.0
         self.tty = sys.stderr.isatty()
+        self._live = None  # rich.progress.Progress, started on the first update on a terminal
+        self._tasks: dict[str, int] = {}
 
     def __call__(self, done: int, total: int, what: str = "", extra: str = "") -> None:
         if _MODE["quiet"]:
             return
+        if self.tty:
+            self._rich(done, total, what, extra)
+            return
         now = time.perf_counter()
-        if done not in (0, total) and now - self.last < (0.2 if self.tty else 5.0):
+        if done not in (0, total) and now - self.last < 5.0:
             return
         self.last = now
         el = now - self.t0
-        left = f"~{el / done * (total - done):.1f}s left" if done else "time left unknown yet"
-        bar = "#" * int(24 * done / max(total, 1))
-        line = f"{self.label} {what} [{bar:<24}] {done}/{total} {el:.1f}s elapsed, {left} {extra}".rstrip()
-        if self.tty:
-            sys.stderr.write("\r" + line[:150])
-            if done == total:
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(line + "\n")
+        left = f", ~{el / done * (total - done):.0f} s left" if 0 < done < total else ""
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        sys.stderr.write(f"{self.label} {what}: {done}/{total}{pct}, {el:.1f} s elapsed{left}"
+                         + (f"; {extra}" if extra else "") + "\n")
         sys.stderr.flush()
+
+    def _rich(self, done: int, total: int, what: str, extra: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bars
+
+        if self._live is None:
+            self._live = Bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                              TextColumn("{task.fields[extra]}"), console=Console(stderr=True))
+            self._live.start()
+        key = what or self.label
+        if key not in self._tasks:
+            self._tasks[key] = self._live.add_task(f"{self.label} {what}".strip(), total=max(total, 1), extra=extra)
+        self._live.update(self._tasks[key], completed=done, total=max(total, 1), extra=extra)
+        if done >= total and all(t.finished for t in self._live.tasks):
+            self._live.stop()
+            self._live, self._tasks = None, {}

@@ -159,6 +159,8 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
                 _no_plan(res, out, evaluator, result, timeout)
                 return OptimizeResult(1, out, None, evaluations=evaluator.evaluations,
                                       seconds=time.perf_counter() - t_start)
+            log(f"3/3 final stage: the finalists and baselines timed side by side ({len(result.finalists())} "
+                "trials, FP32, naive INT8, the greedy fallback)")
             choice = finalize(bench, evaluator, result, log)
             if choice.resolution_note.startswith("warning"):
                 log(choice.resolution_note)
@@ -181,9 +183,9 @@ def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers,
     queue = None if workers > 1 or (storage is not None and url is None) else StudyQueue(url, out, f"{name}-analysis")
     stage("analysis", "finished analysis jobs are kept in the study: re-run the same command to go on"
           if queue is not None else "nothing was written")
-    bench = bench.calibrated(None if queue is None else queue.stage("calibration"), Progress("analyze"), log=log)
+    bench = bench.calibrated(None if queue is None else queue.stage("calibration"), Progress("1/3 analyze"), log=log)
     profile = sensitivity.analyze(bench, samples=samples, workers=workers, cache_dir=out / "cache",
-                                  progress=Progress("analyze"), queue=queue, screen_all=False)
+                                  progress=Progress("1/3 analyze"), queue=queue, screen_all=False)
     sensitivity.save_profile(profile, out)
     pays = sum(x.gain_ms > 0 for x in profile.layers)
     log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "
@@ -202,7 +204,7 @@ def _search(bench: Workbench, profile: SensitivityProfile, search: Search, budge
            f" (all layers INT8: drop {d.all_int8_drop:.4g})" if d.all_int8_drop is not None else "")
         + ("" if d.option_set == "analysis" else f"; options: {d.option_set} first (its all-INT8 drop measured lowest)")
         + f"; budget {budget} trials, allowed drop {search.allowed:.4g}")
-    bar = Progress("optimize")
+    bar = Progress("2/3 search")
     planned = profile.meta["evaluations"] + d.evaluations + budget
 
     def progress(study, trial):

@@ -257,4 +257,9 @@ def test_progress_off_a_terminal_is_plain_lines_without_nan(capsys):
     err = capsys.readouterr().err
     assert "\r" not in err and "nan" not in err.lower()
     lines = err.splitlines()
-    assert len(lines) == 2 and "0/3" in lines[0] and "unknown" in lines[0] and "3/3" in lines[1]  # (1/3: throttled)
+    assert len(lines) == 2 and "trials: 0/3" in lines[0] and "trials: 3/3 (100%)" in lines[1]  # (1/3: throttled)
+    live = Progress("2/3 search")  # on a terminal: rich's live display, ended when every step is done
+    live.tty = True
+    for done in range(4):
+        live(done, 3, "trials", "best 1.8x")
+    assert live._live is None and "3/3" in capsys.readouterr().err
