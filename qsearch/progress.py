@@ -28,9 +28,21 @@ def log(*args) -> None:
 
 
 def say(text: str) -> None:
-    """A command's human-readable result on stdout."""
-    if _MODE["stdout"]:
+    """A command's human-readable result on stdout; on a terminal drawn by `rich` (the tables'
+    header and rules, INT8 and float cells in colour), elsewhere plain text."""
+    if not _MODE["stdout"]:
+        return
+    if not sys.stdout.isatty():
         print(text, flush=True)
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    out = Text(text, no_wrap=True)
+    for pattern, style in ((r"(?m)^#  .*$|^layer  .*$|^\| plan .*$", "bold"), (r"(?m)^[-| ]*-{3,}[-| ]*$", "dim"),
+                           (r"\bint8\b", "green"), (r"\b(fp32|fp16)\b", "bright_black"), (r"\(same\)", "dim")):
+        out.highlight_regex(pattern, style)
+    Console(highlight=False, soft_wrap=True).print(out)
 
 
 class Progress:
