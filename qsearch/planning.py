@@ -13,7 +13,14 @@ from qsearch.errors import QsearchError
 from qsearch.model import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
 from qsearch.plan import LayerChoice, Plan, closest, layer_notes
 from qsearch.recovery import RecoveryStats, Sidecar, active_pairs, find_pairs, uses
-from qsearch.recoveryplan import check_recovery, check_sidecar, recovery_notes, smoothed_layers, smoothing_arrays
+from qsearch.recoveryplan import (
+    check_recovery,
+    check_sidecar,
+    chosen_smoothing,
+    recovery_notes,
+    smoothed_layers,
+    smoothing_arrays,
+)
 
 
 def allowed_granularities(layer: Layer) -> tuple[str, ...]:
@@ -181,7 +188,8 @@ def build_plan(
         for t in group:
             ranges[t] = shared
     arrays = {f"equalize/{p.head}": rec.scales[p.head] for p in active}
-    arrays.update(smoothing_arrays(rec, smoothed))
+    chosen = chosen_smoothing(rec, full)
+    arrays.update(smoothing_arrays(chosen))
     absorbed = prepared.absorbed(forms)
     for la in prepared.layers:
         c = full[la.name]
@@ -189,10 +197,10 @@ def build_plan(
             t, src = la.activations[0], source(la.activations[0])
             if src is None or t not in src.channels:
                 raise QsearchError(f"no per-channel statistics for tensor '{t}' (stale cache?)")
-            sm = rec.smoothing_of(la.name) if la.name in smoothed else None
+            sm = chosen.get(t) if la.name in smoothed else None
             arrays[f"mean/{la.name}"] = src.channels[t].mean / (1 if sm is None else sm.scales)
     notes = layer_notes(prepared)
-    for name, text in recovery_notes(prepared, rec, full, active, arrays).items():
+    for name, text in recovery_notes(prepared, rec, full, active, arrays, chosen).items():
         notes[name] = replace(notes[name], recovery=text)
     return Plan(
         model_name=prepared.name,

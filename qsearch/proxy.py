@@ -86,10 +86,13 @@ def _probe_pass(bench: Workbench, sub: list[tuple[Layer, LayerChoice]], method: 
 
     tensors = {t for layer, _ in sub for t in (*layer.activations, layer.output, layer.fused_output) if t}
     r = {t: tensor_range(stats_of(t).tensors[t], method, bench.workload.space.percentile) for t in tensors}
-    smoothing = {la.name: rec.smoothing_of(la.name) for la, c in sub if uses(c.recovery, "smooth")}
+    smoothing = {(la.name, c.granularity): rec.smoothing_of(la.name, c.granularity) for la, c in sub
+                 if uses(c.recovery, "smooth")}
     means = {la.name: stats_of(la.activations[0]).channels[la.activations[0]].mean for la, c in sub
              if uses(c.recovery, "bias")}
-    means.update({n: means[n] / sm.scales for n, sm in smoothing.items() if n in means})
+    means = {(la.name, c.granularity): means[la.name] / smoothing[la.name, c.granularity].scales
+             if (la.name, c.granularity) in smoothing and la.name in means else means.get(la.name)
+             for la, c in sub if la.name in means}
     rewriter = bench.eq_rewriter if eq else bench.rewriter
     model, pairs = rewriter.probe(sub, r, bench.forms, means, smoothing)
     sess = make_session(model, bench.workload.threads)

@@ -316,9 +316,12 @@ class RecoveryStats:
     stats: CalibrationStats | None = None
     prepared: PreparedModel | None = None
     smoothing: Mapping[str, Smoothing] = field(default_factory=dict)  # input tensor -> its group's factors
+    smoothing_pt: Mapping[str, Smoothing] = field(default_factory=dict)  # ... with alpha for per-tensor weights
 
-    def smoothing_of(self, layer: str) -> Smoothing | None:
-        return next((s for s in self.smoothing.values() if layer in s.group.layers), None)
+    def smoothing_of(self, layer: str, granularity: str = "per_channel") -> Smoothing | None:
+        """The layer's group's factors, alpha chosen for these weights' granularity."""
+        variant = self.smoothing_pt if granularity == "per_tensor" and self.smoothing_pt else self.smoothing
+        return next((s for s in variant.values() if layer in s.group.layers), None)
 
     def inside(self, active: list[Pair]) -> set[str]:
         return {t for p in active for t in p.tensors}

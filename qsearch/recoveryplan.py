@@ -12,7 +12,7 @@ from qsearch.errors import QsearchError
 from qsearch.model import PreparedModel
 from qsearch.plan import LayerChoice, Plan, closest
 from qsearch.recovery import RecoveryStats, active_pairs, correctable, find_pairs, input_channels, uses
-from qsearch.smoothing import find_groups, fold_target, width
+from qsearch.smoothing import Smoothing, find_groups, fold_target, width
 
 
 def smoothed_layers(choices: Mapping[str, LayerChoice]) -> set[str]:
@@ -20,32 +20,42 @@ def smoothed_layers(choices: Mapping[str, LayerChoice]) -> set[str]:
     return {n for n, c in choices.items() if c.is_int8 and uses(c.recovery, "smooth")}
 
 
-def smoothing_arrays(rec: RecoveryStats, smoothed: set[str]) -> dict[str, np.ndarray]:
-    """The factors and smoothed range of every group one of whose members reads it smoothed."""
+def chosen_smoothing(rec: RecoveryStats, full: Mapping[str, LayerChoice]) -> dict[str, Smoothing]:
+    """Input tensor -> the factors this plan uses, for each group with a smoothed member: alpha
+    for per-tensor weights where every smoothed member is per-tensor, else for per-channel."""
+    smoothed = smoothed_layers(full)
     have = {n for sm in rec.smoothing.values() for n in sm.group.layers}
     if smoothed - have:
         name = sorted(smoothed - have)[0]
         raise QsearchError(f"no smoothing factors for layer '{name}': smoothing was not computed for it "
                            "(the search space does not allow smooth, or its input has no per-channel statistics)")
-    arrays = {}
+    out = {}
     for tensor, sm in rec.smoothing.items():
-        if smoothed & set(sm.group.layers):
-            arrays[f"smooth/{tensor}"] = sm.scales
-            arrays[f"smooth_range/{tensor}"] = np.array([sm.lo, sm.hi], np.float32)
+        members = [n for n in sm.group.layers if n in smoothed]
+        if members:
+            per_tensor = all(full[n].granularity == "per_tensor" for n in members) and tensor in rec.smoothing_pt
+            out[tensor] = rec.smoothing_pt[tensor] if per_tensor else sm
+    return out
+
+
+def smoothing_arrays(chosen: Mapping[str, Smoothing]) -> dict[str, np.ndarray]:
+    """The factors and smoothed range of every group one of whose members reads it smoothed."""
+    arrays = {}
+    for tensor, sm in chosen.items():
+        arrays[f"smooth/{tensor}"] = sm.scales
+        arrays[f"smooth_range/{tensor}"] = np.array([sm.lo, sm.hi], np.float32)
     return arrays
 
 
 def recovery_notes(prepared: PreparedModel, rec: RecoveryStats, full: Mapping[str, LayerChoice], active: list,
-                   arrays: Mapping) -> dict[str, str]:
+                   arrays: Mapping, chosen: Mapping[str, Smoothing]) -> dict[str, str]:
     """What each layer's recovery does in this plan, for the reviewer: equalized with whom and
     the scales' span, or dropped and why; smoothed with which alpha, factors, where the divisor
     goes; bias corrected from how many input means."""
     notes: dict[str, list[str]] = {}
     smoothed = smoothed_layers(full)
-    for tensor, sm in rec.smoothing.items():
+    for tensor, sm in chosen.items():
         members = [n for n in sm.group.layers if n in smoothed]
-        if not members:
-            continue
         s = arrays[f"smooth/{tensor}"]
         fold = fold_target(prepared, sm.group, set(members))
         where = f"folded into {fold.op_type} '{fold.name}'" if fold is not None else "one Mul inserted"

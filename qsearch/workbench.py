@@ -331,11 +331,12 @@ def _recovery(bench: Workbench, stats: CalibrationStats, log) -> tuple[RecoveryS
     pass); for cle the pairs, scales from the weights and the calibration maxima, and one
     calibration pass of the equalized model over the tensors between pairs (cached)."""
     space = bench.workload.space
-    smooth = smoothing.compute(bench.prepared, stats.channels, "per_channel" in space.granularity) \
-        if "smooth" in space.recovery else {}
+    on = "smooth" in space.recovery
+    smooth = smoothing.compute(bench.prepared, stats.channels, True) if on else {}
+    smooth_pt = smoothing.compute(bench.prepared, stats.channels, False) if on else {}
     pairs = recovery.find_pairs(bench.prepared) if "cle" in space.recovery else ()
     if not pairs:
-        return RecoveryStats(smoothing=smooth), 0
+        return RecoveryStats(smoothing=smooth, smoothing_pt=smooth_pt), 0
     scales = recovery.compute_scales(bench.prepared, {p.conv_out: stats.channels[p.conv_out].max for p in pairs})
     eq = recovery.equalized_model(bench.prepared, scales)
     tensors = sorted({t for p in pairs for t in p.tensors})
@@ -345,7 +346,7 @@ def _recovery(bench: Workbench, stats: CalibrationStats, log) -> tuple[RecoveryS
     if got is None:
         log(f"calibrating the equalized model ({len(pairs)} pairs, {len(tensors)} tensors, one pass)")
         got, passes = _collect(bench, tensors, path, eq), 1
-    return RecoveryStats(pairs, scales, got, eq, smooth), passes
+    return RecoveryStats(pairs, scales, got, eq, smooth, smooth_pt), passes
 
 
 # ---------------------------------------------------------------------- run sizes

@@ -240,3 +240,16 @@ def test_learned_rounding_rescues_a_cheaper_trial_over_budget(tmp_path):
     assert rounded_entries(bench, ev, tight, lines.append) == [] and "still over" in lines[-1]
     before = len(lines)
     assert rounded_entries(bench, ev, result(0.1, 0.25), lines.append) == [] and len(lines) == before  # > 2x
+
+
+def test_per_tensor_weights_take_their_own_alpha(tmp_path):
+    """Per-tensor weights take far less of the input's range than per-channel ones: a plan whose
+    smoothed readers are all per-tensor uses the factors chosen for per-tensor weights."""
+    _, bench = _bench(tmp_path, True)
+    pc, pt = bench.recovery.smoothing["ln"], bench.recovery.smoothing_pt["ln"]
+    choices = _all_int8(bench, "smooth")
+    np.testing.assert_array_equal(bench.plan(choices).sidecar.of("smooth")["ln"], pc.scales)
+    per_tensor = {n: LayerChoice("int8", "minmax", "per_tensor", "smooth") for n in choices}
+    plan = bench.plan(per_tensor)
+    np.testing.assert_array_equal(plan.sidecar.of("smooth")["ln"], pt.scales)
+    assert f"alpha {pt.alpha:g}" in plan.notes["mm_q"].recovery and pt.alpha <= pc.alpha

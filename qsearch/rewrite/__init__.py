@@ -157,9 +157,9 @@ class Rewriter:
         The graph reduces each pair in place to two scalars (sum of squares of the float output,
         of the twin's error), so a 100-layer probe on large feature maps returns a few numbers
         instead of gigabytes. Returns the model and, per entry, (signal, noise) output names.
-        `means`: input means per layer, for entries whose choice corrects the bias (of the
-        smoothed input, when smoothed); `smoothing`: layer -> its group's `Smoothing`, for entries
-        that smooth. Equalization is probed on an equalized model's rewriter
+        `means`: (layer, granularity) -> input means, for entries whose choice corrects the bias
+        (of the smoothed input, when smoothed); `smoothing`: (layer, granularity) -> its group's
+        `Smoothing` for those weights, for entries that smooth. Equalization is probed on an equalized model's rewriter
         (`recovery.equalized_model`)."""
         g = EditGraph(self.prepared.proto)
         pairs = []
@@ -177,7 +177,8 @@ class Rewriter:
                 for i, t in enumerate(n.output):
                     n.output[i] = inner[t]
             act_params = {t: activation_qparams(*ranges[t]) for t in (*layer.activations, layer.output)}
-            sm = (smoothing or {}).get(layer.name) if uses(choice.recovery, "smooth") else None
+            key = (layer.name, choice.granularity)
+            sm = (smoothing or {}).get(key) if uses(choice.recovery, "smooth") else None
             x_params, weights = act_params.get(layer.activations[0]), None
             for t in layer.activations:
                 if sm is not None and t == layer.activations[0]:
@@ -188,7 +189,7 @@ class Rewriter:
                 else:
                     x = g.fake_quant(t, f"{t}{tag}_fq", *act_params[t])
                 g.replace_input(twins[0], t, x)
-            mean = (means or {}).get(layer.name) if uses(choice.recovery, "bias") else None
+            mean = (means or {}).get(key) if uses(choice.recovery, "bias") else None
             delta = self._quantize_layer(g, layer, choice, act_params, twins[0], weights, mean, x_params)
             g.extra.extend(twins)
             out = inner[layer.output]
