@@ -81,3 +81,19 @@ def test_finalists_keep_the_widest_feasible_plan_beside_the_cheapest():
                           5, 0, 0.0)
     assert [r.number for r in result.finalists()] == [1, 2, 0]  # two cheapest, then all six INT8 (infeasible 4 not)
     assert [r.number for r in result.finalists(n=2)] == [1, 0]
+
+
+def test_report_numbers_read_as_meant():
+    """Drops to 2-4 significant digits, speed-ups that cannot be misread, the verdict in one
+    sentence, and a Pareto axis around the budget with a far-off baseline left out of its span."""
+    from qsearch.report import fmt_drop, speed, verdict_line, zoom
+
+    assert [fmt_drop(x) for x in (0.0005991611743558778, -0.00125, 0.0833, 0.0, 1.2e-05)] == \
+        ["0.000599", "-0.00125", "0.0833", "0", "1.2e-05"]
+    assert speed(1.853) == "1.85x faster than FP32" and speed(0.55) == "1.82x slower than FP32"
+    fp32, chosen = row("fp32", 0.90, 10.0), row("qsearch", 0.897, 7.4)
+    assert verdict_line(fp32, chosen, 0.005, "top1", False) == (
+        "1.35x faster than FP32; top1 0.003 below it on search data (budget: lose at most 0.005) and 0.003 below "
+        "it on test data.")
+    lo, hi = zoom(0.90, 0.005, [0.33, 0.897, 0.899])  # naive at 0.33 does not stretch the axis
+    assert 0.88 <= lo < 0.895 and 0.9 < hi < 0.91
