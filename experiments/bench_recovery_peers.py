@@ -9,6 +9,8 @@ metric on search and test data and timed side by side in interleaved rounds.
   SmoothQuant, NNCF's transformer preset, where the model has MatMuls).
 - AIMET-ONNX (its venv, `peer_aimet_ptq.py`): CLE + Sequential MSE, CLE + AdaRound (AIMET's 10000
   iterations per layer) within a stated time cap.
+- AMD Quark (its venv, `peer_quark_ptq.py`): CLE + AdaRound (Quark's defaults), same layout as
+  ORT's x86 kernels, within a stated time cap.
 
     python experiments/bench_recovery_peers.py --workload digits
     python experiments/bench_recovery_peers.py --workload minilm --aimet-cap 1800
@@ -85,23 +87,24 @@ def nncf_rows(bench) -> list[tuple[str, object, float, str]]:
     return out
 
 
-def aimet_rows(bench, techniques: list[str], cap_s: float) -> list[tuple[str, object, float, str]]:
+def venv_rows(bench, tool: str, label: str, techniques: list[str], cap_s: float) -> list[tuple[str, object, float, str]]:
+    """A peer in its own venv (`peer_<tool>_ptq.py`), once per technique, each within `cap_s`."""
     import numpy as np
     import onnx
 
-    python = HERE / ".venv-aimet" / "bin" / "python"
+    python = HERE / f".venv-{tool}" / "bin" / "python"
     if not python.exists():
-        return [(f"AIMET-ONNX {t}", None, 0.0, "not installed: see experiments/peer_aimet.py") for t in techniques]
+        return [(f"{label} {t}", None, 0.0, f"not installed: see experiments/peer_{tool}.py") for t in techniques]
     out = []
     for tech in techniques:
         with tempfile.TemporaryDirectory() as tmp:
-            model_file = Path(tmp, "prepared.onnx")
+            model_file = Path(tmp, "prepared.onnx")  # the same float graph every tool gets
             onnx.save(bench.prepared.proto, str(model_file))
             calib = Path(tmp, "calib.npz")  # the calibration split qsearch and NNCF read, as one npz
             batches = list(bench.calib_data.batches)
             np.savez(calib, **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
             t = time.perf_counter()
-            cmd = [str(python), str(HERE / "peer_aimet_ptq.py"), str(model_file), str(calib), tmp, "--technique", tech]
+            cmd = [str(python), str(HERE / f"peer_{tool}_ptq.py"), str(model_file), str(calib), tmp, "--technique", tech]
             note = ""
             try:
                 r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)}, timeout=cap_s,
@@ -111,11 +114,11 @@ def aimet_rows(bench, techniques: list[str], cap_s: float) -> list[tuple[str, ob
             except subprocess.TimeoutExpired:
                 note = f"no model within its {cap_s:.0f} s cap"
             wall = time.perf_counter() - t
-            path = Path(tmp, "aimet.onnx")
+            path = Path(tmp, f"{tool}.onnx")
             model = onnx.load(str(path)) if path.exists() and not note else None
             if model is not None:
-                note = f"{json.loads(Path(tmp, 'aimet.json').read_text())['seconds']:.0f} s inside AIMET"
-            out.append((f"AIMET-ONNX {tech}", model, wall, note))
+                note = f"{json.loads(Path(tmp, f'{tool}.json').read_text())['seconds']:.0f} s inside {label}"
+            out.append((f"{label} {tech}", model, wall, note))
     return out
 
 
@@ -123,7 +126,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="digits")
     ap.add_argument("--aimet", nargs="*", default=["cle+seqmse", "cle+adaround"])
+    ap.add_argument("--quark", nargs="*", default=["cle+adaround"])
     ap.add_argument("--aimet-cap", type=float, default=900.0, help="seconds each AIMET run may take")
+    ap.add_argument("--quark-cap", type=float, default=900.0, help="seconds each Quark run may take")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     bench = context(args.workload, None)
@@ -131,7 +136,8 @@ def main() -> None:
     rows = [("FP32", bench.plan({}), 0.0, "")]
     rows += qsearch_rows(bench)
     rows += nncf_rows(bench)
-    rows += aimet_rows(bench, args.aimet, args.aimet_cap)
+    rows += venv_rows(bench, "aimet", "AIMET-ONNX", args.aimet, args.aimet_cap)
+    rows += venv_rows(bench, "quark", "AMD Quark", args.quark, args.quark_cap)
     models = [None if m is None else (bench.rewriter(m) if hasattr(m, "layers") else m) for _, m, _, _ in rows]
     lat = interleaved_latency(bench, models, args.rounds)
     fp = (ev.fp32_score("search"), ev.fp32_score("test"))
