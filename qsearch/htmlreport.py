@@ -103,7 +103,9 @@ def comparison_table(rows: Sequence[Row], metric: str, fp32_latency: float, fp32
     fp = rows[0]
     for k, r in enumerate(rows):
         test = "over budget: not scored" if r.test_score != r.test_score else fmt_drop(fp.test_score - r.test_score)
-        badge = "<span class='badge'>noisy timing</span>" if r.latency_spread > 0.1 else ""
+        badge = ("<span class='badge' title='the two best timing rounds differ by more than 10%: the machine was "
+                 "busy; plans were re-timed and, when wall time ran well above CPU time, compared on thread CPU "
+                 "time'>noisy timing</span>" if r.latency_spread > 0.1 else "")
         out.append(f"<tr class='{'chosen' if k == len(rows) - 1 else ''}'><td>{html.escape(r.name)}</td>"
                    f"<td>{fmt_drop(fp.search_score - r.search_score)}</td><td>{test}</td>"
                    f"<td>{r.latency_ms:.3g} ±{r.latency_spread:.0%}{badge}</td><td>{fp32_latency / r.latency_ms:.2f}x</td>"
