@@ -125,7 +125,8 @@ def strip(layers: Sequence[LayerRow]) -> str:
     borders = sum(" edge" in c for c in cells)
     return (f"<div class='strip' id='strip'>{''.join(cells)}</div><div class='legend'>graph order, left to right: "
             f"<span class='int8'></span>INT8<span class='fp32'></span>FP32<span class='fp16'></span>FP16; "
-            f"{borders} float/INT8 borders (black lines), each costing Q/DQ glue</div>")
+            f"{borders} precision changes along the graph order (black lines; where INT8 layers meet float ones "
+            "through a tensor, Q/DQ glue runs)</div>")
 
 
 def layer_table(layers: Sequence[LayerRow]) -> str:
