@@ -13,7 +13,8 @@ metric on search and test data and timed side by side in interleaved rounds.
   ORT's x86 kernels, within a stated time cap.
 
     python experiments/bench_recovery_peers.py --workload digits
-    python experiments/bench_recovery_peers.py --workload minilm --aimet-cap 1800
+    python experiments/bench_recovery_peers.py --workload minilm --aimet seqmse adaround --aimet-cap 600
+(AIMET's `equalize_model` stops with an IndexError on the MiniLM graph: no CLE there.)
 Writes recovery_peers_<workload>.md.
 """
 
