@@ -124,18 +124,21 @@ def venv_rows(bench, tool: str, label: str, techniques: list[str], cap_s: float)
 
 
 def runnable(bench, rows: list, models: list) -> tuple[list, list]:
-    """A model ONNX Runtime cannot run at the latency batch (a peer's export with a fixed shape
-    inside) is a failed result, said so, not a crashed benchmark."""
+    """A model ONNX Runtime cannot run on the latency or the search batch (a peer's export ORT
+    rejects at run time) is a failed result, said so, not a crashed benchmark."""
     from qsearch.runtime import make_session
 
     for k, model in enumerate(models):
         if model is None:
             continue
         try:
-            make_session(model, bench.workload.threads).run(None, bench.latency_feed)
+            sess = make_session(model, bench.workload.threads)
+            sess.run(None, bench.latency_feed)
+            for batch in list(bench.search_data.batches)[:1]:
+                sess.run(None, dict(batch))
         except Exception as exc:
             name, _, secs, _ = rows[k]
-            rows[k] = (name, None, secs, f"fails in ONNX Runtime at the latency batch: {str(exc)[:90]}")
+            rows[k] = (name, None, secs, f"fails in ONNX Runtime: {str(exc)[:120]}")
             models[k] = None
     return rows, models
 
