@@ -303,12 +303,7 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
     plot_attribution(kinds, res.path("attribution.png"))
     stage("done", stage.kept)
     summary = _summary(bench, profile, search, choice, metrics, fusion, naive_fusion, time.perf_counter() - t_start)
-    summary.append(recovery_line(chosen, len(bench.recovery.pairs) if bench.recovery else 0))
-    copies = weight_copies(bench.prepared, chosen)
-    if copies:  # consumers of a shared weight disagree on its quantization: each form is stored
-        w, f = next(iter(copies.items()))
-        summary.append(f"Size: {len(copies)} shared weight(s) are stored in more than one quantized form because "
-                       f"their layers chose differently (e.g. '{w}': {', '.join(f)}).")
+    summary += _plan_lines(bench, chosen)
     tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
               ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution_table(kinds)),
               ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)]))]
@@ -329,6 +324,17 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
     log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
         f"{len(pareto)} Pareto plans in {out / 'pareto'}")
     return chosen
+
+
+def _plan_lines(bench: Workbench, chosen: Plan) -> list[str]:
+    """What the shipped plan holds beyond its choices: recovery, weights stored twice."""
+    lines = [recovery_line(chosen, len(bench.recovery.pairs) if bench.recovery else 0)]
+    copies = weight_copies(bench.prepared, chosen)
+    if copies:  # consumers of a shared weight disagree on its quantization: each form is stored
+        w, f = next(iter(copies.items()))
+        lines.append(f"Size: {len(copies)} shared weight(s) are stored in more than one quantized form because "
+                     f"their layers chose differently (e.g. '{w}': {', '.join(f)}).")
+    return lines
 
 
 def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult, choice: FinalChoice, metrics: dict,
