@@ -14,33 +14,23 @@ npz whose name the model takes is fed. Writes OUT/aimet.onnx and OUT/aimet.json 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
-import numpy as np
 import onnx
+from peer_ptq_common import parse
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", type=Path)
-    ap.add_argument("calib", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--technique", default="cle+adaround", help="cle, adaround, seqmse, joined with +")
-    ap.add_argument("--iterations", type=int, default=10000, help="AdaRound steps per layer (AIMET's default)")
-    ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args()
+    def extra(ap):
+        ap.add_argument("--iterations", type=int, default=10000, help="AdaRound steps per layer (AIMET's default)")
+        ap.add_argument("--batch", type=int, default=8)
+
+    args, model, arrays = parse("cle, adaround, seqmse", "cle+adaround", extra)
     from aimet_onnx import QuantizationSimModel, apply_adaround, apply_seq_mse
     from aimet_onnx.cross_layer_equalization import equalize_model
 
     t0 = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(args.model))
-    names = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
-    z = np.load(args.calib)
-    arrays = {k: z[k] for k in z.files if k in names}
     n = len(next(iter(arrays.values())))
     calib = [{k: v[i: i + args.batch] for k, v in arrays.items()} for i in range(0, n, args.batch)]
     techniques = set(args.technique.split("+"))

@@ -14,13 +14,11 @@ OUT/quark.json (seconds).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-import onnx
+from peer_ptq_common import parse
 
 
 class Reader:
@@ -41,22 +39,12 @@ class Reader:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", type=Path)
-    ap.add_argument("calib", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--technique", default="cle+adaround", help="cle, smoothquant, adaround, joined with +")
-    args = ap.parse_args()
+    args, model, arrays = parse("cle, smoothquant, adaround", "cle+adaround")
     from quark.onnx import ModelQuantizer, QConfig
     from quark.onnx.quantization.config.algorithm import AdaRoundConfig, CLEConfig, SmoothQuantConfig
     from quark.onnx.quantization.config.spec import CalibMethod, Int8Spec, QLayerConfig, QuantGranularity, UInt8Spec
 
     t0 = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(args.model))
-    names = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
-    z = np.load(args.calib)
-    arrays = {k: z[k] for k in z.files if k in names}
     algos = {"cle": CLEConfig, "smoothquant": SmoothQuantConfig, "adaround": lambda: AdaRoundConfig(
         optim_device="cpu", infer_device="cpu")}
     config = QConfig(global_config=QLayerConfig(

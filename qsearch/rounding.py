@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qsearch.calibration import quantize_weight
 from qsearch.model import Layer
+from qsearch.qparams import quantize_weight
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
 STEPS = 120  # Adam steps per layer (full batch on the moments, lr 0.5: as good as 400 steps at 0.1)

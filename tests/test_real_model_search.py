@@ -157,7 +157,8 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     # the proxy probes a fused pattern as it runs: one HardSwish on quantized x, its output quantized
     import onnxruntime as ort
 
-    from qsearch.calibration import activation_qparams, tensor_range
+    from qsearch.calibration import tensor_range
+    from qsearch.qparams import activation_qparams
 
     layer = ctx.prepared.layer("hswish_b")
     ranges = {t: tensor_range(ctx.stats.tensors[t], "minmax", 99.99) for t in ("b", "bh")}

@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qsearch.calibration import activation_qparams, quantize_weight
 from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel
 from qsearch.plan import LayerChoice, Plan
 from qsearch.planning import quantized_tensors
+from qsearch.qparams import activation_qparams, quantize_weight
 from qsearch.recovery import Pair, bias_delta, equalized_weights, find_pairs, group, uses
 from qsearch.recoveryplan import smoothed_layers
 from qsearch.rewrite.graph import EditGraph
