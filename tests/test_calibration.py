@@ -7,13 +7,12 @@ from qsearch.calibration import (
     CalibrationStats,
     TensorStats,
     _Histogram,
-    activation_qparams,
     collect,
     kl_threshold,
-    quantize_weight,
     tensor_range,
 )
 from qsearch.model import prepare
+from qsearch.qparams import activation_qparams, quantize_weight
 
 
 def _stats(x, bins=2048):
