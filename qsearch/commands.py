@@ -89,7 +89,8 @@ def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> 
         ensure_writable_file(output, "-o", (plan_path, model_path))
     if not isinstance(plan, Plan):
         plan = Plan.read(plan_path)
-    prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
+    prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path,
+                       preparation=plan.preparation)
     plan.validate(prepared, plan_path)
     from qsearch.rewrite import Rewriter
 
@@ -114,7 +115,8 @@ def show_plan(plan: Plan | str, model_path: str | None = None) -> str:
     if not isinstance(plan, Plan):
         plan = Plan.read(plan_path)
     if model_path is not None:
-        prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path)
+        prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path,
+                           preparation=plan.preparation)
         plan.validate(prepared, plan_path)
         plan = plan.completed(prepared)
     return show_text(plan)

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from qsearch.errors import QsearchError
+from qsearch.folding import fold_affine
 from qsearch.layers import BINARY_OPS as BINARY_OPS
 from qsearch.layers import FUSED_ACTIVATIONS as FUSED_ACTIVATIONS
 from qsearch.layers import LAYER_OPS as LAYER_OPS
@@ -32,6 +33,10 @@ from qsearch.layers import find_layers
 from qsearch.layers import node_reads as node_reads
 
 MIN_OPSET = 13
+# How the float graph is prepared; plans record it, so `apply` rebuilds the graph a plan was made
+# on. 1: ONNX Runtime's basic optimizations; 2: then constant affine ops folded into Convs (`folding`).
+PREPARE_VERSION = 2
+PREPARATIONS = (1, 2)
 @dataclass(frozen=True)
 class InputSpec:
     name: str
@@ -49,6 +54,7 @@ class PreparedModel:
     layers: tuple[Layer, ...]
     inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...]
+    preparation: int = PREPARE_VERSION  # `PREPARATIONS`
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -138,9 +144,10 @@ def _ort_basic_optimize(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
         return onnx.load(out)
 
 
-def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = None) -> PreparedModel:
+def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = None,
+            preparation: int = PREPARE_VERSION) -> PreparedModel:
     """Opset upgrade, float optimizations and shape inference; inputs/outputs stay the same.
-    `source` (the file) is what error messages name."""
+    `source` (the file) is what error messages name; `preparation` a plan's (`PREPARATIONS`)."""
     source = source or f"model '{name}'"
     fp = fingerprint(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -152,6 +159,8 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
         except Exception as exc:
             raise QsearchError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
     model = _ort_basic_optimize(model, source)
+    if preparation >= 2:
+        fold_affine(model)
     _name_nodes(model)  # ORT's optimizer adds unnamed nodes (e.g. HardSwish inlined as HardSigmoid + Mul)
     model = onnx.shape_inference.infer_shapes(model)
     inputs = tuple(_input_specs(model))
@@ -162,6 +171,7 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
         layers=tuple(find_layers(model, _shapes(model))),
         inputs=inputs,
         outputs=tuple(o.name for o in model.graph.output),
+        preparation=preparation,
     )
 
 

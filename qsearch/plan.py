@@ -22,7 +22,7 @@ from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_bytes, atomic_write_text, load_yaml
-from qsearch.model import PATTERN_FORMS, PreparedModel
+from qsearch.model import PATTERN_FORMS, PREPARATIONS, PREPARE_VERSION, PreparedModel
 from qsearch.recovery import RECOVERIES, Sidecar, sidecar_name
 
 MAX_RANGE = float(np.finfo(np.float32).max)  # a plan's range must be float32: its scale then stays finite
@@ -95,6 +95,7 @@ class Plan:
     model_file: str = ""
     forms: Mapping[str, str] = field(default_factory=dict)  # pattern -> form (`PATTERN_FORMS`), measured
     sidecar: Sidecar = field(default_factory=Sidecar)  # recovery arrays (equalization scales, input means)
+    preparation: int = PREPARE_VERSION  # how the float graph it names was prepared (`model.PREPARATIONS`)
 
     def __post_init__(self) -> None:
         """Every way of making a plan is checked (the YAML reader first, naming file and line; then
@@ -112,6 +113,9 @@ class Plan:
         for k, v in self.forms.items():
             if k not in PATTERN_FORMS or v not in PATTERN_FORMS[k]:
                 raise QsearchError(f"plan: forms.{k} = {v!r} is not a known pattern form")
+        if self.preparation not in PREPARATIONS:
+            raise QsearchError(f"plan: model.preparation {self.preparation!r} is not one of "
+                               f"{', '.join(map(str, PREPARATIONS))}")
         if isinstance(self.percentile, bool) or not 50.0 <= float(self.percentile) <= 100.0:
             raise QsearchError(f"plan: percentile must be in [50, 100], got {self.percentile!r}")
 
@@ -167,7 +171,8 @@ class Plan:
         doc: dict[str, Any] = {
             "qsearch_plan": SCHEMA_VERSION,
             "model": {"name": self.model_name, "fingerprint": self.fingerprint,
-                      **({"file": self.model_file} if self.model_file else {})},
+                      **({"file": self.model_file} if self.model_file else {}),
+                      **({"preparation": self.preparation} if self.preparation > 1 else {})},
             "target": self.target,
             "summary": {"layers": len(self.layers), "int8": n8, "float": len(self.layers) - n8},
             "calibration": {"percentile": self.percentile},

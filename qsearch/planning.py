@@ -212,6 +212,7 @@ def build_plan(
         notes=notes,
         forms=forms,
         sidecar=Sidecar(arrays),
+        preparation=prepared.preparation,
     )
 
 
@@ -222,6 +223,9 @@ def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "p
             f"{path}: plan is for model '{plan.model_name}' ({plan.fingerprint}), "
             f"not for '{prepared.name}' ({prepared.fingerprint})"
         )
+    if plan.preparation != prepared.preparation:
+        raise QsearchError(f"{path}: plan names layers of the graph of preparation {plan.preparation}, the model was "
+                           f"prepared with {prepared.preparation}: prepare it with the plan's")
     known = set(prepared.layer_names)
     for name, c in plan.layers.items():
         if name not in known:

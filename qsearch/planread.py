@@ -13,7 +13,7 @@ from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.errors import QsearchError
 from qsearch.files import check_keys, where
-from qsearch.model import PATTERN_FORMS
+from qsearch.model import PATTERN_FORMS, PREPARATIONS
 from qsearch.plan import MAX_RANGE, PRECISIONS, SCHEMA_VERSION, TARGETS, LayerChoice, LayerNote, Plan, good_range
 from qsearch.recovery import RECOVERIES, Sidecar
 
@@ -32,7 +32,11 @@ def plan_from_doc(doc: Any, path: str | os.PathLike = "<plan>") -> Plan:
     extra = {"activation_ranges"} if version == 1 else {"summary", "shared_ranges", "forms"}
     check_keys(path, doc, keys | extra | ({"recovery"} if version >= 3 else set()), "")
     model = doc.get("model") or {}
-    check_keys(path, model, {"name", "fingerprint"} | ({"file"} if version > 1 else set()), "model")
+    check_keys(path, model, {"name", "fingerprint"} | ({"file", "preparation"} if version > 1 else set()), "model")
+    preparation = model.get("preparation", 1)  # plans written before graphs were folded name unfolded layers
+    if isinstance(preparation, bool) or preparation not in PREPARATIONS:
+        raise QsearchError(f"{where(path, model, 'preparation')}: model.preparation {preparation!r} is not one of "
+                           f"{', '.join(map(str, PREPARATIONS))} (a plan from a newer qsearch?)"[:300])
     if not isinstance(model.get("fingerprint"), str):
         raise QsearchError(f"{where(path, doc, 'model')}: 'model.fingerprint' is missing")
     target = doc.get("target", "cpu")
@@ -79,6 +83,7 @@ def plan_from_doc(doc: Any, path: str | os.PathLike = "<plan>") -> Plan:
         model_file=str(model.get("file", "")),
         forms={str(k): str(v) for k, v in forms.items()},
         sidecar=_read_sidecar(path, doc),
+        preparation=preparation,
     )
 
 

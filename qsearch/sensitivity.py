@@ -165,7 +165,8 @@ def _profile_key(bench: Workbench, samples, reverse, screen_all=True) -> str:
     import hashlib
 
     space = bench.workload.space
-    src = json.dumps([PROFILE_VERSION, RANGES_VERSION, bench.prepared.fingerprint, bench.search_data.fingerprint,
+    src = json.dumps([PROFILE_VERSION, RANGES_VERSION, bench.prepared.fingerprint, bench.prepared.preparation,
+                      bench.search_data.fingerprint,
                       bench.calib_data.fingerprint, samples, reverse, screen_all, list(space.calibration), list(space.granularity), list(space.recovery),
                       space.percentile, [la.name for la in bench.candidates()], bench.workload.metric.name,
                       bench.workload.metric.search_entry, bench.workload.target, bench.workload.threads,

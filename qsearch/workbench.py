@@ -152,7 +152,7 @@ class Workbench:
         w = self.workload
         parts = [self.prepared.fingerprint, self.calib_data.fingerprint, self.search_data.fingerprint,
                  self.test_data.fingerprint, repr(w.metric), repr(self.allowed_drop()), repr(w.space), w.target,
-                 w.threads, w.latency_batch, SCHEMA_VERSION, LAYOUT_VERSION]
+                 w.threads, w.latency_batch, SCHEMA_VERSION, LAYOUT_VERSION, self.prepared.preparation]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
     def calibration_tensors(self) -> list[str]:
@@ -262,8 +262,8 @@ def _scorer(workload: Workload, fp32, ds: Dataset, entry: str | None, chunk: int
 
 # ---------------------------------------------------------------------- calibration
 def _cache_path(bench: Workbench, tensors: list[str], part: str = "") -> Path | None:
-    key = calibration.cache_key(bench.prepared.fingerprint, bench.calib_data.fingerprint, json.dumps(tensors),
-                                str(bench.run_samples))
+    key = calibration.cache_key(bench.prepared.fingerprint, str(bench.prepared.preparation),
+                                bench.calib_data.fingerprint, json.dumps(tensors), str(bench.run_samples))
     return bench.cache_dir / f"calibration-{key}{part}.npz" if bench.cache_dir else None
 
 

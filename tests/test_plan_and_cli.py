@@ -26,6 +26,7 @@ model:
   name: m
   fingerprint: sha256:abc
   file: m.onnx
+  preparation: 2
 target: cpu
 summary:
   layers: 3
@@ -319,7 +320,7 @@ def test_more_bad_workload_inputs(case, expect, workload, tmp_path, capsys):
 
 @pytest.mark.parametrize("case,expect", [
     ("plan_yaml_syntax", ":3: YAML error"),
-    ("plan_mistyped_key", ":6: unknown key 'targte'"),
+    ("plan_mistyped_key", ":7: unknown key 'targte'"),
     ("output_not_writable", "cannot write there"),
     ("plan_unknown_pattern", "forms.gelu: unknown pattern (known: hardswish)"),
     ("plan_unknown_form", "forms.hardswish is 'lut', expected one of decomposed, fused"),

@@ -31,7 +31,7 @@ from qsearch.smoothing import Group, find_groups, fold_target, scaled_weight
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
-LAYOUT_VERSION = 4  # 4: MatMul/Gemm outputs stay float (MatMulIntegerToFloat, QGemm)
+LAYOUT_VERSION = 5  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own
 
 
 class Rewriter:
@@ -103,10 +103,12 @@ class Rewriter:
                 g.fuse_hardswish(layer)
         for t in sorted(act_params, key=g.order_of):
             g.insert_qdq(t, *act_params[t])
-        if plan.target == "fp16":
+        if plan.target == "fp16":  # float layers read through a Cast: no per-tensor DQ to guard against
             fp16_nodes = {n for layer in self.prepared.layers if choices[layer.name].precision == "fp16"
                           for n in layer.nodes}
             g.convert_fp16(fp16_nodes)
+        else:
+            g.keep_float_weights()
         return g.build()
 
     def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> dict:

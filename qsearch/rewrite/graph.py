@@ -209,6 +209,32 @@ class EditGraph:
                                            name=names.fresh(f"{tensor}_DequantizeLinear")))
         self.producer[dq_out] = self.extra[-1]
 
+    def keep_float_weights(self) -> None:
+        """A float Conv/ConvTranspose/Gemm between a per-tensor DQ and a Q runs as int8 in ONNX
+        Runtime 1.21+: its WeightBiasQuantization quantizes the float weight per tensor (a
+        depthwise Conv the plan keeps float lost more than its int8 per-channel form). Each such op
+        reads its input through a DQ of its own with the same scale given per channel: the same
+        values, and no longer the per-tensor DQ that transformation looks for."""
+        for n in self.nodes:
+            if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2 or n.input[1] not in self.inits:
+                continue
+            dq = self.producer.get(n.input[0])
+            if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[1] not in self.new_inits:
+                continue
+            axis, channels = _float_input_channels(n, self.inits[n.input[1]])
+            scale = numpy_helper.to_array(self.new_inits[dq.input[1]])
+            zp = numpy_helper.to_array(self.new_inits[dq.input[2]])
+            if scale.size != 1 or channels < 2:
+                continue
+            base = n.input[0]
+            sn = self._init(self.names.fresh(f"{base}_{n.name}_scale"), np.full(channels, scale.reshape(-1)[0]))
+            zn = self._init(self.names.fresh(f"{base}_{n.name}_zero_point"), np.full(channels, zp.reshape(-1)[0]))
+            out = self.names.fresh(f"{base}_{n.name}_float_input")
+            self.extra.append(helper.make_node("DequantizeLinear", [dq.input[0], sn, zn], [out], axis=axis,
+                                               name=self.names.fresh(f"{base}_{n.name}_DequantizeLinear")))
+            self.producer[out] = self.extra[-1]
+            n.input[0] = out
+
     def fake_quant(self, tensor: str, base: str, scale: np.float32, zp: np.uint8) -> str:
         """Q/DQ reading `tensor` into a new tensor (named from `base`), leaving existing consumers
         alone (probes); returns the new tensor's name."""
@@ -337,3 +363,15 @@ class EditGraph:
         for p in self.model.metadata_props:
             m.metadata_props.append(p)
         return m
+
+
+def _float_input_channels(node: onnx.NodeProto, weight: TensorProto) -> tuple[int, int]:
+    """(axis, size) of the channels of a Conv/ConvTranspose/Gemm's input, from its weight."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    dims = list(weight.dims)
+    if node.op_type == "Conv":
+        return 1, dims[1] * int(attrs.get("group", 1)) if len(dims) > 1 else 0
+    if node.op_type == "ConvTranspose":
+        return 1, dims[0]
+    k = dims[1] if attrs.get("transB", 0) else dims[0]
+    return (0 if attrs.get("transA", 0) else 1), k
