@@ -2,9 +2,10 @@
 (qsearch's prepared model), the same calibration split, every result scored by the workload's
 metric on search and test data and timed side by side in interleaved rounds.
 
-- qsearch: all-INT8 MinMax (per-tensor and per-channel weights) with each closed-form recovery
-  (none, bias, cle, cle+bias, smooth, smooth+bias where the model has what they need), the best on
-  search data; then the same with learned rounding on top (`rounding.CAP_S`).
+- qsearch: all-INT8 with each calibration method of the workload's search space (MinMax, Entropy,
+  Percentile, MSE), per-tensor and per-channel weights, each closed-form recovery (none, bias, cle,
+  cle+bias, smooth, smooth+bias where the model has what they need): the best on search data; then
+  the same with learned rounding on top (`rounding.CAP_S`).
 - NNCF `quantize` (MinMax ranges, fast bias correction, its default; full bias correction; with
   SmoothQuant, NNCF's transformer preset, where the model has MatMuls).
 - AIMET-ONNX (its venv, `peer_aimet_ptq.py`): CLE + Sequential MSE, CLE + AdaRound (AIMET's 10000
@@ -43,15 +44,18 @@ def qsearch_rows(bench) -> list[tuple[str, object, float, str]]:
     ev = evaluator(bench)
     fp = ev.fp32_score("search")
     best: dict[str, tuple] = {}
-    for gran in ("per_tensor", "per_channel"):
-        for rec in CLOSED_FORM:
-            t = time.perf_counter()
-            plan = bench.uniform_plan("minmax", gran, recovery=rec)
-            drop = fp - ev.evaluate(plan, "search", timing=False).score
-            key = "none" if rec == "none" else "recovery"
-            if key not in best or drop < best[key][0]:
-                best[key] = (drop, plan, time.perf_counter() - t, f"minmax {gran}, {rec}")
-            print(f"qsearch {gran} {rec}: search drop {drop:.4f}", file=sys.stderr)
+    for method in bench.workload.space.calibration:
+        for gran in ("per_tensor", "per_channel"):
+            for rec in CLOSED_FORM:
+                if "smooth" in rec and method != "minmax":  # a smoothed input's range is MinMax
+                    continue
+                t = time.perf_counter()
+                plan = bench.uniform_plan(method, gran, recovery=rec)
+                drop = fp - ev.evaluate(plan, "search", timing=False).score
+                key = "none" if rec == "none" else "recovery"
+                if key not in best or drop < best[key][0]:
+                    best[key] = (drop, plan, time.perf_counter() - t, f"{method} {gran}, {rec}")
+                print(f"qsearch {method} {gran} {rec}: search drop {drop:.4f}", file=sys.stderr)
     out = [(f"qsearch all-INT8, no recovery ({best['none'][3]})", best["none"][1], best["none"][2], "best on search")]
     drop, plan, secs, what = best["recovery"]
     out.append((f"qsearch all-INT8 with recovery ({what})", plan, secs, "best on search"))
