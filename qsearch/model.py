@@ -55,6 +55,7 @@ class PreparedModel:
     inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...]
     preparation: int = PREPARE_VERSION  # `PREPARATIONS`
+    folded: int = 0  # constant Mul/Add ops folded into Convs (`folding`)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -159,8 +160,7 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
         except Exception as exc:
             raise QsearchError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
     model = _ort_basic_optimize(model, source)
-    if preparation >= 2:
-        fold_affine(model)
+    folded = fold_affine(model) if preparation >= 2 else 0
     _name_nodes(model)  # ORT's optimizer adds unnamed nodes (e.g. HardSwish inlined as HardSigmoid + Mul)
     model = onnx.shape_inference.infer_shapes(model)
     inputs = tuple(_input_specs(model))
@@ -172,6 +172,7 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
         inputs=inputs,
         outputs=tuple(o.name for o in model.graph.output),
         preparation=preparation,
+        folded=folded,
     )
 
 

@@ -352,7 +352,9 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
     repaired = search.repaired
     return [
         f"Model `{bench.prepared.name}` ({bench.prepared.fingerprint}), metric {bench.workload.metric.name}, "
-        f"allowed drop {search.allowed:.4g} on search data; target {bench.workload.target}.",
+        f"allowed drop {search.allowed:.4g} on search data; target {bench.workload.target}."
+        + (f" Float graph: {bench.prepared.folded} constant Mul/Add folded into their Convs (the same function; FP32 "
+           "below is this graph)." if bench.prepared.folded else ""),
         f"{n_trials} trials ({len(results)} complete, {repaired} of them repair steps), "
         f"{len(search.dims.searched)} layers searched, {len(search.dims.fixed)} fixed "
         f"(measured joint drop {f'{d.joint_drop:.4g}' if d.joint_drop is not None else 'n/a'}). "

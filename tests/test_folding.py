@@ -66,7 +66,7 @@ def test_scales_and_shifts_fold_into_the_convs_on_both_sides():
     src = _model([("Mul", (1,), True), ("Add", (C, 1, 1), False), ("relu", (), False),
                   ("Mul", (1,), True), ("Add", (1,), True)])
     prepared = prepare(src)
-    assert _ops(prepared.proto) == ["Conv", "Relu", "Add", "Conv"]
+    assert _ops(prepared.proto) == ["Conv", "Relu", "Add", "Conv"] and prepared.folded == 3
     _same_outputs(src, prepared.proto)
     assert [la.name for la in prepared.layers] == ["conv0", "Add4", "conv1"]
 
