@@ -176,3 +176,29 @@ def test_plans_name_their_preparation_and_older_plans_apply_to_the_unfolded_grap
     assert main(["apply", str(bad), str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx")]) == 2
     assert "model.preparation 7 is not one of 1, 2" in last_error(capsys)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_float_gemm_reading_a_quantized_tensor_runs_float():
+    """The same for Gemm: x quantized for the INT8 Gemm that reads it, the float Gemm beside it
+    reads the dequantized x and writes into the INT8 Gemm after it."""
+    rng = np.random.default_rng(1)
+    w_float = rng.normal(0, 1, (8, 8)).astype(np.float32) * np.array([1e-3, 1e-2] + [1.0] * 6, np.float32)[:, None]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "wa"),
+             numpy_helper.from_array(w_float, "wb"), numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "wc")]
+    nodes = [helper.make_node("Gemm", ["x", "wa"], ["a"], name="gemm_a", transB=1),
+             helper.make_node("Gemm", ["x", "wb"], ["b"], name="gemm_b", transB=1),
+             helper.make_node("Gemm", ["b", "wc"], ["c"], name="gemm_c", transB=1),
+             helper.make_node("Add", ["a", "c"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "gemms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                          [helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 8]),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    prepared, stats, feeds = _calibrated(model, shape=(4, 8))
+    plan = build_plan(prepared, {"gemm_a": LayerChoice("int8"), "gemm_b": LayerChoice("fp32"),
+                                 "gemm_c": LayerChoice("int8")}, stats)
+    out = Rewriter(prepared)(plan)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(out.SerializeToString(), so).run(["b"], feeds[0])[0]
+    optimized = _run(out, feeds[0])[0]
+    assert np.abs(optimized - plain).max() <= 1e-5 * np.abs(plain).max()
