@@ -39,7 +39,9 @@ def drops(cfg: Path, cache: Path) -> tuple[list[str], object]:
     setup = time.perf_counter() - t
     ev = Evaluator(bench)
     pairs = bench.recovery.pairs if bench.recovery else ()
-    smooth = bench.recovery.smoothing if bench.recovery else {}
+    searched = {la.name for la in bench.candidates()}  # a group of layers the space does not search smooths nothing
+    smooth = {t: sm for t, sm in (bench.recovery.smoothing if bench.recovery else {}).items()
+              if set(sm.group.layers) & searched}
     alphas = sorted(sm.alpha for sm in smooth.values())
     lines = [f"Equalizable pairs: {len(pairs)} ({sum(p.clip is not None for p in pairs)} through a Clip, clip-aware); "
              f"smoothing groups: {len(smooth)} inputs of {sum(len(sm.group.layers) for sm in smooth.values())} layers"
