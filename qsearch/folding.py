@@ -58,8 +58,8 @@ class _Graph:
         if conv is not None and conv.op_type == "Conv" and self._only_reader(x, node) and self._own_params(conv):
             return self._into_producer(conv, node, k)
         convs = self.readers.get(node.output[0], [])
-        if k.size != 1 or k.ndim > 4 or node.output[0] in self.outputs or not convs:
-            return False
+        if k.size != 1 or k.ndim > 1 or node.output[0] in self.outputs or not convs:
+            return False  # a [1, 1, 1, 1] constant could widen x's rank: the Conv reads the widened tensor
         readers_ok = all(c.op_type == "Conv" and c.input[0] == node.output[0] and self._own_params(c) for c in convs)
         if readers_ok and (node.op_type == "Mul" or all(not _padded(c) for c in convs)):
             folded = [self._into_reader(c, node, float(k.reshape(-1)[0])) for c in convs]
@@ -127,7 +127,7 @@ class _Graph:
         if mul.op_type != "Mul" or add is None or add.op_type != "Add" or not self._only_reader(mul.output[0], add):
             return False
         split = self._split(add)
-        if split is None or split[1].size != 1 or add.output[0] in self.outputs:
+        if split is None or split[1].size != 1 or split[1].ndim > 1 or add.output[0] in self.outputs:
             return False
         convs = self.readers.get(add.output[0], [])
         if not convs or not all(r.op_type == "Conv" and r.input[0] == add.output[0] and self._own_params(r)
