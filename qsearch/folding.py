@@ -28,7 +28,9 @@ _AFFINE = ("Mul", "Add")
 
 
 def fold_affine(model: onnx.ModelProto) -> int:
-    """Fold in place until nothing more folds; returns how many ops were removed."""
+    """Fold in place until nothing more folds; returns how many ops were removed. The index is
+    rebuilt after every fold (0.8 s for the recognizer's 93): a fold rewrites the graph's repeated
+    fields, which copies their protos, so any node or initializer held from before is detached."""
     before = len(model.graph.node)
     while True:
         g = _Graph(model.graph)

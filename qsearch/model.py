@@ -37,6 +37,8 @@ MIN_OPSET = 13
 # on. 1: ONNX Runtime's basic optimizations; 2: then constant affine ops folded into Convs (`folding`).
 PREPARE_VERSION = 2
 PREPARATIONS = (1, 2)
+
+
 @dataclass(frozen=True)
 class InputSpec:
     name: str

@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from qsearch.calibration import collect
 from qsearch.cli import main
 from qsearch.folding import fold_affine
 from qsearch.model import prepare
@@ -154,23 +155,21 @@ def test_a_float_conv_between_int8_layers_runs_float():
 def test_plans_name_their_preparation_and_older_plans_apply_to_the_unfolded_graph(tmp_path, capsys):
     src = _model([("Mul", (1,), True), ("Add", (1,), False), ("relu", (), False)], kernel=1)
     onnx.save(src, tmp_path / "m.onnx")
+    x = {"x": np.random.default_rng(0).normal(size=(2, C, H, H)).astype(np.float32)}
+    names = {}
     for preparation in (1, 2):
         prepared = prepare(src, name="m", preparation=preparation)
-        choices = {n: LayerChoice("int8") for n in prepared.layer_names}
-        stats = _calibrated(src, shape=(2, C, H, H))[1] if preparation == 2 else None
-        if stats is None:
-            from qsearch.calibration import collect
-
-            tensors = [t for la in prepared.layers for t in (*la.activations, la.output) if t]
-            x = {"x": np.random.default_rng(0).normal(size=(2, C, H, H)).astype(np.float32)}
-            stats = collect(prepared.proto, tensors, [x])
-        plan = build_plan(prepared, choices, stats)
+        names[preparation] = set(prepared.layer_names)
+        tensors = [t for la in prepared.layers for t in (*la.activations, la.output) if t]
+        plan = build_plan(prepared, {n: LayerChoice("int8") for n in prepared.layer_names},
+                          collect(prepared.proto, tensors, [x]))
         text = plan.to_yaml()
         assert ("preparation: 2" in text) == (preparation == 2)
         path = tmp_path / f"plan{preparation}.yaml"
         path.write_text(text)
         assert Plan.read(path).preparation == preparation
         assert main(["apply", str(path), str(tmp_path / "m.onnx"), "-o", str(tmp_path / f"q{preparation}.onnx")]) == 0
+    assert names[1] - names[2] == {"Mul0", "Add1"}  # the old plan names layers only the unfolded graph has
     bad = tmp_path / "bad.yaml"
     bad.write_text((tmp_path / "plan2.yaml").read_text().replace("preparation: 2", "preparation: 7"))
     assert main(["apply", str(bad), str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx")]) == 2

@@ -370,7 +370,7 @@ def _float_input_channels(node: onnx.NodeProto, weight: TensorProto) -> tuple[in
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     dims = list(weight.dims)
     if node.op_type == "Conv":
-        return 1, dims[1] * int(attrs.get("group", 1)) if len(dims) > 1 else 0
+        return 1, (dims[1] * int(attrs.get("group", 1)) if len(dims) > 1 else 0)
     if node.op_type == "ConvTranspose":
         return 1, dims[0]
     k = dims[1] if attrs.get("transB", 0) else dims[0]
