@@ -13,6 +13,7 @@ import onnx
 
 from qsearch import limits, sensitivity
 from qsearch.config import load_workload
+from qsearch.engine import isa
 from qsearch.errors import QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir, ensure_writable_file
@@ -94,6 +95,9 @@ def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> 
     plan.validate(prepared, plan_path)
     from qsearch.rewrite import Rewriter
 
+    warning = isa.mismatch(plan.provenance.get("int8_path"), plan_path)
+    if warning:
+        log(warning)
     t0 = time.perf_counter()
     model = Rewriter(prepared)(plan)
     dt = time.perf_counter() - t0
@@ -136,6 +140,11 @@ def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=No
     if set(want) != set(have):
         raise QsearchError(f"{model_path}: its inputs {sorted(have)} do not match the workload's data "
                            f"{sorted(want)} ({bench.workload.path})")
+    from qsearch.rewrite import INT8_PATH_KEY
+
+    warning = isa.mismatch({p.key: p.value for p in model.metadata_props}.get(INT8_PATH_KEY), model_path)
+    if warning:
+        log(warning)
     evaluator = Evaluator(bench)
     try:
         r = EvaluationResult(
@@ -162,7 +171,8 @@ def run_baseline(kind: str, config: str | None, out: Path, output: str, method: 
     ensure_writable_file(output, "-o", bench.workload.files_read())
     evaluator = Evaluator(bench)
     if kind == "naive":  # in the forms `optimize` would measure for it (hardswish fused or not)
-        forms, _ = sensitivity.choose_forms(bench, {la.name: LayerChoice("int8", method, granularity)
+        forms, _ = sensitivity.choose_forms(bench, {la.name: LayerChoice("int8", method, granularity,
+                                                                         weights=bench.workload.space.weights[0])
                                                     for la in bench.candidates()})
         bench = bench.with_forms(forms)
         plan = bench.uniform_plan(method, granularity, recovery=recovery)

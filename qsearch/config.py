@@ -14,6 +14,7 @@ from typing import Any
 
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.data import DataSpec
+from qsearch.engine.isa import WEIGHT_CODES, safe_weights
 from qsearch.errors import QsearchError
 from qsearch.files import LinedDict, check_keys, load_yaml, where
 from qsearch.model import LAYER_OPS
@@ -37,6 +38,8 @@ class SearchSpace:
     calibration: tuple[str, ...] = METHODS
     granularity: tuple[str, ...] = GRANULARITIES
     recovery: tuple[str, ...] = TECHNIQUES  # accuracy recovery the search may use (`recovery: [none]`: plain PTQ)
+    # weight encodings (`engine.isa`): by default the one exact on this CPU's int8 path (int7 where u8s8 saturates)
+    weights: tuple[str, ...] = field(default_factory=lambda: (safe_weights(),))
     percentile: float = 99.99
     objective: str = "latency"  # cost to minimize under the accuracy budget
     multi_objective: bool = False  # True: Pareto search over (metric, cost) with NSGA-II
@@ -222,7 +225,7 @@ def _find_space(name: str, base: Path) -> Path | None:
 
 
 SPACE_KEYS = {
-    "extends", "candidates", "precision", "calibration", "granularity", "recovery", "percentile", "objective", "multi_objective",
+    "extends", "candidates", "precision", "calibration", "granularity", "recovery", "weights", "percentile", "objective", "multi_objective",
     "sampler", "seed", "fix_below", "options_per_layer", "min_searched", "warm_start", "prune", "prune_fraction",
 }
 
@@ -272,6 +275,8 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
             raise QsearchError(f"{where(p, v, 'recovery')}: {section}.recovery: 'none' cannot be listed with "
                                f"techniques, got {list(got)}")
         kw["recovery"] = tuple(x for x in got if x != "none")
+    if "weights" in v:
+        kw["weights"] = tuple(dict.fromkeys(_choice_list(p, v, "weights", WEIGHT_CODES, section)))
     if "objective" in v:
         kw["objective"] = _one_of(p, v, "objective", OBJECTIVES, section)
     if "sampler" in v:

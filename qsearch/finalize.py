@@ -16,7 +16,7 @@ import numpy as np
 
 from qsearch import rounding, strategy
 from qsearch.evaluator import Evaluator
-from qsearch.plan import Plan
+from qsearch.plan import LayerChoice, Plan
 from qsearch.report import Row
 from qsearch.resolution import clearly_over
 from qsearch.scoring import model_size, timing_ms
@@ -198,7 +198,8 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     hybrid, hybrid_evals, hybrid_drop = greedy_fallback(bench, evaluator, search.problem, memo=memo)
     n_trials = len(search.trials)
     fp32_search = bench.baseline.fp32_search
-    naive_drop = memo.get(tuple(sorted((la.name, "int8/minmax/per_tensor") for la in bench.candidates())))
+    naive_label = LayerChoice("int8", "minmax", "per_tensor", weights=bench.workload.space.weights[0]).label()
+    naive_drop = memo.get(tuple(sorted((la.name, naive_label) for la in bench.candidates())))
     entries = [Entry("fp32", fp32_plan, None, search=fp32_search),
                Entry("naive int8 (minmax, per-tensor)", naive, 1,
                      search=None if naive_drop is None else fp32_search - naive_drop),  # greedy's first step
@@ -258,7 +259,7 @@ def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Pr
     """The peers' accuracy-control loop (`strategy.greedy_revert`) as a plan: all-INT8 with one
     method, the noisiest layers reverted until the budget holds. Returns (plan, evaluations,
     its measured search drop). `memo` collects every measured drop (its first: all-INT8)."""
-    option = f"int8/{method}/{granularity}"
+    option = LayerChoice("int8", method, granularity, weights=bench.workload.space.weights[0]).label()
     drops: dict[tuple, float] = {} if memo is None else memo
     space, allowed = bench.workload.space, problem.allowed
     binomial = bench.workload.metric.name == "top1"

@@ -20,6 +20,7 @@ import yaml
 
 from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
+from qsearch.engine.isa import WEIGHT_CODES, detect
 from qsearch.errors import QsearchError
 from qsearch.files import atomic_write_bytes, atomic_write_text, load_yaml
 from qsearch.model import PATTERN_FORMS, PREPARATIONS, PREPARE_VERSION, PreparedModel
@@ -37,6 +38,7 @@ class LayerChoice:
     calibration: str = "minmax"
     granularity: str = "per_channel"
     recovery: str = "none"  # `recovery.RECOVERIES`: equalization and/or bias correction
+    weights: str = "int8"  # how the weight is stored (`engine.isa.WEIGHT_CODES`): int7 and uint8 never saturate
 
     def __post_init__(self) -> None:
         """Checked however the choice is made (YAML, the Python API, a strategy): an unknown
@@ -44,11 +46,14 @@ class LayerChoice:
         for key, value, allowed in (("precision", self.precision, PRECISIONS),
                                     ("calibration", self.calibration, METHODS),
                                     ("granularity", self.granularity, GRANULARITIES),
-                                    ("recovery", self.recovery, RECOVERIES)):
+                                    ("recovery", self.recovery, RECOVERIES),
+                                    ("weights", self.weights, WEIGHT_CODES)):
             if value not in allowed:
                 raise QsearchError(f"layer choice: {key} {value!r} is not one of {', '.join(allowed)}")
         if self.recovery != "none" and not self.is_int8:
             raise QsearchError(f"layer choice: recovery {self.recovery!r} needs precision int8, not {self.precision}")
+        if self.weights != "int8" and not self.is_int8:
+            raise QsearchError(f"layer choice: weights {self.weights!r} need precision int8, not {self.precision}")
 
     @property
     def is_int8(self) -> bool:
@@ -57,13 +62,16 @@ class LayerChoice:
     def label(self) -> str:
         if not self.is_int8:
             return self.precision
-        return f"int8/{self.calibration}/{self.granularity}" + ("" if self.recovery == "none" else f"/{self.recovery}")
+        return (f"int8/{self.calibration}/{self.granularity}" + ("" if self.recovery == "none" else f"/{self.recovery}")
+                + ("" if self.weights == "int8" else f"@{self.weights}"))
 
     @classmethod
     def parse(cls, label: str) -> LayerChoice:
+        """The inverse of `label` ('int8/minmax/per_channel/cle@int7', 'fp32')."""
+        label, _, weights = label.partition("@")
         parts = label.split("/")
         if parts[0] == "int8" and len(parts) in (3, 4):
-            return cls("int8", *parts[1:])
+            return cls("int8", *parts[1:3], parts[3] if len(parts) == 4 else "none", weights or "int8")
         return cls(parts[0])
 
 
@@ -156,6 +164,8 @@ class Plan:
                 e["calibration"] = c.calibration
                 if note.weighted:
                     e["granularity"] = c.granularity
+                if note.weighted and c.weights != "int8":
+                    e["weights"] = c.weights
                 if c.recovery != "none":
                     e["recovery"] = c.recovery
                     if note.recovery:
@@ -256,7 +266,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                            "qsearch": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                           "numpy": np.__version__}
+                           "numpy": np.__version__, "int8_path": detect().name}
     try:
         import optuna
 
@@ -300,6 +310,8 @@ def _choice_dict(c: LayerChoice, defaults: LayerChoice | None) -> dict:
             d["granularity"] = c.granularity
         if c.recovery != "none":
             d["recovery"] = c.recovery
+        if c.weights != "int8":
+            d["weights"] = c.weights
     return d
 
 

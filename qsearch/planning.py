@@ -32,8 +32,12 @@ def allowed_granularities(layer: Layer) -> tuple[str, ...]:
 
 
 def normalized(layer: Layer, choice: LayerChoice) -> LayerChoice:
+    """The choice as this layer can take it: an allowed granularity; weight codes only with a weight."""
     if choice.is_int8 and choice.granularity not in allowed_granularities(layer):
-        return LayerChoice(choice.precision, choice.calibration, allowed_granularities(layer)[0])
+        choice = LayerChoice(choice.precision, choice.calibration, allowed_granularities(layer)[0],
+                             weights=choice.weights)
+    if choice.weights != "int8" and not layer.has_weight:
+        choice = replace(choice, weights="int8")
     return choice
 
 

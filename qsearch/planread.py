@@ -11,6 +11,7 @@ from typing import Any
 
 from qsearch import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
+from qsearch.engine.isa import WEIGHT_CODES
 from qsearch.errors import QsearchError
 from qsearch.files import check_keys, where
 from qsearch.model import PATTERN_FORMS, PREPARATIONS
@@ -142,14 +143,14 @@ def _read_layers(path, doc: dict, defaults: LayerChoice | None, ranges: dict, ow
         if name in layers:
             raise QsearchError(f"{where(path, layers_doc, i)}: layer '{name}' is listed twice")
         check_keys(path, e, {"layer", "name", "op", "precision", "calibration", "granularity", "ranges", "why",
-                             "recovery", "recovery_factors"}, f"layers.{name}")
+                             "recovery", "recovery_factors", "weights"}, f"layers.{name}")
         for key in ("name", "op", "why", "recovery_factors"):
             if key in e and not isinstance(e[key], str):
                 raise QsearchError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
         # no granularity written: a weightless layer (Add, Concat...), one scale per tensor
         base = replace(defaults or LayerChoice(), granularity="per_tensor") if "granularity" not in e else \
             defaults or LayerChoice()
-        layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity", "recovery")
+        layers[name] = _parse_choice(path, {k: e[k] for k in ("precision", "calibration", "granularity", "recovery", "weights")
                                             if k in e}, base, f"layers.{name}")
         tensors = _read_ranges(path, e, "ranges", ranges, owner, f"layers.{name}.ranges", name)
         note = LayerNote(e.get("op", ""), e.get("name", ""), e.get("why", ""),
@@ -182,9 +183,9 @@ def _read_ranges(path, doc: Mapping, key: str, ranges: dict, owner: dict, label:
 
 
 def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
-    check_keys(path, d, {"precision", "calibration", "granularity", "recovery"}, section)
+    check_keys(path, d, {"precision", "calibration", "granularity", "recovery", "weights"}, section)
     for key, allowed in (("precision", PRECISIONS), ("calibration", METHODS), ("granularity", GRANULARITIES),
-                         ("recovery", RECOVERIES)):
+                         ("recovery", RECOVERIES), ("weights", WEIGHT_CODES)):
         if key in d and d[key] not in allowed:
             raise QsearchError(
                 f"{where(path, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}"
@@ -194,5 +195,8 @@ def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
     if recovery != "none" and precision != "int8":
         raise QsearchError(f"{where(path, d, 'recovery')}: {section}.recovery {recovery!r} needs precision int8, "
                            f"not {precision}")
+    # like calibration, a float layer's weight encoding means nothing: a reviewer who turns a layer
+    # float need not delete it
+    weights = d.get("weights", base.weights) if precision == "int8" else "int8"
     return LayerChoice(precision, d.get("calibration", base.calibration), d.get("granularity", base.granularity),
-                       recovery)
+                       recovery, weights)

@@ -24,10 +24,10 @@ PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue)
 
 
 def options_for(layer: Layer, methods, granularities, techniques=(), partnered: bool = False,
-                smoothable: bool = False) -> list[LayerChoice]:
+                smoothable: bool = False, weights=("int8",)) -> list[LayerChoice]:
     """Every INT8 option of a layer: method x granularity x the recovery it can take (bias
     correction with a weight, equalization with a partner, smoothing in a group: MinMax only)
-    among the allowed `techniques`."""
+    among the allowed `techniques` x the weight encodings (a layer with a weight)."""
     grans = [g for g in granularities if g in allowed_granularities(layer)] or ["per_tensor"]
     if not layer.has_weight:
         grans = grans[:1]
@@ -39,7 +39,8 @@ def options_for(layer: Layer, methods, granularities, techniques=(), partnered: 
     smooth = ["smooth", "smooth+bias"] if "bias" in recs else ["smooth"]
     if "smooth" in techniques and smoothable and "minmax" in methods:
         recs += smooth
-    return [LayerChoice("int8", m, g, r) for m in methods for g in grans for r in recs
+    codes = weights if layer.has_weight else ("int8",)
+    return [LayerChoice("int8", m, g, r, w) for m in methods for g in grans for r in recs for w in codes
             if m == "minmax" or not uses(r, "smooth")]
 
 
@@ -115,7 +116,7 @@ def rank_options(bench: Workbench, layers, samples, queue, progress) -> tuple[di
     smoothable = {n for sm in (bench.recovery.smoothing.values() if bench.recovery else ()) for n in sm.group.layers}
     entries = [(la, c) for la in layers
                for c in options_for(la, space.calibration, space.granularity, space.recovery, la.name in partnered,
-                                    la.name in smoothable)]
+                                    la.name in smoothable, space.weights)]
     sq, passes = proxy_sqnr(bench, entries, samples, None if queue is None else queue.stage("proxy"), progress)
     proxies: dict[str, dict[str, float]] = {la.name: {} for la in layers}
     for (la, c), v in zip(entries, sq):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qsearch.engine.isa import weight_limits
+
 
 def activation_qparams(rmin: float, rmax: float) -> tuple[np.float32, np.uint8]:
     """uint8 asymmetric scale / zero point, the fast path for x86 VNNI kernels."""
@@ -16,17 +18,28 @@ def activation_qparams(rmin: float, rmax: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zp)
 
 
-def quantize_weight(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """int8 symmetric weights ([-127, 127], zero point 0); scale per output channel or per tensor."""
+def quantize_weight(w: np.ndarray, axis: int, per_channel: bool, codes: str = "int8") -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weight codes, scale per output channel or per tensor: int8 [-127, 127]; int7 [-63, 63]
+    (`codes`, `engine.isa.WEIGHT_CODES`; uint8 codes are int8's shifted by `stored_codes`)."""
+    qmax = 63 if codes == "int7" else 127
     w = np.asarray(w, dtype=np.float32)
     if per_channel:
         red = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.abs(w).max(axis=red) if red else np.abs(w)
     else:
         amax = np.array(np.abs(w).max())
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     if per_channel:
         shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def stored_codes(q: np.ndarray, codes: str) -> tuple[np.ndarray, np.generic]:
+    """Symmetric codes as the model stores them, with their zero point: int8 as they are, uint8
+    shifted by 128 (ONNX Runtime then runs its u8u8 kernels)."""
+    lo, hi, zp = weight_limits(codes)
+    if codes == "uint8":
+        return (q.astype(np.int16) + zp).astype(np.uint8), np.uint8(zp)
+    return np.clip(q, lo, hi).astype(np.int8), np.int8(0)

@@ -81,17 +81,18 @@ class Moments:
 
 
 def learn(w: np.ndarray, scale: np.ndarray, mom: Moments, steps: int = STEPS, lam: float = 0.01,
-          lr: float = 0.5) -> tuple[np.ndarray, float, float]:
+          lr: float = 0.5, qmax: int = 127) -> tuple[np.ndarray, float, float]:
     """Codes for w (groups, out_g, in_g) with per-row scale (groups, out_g, 1) minimizing the
     output error (`Moments.error`): Adam on v, the regularizer annealed from beta 20 to 2 over
     the last 80% of the steps. Returns (codes, nearest's error, the codes' error); nearest
-    rounding where the learned codes do not beat it."""
+    rounding where the learned codes do not beat it. `qmax`: codes stay in [-qmax, qmax] (63 for
+    7-bit weights)."""
     w64, s = w.astype(np.float64), scale.astype(np.float64)
     base = np.floor(w64 / s)
     rest = w64 / s - base
     v = -np.log((ZETA - GAMMA) / (np.clip(rest, 1e-4, 1 - 1e-4) - GAMMA) - 1)  # h(v) = rest at the start
     m, u = np.zeros_like(v), np.zeros_like(v)
-    lo, hi = -127 - base, 127 - base  # codes stay in [-127, 127]
+    lo, hi = -qmax - base, qmax - base  # codes stay in [-qmax, qmax]
     norm = float(np.sum((w64 @ mom.g) * w64)) or 1.0
     # the steps run in float32 (half the time; the result is compared in float64 below)
     w32, s32, base32, g32 = (a.astype(np.float32) for a in (w64, s, base, mom.g))
@@ -109,8 +110,8 @@ def learn(w: np.ndarray, scale: np.ndarray, mom: Moments, steps: int = STEPS, la
         m = 0.9 * m + 0.1 * grad
         u = 0.999 * u + 0.001 * grad**2
         v -= lr * (m / (1 - 0.9**t)) / (np.sqrt(u / (1 - 0.999**t)) + 1e-8)
-    learned = np.clip(base + (_h(v) >= 0.5), -127, 127)
-    nearest = np.clip(np.round(w64 / s), -127, 127)
+    learned = np.clip(base + (_h(v) >= 0.5), -qmax, qmax)
+    nearest = np.clip(np.round(w64 / s), -qmax, qmax)
     e_near, e_learn = mom.error(w64, s * nearest - w64), mom.error(w64, s * learned - w64)
     return (learned if e_learn < e_near else nearest), e_near, min(e_learn, e_near)
 
@@ -135,7 +136,7 @@ def conv_rows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads
 
 
 def layer_problem(layer: Layer, w: np.ndarray, per_channel: bool, x_rows: np.ndarray, groups: int = 1,
-                  float_rows: np.ndarray | None = None, centered: bool = False):
+                  float_rows: np.ndarray | None = None, centered: bool = False, codes: str = "int8"):
     """(w, scale, Moments) in the (groups, out_g, in_g) form `learn` takes, and how to fold codes
     back. `x_rows`: the quantized model's inputs, Conv (rows, cin, kh*kw) patches, Gemm/MatMul
     (rows, in); `float_rows`: the float model's at the same places, if known; `centered`: the
@@ -268,8 +269,8 @@ def learn_for_plan(bench, plan, layer_names: Sequence[str], cap_s: float = CAP_S
         w, sc, mom, back = layer_problem(la, weights[la.name], plan.choice(la.name).granularity == "per_channel",
                                          xq, group(node) if la.op_type == "Conv" else 1,
                                          _rows(bench, la, node, floats[la.name], k),
-                                         uses(plan.choice(la.name).recovery, "bias"))
-        codes, near, learned = learn(w, sc, mom)
+                                         uses(plan.choice(la.name).recovery, "bias"), plan.choice(la.name).weights)
+        codes, near, learned = learn(w, sc, mom, qmax=63 if plan.choice(la.name).weights == "int7" else 127)
         rounded[la.name] = Rounded(back(codes).astype(np.int8), near, learned)
         plan = with_rounding(plan, {la.name: rounded[la.name]})
     return plan, rounded

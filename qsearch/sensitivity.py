@@ -231,7 +231,8 @@ def _measure_forms(bench: Workbench, queue, progress) -> tuple[dict[str, str], d
     """How patterns without an int8 kernel (hardswish) run inside int8 regions, timed on the
     all-INT8 model (one shared job: every worker must analyse the same layouts)."""
     layers = bench.candidates()
-    uniform = {la.name: LayerChoice("int8", "minmax", "per_channel") for la in layers}
+    uniform = {la.name: LayerChoice("int8", "minmax", "per_channel", weights=bench.workload.space.weights[0])
+               for la in layers}
 
     def forms_job(_job: dict) -> tuple:
         return choose_forms(bench, uniform)

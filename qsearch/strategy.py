@@ -105,7 +105,7 @@ class FixDecision:
 def _first(x: LayerFacts, *wanted: str) -> str | None:
     """The first of x's options whose label starts with one of `wanted` (in `wanted`'s order)."""
     for w in wanted:
-        got = next((o for o in x.options if o == w or o.startswith(w + "/")), None)
+        got = next((o for o in x.options if o == w or o.startswith((w + "/", w + "@"))), None)
         if got is not None:
             return got
     return None

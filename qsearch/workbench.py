@@ -25,6 +25,7 @@ from qsearch import calibration, data, recovery, rounding, smoothing
 from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.data import Dataset
+from qsearch.engine import isa
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
@@ -135,7 +136,7 @@ class Workbench:
             parts = [t for t in recovery.split("+") if (t == "cle" and la.name in partnered)
                      or (t == "bias" and correctable(la)) or (t == "smooth" and la.name in smoothable)]
             choices[la.name] = fp if la.name in keep_float else \
-                LayerChoice("int8", method, granularity, "+".join(parts) or "none")
+                LayerChoice("int8", method, granularity, "+".join(parts) or "none", self.workload.space.weights[0])
         plan = self.plan(choices)
         if "round" in recovery.split("+"):  # learned for this plan, in graph order, within the cap
             plan, _ = rounding.learn_for_plan(self, plan, [la.name for la in self.candidates()])
@@ -152,7 +153,8 @@ class Workbench:
         w = self.workload
         parts = [self.prepared.fingerprint, self.calib_data.fingerprint, self.search_data.fingerprint,
                  self.test_data.fingerprint, repr(w.metric), repr(self.allowed_drop()), repr(w.space), w.target,
-                 w.threads, w.latency_batch, SCHEMA_VERSION, LAYOUT_VERSION, self.prepared.preparation]
+                 w.threads, w.latency_batch, SCHEMA_VERSION, LAYOUT_VERSION, self.prepared.preparation,
+                 isa.detect().name]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
     def calibration_tensors(self) -> list[str]:

@@ -112,7 +112,8 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
            "defaults": {"precision": "int8", "calibration": "minmax", "granularity": "per_tensor"},
            "layers": {"fc": {"precision": "fp32"}}, "calibration": {"percentile": 99.99},
            "activation_ranges": {t: list(r) for t, r in plan.ranges.items()},
-           "metrics": {}, "provenance": {"qsearch": "0.1.0", "storage": "sqlite:////home/someone/study.db"}}
+           "metrics": {}, "provenance": {"qsearch": "0.1.0", "storage": "sqlite:////home/someone/study.db",
+                          "int8_path": plan.provenance["int8_path"]}}  # models carry the path (metadata)
     (tmp_path / "v1.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     v1 = Plan.read(tmp_path / "v1.yaml")
     assert v1.choice("conv_a") == LayerChoice("int8", "minmax", "per_tensor") and v1.choice("fc").precision == "fp32"
@@ -121,7 +122,9 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
     v2 = tmp_path / "v2.yaml"
     from dataclasses import replace
 
-    replace(plan, layers={**plan.layers, "fc": LayerChoice("fp32")}).write(v2)
+    # schema 1 knew only int8-coded weights (the naive plan may use 7-bit ones on this CPU's int8 path)
+    int8_coded = {n: replace(c, weights="int8") if c.is_int8 else c for n, c in plan.layers.items()}
+    replace(plan, layers={**int8_coded, "fc": LayerChoice("fp32")}).write(v2)
     assert main(["apply", str(v2), model, "-o", str(tmp_path / "v2.onnx")]) == 0
     assert (tmp_path / "v1.onnx").read_bytes() == (tmp_path / "v2.onnx").read_bytes()
     # the same model from both: diff says they are the same (exit 0), not "0 layers changed" with exit 1

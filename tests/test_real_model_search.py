@@ -20,11 +20,12 @@ def test_compounding_error_below_resolution_still_meets_budget(tmp_path):
     is measured together, and the search (with repair) still returns a plan within budget."""
     ctx = open_bench(write_chain_workload(tmp_path / "w", max_drop="0.005"), tmp_path / "cache")
     allowed, ev = ctx.allowed_drop(), Evaluator(ctx)
-    single = [ev.evaluate(ctx.plan({n: LayerChoice("int8", "minmax", "per_tensor")}), timing=False).drop
+    codes = ctx.workload.space.weights[0]  # the encoding exact on this CPU's int8 path, as the search uses
+    single = [ev.evaluate(ctx.plan({n: LayerChoice("int8", "minmax", "per_tensor", weights=codes)}), timing=False).drop
               for n in ctx.prepared.layer_names]
     all_int8 = ev.evaluate(ctx.uniform_plan("minmax", "per_tensor"), timing=False).drop
-    # each layer alone: at most one of 512 samples flips (the resolution); all together: over budget
-    assert len(single) == 31 and max(single) <= 1 / 512 and all_int8 > allowed
+    # each layer alone: within budget (one or two of 512 samples flip); all together: over budget
+    assert len(single) == 31 and max(single) <= 2 / 512 < allowed < all_int8
     profile = analyze(ctx, cache_dir=tmp_path / "cache")
     assert profile.meta["evaluations"] <= len(single) + 2  # one screen per layer + one proxy pass
     search = new_search(ctx, profile, tmp_path / "out")

@@ -16,7 +16,7 @@ from qsearch.planning import build_plan, weight_copies
 from qsearch.rewrite import Rewriter
 from qsearch.scoring import fused_op_counts
 
-from .conftest import make_cnn
+from .conftest import EXACT_WEIGHTS, make_cnn
 
 
 def _run(model, feed):
@@ -307,8 +307,8 @@ def test_generated_names_never_collide_with_the_users():
     for a, b in zip(_run(model, feeds[0]), _run(rw(float_plan), feeds[0])):
         np.testing.assert_array_equal(a, b)
     for granularity in ("per_tensor", "per_channel"):
-        plan = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", granularity) for la in prepared.layers},
-                          stats)
+        plan = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", granularity, weights=EXACT_WEIGHTS)
+                                     for la in prepared.layers}, stats)
         q = rw(plan)
         onnx.checker.check_model(q)
         inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
@@ -402,7 +402,8 @@ def test_shared_weights_and_biases_are_stored_once():
     x = rng.normal(size=(8, 16, 8, 8)).astype(np.float32)
     stats = collect(prepared.proto, [s for la in prepared.layers for s in (*la.activations, la.output)], [{"x": x}])
     for gran in ("per_tensor", "per_channel"):
-        plan = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", gran) for la in prepared.layers}, stats)
+        plan = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", gran, weights=EXACT_WEIGHTS)
+                                     for la in prepared.layers}, stats)
         q = Rewriter(prepared)(plan)
         names = [i.name for i in q.graph.initializer]
         assert sum(n.endswith("_quantized") and n.startswith("w_") for n in names) == 1, names

@@ -23,7 +23,7 @@ from qsearch.errors import QsearchError
 from qsearch.model import Layer, PreparedModel
 from qsearch.plan import LayerChoice, Plan
 from qsearch.planning import quantized_tensors
-from qsearch.qparams import activation_qparams, quantize_weight
+from qsearch.qparams import activation_qparams, quantize_weight, stored_codes
 from qsearch.recovery import Pair, bias_delta, equalized_weights, find_pairs, group, uses
 from qsearch.recoveryplan import smoothed_layers
 from qsearch.rewrite.graph import EditGraph
@@ -31,6 +31,7 @@ from qsearch.smoothing import Group, find_groups, fold_target, scaled_weight
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
+INT8_PATH_KEY = "qsearch.int8_path"  # model metadata: the int8 path its plan was measured on
 LAYOUT_VERSION = 5  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own
 
 
@@ -53,10 +54,11 @@ class Rewriter:
             self._pairs = find_pairs(self.prepared)
         return self._pairs
 
-    def _quantize_weight(self, name: str, axis: int, per_channel: bool, scaled: bytes = b""):
-        """`scaled`: the equalization scales this weight was multiplied by (their bytes: the key)."""
+    def _quantize_weight(self, name: str, axis: int, per_channel: bool, scaled: bytes = b"", codes: str = "int8"):
+        """`scaled`: the equalization scales this weight was multiplied by (their bytes: the key);
+        `codes`: the weight encoding (`engine.isa.WEIGHT_CODES`)."""
         w = self._weights[name] if scaled else numpy_helper.to_array(self.inits[name])
-        return quantize_weight(w, axis, per_channel)
+        return quantize_weight(w, axis, per_channel, codes)
 
     def _float(self, name: str, weights: dict[str, np.ndarray]) -> np.ndarray:
         got = weights.get(name)
@@ -109,7 +111,12 @@ class Rewriter:
             g.convert_fp16(fp16_nodes)
         else:
             g.keep_float_weights()
-        return g.build()
+        model = g.build()
+        path = plan.provenance.get("int8_path")
+        if isinstance(path, str) and path:  # `evaluate` compares it with the machine it runs on
+            onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                                INT8_PATH_KEY: path})
+        return model
 
     def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> dict:
         """Each group the plan smooths: its smoothed members read x / s (one Mul; or the
@@ -235,11 +242,13 @@ class Rewriter:
         if layer.weight in weights:  # equalized or smoothed: cached by the scaled weight's bytes
             self._weights[layer.weight] = weights[layer.weight]
             key = hashlib.sha256(weights[layer.weight].tobytes()).digest()
-        q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel, key)
+        q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel, key, choice.weights)
         if codes is not None:  # learned rounding: the same scale, other codes
             q = codes.reshape(q.shape).astype(np.int8)
-        suffix = ("pc" if per_channel else "pt") + ("_eq" if key else "") + ("_rounded" if codes is not None else "")
-        wq = g.add_dequantized_init(f"{layer.weight}_{suffix}", q, w_scale, np.zeros(w_scale.shape, np.int8),
+        stored, zp = stored_codes(q, choice.weights)
+        suffix = ("pc" if per_channel else "pt") + ("_eq" if key else "") + ("_rounded" if codes is not None else "") \
+            + ("" if choice.weights == "int8" else f"_{choice.weights}")
+        wq = g.add_dequantized_init(f"{layer.weight}_{suffix}", stored, w_scale, np.full(w_scale.shape, zp),
                                     layer.weight_axis if per_channel else None)
         g.replace_input(node, layer.weight, wq)
         b = None if layer.bias is None else self._float(layer.bias, weights).astype(np.float64)
