@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     require(args.workload)
-    from qsearch import profiling
+    from qsearch.analysis import profiling
     from qsearch.scoring import fusion_check
 
     ctx = context(args.workload, None)

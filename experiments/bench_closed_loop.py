@@ -64,8 +64,8 @@ def run(cfg: Path, out: Path, budget: int) -> dict:
 
 def baselines(cfg: Path, out: Path):
     """FP32, naive INT8 and all-INT8 at each layer's best option, built from the run's analysis."""
+    from qsearch.analysis.sensitivity import SensitivityProfile
     from qsearch.config import load_workload
-    from qsearch.sensitivity import SensitivityProfile
     from qsearch.workbench import open_workbench
 
     profile = SensitivityProfile.from_yaml((out / "sensitivity.yaml").read_text())
@@ -105,7 +105,7 @@ def main() -> None:
         if r["rc"] == 0:
             models[f"qsearch seed {seed}"] = onnx.load(str(out / "model.qsearch.onnx"))
     ev = Evaluator(bench)
-    from qsearch.runtime import make_session
+    from qsearch.engine.onnxruntime import make_session
     from qsearch.scoring import timing_ms
 
     sessions = {k: make_session(m, bench.workload.threads) for k, m in models.items()}

@@ -59,9 +59,9 @@ def ort_all_int8(prepared, feeds):
 
 def run(name: str, path: Path, shape: tuple[int, ...], rounds: int) -> str:
     from qsearch.calibration import collect
-    from qsearch.model import PATTERN_FORMS, load_prepared, with_input_shapes
-    from qsearch.plan import LayerChoice
-    from qsearch.planning import build_plan
+    from qsearch.model.load import PATTERN_FORMS, load_prepared, with_input_shapes
+    from qsearch.plan.build import build_plan
+    from qsearch.plan.format import LayerChoice
     from qsearch.rewrite import Rewriter
     from qsearch.scoring import fusion_check, latency_ms, make_session
 

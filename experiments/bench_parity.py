@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     require(args.workload)
-    from qsearch.plan import LayerChoice
+    from qsearch.plan.format import LayerChoice
     from qsearch.scoring import fusion_check
 
     ctx = context(args.workload, None)
@@ -38,7 +38,7 @@ def main() -> None:
     def ours(granularity: str, layers=every, forms=None):
         return ctx.rewriter(ctx.plan({n: LayerChoice("int8", "minmax", granularity) for n in layers}, forms))
 
-    from qsearch.model import PATTERN_FORMS
+    from qsearch.model.load import PATTERN_FORMS
 
     patterns = sorted({la.pattern for la in ctx.prepared.layers if la.pattern})
 

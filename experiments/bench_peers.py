@@ -184,7 +184,7 @@ def venv_peer(ctx, name: str, tool: str, cap_s: float, extra: list[str], done: P
 
 def greedy(ctx, profile, t_analyze: float, evals_analyze: int) -> Row:
     from qsearch.finalize import greedy_fallback
-    from qsearch.problem import problem_for
+    from qsearch.search.framing import problem_for
 
     t = time.perf_counter()
     bench = ctx.with_forms(profile.forms)
@@ -319,7 +319,7 @@ def main() -> None:
                     help="ORT quantize_static calibration methods to run")
     args = ap.parse_args()
     require(args.workload)
-    from qsearch.sensitivity import analyze, save_profile
+    from qsearch.analysis.sensitivity import analyze, save_profile
 
     t0 = time.perf_counter()
     ctx = context(args.workload, args.samples, args.max_drop)

@@ -25,13 +25,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_closed_loop import workload_config  # noqa: E402
 
-from qsearch.recovery import RECOVERIES  # noqa: E402
+from qsearch.recovery.techniques import recoveries  # noqa: E402
 
 
 def drops(cfg: Path, cache: Path) -> tuple[list[str], object]:
     from qsearch.config import load_workload
     from qsearch.evaluator import Evaluator
-    from qsearch.recovery import correctable
+    from qsearch.recovery.equalization import correctable
     from qsearch.workbench import open_workbench
 
     t = time.perf_counter()
@@ -55,7 +55,7 @@ def drops(cfg: Path, cache: Path) -> tuple[list[str], object]:
     fp = (ev.fp32_score("search"), ev.fp32_score("test"))
     allowed = bench.allowed_drop()
     for gran in ("per_tensor", "per_channel"):
-        for rec in RECOVERIES:
+        for rec in recoveries():
             plan = bench.uniform_plan("minmax", gran, recovery=rec)
             s = fp[0] - ev.evaluate(plan, "search", timing=False).score
             t = fp[1] - ev.evaluate(plan, "test", timing=False).score
@@ -70,8 +70,8 @@ def optimize(name: str, seeds: list[int], budget: int, rounds: int, root: Path) 
     import onnx
 
     from qsearch.config import load_workload
+    from qsearch.engine.onnxruntime import make_session
     from qsearch.evaluator import Evaluator
-    from qsearch.runtime import make_session
     from qsearch.scoring import timing_ms
     from qsearch.workbench import open_workbench
 

@@ -59,7 +59,7 @@ def qsearch_rows(bench) -> list[tuple[str, object, float, str]]:
     out = [(f"qsearch all-INT8, no recovery ({best['none'][3]})", best["none"][1], best["none"][2], "best on search")]
     drop, plan, secs, what = best["recovery"]
     out.append((f"qsearch all-INT8 with recovery ({what})", plan, secs, "best on search"))
-    from qsearch import rounding
+    from qsearch.recovery import rounding
 
     t = time.perf_counter()
     rounded, got = rounding.learn_for_plan(bench, plan, [la.name for la in bench.candidates()])
@@ -130,7 +130,7 @@ def venv_rows(bench, tool: str, label: str, techniques: list[str], cap_s: float)
 def runnable(bench, rows: list, models: list) -> tuple[list, list]:
     """A model ONNX Runtime cannot run on the latency or the search batch (a peer's export ORT
     rejects at run time) is a failed result, said so, not a crashed benchmark."""
-    from qsearch.runtime import make_session
+    from qsearch.engine.onnxruntime import make_session
 
     for k, model in enumerate(models):
         if model is None:

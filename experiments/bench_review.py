@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def synthetic(n: int, changed: int = -1):
-    from qsearch.plan import LayerChoice, LayerNote, Plan
+    from qsearch.plan.format import LayerChoice, LayerNote, Plan
 
     layers = {f"conv_{i}": LayerChoice("int8", "minmax", "per_channel") for i in range(n)}
     if changed >= 0:
@@ -44,13 +44,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10000)
     args = ap.parse_args()
     from qsearch import api
-    from qsearch.plan import Plan
+    from qsearch.plan.io import read_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         a, b = Path(tmp, "a.yaml"), Path(tmp, "b.yaml")
         synthetic(args.layers).write(a)
         synthetic(args.layers, changed=args.layers // 2).write(b)
-        read = timed(lambda: Plan.read(a))
+        read = timed(lambda: read_plan(a))
         show = timed(lambda: api.show(a))
         diff = timed(lambda: api.diff(a, b))
     lines = [f"# show and diff on a {args.layers}-layer plan ({date.today()}, {platform.machine()})", "",

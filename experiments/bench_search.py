@@ -21,13 +21,13 @@ from pathlib import Path
 
 from bench_peers import context, evaluator, require
 
+from qsearch.analysis.sensitivity import analyze
 from qsearch.evaluator import Evaluator
 from qsearch.finalize import greedy_fallback
-from qsearch.plan import LayerChoice
-from qsearch.problem import problem_for
-from qsearch.sensitivity import analyze
-from qsearch.strategy import Dimensions, build_dimensions
-from qsearch.study import Search
+from qsearch.plan.format import LayerChoice
+from qsearch.search.framing import problem_for
+from qsearch.search.strategy import Dimensions, build_dimensions
+from qsearch.search.study import Search
 
 HERE = Path(__file__).resolve().parent
 

@@ -5,7 +5,7 @@ The Python API (`qsearch.analyze`, `optimize`, `apply`, `evaluate`, `show`, `dif
 `qsearch.api` and is imported on first use, so `import qsearch` stays cheap.
 """
 
-__version__ = "0.1.0"
+from qsearch._version import __version__
 
 __all__ = ["analyze", "apply", "baseline", "diff", "evaluate", "optimize", "profile", "show", "__version__"]
 

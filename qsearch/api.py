@@ -16,11 +16,12 @@ from pathlib import Path
 import onnx
 import optuna
 
+from qsearch.analysis.profiling import LatencyProfile
+from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.commands import EvaluationResult
-from qsearch.plan import Plan
-from qsearch.profiling import LatencyProfile
-from qsearch.review import PlanDiff
-from qsearch.sensitivity import SensitivityProfile
+from qsearch.plan.format import Plan
+from qsearch.plan.io import read_plan
+from qsearch.report.review import PlanDiff
 from qsearch.workflow import OptimizeResult
 
 __all__ = ["EvaluationResult", "OptimizeResult", "analyze", "apply", "baseline", "diff", "evaluate", "optimize",
@@ -81,10 +82,10 @@ def show(plan: Plan | PathLike, model: PathLike | None = None) -> str:
 
 def diff(before: Plan | PathLike, after: Plan | PathLike) -> PlanDiff:
     """Per-layer differences between two plans of one model (`qsearch diff`)."""
-    from qsearch.review import diff as plan_diff
+    from qsearch.report.review import diff as plan_diff
 
-    a = before if isinstance(before, Plan) else Plan.read(before)
-    b = after if isinstance(after, Plan) else Plan.read(after)
+    a = before if isinstance(before, Plan) else read_plan(before)
+    b = after if isinstance(after, Plan) else read_plan(after)
     return plan_diff(a, b, (str(before) if not isinstance(before, Plan) else "before",
                             str(after) if not isinstance(after, Plan) else "after"))
 

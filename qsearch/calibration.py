@@ -209,7 +209,7 @@ def collect(
     axis): tensors whose per-channel mean and max are recorded too (for accuracy recovery)."""
     import onnxruntime as ort
 
-    from qsearch.runtime import make_session
+    from qsearch.engine.onnxruntime import make_session
 
     channels = dict(channels or {})
     names = sorted(set(tensors) | set(channels))

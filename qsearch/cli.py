@@ -9,11 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from qsearch import __version__
+from qsearch._version import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.errors import INTERRUPTED, Interrupted, QsearchError
 from qsearch.limits import CommandTimeout, EvaluationTimeout
-from qsearch.recovery import RECOVERIES
+from qsearch.recovery.techniques import recoveries
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,7 +142,7 @@ def _plan_commands(sub) -> None:
     b.add_argument("--calibration", choices=METHODS, default="minmax", help="activation ranges (default: %(default)s)")
     b.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
                    help="weight scales (default: %(default)s)")
-    b.add_argument("--recovery", choices=RECOVERIES, default="none",
+    b.add_argument("--recovery", choices=recoveries(), default="none",
                    help="naive only: cross-layer equalization (cle) or smoothing (smooth, MinMax only), and/or "
                         "bias correction, where each layer can take it (default: %(default)s)")
 
@@ -222,7 +222,7 @@ def _main(args) -> int:
             print(api.show(args.plan, args.model))
             return 0
         if args.command == "diff":
-            from qsearch.review import diff_text
+            from qsearch.report.review import diff_text
 
             d = api.diff(args.before, args.after)
             print(diff_text(d, (args.before, args.after)))

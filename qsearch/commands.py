@@ -11,20 +11,23 @@ from pathlib import Path
 
 import onnx
 
-from qsearch import limits, sensitivity
+from qsearch import limits
+from qsearch.analysis import sensitivity
 from qsearch.config import load_workload
 from qsearch.engine import isa
+from qsearch.engine.onnxruntime import make_session
 from qsearch.errors import QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir, ensure_writable_file
 from qsearch.finalize import greedy_fallback, layer_reasons
-from qsearch.model import load_model, prepare
-from qsearch.plan import LayerChoice, Plan
-from qsearch.problem import problem_for
+from qsearch.model.load import load_model, prepare
+from qsearch.plan.check import check_plan
+from qsearch.plan.format import LayerChoice, Plan
+from qsearch.plan.io import read_plan
 from qsearch.progress import Progress, log, say
-from qsearch.report import forms_line
-from qsearch.runtime import make_session
+from qsearch.report.markdown import forms_line
 from qsearch.scoring import fusion_check, latency_ms, model_size
+from qsearch.search.framing import problem_for
 from qsearch.workbench import Workbench, open_workbench
 
 
@@ -89,10 +92,10 @@ def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> 
     if output is not None:
         ensure_writable_file(output, "-o", (plan_path, model_path))
     if not isinstance(plan, Plan):
-        plan = Plan.read(plan_path)
+        plan = read_plan(plan_path)
     prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path,
                        preparation=plan.preparation)
-    plan.validate(prepared, plan_path)
+    check_plan(plan, prepared, plan_path)
     from qsearch.rewrite import Rewriter
 
     warning = isa.mismatch(plan.provenance.get("int8_path"), plan_path)
@@ -113,15 +116,15 @@ def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> 
 
 
 def show_plan(plan: Plan | str, model_path: str | None = None) -> str:
-    from qsearch.review import show_text
+    from qsearch.report.review import show_text
 
     plan_path = str(plan) if not isinstance(plan, Plan) else "plan"
     if not isinstance(plan, Plan):
-        plan = Plan.read(plan_path)
+        plan = read_plan(plan_path)
     if model_path is not None:
         prepared = prepare(load_model(model_path), name=Path(model_path).stem, source=model_path,
                            preparation=plan.preparation)
-        plan.validate(prepared, plan_path)
+        check_plan(plan, prepared, plan_path)
         plan = plan.completed(prepared)
     return show_text(plan)
 
@@ -202,7 +205,8 @@ def run_profile(model_path: str, config: str | None, top: int = 15, output: str 
     """Where the time goes in any ONNX model (the user's own, a qsearch or ORT QDQ model) on the
     workload's latency batch: ORT's per-node profile by kind, by op type and by layer of the
     workload's model. Needs no calibration and no scoring."""
-    from qsearch import data, profiling
+    from qsearch import data
+    from qsearch.analysis import profiling
     from qsearch.workbench import latency_feed
 
     if top < 1:

@@ -17,9 +17,9 @@ from qsearch.data import DataSpec
 from qsearch.engine.isa import WEIGHT_CODES, safe_weights
 from qsearch.errors import QsearchError
 from qsearch.files import LinedDict, check_keys, load_yaml, where
-from qsearch.model import LAYER_OPS
-from qsearch.plan import TARGETS
-from qsearch.recovery import TECHNIQUES
+from qsearch.model.load import LAYER_OPS
+from qsearch.plan.format import TARGETS
+from qsearch.recovery.techniques import techniques
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPACES_DIRS = (PACKAGE_DIR / "search_spaces",)  # shipped inside the package (wheel included)
@@ -37,7 +37,7 @@ class SearchSpace:
     precisions: tuple[str, ...] = ("int8", "float")
     calibration: tuple[str, ...] = METHODS
     granularity: tuple[str, ...] = GRANULARITIES
-    recovery: tuple[str, ...] = TECHNIQUES  # accuracy recovery the search may use (`recovery: [none]`: plain PTQ)
+    recovery: tuple[str, ...] = field(default_factory=techniques)  # accuracy recovery the search may use (`recovery: [none]`: plain PTQ)
     # weight encodings (`engine.isa`): by default the one exact on this CPU's int8 path (int7 where u8s8 saturates)
     weights: tuple[str, ...] = field(default_factory=lambda: (safe_weights(),))
     percentile: float = 99.99
@@ -270,7 +270,7 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
     if "granularity" in v:
         kw["granularity"] = _choice_list(p, v, "granularity", GRANULARITIES, section)
     if "recovery" in v:
-        got = _choice_list(p, v, "recovery", ("none", *TECHNIQUES), section)
+        got = _choice_list(p, v, "recovery", ("none", *techniques()), section)
         if "none" in got and len(got) > 1:
             raise QsearchError(f"{where(p, v, 'recovery')}: {section}.recovery: 'none' cannot be listed with "
                                f"techniques, got {list(got)}")

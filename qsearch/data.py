@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qsearch.errors import QsearchError
-from qsearch.model import InputSpec
+from qsearch.model.load import InputSpec
 
 MAX_ENTRY_BATCHES = 100_000  # batches read from a data entry point without a `limit`
 

@@ -11,6 +11,22 @@ class QsearchError(Exception):
     exit_code = 2
 
 
+class ConfigError(QsearchError):
+    """A workload config or search space: unknown keys, bad values, missing files it names."""
+
+
+class PlanError(QsearchError):
+    """A plan file, its sidecar, or a plan that does not fit the model it is applied to."""
+
+
+class ModelError(QsearchError):
+    """An ONNX model (or a PyTorch factory) that cannot be loaded, prepared or run."""
+
+
+class DataError(QsearchError):
+    """Calibration, search or test data: wrong names, shapes, dtypes, NaN/Inf, empty."""
+
+
 # Set by the command line's SIGINT/SIGTERM handler. The handler also raises KeyboardInterrupt, but
 # a signal that lands inside a garbage-collector callback has its exception swallowed; long loops
 # check this event at safe points so the interruption is never lost.

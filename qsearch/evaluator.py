@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qsearch.engine.onnxruntime import make_session
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
-from qsearch.plan import LayerChoice, Plan
+from qsearch.plan.format import LayerChoice, Plan
 from qsearch.resolution import DropInterval, drop_interval
-from qsearch.runtime import make_session
 from qsearch.scoring import model_size, timing_ms
 from qsearch.workbench import Workbench
 

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qsearch import rounding, strategy
+from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.evaluator import Evaluator
-from qsearch.plan import LayerChoice, Plan
-from qsearch.report import Row
+from qsearch.plan.format import LayerChoice, Plan
+from qsearch.recovery import rounding
+from qsearch.report.markdown import Row
 from qsearch.resolution import clearly_over
 from qsearch.scoring import model_size, timing_ms
-from qsearch.sensitivity import SensitivityProfile
-from qsearch.trials import SearchResult, TrialResult
+from qsearch.search import strategy
+from qsearch.search.problem import Problem
+from qsearch.search.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
 ROUNDS = 4  # interleaved timing rounds of the final table
@@ -254,7 +256,7 @@ class _Over(Exception):
     """A greedy step's slice estimate is clearly over budget."""
 
 
-def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: strategy.Problem, method: str = "minmax",
+def greedy_fallback(bench: Workbench, evaluator: Evaluator, problem: Problem, method: str = "minmax",
                     granularity: str = "per_tensor", memo: dict | None = None) -> tuple[Plan, int, float]:
     """The peers' accuracy-control loop (`strategy.greedy_revert`) as a plan: all-INT8 with one
     method, the noisiest layers reverted until the budget holds. Returns (plan, evaluations,

@@ -17,8 +17,8 @@ import onnxruntime as ort
 
 from qsearch import limits
 from qsearch.data import Dataset
+from qsearch.engine.onnxruntime import make_session
 from qsearch.errors import QsearchError
-from qsearch.runtime import make_session
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qsearch import calibration, data, recovery, rounding, smoothing
+from qsearch import calibration, data
 from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.data import Dataset
 from qsearch.engine import isa
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
-from qsearch.model import Layer, PreparedModel, load_model, prepare, with_input_shapes
-from qsearch.plan import LayerChoice, Plan, provenance
-from qsearch.planning import build_plan
-from qsearch.recovery import RecoveryStats, correctable
+from qsearch.model.load import Layer, PreparedModel, load_model, prepare, with_input_shapes
+from qsearch.plan.build import build_plan
+from qsearch.plan.format import LayerChoice, Plan, provenance
+from qsearch.recovery import equalization as recovery
+from qsearch.recovery import rounding, smoothing
+from qsearch.recovery.equalization import RecoveryStats, correctable
 from qsearch.rewrite import LAYOUT_VERSION, Rewriter
 from qsearch.scoring import Scorer, latency_ms, make_session, model_size, reference_outputs
 
@@ -148,7 +150,7 @@ class Workbench:
     def study_key(self) -> str:
         """Hash of everything that defines a trial's meaning: model, data, metric, budget, search
         space, target, runtime, plan schema. A study is bound to it."""
-        from qsearch.plan import SCHEMA_VERSION
+        from qsearch.plan.format import SCHEMA_VERSION
 
         w = self.workload
         parts = [self.prepared.fingerprint, self.calib_data.fingerprint, self.search_data.fingerprint,

@@ -12,18 +12,21 @@ from pathlib import Path
 
 import optuna
 
-from qsearch import htmlreport, limits, profiling, sensitivity
+from qsearch import limits
+from qsearch.analysis import profiling, sensitivity
+from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.commands import check_eval_timeout, check_samples, open_bench
 from qsearch.errors import Interrupted, QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import OutputSet, atomic_write_bytes, atomic_write_text
 from qsearch.finalize import FinalChoice, final_stage_seconds, finalize, layer_reasons, trial_plan
-from qsearch.jobs import StudyQueue, check_study, open_storage
 from qsearch.limits import CommandTimeout
-from qsearch.plan import Plan
-from qsearch.planning import weight_copies
+from qsearch.plan.build import weight_copies
+from qsearch.plan.format import Plan
+from qsearch.plan.io import read_plan
 from qsearch.progress import Progress, log, say
-from qsearch.report import (
+from qsearch.report import html as htmlreport
+from qsearch.report.markdown import (
     attribution_table,
     forms_line,
     fusion_table,
@@ -37,9 +40,9 @@ from qsearch.report import (
     write_report,
 )
 from qsearch.scoring import fusion_check
-from qsearch.sensitivity import SensitivityProfile
-from qsearch.study import Search, default_study_name
-from qsearch.trials import SearchResult
+from qsearch.search.jobs import StudyQueue, check_study, open_storage
+from qsearch.search.study import Search, default_study_name
+from qsearch.search.trials import SearchResult
 from qsearch.workbench import Workbench
 
 RESULT_FILES = ("plan.yaml", "plan.recovery.onnx", "model.qsearch.onnx", "report.md", "report.html", "pareto.png", "attribution.png", "pareto",
@@ -286,7 +289,7 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
     chosen = chosen.with_info(metrics, storage=search.storage).with_why(
         layer_reasons(chosen, profile, search.dims.fixed, bench.prepared.absorbed(chosen.forms)))
     chosen.write(res.path("plan.yaml"))  # (with its recovery sidecar)
-    chosen = Plan.read(res.path("plan.yaml"))  # the result is the plan as written
+    chosen = read_plan(res.path("plan.yaml"))  # the result is the plan as written
     atomic_write_bytes(res.path("model.qsearch.onnx"), chosen_model.SerializeToString())
     pareto = search.pareto()
     for r in pareto:

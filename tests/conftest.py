@@ -161,7 +161,7 @@ def open_bench(cfg: Path, cache: Path, **kw):
 def new_search(bench, profile, out: Path, **kw):
     """A study over `profile` on `bench` in the measured forms, scored by a fresh evaluator."""
     from qsearch.evaluator import Evaluator
-    from qsearch.study import Search
+    from qsearch.search.study import Search
 
     bench = bench.with_forms(profile.forms)
     return Search(bench, profile, Evaluator(bench), out, **kw)

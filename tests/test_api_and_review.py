@@ -10,7 +10,8 @@ import yaml
 import qsearch
 from qsearch.cli import main
 from qsearch.errors import QsearchError
-from qsearch.plan import LayerChoice, Plan
+from qsearch.plan.format import LayerChoice, Plan
+from qsearch.plan.io import read_plan
 
 from .conftest import last_error, make_cnn
 
@@ -19,7 +20,7 @@ def test_api_optimize_apply_evaluate(workload, tmp_path):
     out = tmp_path / "run"
     result = qsearch.optimize(workload, budget=4, out=out)
     assert result.status == 0 and isinstance(result.plan, Plan)
-    assert result.plan == Plan.read(result.plan_path) and result.report_path.is_file()
+    assert result.plan == read_plan(result.plan_path) and result.report_path.is_file()
     model = qsearch.apply(result.plan, workload.parent / "model.onnx")
     assert isinstance(model, onnx.ModelProto)
     assert model.SerializeToString() == result.model_path.read_bytes()  # the API gives what optimize wrote
@@ -36,7 +37,7 @@ def _naive(workload, tmp_path, capsys) -> Plan:
     path = tmp_path / "naive.yaml"
     assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(path)]) == 0
     capsys.readouterr()
-    return Plan.read(path)
+    return read_plan(path)
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -97,8 +98,8 @@ def test_diff_names_each_changed_layer(workload, tmp_path, capsys):
 
 def test_readable_layer_names_from_exporter_metadata(tmp_path):
     """torch's dynamo exporter records each node's module path; plans show it beside the node name."""
-    from qsearch.model import prepare
-    from qsearch.plan import layer_notes
+    from qsearch.model.load import prepare
+    from qsearch.plan.format import layer_notes
 
     m = make_cnn()
     for node in m.graph.node:

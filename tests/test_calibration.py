@@ -11,7 +11,7 @@ from qsearch.calibration import (
     kl_threshold,
     tensor_range,
 )
-from qsearch.model import prepare
+from qsearch.model.load import prepare
 from qsearch.qparams import activation_qparams, quantize_weight
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qsearch.finalize import busy, decide, pick, resolution_note
-from qsearch.report import Row
+from qsearch.report.markdown import Row
 from qsearch.resolution import drop_interval
 
 
@@ -65,8 +65,8 @@ def test_fp32_ships_when_every_int8_plan_is_slower():
 def test_finalists_keep_the_widest_feasible_plan_beside_the_cheapest():
     """Trial timings are noisy: the feasible plan with the most INT8 layers is re-timed too."""
     from qsearch.config import SearchSpace
-    from qsearch.strategy import Dimensions, FixDecision, LayerFacts, Problem
-    from qsearch.trials import SearchResult, TrialResult
+    from qsearch.search.problem import Dimensions, FixDecision, LayerFacts, Problem
+    from qsearch.search.trials import SearchResult, TrialResult
 
     names = [f"L{i}" for i in range(6)]
     problem = Problem(tuple(LayerFacts(n, ("int8/minmax/per_channel",), 1.0, 1e-4) for n in names), "fp32", 0.01,
@@ -86,7 +86,7 @@ def test_finalists_keep_the_widest_feasible_plan_beside_the_cheapest():
 def test_report_numbers_read_as_meant():
     """Drops to 2-4 significant digits, speed-ups that cannot be misread, the verdict in one
     sentence, and a Pareto axis around the budget with a far-off baseline left out of its span."""
-    from qsearch.report import fmt_drop, speed, verdict_line, zoom
+    from qsearch.report.markdown import fmt_drop, speed, verdict_line, zoom
 
     assert [fmt_drop(x) for x in (0.0005991611743558778, -0.00125, 0.0833, 0.0, 1.2e-05)] == \
         ["0.000599", "-0.00125", "0.0833", "0", "1.2e-05"]

@@ -11,10 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
 from qsearch.cli import main
-from qsearch.folding import fold_affine
-from qsearch.model import prepare
-from qsearch.plan import LayerChoice, Plan
-from qsearch.planning import build_plan
+from qsearch.model.folding import fold_affine
+from qsearch.model.load import prepare
+from qsearch.plan.build import build_plan
+from qsearch.plan.format import LayerChoice
+from qsearch.plan.io import read_plan
 from qsearch.rewrite import Rewriter
 
 from .conftest import EXACT_WEIGHTS, last_error
@@ -167,7 +168,7 @@ def test_plans_name_their_preparation_and_older_plans_apply_to_the_unfolded_grap
         assert ("preparation: 2" in text) == (preparation == 2)
         path = tmp_path / f"plan{preparation}.yaml"
         path.write_text(text)
-        assert Plan.read(path).preparation == preparation
+        assert read_plan(path).preparation == preparation
         assert main(["apply", str(path), str(tmp_path / "m.onnx"), "-o", str(tmp_path / f"q{preparation}.onnx")]) == 0
     assert names[1] - names[2] == {"Mul0", "Add1"}  # the old plan names layers only the unfolded graph has
     bad = tmp_path / "bad.yaml"

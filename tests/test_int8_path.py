@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
 from qsearch.engine.isa import WEIGHT_CODES, Int8Path, classify, detect, safe_weights
-from qsearch.model import prepare
-from qsearch.plan import LayerChoice
-from qsearch.planning import build_plan
+from qsearch.model.load import prepare
+from qsearch.plan.build import build_plan
+from qsearch.plan.format import LayerChoice
 from qsearch.rewrite import Rewriter
 
 
@@ -74,13 +74,14 @@ def test_plans_record_the_path_and_the_weight_codes(tmp_path):
     prepared = prepare(_big_conv())
     x = np.random.default_rng(1).uniform(0, 1, (2, 16, 8, 8)).astype(np.float32)
     stats = collect(prepared.proto, ["x", "y"], [{"x": x}])
-    from qsearch.plan import Plan, provenance
+    from qsearch.plan.format import provenance
+    from qsearch.plan.io import read_plan
 
     plan = build_plan(prepared, {"conv": LayerChoice("int8", weights="int7")}, stats).with_info(**provenance())
     text = plan.to_yaml()
     assert "weights: int7" in text and f"int8_path: {detect().name}" in text
     (tmp_path / "p.yaml").write_text(text)
-    back = Plan.read(tmp_path / "p.yaml")
+    back = read_plan(tmp_path / "p.yaml")
     assert back.choice("conv").weights == "int7" and back.provenance["int8_path"] == detect().name
     q = Rewriter(prepared)(back)
     codes = next(numpy_helper.to_array(i) for i in q.graph.initializer if i.name.startswith("w_") and
@@ -92,7 +93,7 @@ def test_apply_and_evaluate_say_when_the_plan_was_measured_on_another_path(tmp_p
     """A plan made on one int8 path, applied on another: `apply` says so in one line, and the model
     it writes carries the path, which `evaluate` compares with the machine it runs on."""
     from qsearch import api
-    from qsearch.plan import Plan
+    from qsearch.plan.io import read_plan
 
     src = _big_conv()
     onnx.save(src, tmp_path / "m.onnx")
@@ -101,10 +102,10 @@ def test_apply_and_evaluate_say_when_the_plan_was_measured_on_another_path(tmp_p
     plan = build_plan(prepared, {"conv": LayerChoice("int8")}, collect(prepared.proto, ["x", "y"], [{"x": x}]))
     other = "avx2" if not detect().saturates else "vnni"
     plan.with_info(int8_path=other).write(tmp_path / "p.yaml")
-    model = api.apply(Plan.read(tmp_path / "p.yaml"), str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"))
+    model = api.apply(read_plan(tmp_path / "p.yaml"), str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"))
     err = capsys.readouterr().err
     assert f"measured on int8 path {other}; this machine's is {detect().name}" in err
     assert {p.key: p.value for p in model.metadata_props}["qsearch.int8_path"] == other
     plan.with_info(int8_path=detect().name).write(tmp_path / "same.yaml")
-    api.apply(Plan.read(tmp_path / "same.yaml"), str(tmp_path / "m.onnx"), str(tmp_path / "q2.onnx"))
+    api.apply(read_plan(tmp_path / "same.yaml"), str(tmp_path / "m.onnx"), str(tmp_path / "q2.onnx"))
     assert "measured on int8 path" not in capsys.readouterr().err

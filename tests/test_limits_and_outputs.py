@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qsearch.analysis.sensitivity import analyze
 from qsearch.cli import main
 from qsearch.files import OutputSet
-from qsearch.sensitivity import analyze
 
 from .conftest import last_error, make_cnn, new_search, open_bench, write_workload
 

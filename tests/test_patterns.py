@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
-from qsearch.model import prepare
-from qsearch.plan import LayerChoice
-from qsearch.planning import build_plan
+from qsearch.model.load import prepare
+from qsearch.plan.build import build_plan
+from qsearch.plan.format import LayerChoice
 from qsearch.rewrite import Rewriter
 from qsearch.scoring import fusion_check
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from qsearch.cli import main
-from qsearch.plan import LayerChoice, Plan
+from qsearch.plan.format import LayerChoice, Plan
+from qsearch.plan.io import plan_from_doc, read_plan
 
 from .conftest import last_error, make_cnn, write_workload
 from .test_reliability import check_result
@@ -69,7 +70,7 @@ provenance:
 
 
 def _golden_plan() -> Plan:
-    from qsearch.plan import LayerNote
+    from qsearch.plan.format import LayerNote
 
     return Plan("m", "sha256:abc", model_file="m.onnx",
                 layers={"node_conv": LayerChoice("int8", "entropy", "per_channel"),
@@ -88,7 +89,7 @@ def test_plan_yaml_golden_and_exact_roundtrip(tmp_path):
     assert text == GOLDEN_PLAN
     path = tmp_path / "p.yaml"
     path.write_text(text)
-    again = Plan.read(path)
+    again = read_plan(path)
     assert again.to_yaml() == text
     assert list(again.layers) == ["node_conv", "node_add", "node_fc"]  # graph order kept, not re-sorted
     assert again.choice("node_conv").calibration == "entropy" and again.choice("not_listed") == LayerChoice("fp32")
@@ -99,7 +100,7 @@ def test_plan_with_two_ranges_for_one_tensor_is_refused(tmp_path, capsys):
     path = tmp_path / "p.yaml"
     path.write_text(GOLDEN_PLAN.replace("    c: [0.0, 3.0]\n    s:", "    c: [0.0, 9.0]\n    s:"))
     with pytest.raises(Exception, match=r"tensor 'c' has range \[0.0, 9.0\] here but \[0.0, 3.0\] in layer 'node_conv'"):
-        Plan.read(path)
+        read_plan(path)
 
 
 def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
@@ -107,7 +108,7 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
     loads, migrates, and applies to exactly the model its schema-2 form gives."""
     new = tmp_path / "naive.yaml"
     assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(new)]) == 0
-    plan = Plan.read(new)
+    plan = read_plan(new)
     old = {"qsearch_plan": 1, "model": {"name": plan.model_name, "fingerprint": plan.fingerprint}, "target": "cpu",
            "defaults": {"precision": "int8", "calibration": "minmax", "granularity": "per_tensor"},
            "layers": {"fc": {"precision": "fp32"}}, "calibration": {"percentile": 99.99},
@@ -115,7 +116,7 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
            "metrics": {}, "provenance": {"qsearch": "0.1.0", "storage": "sqlite:////home/someone/study.db",
                           "int8_path": plan.provenance["int8_path"]}}  # models carry the path (metadata)
     (tmp_path / "v1.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    v1 = Plan.read(tmp_path / "v1.yaml")
+    v1 = read_plan(tmp_path / "v1.yaml")
     assert v1.choice("conv_a") == LayerChoice("int8", "minmax", "per_tensor") and v1.choice("fc").precision == "fp32"
     model = str(workload.parent / "model.onnx")
     assert main(["apply", str(tmp_path / "v1.yaml"), model, "-o", str(tmp_path / "v1.onnx")]) == 0
@@ -131,7 +132,7 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
     assert main(["diff", str(tmp_path / "v1.yaml"), str(v2)]) == 0
     # written again, a migrated plan is schema 2 (its defaults kept: it lists only its overrides)
     text = v1.to_yaml()
-    assert text.startswith("qsearch_plan: 3\n") and "defaults:" in text and Plan.from_doc(yaml.safe_load(text)) == v1
+    assert text.startswith("qsearch_plan: 3\n") and "defaults:" in text and plan_from_doc(yaml.safe_load(text)) == v1
 
 
 def test_baseline_apply_evaluate_roundtrip(workload, tmp_path, capsys):
@@ -240,7 +241,7 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     layers = rows[0][9:]  # one column per searched layer
     assert layers and all(len(r) == len(rows[0]) for r in rows)
     assert all(v.startswith(("int8/", "fp32")) for r in rows[1:] if r[1] == "COMPLETE" for v in r[9:])
-    plan = Plan.read(out / "plan.yaml")
+    plan = read_plan(out / "plan.yaml")
     assert plan.metrics["test_drop"] <= plan.metrics["max_drop"] + 0.05  # small test set: search budget + noise
     assert plan.metrics["plan"]["search"] >= plan.metrics["fp32"]["search"] - plan.metrics["max_drop"]
     assert "naive int8" in (out / "report.md").read_text()

@@ -7,10 +7,11 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
+from qsearch.analysis.sensitivity import analyze
 from qsearch.cli import main
 from qsearch.evaluator import Evaluator
-from qsearch.plan import LayerChoice
-from qsearch.sensitivity import analyze
+from qsearch.plan.format import LayerChoice
+from qsearch.plan.io import plan_from_doc, read_plan
 
 from .conftest import make_cnn, new_search, open_bench, write_chain_workload, write_workload
 
@@ -116,9 +117,8 @@ def _hardswish_cnn() -> onnx.ModelProto:
 def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     """The analysis times the all-INT8 model with hardswish decomposed and fused and keeps the
     faster (a tie goes to fused); plans carry the form, and a plan read back rebuilds the same model."""
-    from qsearch.model import PATTERN_FORMS
-    from qsearch.plan import Plan
-    from qsearch.sensitivity import FORM_TIE
+    from qsearch.analysis.sensitivity import FORM_TIE
+    from qsearch.model.load import PATTERN_FORMS
 
     cfg = write_workload(tmp_path / "w", _hardswish_cnn(), n=64, max_drop="0.05")
     ctx = open_bench(cfg, tmp_path / "cache")
@@ -135,7 +135,7 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     choices = {n: LayerChoice("int8", "minmax", "per_tensor") for n in ctx.prepared.layer_names}
     for form in PATTERN_FORMS["hardswish"]:
         plan = ctx.plan(choices, {"hardswish": form})
-        again = Plan.from_doc(yaml.safe_load(plan.to_yaml()))
+        again = plan_from_doc(yaml.safe_load(plan.to_yaml()))
         assert again.forms == {"hardswish": form}
         model = ctx.rewriter(plan)
         assert ctx.rewriter(again).SerializeToString() == model.SerializeToString()
@@ -145,8 +145,8 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
         # fused: the gate's tensors need no range, and its +3 layer follows the hardswish
         assert ("b6" in plan.ranges) == (form == "decomposed") and plan.choice("add3") == plan.choice("hswish_b")
     assert "add3" not in [la.name for la in ctx.with_forms({"hardswish": "fused"}).candidates()]  # not searched: it follows its hardswish
-    from qsearch.report import forms_line
-    from qsearch.review import diff, show_text
+    from qsearch.report.markdown import forms_line
+    from qsearch.report.review import diff, show_text
 
     dec, fused = (ctx.plan(choices, {"hardswish": f}) for f in ("decomposed", "fused"))
     d = diff(dec, fused)
@@ -182,9 +182,9 @@ def test_hardswish_form_is_measured_recorded_and_reproduced(tmp_path):
     # the naive baseline command measures the forms too, and records them
     naive = tmp_path / "naive.yaml"
     assert main(["baseline", "naive", "--config", str(cfg), "--out", str(tmp_path / "b"), "-o", str(naive)]) == 0
-    assert Plan.read(naive).forms.get("hardswish") in PATTERN_FORMS["hardswish"]
+    assert read_plan(naive).forms.get("hardswish") in PATTERN_FORMS["hardswish"]
     # a plan from before forms existed (no `forms` key) keeps its decomposed layout
     old = yaml.safe_load(ctx.plan(choices, {"hardswish": "decomposed"}).to_yaml())
     old.pop("forms")
-    assert ctx.rewriter(Plan.from_doc(old)).SerializeToString() == \
+    assert ctx.rewriter(plan_from_doc(old)).SerializeToString() == \
         ctx.rewriter(ctx.plan(choices, {"hardswish": "decomposed"})).SerializeToString()

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.cli import main
-from qsearch.model import Layer, prepare
-from qsearch.plan import LayerChoice, Plan
-from qsearch.recovery import bias_delta, compute_scales, equalized_model, find_pairs, pair_scales
+from qsearch.model.load import Layer, prepare
+from qsearch.plan.format import LayerChoice
+from qsearch.plan.io import read_plan
+from qsearch.recovery.equalization import bias_delta, compute_scales, equalized_model, find_pairs, pair_scales
 from tests.conftest import last_error, open_bench, write_workload
 
 
@@ -130,7 +131,7 @@ def dw_workload(tmp_path):
 
 
 def _everywhere(bench, recovery: str, granularity: str = "per_tensor") -> dict:
-    from qsearch.recovery import correctable
+    from qsearch.recovery.equalization import correctable
 
     partnered = {n for p in bench.recovery.pairs for n in (p.head, p.tail)}
     out = {}
@@ -171,7 +172,7 @@ def test_apply_with_sidecar_rebuilds_the_model_byte_for_byte(dw_workload, tmp_pa
     side = out.parent / "plan.recovery.onnx"
     assert yaml.safe_load(out.read_text())["recovery"] == {"file": side.name,
                                                            "sha256": hashlib.sha256(side.read_bytes()).hexdigest()}
-    assert Plan.read(out) == plan
+    assert read_plan(out) == plan
     assert main(["apply", str(out), str(dw_workload.parent / "model.onnx"), "-o", str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").read_bytes() == bench.rewriter(plan).SerializeToString()
     entry = next(e for e in yaml.safe_load(out.read_text())["layers"] if e["layer"] == "conv_a")

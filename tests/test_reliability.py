@@ -51,9 +51,9 @@ def check_result(out: Path, workload: Path, study: optuna.Study | None = None, m
     what the plan says on test data, the plan meets the budget on search data, and a plan chosen
     from a trial is that completed trial's plan."""
     from qsearch.cli import main
-    from qsearch.plan import Plan
+    from qsearch.plan.io import read_plan
 
-    plan = Plan.read(out / "plan.yaml")
+    plan = read_plan(out / "plan.yaml")
     again = out.parent / f"{out.name}-reapplied.onnx"
     model = model or workload.parent / "model.onnx"  # (a PyTorch factory's: the exported file)
     assert main(["apply", str(out / "plan.yaml"), str(model), "-o", str(again)]) == 0

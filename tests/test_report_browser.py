@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from qsearch.cli import main
-from qsearch.plan import Plan
+from qsearch.plan.io import read_plan
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -44,7 +44,7 @@ def _significant(number: str) -> int:
 def test_report_renders_sorts_filters_and_prints(workload, tmp_path):
     out = tmp_path / "run"
     assert main(["optimize", "--config", str(workload), "--budget", "3", "--out", str(out)]) == 0
-    plan = Plan.read(out / "plan.yaml")
+    plan = read_plan(out / "plan.yaml")
     wrapper = tmp_path / "wrapper.html"
     wrapper.write_text(WRAPPER.format(src=(out / "report.html").as_uri()))
     browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import collect
-from qsearch.folding import fold_affine
-from qsearch.model import prepare
-from qsearch.plan import LayerChoice
-from qsearch.planning import build_plan, weight_copies
+from qsearch.model.folding import fold_affine
+from qsearch.model.load import prepare
+from qsearch.plan.build import build_plan, weight_copies
+from qsearch.plan.format import LayerChoice
 from qsearch.rewrite import Rewriter
 from qsearch.scoring import fused_op_counts
 
@@ -251,7 +251,7 @@ def test_quantized_tensors_and_shared_scales_on_a_known_graph(cnn):
     """Direct: conv_b alone quantizes its input and output; gap and fc quantize the pooled tensor
     and the classifier's input, which the Reshape between them joins into one shared scale; fc's
     output stays float (a QGemm writes float)."""
-    from qsearch.planning import quantized_tensors
+    from qsearch.plan.build import quantized_tensors
 
     prepared = prepare(cnn)
     tensors, groups = quantized_tensors(prepared, {"conv_b"})

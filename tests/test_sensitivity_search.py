@@ -1,11 +1,11 @@
 import numpy as np
 
-from qsearch import strategy
+from qsearch.analysis.sensitivity import analyze, spearman
 from qsearch.evaluator import Evaluator, bitops
 from qsearch.finalize import greedy_fallback
-from qsearch.plan import LayerChoice
-from qsearch.problem import problem_for
-from qsearch.sensitivity import analyze, spearman
+from qsearch.plan.format import LayerChoice
+from qsearch.search import strategy
+from qsearch.search.framing import problem_for
 from qsearch.workbench import open_workbench
 
 from .conftest import make_cnn, new_search, open_bench, write_workload
@@ -74,7 +74,7 @@ def test_search_meets_budget_and_is_at_least_as_good_as_greedy(tmp_path):
 def test_calibration_split_into_shared_jobs_equals_one_pass(tmp_path):
     """Per-tensor statistics do not depend on the other tensors: the parts that workers share
     (through the study's job queue) merge into exactly the single pass's statistics."""
-    from qsearch.jobs import StudyQueue
+    from qsearch.search.jobs import StudyQueue
 
     ctx = _ctx(tmp_path)
     one = ctx.stats
@@ -96,7 +96,8 @@ def test_calibration_split_into_shared_jobs_equals_one_pass(tmp_path):
 def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
     """qsearch runs the model in cache-sized pieces of each batch (`workbench.run_samples`): the
     scores, the calibration's exact min/max and the proxy match whole-batch runs."""
-    from qsearch import proxy, workbench
+    from qsearch import workbench
+    from qsearch.analysis import proxy
 
     whole = _ctx(tmp_path)
     assert whole.run_samples is not None and whole.run_samples >= 32  # tiny maps: whole batches
@@ -119,7 +120,7 @@ def test_cache_sized_runs_give_whole_batch_results(tmp_path, monkeypatch):
 def test_graph_edges_follow_value_moving_ops(tmp_path):
     """The border model's graph: candidate layers joined by a tensor, through the Reshape between
     the pooled features and the classifier; the model input is the one border all-INT8 keeps."""
-    from qsearch.problem import graph_edges
+    from qsearch.search.framing import graph_edges
 
     ctx = _ctx(tmp_path)
     edges, outer = graph_edges(ctx)

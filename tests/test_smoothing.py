@@ -11,10 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.calibration import ChannelStats
 from qsearch.cli import main
-from qsearch.model import Layer
-from qsearch.plan import LayerChoice
-from qsearch.recovery import bias_delta
-from qsearch.smoothing import output_noise, scales_for, smoothed_range
+from qsearch.model.load import Layer
+from qsearch.plan.format import LayerChoice
+from qsearch.recovery.equalization import bias_delta
+from qsearch.recovery.smoothing import output_noise, scales_for, smoothed_range
 from tests.conftest import last_error, open_bench, write_workload
 from tests.test_recovery import _edit_layer, _forge
 
@@ -166,7 +166,7 @@ def test_bad_smoothing_input_is_refused_in_one_line(tmp_path, capsys, case, mess
 
 # ---------------------------------------------------------------------- learned rounding
 def test_learned_rounding_beats_nearest_on_correlated_inputs():
-    from qsearch.rounding import layer_problem, learn
+    from qsearch.recovery.rounding import layer_problem, learn
 
     rng = np.random.default_rng(0)
     x = (rng.normal(0, 1, (2048, 32)) @ rng.normal(0, 1, (32, 32)) * 0.3 + rng.normal(0, 1, (2048, 32)))
@@ -183,7 +183,7 @@ def test_learned_rounding_beats_nearest_on_correlated_inputs():
 
 
 def test_rounded_plan_is_written_checked_and_rebuilt(tmp_path, capsys):
-    from qsearch.rounding import learn_for_plan
+    from qsearch.recovery.rounding import learn_for_plan
 
     cfg, bench = _bench(tmp_path, False)
     plan, rounded = learn_for_plan(bench, bench.plan(_all_int8(bench, "smooth")), ["mm_q", "mm_v"])
@@ -212,8 +212,8 @@ def test_learned_rounding_rescues_a_cheaper_trial_over_budget(tmp_path):
     from qsearch.config import SearchSpace
     from qsearch.evaluator import Evaluator
     from qsearch.finalize import rounded_entries
-    from qsearch.strategy import Dimensions, FixDecision, LayerFacts, Problem
-    from qsearch.trials import SearchResult, TrialResult
+    from qsearch.search.problem import Dimensions, FixDecision, LayerFacts, Problem
+    from qsearch.search.trials import SearchResult, TrialResult
 
     _, bench = _bench(tmp_path, True)
     ev = Evaluator(bench)

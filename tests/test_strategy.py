@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsearch import strategy
 from qsearch.config import SearchSpace
-from qsearch.strategy import LayerFacts, Problem
+from qsearch.search import strategy
+from qsearch.search.problem import LayerFacts, Problem
 
 INT8 = "int8/minmax/per_channel"
 

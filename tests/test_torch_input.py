@@ -9,7 +9,7 @@ import pytest
 from qsearch.cli import main
 from qsearch.config import load_workload
 from qsearch.errors import QsearchError
-from qsearch.plan import Plan
+from qsearch.plan.io import read_plan
 
 from .conftest import last_error
 
@@ -111,7 +111,7 @@ def test_torch_module_is_exported_cached_and_searched(tmp_path, monkeypatch, cap
     assert load_workload(cfg).model == first and first.stat().st_mtime_ns == stamp  # cached, not re-exported
     out = tmp_path / "out"
     assert main(["optimize", "--config", str(cfg), "--budget", "3", "--out", str(out)]) == 0
-    plan = Plan.read(out / "plan.yaml")
+    plan = read_plan(out / "plan.yaml")
     names = {n.readable for n in plan.notes.values()}
     assert {"stem", "blocks.0.conv", "blocks.1.conv", "fc"} <= names  # the module paths, from the exporter
     from .test_reliability import check_result

@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.cli import main
-from qsearch.model import prepare, with_input_shapes
-from qsearch.plan import LayerChoice
-from qsearch.planning import build_plan
+from qsearch.model.load import prepare, with_input_shapes
+from qsearch.plan.build import build_plan
+from qsearch.plan.format import LayerChoice
 from qsearch.rewrite import Rewriter
 
 from .conftest import make_cnn, write_workload
@@ -130,7 +130,7 @@ def test_macs_use_the_data_shape_when_spatial_dims_are_symbolic():
 
 @pytest.mark.parametrize("scopes", ["{1: 2}", "[" * 5000 + "]" * 5000, "[1, 2]", "not python", "['a', None]", "'x' * 9"])
 def test_metadata_the_exporter_did_not_write_falls_back_to_op_names(scopes):
-    from qsearch.model import prepare
+    from qsearch.model.load import prepare
 
     from .conftest import make_cnn
 

@@ -20,14 +20,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qsearch.errors import QsearchError
-from qsearch.model import Layer, PreparedModel
-from qsearch.plan import LayerChoice, Plan
-from qsearch.planning import quantized_tensors
+from qsearch.model.load import Layer, PreparedModel
+from qsearch.plan.build import quantized_tensors
+from qsearch.plan.format import LayerChoice, Plan
+from qsearch.plan.recovery import smoothed_layers
 from qsearch.qparams import activation_qparams, quantize_weight, stored_codes
-from qsearch.recovery import Pair, bias_delta, equalized_weights, find_pairs, group, uses
-from qsearch.recoveryplan import smoothed_layers
+from qsearch.recovery.equalization import Pair, bias_delta, equalized_weights, find_pairs, group
+from qsearch.recovery.smoothing import Group, find_groups, fold_target, scaled_weight
+from qsearch.recovery.techniques import uses
 from qsearch.rewrite.graph import EditGraph
-from qsearch.smoothing import Group, find_groups, fold_target, scaled_weight
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.errors import QsearchError
-from qsearch.model import Layer, node_reads
+from qsearch.model.load import Layer, node_reads
 
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
 FP16_FOLLOWERS = {

@@ -1,0 +1,13 @@
+"""The search stage: the `Problem` a strategy sees, pure strategies, regions, the Optuna study, its frozen result, and the job queue workers share."""
+
+from qsearch._exports import lazy
+
+_EXPORTS = {
+    "framing": ("benefit", "problem_for", "graph_edges",),
+    "strategy": ("MeasureDrop", "LayerFacts", "Problem", "Dimensions", "FixDecision", "OPTION_SETS", "with_option_set", "choose_fixed", "build_dimensions", "warm_start_plans", "repair", "greedy_revert", "Incumbent", "closed_loop",),
+    "regions": ("drop_int8_regions", "float_regions",),
+    "study": ("default_sampler", "BudgetPruner", "default_study_name", "Search",),
+    "trials": ("TrialResult", "SearchResult",),
+    "jobs": ("sqlite_url", "open_storage", "storage_label", "storage_file", "check_study", "check_owner", "open_lock_file", "hold_worker_lock", "StudyQueue",),
+}
+__all__, __getattr__, __dir__ = lazy(__name__, _EXPORTS)
