@@ -41,7 +41,7 @@ def main() -> None:
     best: dict[str, profiling.LatencyProfile] = {}
     for _ in range(args.rounds):
         for name, m in models.items():
-            p = profiling.profile(ctx.prepared, m, ctx.latency_feed, ctx.workload.threads, runs=5)
+            p = profiling.profile(ctx.prepared, m, ctx.latency_feed, ctx.engine, runs=5)
             if name not in best or p.total_ms < best[name].total_ms:
                 best[name] = p
     ops = sorted({op for p in best.values() for op in p.by_op}, key=lambda o: -max(p.by_op.get(o, 0) for p in best.values()))

@@ -105,15 +105,13 @@ def main() -> None:
         if r["rc"] == 0:
             models[f"qsearch seed {seed}"] = onnx.load(str(out / "model.qsearch.onnx"))
     ev = Evaluator(bench)
-    from qsearch.engine.onnxruntime import make_session
-    from qsearch.scoring import timing_ms
-
-    sessions = {k: make_session(m, bench.workload.threads) for k, m in models.items()}
+    sessions = {k: bench.engine.session(m) for k, m in models.items()}
     cpu: dict[str, list[float]] = {k: [] for k in models}
     wall: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(args.rounds):
         for k, s in sessions.items():
-            w, c = timing_ms(s, bench.latency_feed, repeat=10)
+            t = bench.engine.time(s, bench.latency_feed, repeat=10)
+            w, c = t.wall_ms, t.cpu_ms
             wall[k].append(w)
             cpu[k].append(c)
     scores = {k: (ev.evaluate(m, "search", timing=False).score, ev.evaluate(m, "test", timing=False).score)

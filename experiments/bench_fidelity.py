@@ -21,7 +21,7 @@ import onnx
 from bench_peers import ort_reader
 
 from qsearch.config import load_workload
-from qsearch.scoring import fused_op_counts, latency_ms, make_session, model_size
+from qsearch.scoring import fused_op_counts, make_session, model_size
 from qsearch.workbench import open_workbench
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ def main() -> None:
     for _round in range(2):  # interleaved rounds; keep the best median per model
         for name, m in models:
             sess = make_session(m, 1)
-            lat = latency_ms(sess, ctx.latency_feed, warmup=10, repeat=100)
+            lat = ctx.engine.time(sess, ctx.latency_feed, warmup=10, repeat=100).wall_ms
             rows.append((name, m, sess, lat))
     best = {}
     for name, m, sess, lat in rows:

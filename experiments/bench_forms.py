@@ -59,11 +59,12 @@ def ort_all_int8(prepared, feeds):
 
 def run(name: str, path: Path, shape: tuple[int, ...], rounds: int) -> str:
     from qsearch.calibration import collect
+    from qsearch.engine import OrtCpu
     from qsearch.model.load import PATTERN_FORMS, load_prepared, with_input_shapes
     from qsearch.plan.build import build_plan
     from qsearch.plan.format import LayerChoice
     from qsearch.rewrite import Rewriter
-    from qsearch.scoring import fusion_check, latency_ms, make_session
+    from qsearch.scoring import fusion_check, make_session
 
     prepared = load_prepared(path)
     inp = prepared.inputs[0]
@@ -84,7 +85,7 @@ def run(name: str, path: Path, shape: tuple[int, ...], rounds: int) -> str:
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for k, s in sessions.items():
-            times[k].append(latency_ms(s, feeds[0], repeat=10))
+            times[k].append(OrtCpu().time(s, feeds[0], repeat=10).wall_ms)
     fp32 = min(times["FP32"])
     counts = {p: sum(la.pattern == p for la in prepared.layers) for p in patterns}
     lines = [f"# Hardswish forms on `{name}` ({date.today()}, {platform.machine()}, {os.cpu_count()} cores, ONNX Runtime "

@@ -203,7 +203,7 @@ def qsearch_opt(ctx, workload: str, budget: int, samples: int | None) -> Row:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        rc = run_optimize(str(ctx.workload.path), Path(tmp), budget, samples=samples).status
+        rc = run_optimize(str(ctx.workload.path), Path(tmp), budget=budget, samples=samples).status
         wall = time.perf_counter() - t
         if rc != 0:
             return Row(f"qsearch optimize ({budget} trials)", None, wall, "?", "no plan within budget")
@@ -269,14 +269,12 @@ def evaluator(bench):
 
 def interleaved_latency(ctx, models: list, rounds: int = 5) -> list[tuple[float, float]]:
     """(best median ms, spread) per model, timed in interleaved rounds in this run."""
-    from qsearch.scoring import latency_ms, make_session
-
-    sessions = [make_session(m, ctx.workload.threads) if m is not None else None for m in models]
+    sessions = [ctx.engine.session(m) if m is not None else None for m in models]
     times: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
         for i, s in enumerate(sessions):
             if s is not None:
-                times[i].append(latency_ms(s, ctx.latency_feed, repeat=10))
+                times[i].append(ctx.engine.time(s, ctx.latency_feed, repeat=10).wall_ms)
     return [(min(t), (max(t) - min(t)) / min(t)) if t else (float("nan"), 0.0) for t in times]
 
 

@@ -72,7 +72,6 @@ def optimize(name: str, seeds: list[int], budget: int, rounds: int, root: Path) 
     from qsearch.config import load_workload
     from qsearch.engine.onnxruntime import make_session
     from qsearch.evaluator import Evaluator
-    from qsearch.scoring import timing_ms
     from qsearch.workbench import open_workbench
 
     models, meta = {}, {}
@@ -98,7 +97,7 @@ def optimize(name: str, seeds: list[int], budget: int, rounds: int, root: Path) 
     cpu: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for k, s in sessions.items():
-            cpu[k].append(timing_ms(s, bench.latency_feed, repeat=10)[1])
+            cpu[k].append(bench.engine.time(s, bench.latency_feed, repeat=10).cpu_ms)
     ev = Evaluator(bench)
     fp = (ev.fp32_score("search"), ev.fp32_score("test"))
     lines = [f"`qsearch optimize --budget {budget}`, seeds {', '.join(map(str, seeds))}: the default search space "

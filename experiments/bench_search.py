@@ -74,7 +74,7 @@ def main() -> None:
         for seed in range(args.seeds):
             bench = replace(ctx, workload=replace(wl, space=replace(wl.space, sampler=sampler, warm_start=warm, seed=seed)))
             with tempfile.TemporaryDirectory() as tmp:
-                s = Search(bench, profile, Evaluator(bench), Path(tmp), budget=args.budget)
+                s = Search(bench, profile, Evaluator(bench), Path(tmp), budget=args.budget).start()
                 if not guided:
                     s.dims = raw
                 t1 = time.perf_counter()

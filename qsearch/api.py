@@ -19,9 +19,11 @@ import optuna
 from qsearch.analysis.profiling import LatencyProfile
 from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.commands import EvaluationResult
+from qsearch.engine.base import Engine
 from qsearch.plan.format import Plan
 from qsearch.plan.io import read_plan
 from qsearch.report.review import PlanDiff
+from qsearch.search.seeds import Strategy
 from qsearch.workflow import OptimizeResult
 
 __all__ = ["EvaluationResult", "OptimizeResult", "analyze", "apply", "baseline", "diff", "evaluate", "optimize",
@@ -34,28 +36,54 @@ def _config(config: PathLike | None) -> str | None:
     return None if config is None else str(config)
 
 
-def analyze(config: PathLike | None = None, out: PathLike = "qsearch-out", samples: int | None = None,
-            reverse: bool = False, workers: int = 1, eval_timeout: float | None = None) -> SensitivityProfile:
-    """Per-layer sensitivity (proxy SQNR of every option, output noise alone in INT8, measured INT8
-    cost); also written to `out`/sensitivity.yaml/.csv/.png."""
+def analyze(config: PathLike | None = None, *, out: PathLike = "qsearch-out", samples: int | None = None,
+            reverse: bool = False, workers: int = 1, eval_timeout: float | None = None,
+            engine: Engine | None = None) -> SensitivityProfile:
+    """Per-layer sensitivity (`qsearch analyze`); also written to `out`/sensitivity.yaml/.csv/.png.
+
+    Args:
+        config: the workload config (None: the embedded default).
+        out: the output folder (its `cache/` keeps the calibration statistics).
+        samples: search samples the analysis scores each layer on (None: all).
+        reverse: also measure each layer float in an otherwise all-INT8 model.
+        workers: processes sharing the analysis.
+        eval_timeout: seconds one model evaluation may take (0: no limit).
+        engine: where models are scored and timed (`qsearch.engine.Engine`; default ONNX Runtime CPU).
+    """
     from qsearch import commands
 
-    return commands.run_analyze(_config(config), Path(out), samples, reverse, max(1, workers), eval_timeout)
+    return commands.run_analyze(_config(config), Path(out), samples=samples, reverse=reverse,
+                                workers=max(1, workers), eval_timeout=eval_timeout, engine=engine)
 
 
-def optimize(config: PathLike | None = None, budget: int = 50, out: PathLike = "qsearch-out",
-             timeout: float | None = None, storage: str | None = None, study: str | None = None,
-             samples: int | None = None, workers: int = 1, eval_timeout: float | None = None,
-             sampler: optuna.samplers.BaseSampler | None = None,
-             pruner: optuna.pruners.BasePruner | None = None) -> OptimizeResult:
+def optimize(config: PathLike | None = None, *, budget: int = 50, out: PathLike = "qsearch-out",
+             timeout: float | None = None, storage: str | optuna.storages.BaseStorage | None = None,
+             study: str | None = None, samples: int | None = None, workers: int = 1,
+             eval_timeout: float | None = None, sampler: optuna.samplers.BaseSampler | None = None,
+             pruner: optuna.pruners.BasePruner | None = None, engine: Engine | None = None,
+             strategies: tuple[Strategy, ...] | None = None) -> OptimizeResult:
     """The main job (`qsearch optimize`): analysis, search, the chosen plan, its model and report in
-    `out`. The same call on the same `out` resumes the study. `storage` is an Optuna storage URL or
-    object; `sampler` and `pruner` are Optuna's own (defaults: the search space's sampler, and
-    `study.BudgetPruner`)."""
+    `out`. The same call on the same `out` resumes the study.
+
+    Args:
+        config: the workload config (None: the embedded default).
+        budget: finished trials in the study.
+        out: the output folder (plan, model, report, study).
+        timeout: seconds for the whole command (the final stage keeps its share).
+        storage: an Optuna storage URL or object (default: SQLite in `out`).
+        study: the study's name (default: derived from everything that defines its trials).
+        samples: search samples the analysis scores each layer on.
+        workers: processes sharing the analysis.
+        eval_timeout: seconds one model evaluation may take (0: no limit).
+        sampler, pruner: Optuna's own objects (defaults: the search space's sampler, `BudgetPruner`).
+        engine: where models are scored and timed (`qsearch.engine.Engine`; default ONNX Runtime CPU).
+        strategies: what measures plans before the sampler (`qsearch.search.seeds.STRATEGIES`).
+    """
     from qsearch import workflow
 
-    return workflow.run_optimize(_config(config), Path(out), budget, timeout, storage, study, samples,
-                                 max(1, workers), eval_timeout, sampler, pruner)
+    return workflow.run_optimize(_config(config), Path(out), budget=budget, timeout=timeout, storage=storage,
+                                 study=study, samples=samples, workers=max(1, workers), eval_timeout=eval_timeout,
+                                 sampler=sampler, pruner=pruner, engine=engine, strategies=strategies)
 
 
 def apply(plan: Plan | PathLike, model: PathLike, output: PathLike | None = None) -> onnx.ModelProto:
@@ -65,12 +93,20 @@ def apply(plan: Plan | PathLike, model: PathLike, output: PathLike | None = None
     return commands.apply_plan(plan, str(model), None if output is None else str(output))
 
 
-def evaluate(model: PathLike, config: PathLike | None = None, out: PathLike = "qsearch-out",
-             eval_timeout: float | None = None) -> EvaluationResult:
-    """Score any ONNX model that takes the workload's data, beside the FP32 model."""
+def evaluate(model: PathLike, config: PathLike | None = None, *, out: PathLike = "qsearch-out",
+             eval_timeout: float | None = None, engine: Engine | None = None) -> EvaluationResult:
+    """Score any ONNX model that takes the workload's data, beside the FP32 model.
+
+    Args:
+        model: the ONNX model to score (a qsearch, ORT or any other QDQ model).
+        config: the workload config (None: the embedded default).
+        out: the output folder (its `cache/` keeps the calibration statistics).
+        eval_timeout: seconds one model evaluation may take (0: no limit).
+        engine: where the model is scored and timed (default ONNX Runtime CPU).
+    """
     from qsearch import commands
 
-    return commands.run_evaluate(str(model), _config(config), Path(out), eval_timeout)
+    return commands.run_evaluate(str(model), _config(config), Path(out), eval_timeout=eval_timeout, engine=engine)
 
 
 def show(plan: Plan | PathLike, model: PathLike | None = None) -> str:
@@ -90,19 +126,28 @@ def diff(before: Plan | PathLike, after: Plan | PathLike) -> PlanDiff:
                             str(after) if not isinstance(after, Plan) else "after"))
 
 
-def baseline(kind: str, config: PathLike | None = None, output: PathLike = "baseline.yaml",
+def baseline(kind: str, config: PathLike | None = None, *, output: PathLike = "baseline.yaml",
              out: PathLike = "qsearch-out", method: str = "minmax", granularity: str = "per_tensor",
              eval_timeout: float | None = None, recovery: str = "none") -> Plan:
-    """The plan a simpler method ships (`naive`, `hybrid`, `fp32`, `fp16`), scored on test data and
-    written to `output`; `out` keeps the calibration cache. `recovery` (naive only: `bias`, `cle`,
-    `cle+bias`): where each layer can take it."""
+    """The plan a simpler method ships, scored on test data and written to `output`.
+
+    Args:
+        kind: `naive`, `hybrid`, `fp32` or `fp16`.
+        config: the workload config (None: the embedded default).
+        output: where the plan is written.
+        out: the output folder (its `cache/` keeps the calibration statistics).
+        method, granularity: the naive plan's calibration method and weight granularity.
+        eval_timeout: seconds one model evaluation may take (0: no limit).
+        recovery: naive only (`bias`, `cle`, `cle+bias`...): applied where each layer can take it.
+    """
     from qsearch import commands
 
-    return commands.run_baseline(kind, _config(config), Path(out), str(output), method, granularity, eval_timeout,
-                                 recovery)
+    return commands.run_baseline(kind, _config(config), Path(out), output=str(output), method=method,
+                                 granularity=granularity, eval_timeout=eval_timeout, recovery=recovery)
 
 
-def profile(model: PathLike, config: PathLike | None = None, top: int = 15, output: PathLike | None = None) -> LatencyProfile:
+def profile(model: PathLike, config: PathLike | None = None, *, top: int = 15,
+            output: PathLike | None = None) -> LatencyProfile:
     """Where the time goes in any ONNX model on the workload's latency batch (`qsearch profile`)."""
     from qsearch import commands
 

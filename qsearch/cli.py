@@ -191,18 +191,21 @@ def _run_reporting(args, out: Path) -> int | None:
 
     with output(quiet=args.quiet, stdout=not args.json):
         if args.command == "analyze":
-            p = api.analyze(args.config, out, args.samples, args.reverse, args.workers, args.eval_timeout)
+            p = api.analyze(args.config, out=out, samples=args.samples, reverse=args.reverse, workers=args.workers,
+                            eval_timeout=args.eval_timeout)
             result, code = {"model": p.model, "metric": p.metric, "fp32_score": p.fp32_score, "samples": p.samples,
                             "layers": len(p.layers), "int8_pays": sum(x.gain_ms > 0 for x in p.layers),
                             "most_sensitive": [x.name for x in p.layers[:5]],
                             "evaluations": p.meta.get("evaluations"), "seconds": p.seconds,
                             "paths": {k: str(out / f"sensitivity.{k}") for k in ("yaml", "csv", "png")}}, 0
         elif args.command == "optimize":
-            r = api.optimize(args.config, args.budget, out, args.timeout, args.storage, args.study, args.samples,
-                             args.workers, args.eval_timeout)
+            r = api.optimize(args.config, budget=args.budget, out=out, timeout=args.timeout, storage=args.storage,
+                             study=args.study, samples=args.samples, workers=args.workers,
+                             eval_timeout=args.eval_timeout)
             result, code = r.to_json(), r.status
         else:
-            result, code = dataclasses.asdict(api.evaluate(args.model, args.config, out, args.eval_timeout)), 0
+            evaluated = api.evaluate(args.model, args.config, out=out, eval_timeout=args.eval_timeout)
+            result, code = dataclasses.asdict(evaluated), 0
     if args.json:
         print(json.dumps(result, default=str))
     return code
@@ -228,11 +231,11 @@ def _main(args) -> int:
             print(diff_text(d, (args.before, args.after)))
             return 0 if d.same else 1
         if args.command == "profile":
-            api.profile(args.model, args.config, args.top, args.output)
+            api.profile(args.model, args.config, top=args.top, output=args.output)
             return 0
         if args.command == "baseline":
-            api.baseline(args.kind, args.config, args.output, out, args.calibration, args.granularity,
-                         args.eval_timeout, args.recovery)
+            api.baseline(args.kind, args.config, output=args.output, out=out, method=args.calibration,
+                         granularity=args.granularity, eval_timeout=args.eval_timeout, recovery=args.recovery)
             return 0
     except QsearchError as exc:
         print(f"qsearch: error: {exc}", file=sys.stderr)

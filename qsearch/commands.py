@@ -11,12 +11,13 @@ from pathlib import Path
 
 import onnx
 
+from qsearch import engine as engines
 from qsearch import limits
 from qsearch.analysis import sensitivity
 from qsearch.config import load_workload
 from qsearch.engine import isa
-from qsearch.engine.onnxruntime import make_session
-from qsearch.errors import QsearchError
+from qsearch.engine.base import Engine
+from qsearch.errors import ModelError, QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir, ensure_writable_file
 from qsearch.finalize import greedy_fallback, layer_reasons
@@ -26,12 +27,12 @@ from qsearch.plan.format import LayerChoice, Plan
 from qsearch.plan.io import read_plan
 from qsearch.progress import Progress, log, say
 from qsearch.report.markdown import forms_line
-from qsearch.scoring import fusion_check, latency_ms, model_size
+from qsearch.scoring import fusion_check, model_size
 from qsearch.search.framing import problem_for
 from qsearch.workbench import Workbench, open_workbench
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluationResult:
     """A model scored with the workload's metric and timed on its latency batch, beside FP32."""
 
@@ -45,7 +46,8 @@ class EvaluationResult:
     fp32_latency_ms: float
 
 
-def open_bench(config: str | None, out: Path, eval_timeout: float | None = None, calibrate: bool = True) -> Workbench:
+def open_bench(config: str | None, out: Path, eval_timeout: float | None = None, calibrate: bool = True,
+               engine: Engine | None = None) -> Workbench:
     workload = load_workload(config)
     ensure_writable_dir(out, "--out", create=False)  # a bad config or model leaves no empty --out behind
     for sub in ("cache", "pareto", "closest"):
@@ -54,7 +56,8 @@ def open_bench(config: str | None, out: Path, eval_timeout: float | None = None,
                                "move it or pick another --out")
     log(f"workload '{workload.name}': {workload.model.name}, metric {workload.metric.name}, "
         f"max_drop {workload.max_drop * 100 if workload.relative else workload.max_drop}{'%' if workload.relative else ''}")
-    bench = open_workbench(workload, cache_dir=out / "cache", log=log, eval_timeout=eval_timeout, calibrate=calibrate)
+    bench = open_workbench(workload, cache_dir=out / "cache", log=log, eval_timeout=eval_timeout, calibrate=calibrate,
+                           engine=engine)
     ensure_writable_dir(out, "--out")
     return bench
 
@@ -70,11 +73,11 @@ def check_samples(samples) -> None:
         raise QsearchError(f"--samples must be a whole number >= 1, got {samples!r}")
 
 
-def run_analyze(config, out: Path, samples=None, reverse=False, workers=1,
-                eval_timeout=None) -> sensitivity.SensitivityProfile:
+def run_analyze(config, out: Path, *, samples=None, reverse=False, workers=1, eval_timeout=None,
+                engine: Engine | None = None) -> sensitivity.SensitivityProfile:
     check_samples(samples)
     check_eval_timeout(eval_timeout)
-    bench = open_bench(config, out, eval_timeout)
+    bench = open_bench(config, out, eval_timeout, engine=engine)
     profile = sensitivity.analyze(bench, samples=samples, reverse=reverse, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("analyze"))
     paths = sensitivity.save_profile(profile, out)
@@ -129,14 +132,15 @@ def show_plan(plan: Plan | str, model_path: str | None = None) -> str:
     return show_text(plan)
 
 
-def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=None) -> EvaluationResult:
+def run_evaluate(model_path: str, config: str | None, out: Path, *, eval_timeout=None,
+                 engine: Engine | None = None) -> EvaluationResult:
     check_eval_timeout(eval_timeout)
-    bench = open_bench(config, out, eval_timeout)
+    bench = open_bench(config, out, eval_timeout, engine=engine)
     model = load_model(model_path)
     try:
-        sess = make_session(model, bench.workload.threads)
+        sess = bench.engine.session(model)
     except Exception as exc:
-        raise QsearchError(f"{model_path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{model_path}: {bench.engine.name} cannot load the model: {str(exc).splitlines()[0]}") from None
     # the model must take the workload's data: same input names and element types
     want = {i.name: i.dtype for i in bench.prepared.inputs}
     have = {i.name: i.type for i in sess.get_inputs()}
@@ -153,7 +157,7 @@ def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=No
         r = EvaluationResult(
             model=model_path, metric=bench.workload.metric.name,
             search=bench.search_scorer.score(sess), test=bench.test_scorer.score(sess),
-            latency_ms=latency_ms(sess, bench.latency_feed, repeat=30), size_bytes=model_size(model),
+            latency_ms=bench.engine.time(sess, bench.latency_feed, repeat=30).wall_ms, size_bytes=model_size(model),
             fp32_test=evaluator.fp32_test(), fp32_latency_ms=bench.baseline.fp32_latency_ms)
     except (QsearchError, limits.EvaluationTimeout):
         raise
@@ -166,7 +170,7 @@ def run_evaluate(model_path: str, config: str | None, out: Path, eval_timeout=No
     return r
 
 
-def run_baseline(kind: str, config: str | None, out: Path, output: str, method: str, granularity: str,
+def run_baseline(kind: str, config: str | None, out: Path, *, output: str, method: str, granularity: str,
                  eval_timeout=None, recovery: str = "none") -> Plan:
     check_eval_timeout(eval_timeout)
     ensure_writable_file(output, "-o", (config,))
@@ -216,10 +220,11 @@ def run_profile(model_path: str, config: str | None, top: int = 15, output: str 
         ensure_writable_file(output, "-o", (model_path, *workload.files_read()))
     prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))
     model = load_model(model_path)
+    engine = engines.create(threads=workload.threads)
     try:
-        sess = make_session(model, workload.threads)
+        sess = engine.session(model)
     except Exception as exc:
-        raise QsearchError(f"{model_path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{model_path}: {engine.name} cannot load the model: {str(exc).splitlines()[0]}") from None
     want = {i.name for i in prepared.inputs}
     have = {i.name for i in sess.get_inputs()}
     if want != have:
@@ -228,7 +233,7 @@ def run_profile(model_path: str, config: str | None, top: int = 15, output: str 
     search = data.load(workload.search, prepared.inputs, workload.batch_size, workload.base)
     feed = latency_feed(search.batches[0], prepared, workload.latency_batch)
     try:
-        prof = profiling.profile(prepared, model, feed, workload.threads, runs=10)
+        prof = profiling.profile(prepared, model, feed, engine, runs=10)
     except Exception as exc:
         raise QsearchError(f"{model_path}: profiling on the workload's data failed: {str(exc).splitlines()[0]}") from None
     fusion = fusion_check(model)

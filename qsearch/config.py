@@ -15,7 +15,7 @@ from typing import Any
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.data import DataSpec
 from qsearch.engine.isa import WEIGHT_CODES, safe_weights
-from qsearch.errors import QsearchError
+from qsearch.errors import ConfigError, as_kind
 from qsearch.files import LinedDict, check_keys, load_yaml, where
 from qsearch.model.load import LAYER_OPS
 from qsearch.plan.format import TARGETS
@@ -106,16 +106,17 @@ class Workload:
 TOP_KEYS = {"name", "model", "target", "data", "metric", "max_drop", "search_space", "runtime"}
 
 
+@as_kind(ConfigError)
 def load_workload(path: str | Path | None) -> Workload:
     p = Path(path) if path is not None else DEFAULT_WORKLOAD
     doc = load_yaml(p, "config")
     if not isinstance(doc, dict):
-        raise QsearchError(f"{p}: config must be a YAML mapping")
+        raise ConfigError(f"{p}: config must be a YAML mapping")
     check_keys(p, doc, TOP_KEYS, "")
     base = p.resolve().parent
     for key in ("model", "data", "metric", "max_drop"):
         if key not in doc:
-            raise QsearchError(f"{p}: missing required key '{key}'")
+            raise ConfigError(f"{p}: missing required key '{key}'")
     if isinstance(doc["model"], dict):  # a PyTorch module factory: exported once, cached
         from qsearch.export import torch_model
 
@@ -124,20 +125,20 @@ def load_workload(path: str | Path | None) -> Workload:
         model = _path(p, doc, "model", base)
     target = doc.get("target", "cpu")
     if target not in TARGETS:
-        raise QsearchError(f"{where(p, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")
+        raise ConfigError(f"{where(p, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")
     data = doc["data"]
     check_keys(p, data, {"calibration", "search", "test", "batch_size"}, "data")
     batch = _int(p, data, "batch_size", 64, 1)
     splits = {}
     for split in ("calibration", "search", "test"):
         if split not in data:
-            raise QsearchError(f"{where(p, data)}: missing required key 'data.{split}'")
+            raise ConfigError(f"{where(p, data)}: missing required key 'data.{split}'")
         splits[split] = _data_spec(p, data, split, base)
     metric = _metric(p, doc)
     if metric.name == "top1":
         for split in ("search", "test"):
             if splits[split].labels is None:
-                raise QsearchError(f"{where(p, data, split)}: metric top1 needs 'labels' for data.{split}")
+                raise ConfigError(f"{where(p, data, split)}: metric top1 needs 'labels' for data.{split}")
     max_drop, relative = _budget(p, doc)
     runtime = doc.get("runtime") or LinedDict()
     check_keys(p, runtime, {"threads", "latency_batch"}, "runtime")
@@ -153,7 +154,7 @@ def load_workload(path: str | Path | None) -> Workload:
 def _path(p: Path, d: dict, key: str, base: Path) -> Path:
     v = d.get(key)
     if not isinstance(v, str) or not v:
-        raise QsearchError(f"{where(p, d, key)}: '{key}' must be a file path")
+        raise ConfigError(f"{where(p, d, key)}: '{key}' must be a file path")
     return (base / v).resolve()
 
 
@@ -162,7 +163,7 @@ def _int(p: Path, d: dict, key: str, default: int, lo: int, hi: int = 2**31 - 1)
     SQLite take (a seed of 2**32 or a batch of 10**30 would fail deep inside a stage)."""
     v = d.get(key, default)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise QsearchError(f"{where(p, d, key)}: '{key}' must be an integer in [{lo}, {hi}], got {v!r}")
+        raise ConfigError(f"{where(p, d, key)}: '{key}' must be an integer in [{lo}, {hi}], got {v!r}")
     return v
 
 
@@ -174,13 +175,13 @@ def _data_spec(p: Path, data: dict, split: str, base: Path) -> DataSpec:
     check_keys(p, d, {"npz", "npy_dir", "entry", "labels", "limit"}, f"data.{split}")
     kinds = [k for k in ("npz", "npy_dir", "entry") if k in d]
     if len(kinds) != 1:
-        raise QsearchError(f"{where(p, data, split)}: data.{split} needs exactly one of npz, npy_dir, entry")
+        raise ConfigError(f"{where(p, data, split)}: data.{split} needs exactly one of npz, npy_dir, entry")
     kind = kinds[0]
     if not isinstance(d[kind], str):
-        raise QsearchError(f"{where(p, d, kind)}: data.{split}.{kind} must be a string")
+        raise ConfigError(f"{where(p, d, kind)}: data.{split}.{kind} must be a string")
     labels = d.get("labels")
     if labels is not None and not isinstance(labels, str):
-        raise QsearchError(f"{where(p, d, 'labels')}: data.{split}.labels must be an array name")
+        raise ConfigError(f"{where(p, d, 'labels')}: data.{split}.labels must be an array name")
     limit = _int(p, d, "limit", 0, 1) if "limit" in d else None
     return DataSpec(
         name=split, where=where(p, data, split),
@@ -195,12 +196,12 @@ def _metric(p: Path, doc: dict) -> MetricSpec:
     m = doc["metric"]
     if isinstance(m, str):
         if m not in METRICS:
-            raise QsearchError(f"{where(p, doc, 'metric')}: metric {m!r} is not one of {', '.join(METRICS)} "
+            raise ConfigError(f"{where(p, doc, 'metric')}: metric {m!r} is not one of {', '.join(METRICS)} "
                                "(or {search: module:function, test: module:function})")
         return MetricSpec(m)
     check_keys(p, m, {"search", "test"}, "metric")
     if not all(isinstance(m.get(k), str) and ":" in m[k] for k in ("search", "test")):
-        raise QsearchError(f"{where(p, doc, 'metric')}: a custom metric needs 'search' and 'test' entry points "
+        raise ConfigError(f"{where(p, doc, 'metric')}: a custom metric needs 'search' and 'test' entry points "
                            "('package.module:function')")
     return MetricSpec("custom", m["search"], m["test"])
 
@@ -213,7 +214,7 @@ def _budget(p: Path, doc: dict) -> tuple[float, bool]:
     except (TypeError, ValueError):
         x = float("nan")
     if not x >= 0 or x == float("inf") or isinstance(v, bool):
-        raise QsearchError(f"{where(p, doc, 'max_drop')}: max_drop must be a number >= 0 or a percentage like '1%', got {v!r}")
+        raise ConfigError(f"{where(p, doc, 'max_drop')}: max_drop must be a number >= 0 or a percentage like '1%', got {v!r}")
     return (x / 100.0, True) if relative else (x, False)
 
 
@@ -233,18 +234,18 @@ SPACE_KEYS = {
 def load_space(p: Path, v: Any, base: Path, section: str = "search_space", parent: Any = None, depth: int = 0) -> SearchSpace:
     """A search space from a name, a file, or an inline mapping that may extend one of those."""
     if depth > 5:
-        raise QsearchError(f"{p}: search_space 'extends' chain is too deep (a cycle?)")
+        raise ConfigError(f"{p}: search_space 'extends' chain is too deep (a cycle?)")
     if isinstance(v, str):
         f = _find_space(v, base)
         if f is None:
-            raise QsearchError(f"{where(p, parent, section)}: search space {v!r} not found (looked next to the config "
+            raise ConfigError(f"{where(p, parent, section)}: search space {v!r} not found (looked next to the config "
                                f"and in {SPACES_DIRS[0]})")
         doc = load_yaml(f, "search space")
         if isinstance(doc, dict) and "search_space" in doc and len(doc) == 1:
             doc = doc["search_space"]
         return load_space(f, doc if doc is not None else LinedDict(), f.parent, "search_space", None, depth + 1)
     if not isinstance(v, dict):
-        raise QsearchError(f"{where(p, parent, section)}: '{section}' must be a name, a path or a mapping")
+        raise ConfigError(f"{where(p, parent, section)}: '{section}' must be a name, a path or a mapping")
     check_keys(p, v, SPACE_KEYS, section)
     s = load_space(p, v["extends"], base, "extends", v, depth + 1) if "extends" in v else SearchSpace()
     kw: dict[str, Any] = {}
@@ -260,7 +261,7 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
                     try:
                         re.compile(str(pat))
                     except re.error as exc:
-                        raise QsearchError(f"{where(p, c, key)}: {section}.candidates.{key}: {pat!r} is not a valid "
+                        raise ConfigError(f"{where(p, c, key)}: {section}.candidates.{key}: {pat!r} is not a valid "
                                            f"regular expression ({exc})") from None
                 kw[key] = tuple(str(x) for x in pats)
     if "precision" in v:
@@ -272,7 +273,7 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
     if "recovery" in v:
         got = _choice_list(p, v, "recovery", ("none", *techniques()), section)
         if "none" in got and len(got) > 1:
-            raise QsearchError(f"{where(p, v, 'recovery')}: {section}.recovery: 'none' cannot be listed with "
+            raise ConfigError(f"{where(p, v, 'recovery')}: {section}.recovery: 'none' cannot be listed with "
                                f"techniques, got {list(got)}")
         kw["recovery"] = tuple(x for x in got if x != "none")
     if "weights" in v:
@@ -285,7 +286,7 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
         if key in v:
             x = v[key]
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not lo <= x <= hi:
-                raise QsearchError(f"{where(p, v, key)}: {section}.{key} must be a number in [{lo}, {hi}], got {x!r}")
+                raise ConfigError(f"{where(p, v, key)}: {section}.{key} must be a number in [{lo}, {hi}], got {x!r}")
             kw[key] = float(x)
     for key in ("options_per_layer", "seed", "min_searched"):
         if key in v:
@@ -293,7 +294,7 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
     for key in ("warm_start", "prune", "multi_objective"):
         if key in v:
             if not isinstance(v[key], bool):
-                raise QsearchError(f"{where(p, v, key)}: {section}.{key} must be true or false")
+                raise ConfigError(f"{where(p, v, key)}: {section}.{key} must be true or false")
             kw[key] = v[key]
     from dataclasses import replace
 
@@ -304,14 +305,14 @@ def _choice_list(p: Path, d: dict, key: str, allowed: tuple[str, ...], section: 
     v = d[key]
     items = v if isinstance(v, list) else [v]
     if not items:
-        raise QsearchError(f"{where(p, d, key)}: {section}.{key} must not be empty")
+        raise ConfigError(f"{where(p, d, key)}: {section}.{key} must not be empty")
     for x in items:
         if x not in allowed:
-            raise QsearchError(f"{where(p, d, key)}: {section}.{key}: {x!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{where(p, d, key)}: {section}.{key}: {x!r} is not one of {', '.join(allowed)}")
     return tuple(items)
 
 
 def _one_of(p: Path, d: dict, key: str, allowed: tuple[str, ...], section: str) -> str:
     if d[key] not in allowed:
-        raise QsearchError(f"{where(p, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}")
+        raise ConfigError(f"{where(p, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}")
     return d[key]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qsearch.errors import QsearchError
+from qsearch.errors import DataError
 from qsearch.model.load import InputSpec
 
 MAX_ENTRY_BATCHES = 100_000  # batches read from a data entry point without a `limit`
@@ -84,7 +84,7 @@ def rechunked(ds: Dataset, samples: int | None) -> Dataset:
 def import_entry(spec: str, where: str, base: Path | None = None):
     """Import `package.module:function` from the config's folder or PYTHONPATH."""
     if ":" not in spec:
-        raise QsearchError(f"{where}: entry point '{spec}' must look like 'package.module:function'")
+        raise DataError(f"{where}: entry point '{spec}' must look like 'package.module:function'")
     mod_name, func_name = spec.split(":", 1)
     added = False
     if base is not None and str(base) not in sys.path:
@@ -93,13 +93,13 @@ def import_entry(spec: str, where: str, base: Path | None = None):
     try:
         module = importlib.import_module(mod_name)
     except (Exception, SystemExit) as exc:  # a module that exits on import: an error, never a silent success
-        raise QsearchError(f"{where}: cannot import '{mod_name}' for entry point '{spec}': {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{where}: cannot import '{mod_name}' for entry point '{spec}': {type(exc).__name__}: {exc}") from None
     finally:
         if added:
             sys.path.remove(str(base))
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise QsearchError(f"{where}: entry point '{spec}': '{mod_name}' has no function '{func_name}'")
+        raise DataError(f"{where}: entry point '{spec}': '{mod_name}' has no function '{func_name}'")
     return func
 
 
@@ -110,32 +110,32 @@ def _raw(spec: DataSpec, base: Path | None) -> tuple[list[dict], list[np.ndarray
             with np.load(spec.npz, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except FileNotFoundError:
-            raise QsearchError(f"{spec.npz}: {spec.name} data file not found ({spec.where})") from None
+            raise DataError(f"{spec.npz}: {spec.name} data file not found ({spec.where})") from None
         except Exception as exc:
-            raise QsearchError(f"{spec.npz}: cannot read {spec.name} data: {type(exc).__name__}: {exc}") from None
+            raise DataError(f"{spec.npz}: cannot read {spec.name} data: {type(exc).__name__}: {exc}") from None
         labels = None
         if spec.labels is not None:
             if spec.labels not in arrays:
-                raise QsearchError(f"{spec.npz}: no labels array '{spec.labels}' (arrays: {', '.join(sorted(arrays))})")
+                raise DataError(f"{spec.npz}: no labels array '{spec.labels}' (arrays: {', '.join(sorted(arrays))})")
             labels = arrays.pop(spec.labels)
         return [arrays], [labels], Path(spec.npz).read_bytes()
     if spec.npy_dir is not None:
         d = Path(spec.npy_dir)
         if not d.is_dir():
-            raise QsearchError(f"{d}: {spec.name} data folder not found ({spec.where})")
+            raise DataError(f"{d}: {spec.name} data folder not found ({spec.where})")
         arrays, labels, h = {}, None, hashlib.sha256()
         for f in sorted(d.glob("*.npy")):
             try:
                 a = np.load(f, allow_pickle=False)
             except Exception as exc:
-                raise QsearchError(f"{f}: cannot read array: {type(exc).__name__}: {exc}") from None
+                raise DataError(f"{f}: cannot read array: {type(exc).__name__}: {exc}") from None
             h.update(f.name.encode() + a.tobytes())
             if spec.labels is not None and f.stem == spec.labels:
                 labels = a
             else:
                 arrays[f.stem] = a
         if spec.labels is not None and labels is None:
-            raise QsearchError(f"{d}: no labels file '{spec.labels}.npy'")
+            raise DataError(f"{d}: no labels file '{spec.labels}.npy'")
         return [arrays], [labels], h.digest()
     func = import_entry(spec.entry, spec.where, base)
     items, samples = [], 0
@@ -150,17 +150,17 @@ def _raw(spec: DataSpec, base: Path | None) -> tuple[list[dict], list[np.ndarray
             if spec.limit is not None and samples >= spec.limit:
                 break
             if len(items) > MAX_ENTRY_BATCHES:
-                raise QsearchError(f"{spec.where}: data entry point '{spec.entry}' yields more than "
+                raise DataError(f"{spec.where}: data entry point '{spec.entry}' yields more than "
                                    f"{MAX_ENTRY_BATCHES} batches (endless?); set data.{spec.name}.limit")
-    except QsearchError:
+    except DataError:
         raise
     except (Exception, SystemExit) as exc:  # sys.exit() in a data function is an error naming it
-        raise QsearchError(f"{spec.where}: data entry point '{spec.entry}' raised {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{spec.where}: data entry point '{spec.entry}' raised {type(exc).__name__}: {exc}") from None
     feeds, labels, h = [], [], hashlib.sha256()
     for item in items:
         feed, label = (item if isinstance(item, tuple) and len(item) == 2 else (item, None))
         if not isinstance(feed, Mapping):
-            raise QsearchError(f"{spec.where}: data entry point '{spec.entry}' must yield dicts of arrays "
+            raise DataError(f"{spec.where}: data entry point '{spec.entry}' must yield dicts of arrays "
                                f"(or (dict, label) pairs), got {type(feed).__name__}")
         feed = {k: np.asarray(v) for k, v in feed.items()}
         for k in sorted(feed):
@@ -184,21 +184,21 @@ def load(spec: DataSpec, inputs: Sequence[InputSpec], batch_size: int, base: Pat
         missing = sorted(set(want) - set(chunk))
         extra = sorted(set(chunk) - set(want))
         if missing or extra:
-            raise QsearchError(f"{src}: {spec.name} data has arrays {sorted(chunk)} but the model's inputs are "
+            raise DataError(f"{src}: {spec.name} data has arrays {sorted(chunk)} but the model's inputs are "
                                f"{sorted(want)}" + (f" (missing {missing})" if missing else f" (unexpected {extra})"))
         n = None
         for name, arr in chunk.items():
             _check_array(src, spec.name, name, arr, want[name])
             n = len(arr) if n is None else n
             if len(arr) != n:
-                raise QsearchError(f"{src}: {spec.name} arrays have different sample counts ({name}: {len(arr)} vs {n})")
+                raise DataError(f"{src}: {spec.name} arrays have different sample counts ({name}: {len(arr)} vs {n})")
         if n == 0:
-            raise QsearchError(f"{src}: {spec.name} data has an empty batch (zero samples)")
+            raise DataError(f"{src}: {spec.name} data has an empty batch (zero samples)")
         if fixed_batch and spec.entry is None and n % fixed_batch:
-            raise QsearchError(f"{src}: the model's inputs have a fixed batch of {fixed_batch}, but the {spec.name} "
+            raise DataError(f"{src}: the model's inputs have a fixed batch of {fixed_batch}, but the {spec.name} "
                                f"data has {n} samples, not a multiple of it")
         if lab is not None and (lab.ndim == 0 or len(lab) != n):
-            raise QsearchError(f"{src}: {spec.name} labels have "
+            raise DataError(f"{src}: {spec.name} labels have "
                                f"{'a single value (0-d array)' if lab.ndim == 0 else f'{len(lab)} entries'} "
                                f"for {n} samples; give one label per sample")
         if spec.entry is not None:  # entry points give batches already shaped for the model
@@ -215,29 +215,29 @@ def load(spec: DataSpec, inputs: Sequence[InputSpec], batch_size: int, base: Pat
     if spec.limit is not None:
         ds = ds.head(spec.limit)
     if ds.samples == 0:
-        raise QsearchError(f"{src}: {spec.name} data set is empty (zero samples)")
+        raise DataError(f"{src}: {spec.name} data set is empty (zero samples)")
     if spec.labels is not None and any(y is None for y in ds.labels):
-        raise QsearchError(f"{src}: {spec.name} data needs labels for every batch")
+        raise DataError(f"{src}: {spec.name} data needs labels for every batch")
     return ds
 
 
 def _check_array(src, split: str, name: str, arr: np.ndarray, spec: InputSpec) -> None:
     if not spec.shape or arr.ndim == 0:
-        raise QsearchError(f"{src}: {split} input '{name}' is a scalar (rank 0) in the "
+        raise DataError(f"{src}: {split} input '{name}' is a scalar (rank 0) in the "
                            f"{'model' if not spec.shape else 'data'}: qsearch batches samples along the first axis")
     if arr.dtype == object:
-        raise QsearchError(f"{src}: {split} input '{name}' holds Python objects, not numbers")
+        raise DataError(f"{src}: {split} input '{name}' holds Python objects, not numbers")
     if arr.dtype != spec.dtype:
-        raise QsearchError(f"{src}: {split} input '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
+        raise DataError(f"{src}: {split} input '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
     if arr.ndim != len(spec.shape):
-        raise QsearchError(f"{src}: {split} input '{name}' has shape {arr.shape}, the model expects rank {len(spec.shape)} "
+        raise DataError(f"{src}: {split} input '{name}' has shape {arr.shape}, the model expects rank {len(spec.shape)} "
                            f"{_shape_str(spec.shape)}")
     for got, exp in zip(arr.shape[1:], spec.shape[1:]):
         if exp is not None and got != exp:
-            raise QsearchError(f"{src}: {split} input '{name}' has shape {arr.shape}, the model expects {_shape_str(spec.shape)}")
+            raise DataError(f"{src}: {split} input '{name}' has shape {arr.shape}, the model expects {_shape_str(spec.shape)}")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
-        raise QsearchError(f"{src}: {split} input '{name}' contains {bad} NaN/Inf values")
+        raise DataError(f"{src}: {split} input '{name}' contains {bad} NaN/Inf values")
 
 
 def _shape_str(shape) -> str:

@@ -27,6 +27,26 @@ class DataError(QsearchError):
     """Calibration, search or test data: wrong names, shapes, dtypes, NaN/Inf, empty."""
 
 
+def as_kind(kind: type[QsearchError]):
+    """A decorator: plain `QsearchError`s from shared helpers (YAML reading, key checks) raised
+    inside the function come out as `kind`, so a caller can tell a config error from a plan error."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except QsearchError as exc:
+                if type(exc) is QsearchError:
+                    raise kind(str(exc)) from None
+                raise
+
+        return inner
+
+    return wrap
+
+
 # Set by the command line's SIGINT/SIGTERM handler. The handler also raises KeyboardInterrupt, but
 # a signal that lands inside a garbage-collector callback has its exception swallowed; long loops
 # check this event at safe points so the interruption is never lost.

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qsearch.engine.onnxruntime import make_session
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.plan.format import LayerChoice, Plan
 from qsearch.resolution import DropInterval, drop_interval
-from qsearch.scoring import model_size, timing_ms
+from qsearch.scoring import model_size
 from qsearch.workbench import Workbench
 
 BITS = {"int8": 8, "int16": 16, "fp16": 16, "fp32": 32}
@@ -60,7 +59,7 @@ class Evaluator:
 
     def session(self, model: Plan | onnx.ModelProto) -> ort.InferenceSession:
         proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
-        return make_session(proto, self.bench.workload.threads)
+        return self.bench.engine.session(proto)
 
     def plan(self, choices: dict[str, str]) -> Plan:
         return self.bench.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
@@ -76,7 +75,7 @@ class Evaluator:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         t0 = time.perf_counter()
         proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
-        sess = session or make_session(proto, self.bench.workload.threads)
+        sess = session or self.bench.engine.session(proto)
         scorer = self.bench.search_scorer if split == "search" else self.bench.test_scorer
         fp32 = self.fp32_score(split)
         self.evaluations += 1
@@ -88,7 +87,7 @@ class Evaluator:
                 score = scorer.finish(head + scorer.partial(sess, k, scorer.batches))
             else:
                 score = scorer.score(sess)
-            lat, cpu = timing_ms(sess, self.bench.latency_feed) if timing else (None, None)
+            lat, cpu = astuple(self.bench.engine.time(sess, self.bench.latency_feed)) if timing else (None, None)
             if self.bench.workload.threads != 1:
                 cpu = None  # several threads: CPU time sums them, wall time is the latency
         finally:
@@ -132,8 +131,7 @@ class Evaluator:
         if self._fp32_test is None:
             t0 = time.perf_counter()
             try:
-                self._fp32_test = self.bench.test_scorer.score(make_session(self.bench.prepared.proto,
-                                                                            self.bench.workload.threads))
+                self._fp32_test = self.bench.test_scorer.score(self.bench.engine.session(self.bench.prepared.proto))
             except EvaluationTimeout as exc:
                 raise QsearchError(f"{self.bench.workload.path}: the FP32 model: {exc}") from None
             self.seconds += time.perf_counter() - t0

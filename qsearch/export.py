@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from qsearch.errors import QsearchError
+from qsearch.errors import ModelError
 from qsearch.files import check_keys, where
 
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
@@ -30,7 +30,7 @@ def _examples(p: Path, spec: dict) -> list[tuple[tuple[int, ...], str]]:
     """example_input: one shape ([1, 3, 224, 224]), a list of shapes, or {shape, dtype} entries."""
     v = spec.get("example_input")
     items = [v] if isinstance(v, (list, dict)) and (isinstance(v, dict) or all(isinstance(x, int) for x in v)) else v
-    bad = QsearchError(f"{where(p, spec, 'example_input')}: model.example_input must be a shape ([1, 3, 224, 224]), "
+    bad = ModelError(f"{where(p, spec, 'example_input')}: model.example_input must be a shape ([1, 3, 224, 224]), "
                        f"a list of shapes, or {{shape: [...], dtype: int64}} entries, got {v!r}"[:300])
     if not isinstance(items, list) or not items:
         raise bad
@@ -49,18 +49,18 @@ def _examples(p: Path, spec: dict) -> list[tuple[tuple[int, ...], str]]:
 def torch_model(p: Path, spec: Any, base: Path) -> Path:
     """The ONNX file for a `model: {torch: ..., example_input: ...}` entry, exported on first use."""
     if not isinstance(spec, dict):
-        raise QsearchError(f"{where(p, {'model': spec}, 'model')}: 'model' must be a file path or "
+        raise ModelError(f"{where(p, {'model': spec}, 'model')}: 'model' must be a file path or "
                            "{torch: 'pkg.module:factory', example_input: [...]}")
     check_keys(p, spec, {"torch", "example_input"}, "model")
     entry = spec.get("torch")
     if not isinstance(entry, str) or ":" not in entry:
-        raise QsearchError(f"{where(p, spec, 'torch')}: model.torch must be 'package.module:factory' (a function "
+        raise ModelError(f"{where(p, spec, 'torch')}: model.torch must be 'package.module:factory' (a function "
                            f"returning a torch.nn.Module), got {entry!r}"[:300])
     examples = _examples(p, spec)
     try:
         import torch
     except ImportError:
-        raise QsearchError(f"{where(p, spec, 'torch')}: model.torch needs PyTorch, which is not installed: "
+        raise ModelError(f"{where(p, spec, 'torch')}: model.torch needs PyTorch, which is not installed: "
                            "pip install -c constraints.txt \"qsearch[torch]\"") from None
     from qsearch.data import import_entry
 
@@ -68,9 +68,9 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     try:
         module = factory()
     except (Exception, SystemExit) as exc:  # a factory that calls sys.exit(0) must not end qsearch with 0
-        raise QsearchError(f"{where(p, spec, 'torch')}: '{entry}' raised {type(exc).__name__}: {exc}"[:400]) from None
+        raise ModelError(f"{where(p, spec, 'torch')}: '{entry}' raised {type(exc).__name__}: {exc}"[:400]) from None
     if not isinstance(module, torch.nn.Module):
-        raise QsearchError(f"{where(p, spec, 'torch')}: '{entry}' returned {type(module).__name__}, not a "
+        raise ModelError(f"{where(p, spec, 'torch')}: '{entry}' returned {type(module).__name__}, not a "
                            "torch.nn.Module")
     module = _float32(module, torch, where(p, spec, "torch"), entry)
     h = _weights_hash(module, torch, repr((entry, examples, torch.__version__)))
@@ -84,7 +84,7 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     try:
         args = tuple(torch.zeros((2, *shape[1:]), dtype=getattr(torch, dtype)) for shape, dtype in examples)
     except (RuntimeError, MemoryError) as exc:
-        raise QsearchError(f"{where(p, spec, 'example_input')}: model.example_input {[list(s) for s, _ in examples]} "
+        raise ModelError(f"{where(p, spec, 'example_input')}: model.example_input {[list(s) for s, _ in examples]} "
                            f"is too large to allocate ({type(exc).__name__})"[:400]) from None
     dynamic = tuple({0: torch.export.Dim("batch", min=1)} for _ in args)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -98,7 +98,7 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
         os.replace(tmp, path)
     except Exception as exc:
         first = ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
-        raise QsearchError(f"{where(p, spec, 'torch')}: exporting '{entry}' to ONNX failed: {type(exc).__name__}: "
+        raise ModelError(f"{where(p, spec, 'torch')}: exporting '{entry}' to ONNX failed: {type(exc).__name__}: "
                            f"{first}"[:400] + f" (the exporter's log: {log})") from None
     finally:
         with contextlib.suppress(OSError):  # (nothing was written there)
@@ -130,7 +130,7 @@ def _float32(module, torch, at: str, entry: str):
     widened (qsearch's INT8 comes from float32); weights on the meta device have no values."""
     tensors = [*module.parameters(), *module.buffers()]
     if any(t.is_meta for t in tensors):
-        raise QsearchError(f"{at}: '{entry}' returned a module with weights on the meta device (no values): "
+        raise ModelError(f"{at}: '{entry}' returned a module with weights on the meta device (no values): "
                            "load or initialize its weights before returning it")
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         module = module.float()

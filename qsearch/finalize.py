@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from qsearch.plan.format import LayerChoice, Plan
 from qsearch.recovery import rounding
 from qsearch.report.markdown import Row
 from qsearch.resolution import clearly_over
-from qsearch.scoring import model_size, timing_ms
+from qsearch.scoring import model_size
 from qsearch.search import strategy
 from qsearch.search.problem import Problem
 from qsearch.search.trials import SearchResult, TrialResult
@@ -88,7 +88,7 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
     def time_rounds(n: int) -> None:
         for _ in range(n):
             for i, b in enumerate(built):
-                w, c = timing_ms(b[1], bench.latency_feed, warmup=2, repeat=repeat)
+                w, c = astuple(bench.engine.time(b[1], bench.latency_feed, warmup=2, repeat=repeat))
                 wall[i].append(w)
                 cpu[i].append(c)
 

@@ -7,7 +7,6 @@ data, decide whether to prune, and then finish the rest without rescoring the sl
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -190,26 +189,6 @@ def _parts(v) -> np.ndarray | None:
 
 def reference_outputs(sess: ort.InferenceSession, data: Dataset) -> list[list[np.ndarray]]:
     return [sess.run(None, dict(b)) for b in data.batches]
-
-
-def latency_ms(sess: ort.InferenceSession, feed: dict, warmup: int = 3, repeat: int = 15) -> float:
-    """Median wall time of one batch after warm-up: robust to the odd scheduler hiccup."""
-    return timing_ms(sess, feed, warmup, repeat)[0]
-
-
-def timing_ms(sess: ort.InferenceSession, feed: dict, warmup: int = 3, repeat: int = 15) -> tuple[float, float]:
-    """(median wall ms, median thread CPU ms) of one batch. With one intra-op thread ONNX Runtime
-    runs the kernels on this thread, so its CPU time is the model's work alone: a busy machine
-    that takes the core away inflates the wall time, not the CPU time."""
-    for _ in range(warmup):
-        sess.run(None, feed)
-    wall, cpu = [], []
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.thread_time()
-        sess.run(None, feed)
-        cpu.append(time.thread_time() - c)
-        wall.append(time.perf_counter() - t)
-    return float(np.median(wall) * 1e3), float(np.median(cpu) * 1e3)
 
 
 def model_size(model: onnx.ModelProto) -> int:

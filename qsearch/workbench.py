@@ -26,6 +26,8 @@ from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.data import Dataset
 from qsearch.engine import isa
+from qsearch.engine.base import Engine
+from qsearch.engine.onnxruntime import OrtCpu
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.model.load import Layer, PreparedModel, load_model, prepare, with_input_shapes
@@ -35,7 +37,7 @@ from qsearch.recovery import equalization as recovery
 from qsearch.recovery import rounding, smoothing
 from qsearch.recovery.equalization import RecoveryStats, correctable
 from qsearch.rewrite import LAYOUT_VERSION, Rewriter
-from qsearch.scoring import Scorer, latency_ms, make_session, model_size, reference_outputs
+from qsearch.scoring import Scorer, model_size, reference_outputs
 
 CALIBRATION_PARTS = 2  # shared calibration jobs (by tensor) when a study queue is given
 RUN_BYTES = 4 << 20  # the largest activation of one ONNX Runtime run stays about cache-sized
@@ -75,6 +77,7 @@ class Workbench:
     # equalization pairs, scales and the equalized statistics (`recovery`); None: no cle allowed
     recovery: RecoveryStats | None = None
     eq_rewriter: Rewriter | None = None  # rewrites the equalized float model (probes of cle options)
+    engine: Engine = dataclasses.field(default_factory=OrtCpu)  # every session and timing goes through it
 
     # ------------------------------------------------------------------ derived records
     def with_forms(self, forms: Mapping[str, str]) -> Workbench:
@@ -167,10 +170,12 @@ class Workbench:
 
 # ---------------------------------------------------------------------- loading and checks
 def open_workbench(workload: Workload, cache_dir: Path | None = None, log: Callable = print,
-                   eval_timeout: float | None = None, calibrate: bool = True) -> Workbench:
+                   eval_timeout: float | None = None, calibrate: bool = True, engine: Engine | None = None) -> Workbench:
     """Load, check and measure the FP32 model once. `eval_timeout`: seconds one model evaluation
     may take (0: no limit; None: 20x the FP32 model's evaluation time, at least a minute).
-    `calibrate=False` defers the calibration pass to `Workbench.calibrated` (which can share it)."""
+    `calibrate=False` defers the calibration pass to `Workbench.calibrated` (which can share it).
+    `engine`: where models are scored and timed (default: ONNX Runtime's CPU provider)."""
+    engine = engine or OrtCpu(workload.threads)
     prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))
     bs, base = workload.batch_size, workload.base
     calib_data = data.load(workload.calibration, prepared.inputs, bs, base)
@@ -179,7 +184,7 @@ def open_workbench(workload: Workload, cache_dir: Path | None = None, log: Calla
     # layer costs at the data's shapes (symbolic H x W would count every feature map as 1 x 1)
     prepared = with_input_shapes(prepared, {k: v.shape for k, v in search_data.batches[0].items()})
     chunk = run_samples(prepared)
-    fp32 = make_session(prepared.proto, workload.threads)
+    fp32 = engine.session(prepared.proto)
     if workload.metric.name == "top1":  # before calibrating: a bad metric must cost nothing
         for ds in (search_data, test_data):
             _check_top1(workload, prepared, fp32, ds, chunk)
@@ -202,13 +207,13 @@ def open_workbench(workload: Workload, cache_dir: Path | None = None, log: Calla
             seconds["test"] = time.perf_counter() - t0
     except EvaluationTimeout as exc:
         raise QsearchError(f"{workload.path}: the FP32 model: {exc}") from None
-    baseline = Baseline(fp32_search, latency_ms(fp32, feed), model_size(prepared.proto), seconds, fp32_test)
+    baseline = Baseline(fp32_search, engine.time(fp32, feed).wall_ms, model_size(prepared.proto), seconds, fp32_test)
     if eval_timeout is None:  # an INT8 plan may be slower than FP32, never 20x
         user_limit = max(60.0, 20 * max(seconds.values()))
     search_scorer.limit_s = test_scorer.limit_s = user_limit
-    _check_deterministic(workload, prepared, search_scorer, fp32, fp32_search)
+    _check_deterministic(workload, engine.session(prepared.proto), search_scorer, fp32, fp32_search)
     bench = Workbench(workload, prepared, calib_data, search_data, test_data, Rewriter(prepared), chunk, cache_dir,
-                      search_scorer, test_scorer, feed, baseline, user_limit)
+                      search_scorer, test_scorer, feed, baseline, user_limit, engine=engine)
     return bench.calibrated(log=log) if calibrate else bench
 
 
@@ -236,11 +241,10 @@ def _check_top1(workload: Workload, prepared: PreparedModel, fp32: ort.Inference
                                f"{classes} classes), found {int(y.min())}..{int(y.max())}")
 
 
-def _check_deterministic(workload: Workload, prepared: PreparedModel, scorer: Scorer, fp32, first: float) -> None:
+def _check_deterministic(workload: Workload, fresh, scorer: Scorer, fp32, first: float) -> None:
     """A metric that scores the same FP32 model differently twice makes every drop noise. A
     user's function is scored again in full; a built-in metric is qsearch's own arithmetic over
     ONNX Runtime's outputs, so one run of the first search batch in a fresh session tells."""
-    fresh = make_session(prepared.proto, workload.threads)
     if scorer.custom is None:
         a, b = scorer.partial(fp32, 0, 1), scorer.partial(fresh, 0, 1)
         if np.array_equal(a, b):

@@ -16,6 +16,7 @@ from qsearch import limits
 from qsearch.analysis import profiling, sensitivity
 from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.commands import check_eval_timeout, check_samples, open_bench
+from qsearch.engine.base import Engine
 from qsearch.errors import Interrupted, QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import OutputSet, atomic_write_bytes, atomic_write_text
@@ -41,6 +42,7 @@ from qsearch.report.markdown import (
 )
 from qsearch.scoring import fusion_check
 from qsearch.search.jobs import StudyQueue, check_study, open_storage
+from qsearch.search.seeds import Strategy
 from qsearch.search.study import Search, default_study_name
 from qsearch.search.trials import SearchResult
 from qsearch.workbench import Workbench
@@ -49,7 +51,7 @@ RESULT_FILES = ("plan.yaml", "plan.recovery.onnx", "model.qsearch.onnx", "report
                 "trials.csv", "closest")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizeResult:
     """What `optimize` wrote to `out`: the plan (None when no plan met the budget: `status` 1)."""
 
@@ -108,22 +110,39 @@ class Stage:
         self.name, self.kept, self.started = name, kept, now
 
 
-def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, study=None, samples=None,
-                 workers=1, eval_timeout=None, sampler: optuna.samplers.BaseSampler | None = None,
-                 pruner: optuna.pruners.BasePruner | None = None) -> OptimizeResult:
-    """`timeout` bounds the whole command: the analysis and final stage are stopped at it, the
-    search ends early enough to leave the final stage its measured share."""
+@dataclass(frozen=True)
+class Request:
+    """What `optimize` was asked for, past the config and the output folder (see `api.optimize`)."""
+
+    budget: int
+    timeout: float | None = None
+    storage: str | optuna.storages.BaseStorage | None = None
+    study: str | None = None
+    samples: int | None = None
+    workers: int = 1
+    eval_timeout: float | None = None
+    sampler: optuna.samplers.BaseSampler | None = None
+    pruner: optuna.pruners.BasePruner | None = None
+    engine: Engine | None = None
+    strategies: tuple[Strategy, ...] | None = None
+
+
+def run_optimize(config, out: Path, **request) -> OptimizeResult:
+    """`request`: the fields of `Request`. Its `timeout` bounds the whole command: the analysis
+    and final stage are stopped at it, the search ends early enough to leave the final stage its
+    measured share."""
+    req = Request(**request)
+    budget, timeout = req.budget, req.timeout
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise QsearchError(f"--budget must be a positive whole number of trials, got {budget!r}")
     if timeout is not None and not timeout > 0:  # (NaN is not > 0)
         raise QsearchError(f"--timeout must be a positive number of seconds, got {timeout:g}")
-    check_eval_timeout(eval_timeout)
-    check_samples(samples)
+    check_eval_timeout(req.eval_timeout)
+    check_samples(req.samples)
     stage = Stage()
     try:
         with limits.limit(timeout, "--timeout", CommandTimeout):
-            return _optimize(config, out, budget, timeout, storage, study, samples, workers, eval_timeout, stage,
-                             sampler, pruner)
+            return _optimize(config, out, req, stage)
     except CommandTimeout as exc:
         if str(exc) != "--timeout":  # already explained
             raise
@@ -132,22 +151,22 @@ def run_optimize(config, out: Path, budget: int, timeout=None, storage=None, stu
         raise Interrupted(stage.kept) from None
 
 
-def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, workers, eval_timeout,
-              stage: Stage, sampler, pruner) -> OptimizeResult:
+def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
+    budget, timeout, storage, study = req.budget, req.timeout, req.storage, req.study
     t_start = time.perf_counter()
     deadline = None if timeout is None or timeout > limits.MAX_SECONDS else time.monotonic() + timeout
     if isinstance(storage, str):  # a storage that cannot be opened leaves nothing behind, --out included
         open_storage(storage, out)
-    bench = open_bench(config, out, eval_timeout, calibrate=False)
+    bench = open_bench(config, out, req.eval_timeout, calibrate=False, engine=req.engine)
     name = study or default_study_name(bench)
     # storage URL and study ownership are checked before any calibration or analysis is spent
     if storage is None or isinstance(storage, str):  # (an Optuna storage object is the caller's to vet)
         check_study(storage, out, name, bench.study_key())
-    bench, profile = _analysis(bench, out, name, storage, samples, workers, stage)
+    bench, profile = _analysis(bench, out, name, storage, req.samples, req.workers, stage)
     evaluator = Evaluator(bench)
     stage("search", "completed trials are kept in the study: re-run the same command to go on")
-    search = Search(bench, profile, evaluator, out, storage=storage, study_name=study, sampler=sampler,
-                    pruner=pruner, budget=budget, log=log)
+    search = Search(bench, profile, evaluator, out, storage=storage, study_name=study, sampler=req.sampler,
+                    pruner=req.pruner, budget=budget, log=log, strategies=req.strategies).start()
     t_analyzed = time.perf_counter()
     _search(bench, profile, search, budget, deadline, timeout, t_analyzed - t_start)
     stage("final stage", "the result was not written (the trials are kept in the study: re-run the same "
@@ -160,7 +179,7 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
             result = search.result()
             if result.best() is None:
                 _no_plan(res, out, evaluator, result, timeout)
-                return OptimizeResult(1, out, None, evaluations=evaluator.evaluations,
+                return OptimizeResult(status=1, out=out, plan=None, evaluations=evaluator.evaluations,
                                       seconds=time.perf_counter() - t_start)
             log(f"3/3 final stage: the finalists and baselines timed side by side ({len(result.finalists())} "
                 "trials, FP32, naive INT8, the greedy fallback)")
@@ -172,10 +191,13 @@ def _optimize(config, out: Path, budget: int, timeout, storage, study, samples, 
     finally:
         search.close()
     fp32, chosen = choice.fp32, choice.chosen
-    return OptimizeResult(0, out, plan, fp32.latency_ms / chosen.latency_ms, fp32.search_score - chosen.search_score,
-                          fp32.test_score - chosen.test_score, profile.meta["evaluations"] + evaluator.evaluations,
-                          time.perf_counter() - t_start, result.allowed, chosen.latency_ms, fp32.latency_ms,
-                          max(chosen.latency_spread, fp32.latency_spread))
+    return OptimizeResult(status=0, out=out, plan=plan, speedup=fp32.latency_ms / chosen.latency_ms,
+                          search_drop=fp32.search_score - chosen.search_score,
+                          test_drop=fp32.test_score - chosen.test_score,
+                          evaluations=profile.meta["evaluations"] + evaluator.evaluations,
+                          seconds=time.perf_counter() - t_start, max_drop=result.allowed,
+                          latency_ms=chosen.latency_ms, fp32_latency_ms=fp32.latency_ms,
+                          latency_spread=max(chosen.latency_spread, fp32.latency_spread))
 
 
 def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers, stage: Stage
@@ -301,7 +323,7 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
         (r.name, r.latency_ms if objective == "latency" else r.size_bytes, r.search_score) for r in choice.rows]
     plot_pareto(results, search.allowed, bench.baseline.fp32_search, objective, res.path("pareto.png"), marks)
     kinds = {name: {k: round(v, 4) for k, v in profiling.profile(bench.prepared, bench.rewriter(plan),
-                                                                  bench.latency_feed, bench.workload.threads).by_kind.items()}
+                                                                  bench.latency_feed, bench.engine).by_kind.items()}
              for name, plan in (("fp32", bench.plan({})), ("naive int8", naive), (choice.candidate_name, choice.candidate))}
     plot_attribution(kinds, res.path("attribution.png"))
     stage("done", stage.kept)
@@ -313,10 +335,11 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
     rows = list(choice.rows)
     title, metric = f"qsearch report: {bench.prepared.name}", bench.workload.metric.name
     verdict = verdict_line(fp32_row, chosen_row, search.allowed, metric, bool(choice.verdict))
-    page = htmlreport.render(title, verdict, summary, rows, metric, fp32_row.latency_ms, fp32_row.size_bytes,
-                             res.path("pareto.png"), res.path("attribution.png"),
-                             htmlreport.layer_rows(chosen, naive, profile), tables[1:],
-                             [("Layer sensitivity (the analysis)", out / "sensitivity.png")])
+    page = htmlreport.render(title=title, verdict=verdict, summary=summary, rows=rows, metric=metric,
+                             fp32_latency=fp32_row.latency_ms, fp32_size=fp32_row.size_bytes,
+                             pareto=res.path("pareto.png"), attribution=res.path("attribution.png"),
+                             layers=htmlreport.layer_rows(chosen, naive, profile), details=tables[1:],
+                             figures=[("Layer sensitivity (the analysis)", out / "sensitivity.png")])
     write_report(res.dir, title, [f"**{verdict}**", "", *summary], rows, metric, fp32_row.latency_ms,
                  fp32_row.size_bytes, [("Pareto front", res.path("pareto.png")),
                                        ("Where the time goes", res.path("attribution.png")),

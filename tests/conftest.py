@@ -164,4 +164,4 @@ def new_search(bench, profile, out: Path, **kw):
     from qsearch.search.study import Search
 
     bench = bench.with_forms(profile.forms)
-    return Search(bench, profile, Evaluator(bench), out, **kw)
+    return Search(bench, profile, Evaluator(bench), out, **kw).start()

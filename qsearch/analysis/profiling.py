@@ -14,28 +14,19 @@ layer that ran just before it, which is where glue sits in a chain.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from qsearch.engine.base import Engine, NodeTime
 from qsearch.model.load import PreparedModel
 
 INT8_KERNELS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize", "QAttention")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 KINDS = ("int8 kernel", "float op", "Q/DQ glue")
 OTHER = "(outside layers)"
-
-
-@dataclass(frozen=True)
-class NodeTime:
-    name: str
-    op_type: str
-    ms: float  # mean per run
 
 
 @dataclass(frozen=True)
@@ -57,35 +48,6 @@ def kind_of(op_type: str) -> str:
     if op_type.startswith(INT8_KERNELS):
         return "int8 kernel"
     return "float op"
-
-
-def node_times(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1,
-               runs: int = 5, warmup: int = 2) -> list[NodeTime]:
-    """Kernel time of every node ORT runs (after its optimizer), in execution order."""
-    from qsearch.engine.onnxruntime import make_session
-
-    with tempfile.TemporaryDirectory(prefix="qsearch-prof-") as tmp:
-        sess = make_session(model, threads, profile_prefix=os.path.join(tmp, "profile"))
-        for _ in range(warmup + runs):
-            sess.run(None, dict(feed))
-        with open(sess.end_profiling()) as f:
-            events = json.load(f)
-    # keep the node events of the last `runs` runs: the first ones pay for allocation and caches
-    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    t0 = starts[-runs] if len(starts) >= runs else 0
-    order: list[str] = []
-    total: dict[str, float] = {}
-    ops: dict[str, str] = {}
-    for e in events:
-        if e.get("cat") != "Node" or e.get("ts", 0) < t0 or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        n = e["name"][: -len("_kernel_time")]
-        if n not in total:
-            order.append(n)
-            total[n] = 0.0
-        total[n] += e["dur"] / 1e3
-        ops[n] = e.get("args", {}).get("op_name", "")
-    return [NodeTime(n, ops[n], total[n] / runs) for n in order]
 
 
 def attribute(prepared: PreparedModel, times: Sequence[NodeTime]) -> LatencyProfile:
@@ -138,7 +100,8 @@ def _match(name: str, owner: dict[str, str], tensor_owner: dict[str, str]) -> st
     return None
 
 
-def profile(prepared: PreparedModel, model: onnx.ModelProto, feed: Mapping[str, np.ndarray], threads: int = 1,
+def profile(prepared: PreparedModel, model: onnx.ModelProto, feed: Mapping[str, np.ndarray], engine: Engine,
             runs: int = 5) -> LatencyProfile:
-    return attribute(prepared, node_times(model, feed, threads, runs))
+    """The engine's per-node profile of `model`, attributed to the layers of `prepared`."""
+    return attribute(prepared, engine.profile(model, feed, runs))
 

@@ -13,12 +13,11 @@ import numpy as np
 
 from qsearch import data
 from qsearch.calibration import tensor_range
-from qsearch.engine.onnxruntime import make_session
 from qsearch.model.load import Layer
 from qsearch.plan.build import allowed_granularities
 from qsearch.plan.format import LayerChoice
 from qsearch.recovery.equalization import correctable
-from qsearch.recovery.techniques import uses
+from qsearch.recovery.techniques import extra_options, uses
 from qsearch.workbench import Workbench
 
 PROXY_PARTS = 2  # shared proxy jobs per calibration method (with a study queue): balance for 2+ workers
@@ -40,6 +39,7 @@ def options_for(layer: Layer, methods, granularities, techniques=(), partnered: 
     smooth = ["smooth", "smooth+bias"] if "bias" in recs else ["smooth"]
     if "smooth" in techniques and smoothable and "minmax" in methods:
         recs += smooth
+    recs += extra_options(layer, techniques)  # registered weight-transform techniques (`techniques.register`)
     codes = weights if layer.has_weight else ("int8",)
     return [LayerChoice("int8", m, g, r, w) for m in methods for g in grans for r in recs for w in codes
             if m == "minmax" or not uses(r, "smooth")]
@@ -97,7 +97,7 @@ def _probe_pass(bench: Workbench, sub: list[tuple[Layer, LayerChoice]], method: 
              for la, c in sub if la.name in means}
     rewriter = bench.eq_rewriter if eq else bench.rewriter
     model, pairs = rewriter.probe(sub, r, bench.forms, means, smoothing)
-    sess = make_session(model, bench.workload.threads)
+    sess = bench.engine.session(model)
     names = [t for pair in pairs for t in pair]
     sig = np.zeros(len(pairs))
     noise = np.zeros(len(pairs))

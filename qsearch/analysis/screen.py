@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from qsearch import data
-from qsearch.engine.onnxruntime import make_session
 from qsearch.errors import QsearchError
 from qsearch.plan.format import LayerChoice
 from qsearch.scoring import PARTIALS, finish_metric
@@ -26,7 +25,7 @@ class Screen:
         self.bench = bench
         n = min(samples or SCREEN_SAMPLES, bench.search_data.samples)
         self.data = data.rechunked(bench.search_data.head(n), bench.run_samples)
-        fp32 = make_session(bench.prepared.proto, bench.workload.threads)
+        fp32 = bench.engine.session(bench.prepared.proto)
         self.reference = [fp32.run(None, dict(b)) for b in self.data.batches]
         self.floats = [i for i, o in enumerate(self.reference[0]) if np.issubdtype(o.dtype, np.floating)]
         self.signal = sum(float(np.sum(np.square(r[i], dtype=np.float64))) for r in self.reference for i in self.floats)
@@ -45,7 +44,7 @@ class Screen:
         bench = self.bench
         try:
             plan = bench.plan({n: LayerChoice.parse(lbl) for n, lbl in choices.items()})
-            sess = make_session(bench.rewriter(plan), bench.workload.threads)
+            sess = bench.engine.session(bench.rewriter(plan))
             outs = [sess.run(None, dict(b)) for b in self.data.batches]
         except QsearchError:
             raise

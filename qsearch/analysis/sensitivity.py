@@ -31,7 +31,6 @@ import yaml
 from qsearch.analysis.proxy import rank_options
 from qsearch.analysis.screen import Screen, run_jobs
 from qsearch.calibration import RANGES_VERSION
-from qsearch.engine.onnxruntime import make_session
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.plan.format import LayerChoice
 from qsearch.workbench import Workbench
@@ -250,9 +249,9 @@ def _attribute(bench: Workbench, layers, best: dict[str, str], queue, progress) 
     all_int8 = {la.name: LayerChoice.parse(best[la.name]) for la in layers}
 
     def attribute(_job: dict) -> tuple:
-        fp32_p = profiling.profile(bench.prepared, bench.prepared.proto, bench.latency_feed, bench.workload.threads)
+        fp32_p = profiling.profile(bench.prepared, bench.prepared.proto, bench.latency_feed, bench.engine)
         int8_p = profiling.profile(bench.prepared, bench.rewriter(bench.plan(all_int8)), bench.latency_feed,
-                                   bench.workload.threads)
+                                   bench.engine)
         return (fp32_p.total_ms, int8_p.total_ms, fp32_p.by_kind, int8_p.by_kind,
                 [fp32_p.layer_ms(la.name) for la in layers], [int8_p.layer_ms(la.name) for la in layers])
 
@@ -300,7 +299,6 @@ def choose_forms(bench: Workbench, choices: dict[str, LayerChoice], rounds: int 
     tensors, so one rounding and one calibrated range fewer), which is also the choice when the
     search objective is not latency. Returns (forms, ms per timed form)."""
     from qsearch.model.load import PATTERN_FORMS
-    from qsearch.scoring import latency_ms
 
     forms: dict[str, str] = {}
     timings: dict[str, dict[str, float]] = {}
@@ -309,12 +307,12 @@ def choose_forms(bench: Workbench, choices: dict[str, LayerChoice], rounds: int 
         if bench.workload.space.objective != "latency":  # size / bitops: nothing to time, fewer tensors win
             forms[pattern] = options[-1]
             continue
-        sessions = {f: make_session(bench.rewriter(bench.plan(choices, {**forms, pattern: f})), bench.workload.threads)
+        sessions = {f: bench.engine.session(bench.rewriter(bench.plan(choices, {**forms, pattern: f})))
                     for f in options}
         ms = {f: float("inf") for f in options}
         for _ in range(rounds):
             for f, sess in sessions.items():
-                ms[f] = min(ms[f], latency_ms(sess, bench.latency_feed, warmup=2, repeat=5))
+                ms[f] = min(ms[f], bench.engine.time(sess, bench.latency_feed, warmup=2, repeat=5).wall_ms)
         fastest = min(ms.values())
         forms[pattern] = next(f for f in reversed(options) if ms[f] <= fastest * (1 + FORM_TIE))
         timings[pattern] = {f: round(v, 4) for f, v in ms.items()}

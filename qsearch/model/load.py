@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qsearch.errors import QsearchError
+from qsearch.errors import ModelError, as_kind
 from qsearch.model.folding import fold_affine
 from qsearch.model.layers import BINARY_OPS as BINARY_OPS
 from qsearch.model.layers import FUSED_ACTIVATIONS as FUSED_ACTIVATIONS
@@ -76,22 +76,23 @@ class PreparedModel:
         return {la.name: owner[la.name] for la in self.layers if la.name in owner}
 
 
+@as_kind(ModelError)
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file, with its external weight data, or fail with a one-line error."""
     p = Path(path)
     if not p.is_file():
-        raise QsearchError(f"{p}: model file not found")
+        raise ModelError(f"{p}: model file not found")
     try:
         model = onnx.load(str(p))
     except Exception as exc:  # protobuf raises several unrelated types on garbage
-        raise QsearchError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
-        raise QsearchError(f"{p}: not a readable ONNX model (the graph has no nodes)")
+        raise ModelError(f"{p}: not a readable ONNX model (the graph has no nodes)")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QsearchError(f"{p}: invalid ONNX model: {first}") from None
+        raise ModelError(f"{p}: invalid ONNX model: {first}") from None
     return model
 
 
@@ -143,7 +144,7 @@ def _ort_basic_optimize(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
             make_session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized_path=out)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0]
-            raise QsearchError(f"{source}: ONNX Runtime cannot load the model: {msg}") from None
+            raise ModelError(f"{source}: ONNX Runtime cannot load the model: {msg}") from None
         return onnx.load(out)
 
 
@@ -160,7 +161,7 @@ def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = No
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)
         except Exception as exc:
-            raise QsearchError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
+            raise ModelError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
     model = _ort_basic_optimize(model, source)
     folded = fold_affine(model) if preparation >= 2 else 0
     _name_nodes(model)  # ORT's optimizer adds unnamed nodes (e.g. HardSwish inlined as HardSigmoid + Mul)

@@ -4,9 +4,10 @@ from qsearch._exports import lazy
 
 _EXPORTS = {
     "format": ("MAX_RANGE", "SCHEMA_VERSION", "PRECISIONS", "TARGETS", "LayerChoice", "LayerNote", "Plan", "layer_notes", "provenance", "closest", "good_range",),
-    "sidecar": ("SIDECAR_KINDS", "SIDECAR_NAME", "Sidecar", "sidecar_name", "sidecar_name",),
-    "io": ("plan_from_doc",),
-    "build": ("allowed_granularities", "normalized", "inputs_of", "tensor_methods", "quantized_tensors", "build_plan", "check_plan", "weight_copies",),
-    "recovery": ("smoothed_layers", "chosen_smoothing", "smoothing_arrays", "recovery_notes", "check_recovery", "check_sidecar",),
+    "sidecar": ("SIDECAR_KINDS", "SIDECAR_NAME", "Sidecar", "sidecar_name",),
+    "io": ("read_plan", "plan_from_doc",),
+    "build": ("allowed_granularities", "normalized", "inputs_of", "tensor_methods", "quantized_tensors", "build_plan", "weight_copies",),
+    "check": ("check_plan", "check_sidecar",),
+    "recovery": ("smoothed_layers", "chosen_smoothing", "smoothing_arrays", "recovery_notes", "check_recovery",),
 }
 __all__, __getattr__, __dir__ = lazy(__name__, _EXPORTS)

@@ -8,7 +8,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import replace
 
 from qsearch.calibration import GRANULARITIES, CalibrationStats, tensor_range
-from qsearch.errors import QsearchError
+from qsearch.errors import PlanError
 from qsearch.model.load import PASSTHROUGH_OPS, Layer, PreparedModel, node_reads
 from qsearch.plan.format import LayerChoice, Plan, layer_notes
 from qsearch.plan.recovery import (
@@ -182,7 +182,7 @@ def build_plan(
     for t, method in methods.items():
         src = source(t)
         if src is None or t not in src.tensors:
-            raise QsearchError(f"no calibration statistics for tensor '{t}' (stale cache?)")
+            raise PlanError(f"no calibration statistics for tensor '{t}' (stale cache?)")
         ranges[t] = tensor_range(src.tensors[t], method, percentile)
     smoothed = smoothed_layers(full)
     _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8}, forms, smoothed)
@@ -200,7 +200,7 @@ def build_plan(
         if c.is_int8 and uses(c.recovery, "bias") and la.name not in absorbed:
             t, src = la.activations[0], source(la.activations[0])
             if src is None or t not in src.channels:
-                raise QsearchError(f"no per-channel statistics for tensor '{t}' (stale cache?)")
+                raise PlanError(f"no per-channel statistics for tensor '{t}' (stale cache?)")
             sm = chosen.get(t) if la.name in smoothed else None
             arrays[f"mean/{la.name}"] = src.channels[t].mean / (1 if sm is None else sm.scales)
     notes = layer_notes(prepared)

@@ -21,7 +21,7 @@ import yaml
 from qsearch._version import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.engine.isa import WEIGHT_CODES, detect
-from qsearch.errors import QsearchError
+from qsearch.errors import PlanError
 from qsearch.files import atomic_write_bytes, atomic_write_text
 from qsearch.model.load import PATTERN_FORMS, PREPARATIONS, PREPARE_VERSION, PreparedModel
 from qsearch.plan.sidecar import Sidecar, sidecar_name
@@ -50,11 +50,11 @@ class LayerChoice:
                                     ("recovery", self.recovery, recoveries()),
                                     ("weights", self.weights, WEIGHT_CODES)):
             if value not in allowed:
-                raise QsearchError(f"layer choice: {key} {value!r} is not one of {', '.join(allowed)}")
+                raise PlanError(f"layer choice: {key} {value!r} is not one of {', '.join(allowed)}")
         if self.recovery != "none" and not self.is_int8:
-            raise QsearchError(f"layer choice: recovery {self.recovery!r} needs precision int8, not {self.precision}")
+            raise PlanError(f"layer choice: recovery {self.recovery!r} needs precision int8, not {self.precision}")
         if self.weights != "int8" and not self.is_int8:
-            raise QsearchError(f"layer choice: weights {self.weights!r} need precision int8, not {self.precision}")
+            raise PlanError(f"layer choice: weights {self.weights!r} need precision int8, not {self.precision}")
 
     @property
     def is_int8(self) -> bool:
@@ -111,22 +111,22 @@ class Plan:
         this, for plans built in Python): ranges a uint8 scale can be computed from, a known target,
         known forms, choices that are `LayerChoice`s."""
         if self.target not in TARGETS:
-            raise QsearchError(f"plan: target {self.target!r} is not one of {', '.join(TARGETS)}")
+            raise PlanError(f"plan: target {self.target!r} is not one of {', '.join(TARGETS)}")
         for name, c in self.layers.items():
             if not isinstance(c, LayerChoice):
-                raise QsearchError(f"plan: layer '{name}': its choice must be a LayerChoice, got {c!r}"[:300])
+                raise PlanError(f"plan: layer '{name}': its choice must be a LayerChoice, got {c!r}"[:300])
         for t, r in self.ranges.items():
             if not good_range(r):
-                raise QsearchError(f"plan: tensor '{t}': range must be [min <= 0, max >= 0], finite, |values| <= "
+                raise PlanError(f"plan: tensor '{t}': range must be [min <= 0, max >= 0], finite, |values| <= "
                                    f"{MAX_RANGE:g}, got {r!r}"[:300])
         for k, v in self.forms.items():
             if k not in PATTERN_FORMS or v not in PATTERN_FORMS[k]:
-                raise QsearchError(f"plan: forms.{k} = {v!r} is not a known pattern form")
+                raise PlanError(f"plan: forms.{k} = {v!r} is not a known pattern form")
         if self.preparation not in PREPARATIONS:
-            raise QsearchError(f"plan: model.preparation {self.preparation!r} is not one of "
+            raise PlanError(f"plan: model.preparation {self.preparation!r} is not one of "
                                f"{', '.join(map(str, PREPARATIONS))}")
         if isinstance(self.percentile, bool) or not 50.0 <= float(self.percentile) <= 100.0:
-            raise QsearchError(f"plan: percentile must be in [50, 100], got {self.percentile!r}")
+            raise PlanError(f"plan: percentile must be in [50, 100], got {self.percentile!r}")
 
     @property
     def float_precision(self) -> str:

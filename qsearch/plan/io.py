@@ -12,7 +12,7 @@ from typing import Any
 from qsearch._version import __version__
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.engine.isa import WEIGHT_CODES
-from qsearch.errors import QsearchError
+from qsearch.errors import PlanError, as_kind
 from qsearch.files import check_keys, load_yaml, where
 from qsearch.model.load import PATTERN_FORMS, PREPARATIONS
 from qsearch.plan.format import MAX_RANGE, PRECISIONS, SCHEMA_VERSION, TARGETS, LayerChoice, LayerNote, Plan, good_range
@@ -20,18 +20,20 @@ from qsearch.plan.sidecar import Sidecar
 from qsearch.recovery.techniques import recoveries
 
 
+@as_kind(PlanError)
 def read_plan(path: str | os.PathLike) -> Plan:
     """A plan file (any schema), every field checked, its sidecar loaded and checked byte for byte."""
     return plan_from_doc(load_yaml(path, "plan"), path)
 
 
+@as_kind(PlanError)
 def plan_from_doc(doc: Any, path: str | os.PathLike = "<plan>") -> Plan:
     """A plan from a loaded YAML document; errors name the file, the line and the key."""
     if not isinstance(doc, dict) or "qsearch_plan" not in doc:
-        raise QsearchError(f"{path}: not a qsearch plan (missing 'qsearch_plan' version key)")
+        raise PlanError(f"{path}: not a qsearch plan (missing 'qsearch_plan' version key)")
     version = doc["qsearch_plan"]
     if isinstance(version, bool) or not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
-        raise QsearchError(
+        raise PlanError(
             f"{where(path, doc, 'qsearch_plan')}: plan schema version {version!r} is not supported "
             f"by qsearch {__version__} (supports 1..{SCHEMA_VERSION})"
         )
@@ -42,13 +44,13 @@ def plan_from_doc(doc: Any, path: str | os.PathLike = "<plan>") -> Plan:
     check_keys(path, model, {"name", "fingerprint"} | ({"file", "preparation"} if version > 1 else set()), "model")
     preparation = model.get("preparation", 1)  # plans written before graphs were folded name unfolded layers
     if isinstance(preparation, bool) or preparation not in PREPARATIONS:
-        raise QsearchError(f"{where(path, model, 'preparation')}: model.preparation {preparation!r} is not one of "
+        raise PlanError(f"{where(path, model, 'preparation')}: model.preparation {preparation!r} is not one of "
                            f"{', '.join(map(str, PREPARATIONS))} (a plan from a newer qsearch?)"[:300])
     if not isinstance(model.get("fingerprint"), str):
-        raise QsearchError(f"{where(path, doc, 'model')}: 'model.fingerprint' is missing")
+        raise PlanError(f"{where(path, doc, 'model')}: 'model.fingerprint' is missing")
     target = doc.get("target", "cpu")
     if target not in TARGETS:
-        raise QsearchError(f"{where(path, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")
+        raise PlanError(f"{where(path, doc, 'target')}: target {target!r} is not one of {', '.join(TARGETS)}")
     if version == 1:  # overrides of `defaults` (which defaulted to int8 per-channel) and a flat range table
         defaults: LayerChoice | None = _parse_choice(path, doc.get("defaults") or {}, LayerChoice(), "defaults")
     else:
@@ -58,19 +60,19 @@ def plan_from_doc(doc: Any, path: str | os.PathLike = "<plan>") -> Plan:
     check_keys(path, calib, {"percentile"}, "calibration")
     pct = calib.get("percentile", 99.99)
     if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= pct <= 100.0:
-        raise QsearchError(f"{where(path, calib, 'percentile')}: calibration.percentile must be a number in "
+        raise PlanError(f"{where(path, calib, 'percentile')}: calibration.percentile must be a number in "
                            f"[50, 100], got {pct!r}")
     forms = _read_forms(path, doc)
     for key in ("metrics", "provenance"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
-            raise QsearchError(f"{where(path, doc, key)}: '{key}' must be a mapping, got {doc[key]!r}"[:300])
+            raise PlanError(f"{where(path, doc, key)}: '{key}' must be a mapping, got {doc[key]!r}"[:300])
     ranges: dict[str, tuple[float, float]] = {}
     owner: dict[str, str] = {}
     notes: dict[str, LayerNote] = {}
     if version == 1:
         layers_doc = doc.get("layers") or {}
         if not isinstance(layers_doc, dict):
-            raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a mapping")
+            raise PlanError(f"{where(path, doc, 'layers')}: 'layers' must be a mapping")
         layers = {str(n): _parse_choice(path, c or {}, defaults, f"layers.{n}") for n, c in layers_doc.items()}
         _read_ranges(path, doc, "activation_ranges", ranges, owner)
     else:
@@ -102,13 +104,13 @@ def _read_sidecar(path, doc: dict) -> Sidecar:
     check_keys(path, rec, {"file", "sha256"}, "recovery")
     name, sha = rec.get("file"), rec.get("sha256")
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise QsearchError(f"{where(path, rec, 'file')}: recovery.file must be a file name next to the plan, "
+        raise PlanError(f"{where(path, rec, 'file')}: recovery.file must be a file name next to the plan, "
                            f"got {name!r}"[:300])
     if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
-        raise QsearchError(f"{where(path, rec, 'sha256')}: recovery.sha256 must be 64 hex digits, got {sha!r}"[:300])
+        raise PlanError(f"{where(path, rec, 'sha256')}: recovery.sha256 must be 64 hex digits, got {sha!r}"[:300])
     side = os.path.join(os.path.dirname(os.fspath(path)), name)
     if not os.path.isfile(side):
-        raise QsearchError(f"{path}: recovery sidecar '{side}' not found: the plan's recovery arrays are stored "
+        raise PlanError(f"{path}: recovery sidecar '{side}' not found: the plan's recovery arrays are stored "
                            "there (copy it with the plan)")
     with open(side, "rb") as f:
         data = f.read()
@@ -121,14 +123,14 @@ def _read_forms(path, doc: dict) -> dict:
     if forms is None:
         return {}
     if not isinstance(forms, dict):  # (false, 0, "" and [] too: nothing is silently ignored)
-        raise QsearchError(f"{where(path, doc, 'forms')}: 'forms' must be a mapping of pattern -> form, got "
+        raise PlanError(f"{where(path, doc, 'forms')}: 'forms' must be a mapping of pattern -> form, got "
                            f"{forms!r}"[:300])
     for k, v in forms.items():
         if k not in PATTERN_FORMS:
-            raise QsearchError(f"{where(path, forms, k)}: forms.{k}: unknown pattern (known: "
+            raise PlanError(f"{where(path, forms, k)}: forms.{k}: unknown pattern (known: "
                                f"{', '.join(PATTERN_FORMS)})")
         if v not in PATTERN_FORMS[k]:
-            raise QsearchError(f"{where(path, forms, k)}: forms.{k} is {v!r}, expected one of "
+            raise PlanError(f"{where(path, forms, k)}: forms.{k} is {v!r}, expected one of "
                                f"{', '.join(PATTERN_FORMS[k])}"[:300])
     return forms
 
@@ -140,19 +142,19 @@ def _read_layers(path, doc: dict, defaults: LayerChoice | None, ranges: dict, ow
     layers: dict[str, LayerChoice] = {}
     layers_doc = doc.get("layers") or []
     if not isinstance(layers_doc, list):
-        raise QsearchError(f"{where(path, doc, 'layers')}: 'layers' must be a list of layer entries")
+        raise PlanError(f"{where(path, doc, 'layers')}: 'layers' must be a list of layer entries")
     for i, e in enumerate(layers_doc):
         if not isinstance(e, dict) or not isinstance(e.get("layer"), str):
-            raise QsearchError(f"{where(path, layers_doc, i)}: layers[{i}] must be a mapping with a "
+            raise PlanError(f"{where(path, layers_doc, i)}: layers[{i}] must be a mapping with a "
                                f"'layer' name, got {e!r}"[:300])
         name = e["layer"]
         if name in layers:
-            raise QsearchError(f"{where(path, layers_doc, i)}: layer '{name}' is listed twice")
+            raise PlanError(f"{where(path, layers_doc, i)}: layer '{name}' is listed twice")
         check_keys(path, e, {"layer", "name", "op", "precision", "calibration", "granularity", "ranges", "why",
                              "recovery", "recovery_factors", "weights"}, f"layers.{name}")
         for key in ("name", "op", "why", "recovery_factors"):
             if key in e and not isinstance(e[key], str):
-                raise QsearchError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
+                raise PlanError(f"{where(path, e, key)}: layers.{name}.{key} must be text, got {e[key]!r}"[:300])
         # no granularity written: a weightless layer (Add, Concat...), one scale per tensor
         base = replace(defaults or LayerChoice(), granularity="per_tensor") if "granularity" not in e else \
             defaults or LayerChoice()
@@ -172,16 +174,16 @@ def _read_ranges(path, doc: Mapping, key: str, ranges: dict, owner: dict, label:
     table = doc.get(key) or {}
     label = label or key
     if not isinstance(table, dict):
-        raise QsearchError(f"{where(path, doc, key)}: {label} must be a mapping of tensor -> [min, max]")
+        raise PlanError(f"{where(path, doc, key)}: {label} must be a mapping of tensor -> [min, max]")
     for t, r in table.items():
         if not isinstance(r, list) or not good_range(r):
-            raise QsearchError(
+            raise PlanError(
                 f"{where(path, table, t)}: {label}.{t} must be [min <= 0, max >= 0] with "
                 f"|values| <= {MAX_RANGE:g}, got {r!r}"[:300]
             )
         t, v = str(t), (float(r[0]), float(r[1]))
         if t in ranges and ranges[t] != v:
-            raise QsearchError(f"{where(path, table, t)}: tensor '{t}' has range {list(v)} here but "
+            raise PlanError(f"{where(path, table, t)}: tensor '{t}' has range {list(v)} here but "
                                f"{list(ranges[t])} in {owner[t]}; one tensor has one scale")
         ranges[t] = v
         owner.setdefault(t, f"layer '{layer}'" if layer else key)
@@ -193,13 +195,13 @@ def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
     for key, allowed in (("precision", PRECISIONS), ("calibration", METHODS), ("granularity", GRANULARITIES),
                          ("recovery", recoveries()), ("weights", WEIGHT_CODES)):
         if key in d and d[key] not in allowed:
-            raise QsearchError(
+            raise PlanError(
                 f"{where(path, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}"
             )
     precision = d.get("precision", base.precision)
     recovery = d.get("recovery", base.recovery if precision == "int8" else "none")
     if recovery != "none" and precision != "int8":
-        raise QsearchError(f"{where(path, d, 'recovery')}: {section}.recovery {recovery!r} needs precision int8, "
+        raise PlanError(f"{where(path, d, 'recovery')}: {section}.recovery {recovery!r} needs precision int8, "
                            f"not {precision}")
     # like calibration, a float layer's weight encoding means nothing: a reviewer who turns a layer
     # float need not delete it

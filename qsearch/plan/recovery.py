@@ -8,12 +8,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from qsearch.errors import QsearchError
+from qsearch.errors import PlanError
 from qsearch.model.load import PreparedModel
 from qsearch.plan.format import LayerChoice
 from qsearch.recovery.equalization import RecoveryStats, correctable
 from qsearch.recovery.smoothing import Smoothing, find_groups, fold_target
-from qsearch.recovery.techniques import uses
+from qsearch.recovery.techniques import BUILT_IN, split, technique, uses
 
 
 def smoothed_layers(choices: Mapping[str, LayerChoice]) -> set[str]:
@@ -28,7 +28,7 @@ def chosen_smoothing(rec: RecoveryStats, full: Mapping[str, LayerChoice]) -> dic
     have = {n for sm in rec.smoothing.values() for n in sm.group.layers}
     if smoothed - have:
         name = sorted(smoothed - have)[0]
-        raise QsearchError(f"no smoothing factors for layer '{name}': smoothing was not computed for it "
+        raise PlanError(f"no smoothing factors for layer '{name}': smoothing was not computed for it "
                            "(the search space does not allow smooth, or its input has no per-channel statistics)")
     out = {}
     for tensor, sm in rec.smoothing.items():
@@ -93,16 +93,21 @@ def check_recovery(prepared: PreparedModel, full: Mapping[str, LayerChoice], pai
         if c is None or c.recovery == "none":
             continue
         if uses(c.recovery, "cle") and la.name not in partners:
-            raise QsearchError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery cle but has no "
+            raise PlanError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery cle but has no "
                                "equalization partner (Conv -> Relu/Clip(0, hi)/nothing -> Conv, the middle tensor "
                                "read by the second Conv alone)")
         if uses(c.recovery, "bias") and not correctable(la):
-            raise QsearchError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery bias but bias "
+            raise PlanError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery bias but bias "
                                "correction needs a Conv or Gemm with a weight, or a MatMul with a weight and a bias Add")
         if uses(c.recovery, "smooth"):
             if la.name not in smoothable:
-                raise QsearchError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery smooth but smoothing "
+                raise PlanError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery smooth but smoothing "
                                    "needs a MatMul or Gemm with a 2-D weight of its own")
             if c.calibration != "minmax":
-                raise QsearchError(f"{path}: layer '{la.name}' asks for recovery smooth with calibration "
+                raise PlanError(f"{path}: layer '{la.name}' asks for recovery smooth with calibration "
                                    f"{c.calibration}: a smoothed input's range is MinMax (use calibration minmax)")
+        for name in split(c.recovery):  # a registered technique's own rule
+            t = technique(name)
+            if name not in BUILT_IN and (not la.has_weight or (t.applies is not None and not t.applies(la))):
+                raise PlanError(f"{path}: layer '{la.name}' ({la.op_type}) asks for recovery {name}, which does "
+                                "not apply to it")

@@ -45,6 +45,30 @@ def register(technique: Technique) -> Technique:
     return technique
 
 
+def unregister(name: str) -> None:
+    """Remove a technique added by `register` (tests and notebooks that try one out)."""
+    if name in BUILT_IN:
+        raise ValueError(f"recovery technique {name!r} is built in")
+    _REGISTRY.pop(name, None)
+    recoveries.cache_clear()
+
+
+def weight_transforms(recovery: str) -> list[Callable]:
+    """The data-free weight transforms of an option's techniques, in order."""
+    return [t.weight for t in map(_REGISTRY.__getitem__, split(recovery)) if t.weight is not None]
+
+
+def extra_options(layer, allowed) -> list[str]:
+    """Options of registered weight-transform techniques (beyond the built-in ones) this layer can
+    take among the `allowed` techniques: each alone."""
+    out = []
+    for t in _REGISTRY.values():
+        if t.name in allowed and t.name not in BUILT_IN and t.weight is not None and layer.has_weight \
+                and (t.applies is None or t.applies(layer)):
+            out.append(t.name)
+    return out
+
+
 def techniques() -> tuple[str, ...]:
     """What a search space may allow (`recovery: [bias, cle]`), in registry order."""
     return tuple(_REGISTRY)
@@ -94,3 +118,4 @@ register(Technique("bias", 2, "bias correction: the quantized weights' mean outp
 register(Technique("cle", 1, "cross-layer equalization of a Conv pair's channel ranges"))
 register(Technique("smooth", 1, "SmoothQuant: activation outliers moved into the weights (MinMax only)"))
 register(Technique("round", 3, "learned weight rounding (AdaRound) for the chosen plan", learned=True))
+BUILT_IN = techniques()

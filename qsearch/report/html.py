@@ -169,10 +169,20 @@ def _md_table_html(table: str) -> str:
     return "\n".join(out)
 
 
-def render(title: str, verdict: str, summary: Sequence[str], rows: Sequence[Row], metric: str, fp32_latency: float,
-           fp32_size: int, pareto: Path, attribution: Path, layers: Sequence[LayerRow],
+def render(*, title: str, verdict: str, summary: Sequence[str], rows: Sequence[Row], metric: str,
+           fp32_latency: float, fp32_size: int, pareto: Path, attribution: Path, layers: Sequence[LayerRow],
            details: Sequence[tuple[str, str]] = (), figures: Sequence[tuple[str, Path]] = ()) -> str:
-    """The page. `details`: (heading, markdown table) sections; `figures`: (caption, png) below them."""
+    """The page.
+
+    Args:
+        title, verdict: the heading and the one-sentence verdict under it.
+        summary: the verdict's supporting lines (markdown).
+        rows: the plans compared (FP32, naive, the greedy fallback, the finalists), in table order.
+        metric: the metric's name; fp32_latency, fp32_size: the reference for ratios.
+        pareto, attribution: the two figures of the first screen (PNG files, inlined).
+        layers: one row per layer for the strip and the layer table.
+        details: (heading, markdown table) sections, collapsed; figures: (caption, png) below them.
+    """
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><p class='verdict' id='verdict'>{html.escape(verdict)}</p>",

@@ -27,7 +27,7 @@ from qsearch.plan.recovery import smoothed_layers
 from qsearch.qparams import activation_qparams, quantize_weight, stored_codes
 from qsearch.recovery.equalization import Pair, bias_delta, equalized_weights, find_pairs, group
 from qsearch.recovery.smoothing import Group, find_groups, fold_target, scaled_weight
-from qsearch.recovery.techniques import uses
+from qsearch.recovery.techniques import uses, weight_transforms
 from qsearch.rewrite.graph import EditGraph
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
@@ -238,6 +238,8 @@ class Rewriter:
         if layer.weight is None:
             return None
         weights = weights or {}
+        for transform in weight_transforms(choice.recovery):  # registered techniques' weight edits
+            weights = {**weights, layer.weight: transform(layer, self._float(layer.weight, weights))}
         per_channel = choice.granularity == "per_channel"
         key = b""
         if layer.weight in weights:  # equalized or smoothed: cached by the scaled weight's bytes

@@ -3,8 +3,10 @@
 from qsearch._exports import lazy
 
 _EXPORTS = {
+    "problem": ("MeasureDrop", "LayerFacts", "Problem", "Dimensions", "FixDecision", "Incumbent",),
     "framing": ("benefit", "problem_for", "graph_edges",),
-    "strategy": ("MeasureDrop", "LayerFacts", "Problem", "Dimensions", "FixDecision", "OPTION_SETS", "with_option_set", "choose_fixed", "build_dimensions", "warm_start_plans", "repair", "greedy_revert", "Incumbent", "closed_loop",),
+    "strategy": ("OPTION_SETS", "with_option_set", "choose_fixed", "build_dimensions", "warm_start_plans", "repair", "greedy_revert", "closed_loop",),
+    "seeds": ("Start", "Strategy", "neighbours", "knapsacks", "STRATEGIES",),
     "regions": ("drop_int8_regions", "float_regions",),
     "study": ("default_sampler", "BudgetPruner", "default_study_name", "Search",),
     "trials": ("TrialResult", "SearchResult",),

@@ -25,7 +25,8 @@ from qsearch.evaluator import Evaluation, Evaluator
 from qsearch.resolution import clearly_over
 from qsearch.search import jobs, strategy
 from qsearch.search.framing import problem_for
-from qsearch.search.problem import Dimensions, FixDecision, Incumbent
+from qsearch.search.problem import Dimensions, FixDecision
+from qsearch.search.seeds import STRATEGIES, Start, Strategy
 from qsearch.search.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
@@ -74,38 +75,62 @@ def default_study_name(bench: Workbench) -> str:
 
 
 class Search:
-    def __init__(self, bench: Workbench, profile: SensitivityProfile, evaluator: Evaluator, out: Path,
+    """One worker's view of the study. Construction only stores; the workflow then calls the
+    steps that do work, in order: `open` (storage, study, owner check, the worker lock),
+    `fix` (the fixed set: model evaluations, kept in the study), `recover` (orphaned trials),
+    `run`, `repair`, `result`."""
+
+    def __init__(self, bench: Workbench, profile: SensitivityProfile, evaluator: Evaluator, out: Path, *,
                  storage: str | optuna.storages.BaseStorage | None = None, study_name: str | None = None,
                  sampler: optuna.samplers.BaseSampler | None = None, pruner: optuna.pruners.BasePruner | None = None,
-                 budget: int = 50, log: Callable[[str], None] = lambda m: None):
+                 budget: int = 50, log: Callable[[str], None] = lambda m: None,
+                 strategies: tuple[Strategy, ...] | None = None):
         self.bench, self.profile, self.evaluator, self.out, self.log = bench, profile, evaluator, out, log
         self.space = bench.workload.space
-        self.problem = problem_for(bench, profile)
-        self.allowed = self.problem.allowed
+        self.storage, self.sampler, self.user_pruner, self.budget = storage, sampler, pruner, budget
+        self.strategies = STRATEGIES if strategies is None else tuple(strategies)
+        self.study_name = study_name or default_study_name(bench)
         url = storage if isinstance(storage, str) else None
         self.storage_url = url or (jobs.sqlite_url(out / "study.db") if storage is None else type(storage).__name__)
+        self.trial_seconds = 0.0
+        self.deadline: float | None = None
+        self._alone = False  # no other live worker on this study (known for file storages only)
+        self._lock_fd: int | None = None
+        self.created = False
+
+    def open(self) -> Search:
+        """Open (or create) the study, bound to everything that defines its trials; a study in a
+        local file also takes this worker's lock."""
+        bench = self.bench
+        self.problem = problem_for(bench, self.profile)
+        self.allowed = self.problem.allowed
         self.key = bench.study_key()  # binds the study to everything that defines its trials
-        self.study_name = study_name or default_study_name(bench)
-        self.pruner = pruner or BudgetPruner(self.allowed, binomial=bench.workload.metric.name == "top1")
-        self.study = self._open(storage, sampler or default_sampler(bench, budget))
+        self.pruner = self.user_pruner or BudgetPruner(self.allowed, binomial=bench.workload.metric.name == "top1")
+        self.study = self._open(self.storage, self.sampler or default_sampler(bench, self.budget))
         jobs.check_owner(self.study_name, self.study.user_attrs.get("study_key"), self.key)
         for k, v in (("study_key", self.key), ("fingerprint", bench.prepared.fingerprint),
                      ("fp32_search", bench.baseline.fp32_search), ("allowed_drop", self.allowed)):
             self.study.set_user_attr(k, v)
         self.study.set_metric_names(["score", self.space.objective] if self.space.multi_objective
                                     else [self.space.objective])
-        self.trial_seconds = 0.0
-        self.deadline: float | None = None
+        lock = jobs.storage_file(self.storage_url) if self.storage is None or isinstance(self.storage, str) else None
+        if lock is not None:  # a study in a local file: a lock tells live workers from dead ones
+            self._lock_fd, self._alone = jobs.hold_worker_lock(lock.with_name(lock.name + ".workers.lock"))
+        return self
+
+    def fix(self) -> Search:
+        """The fixed set (measured once per study) and the dimensions the sampler searches."""
         self.decision = self._decision()
         self.problem = strategy.with_option_set(self.problem, self.decision.option_set)
         self.dims: Dimensions = strategy.build_dimensions(self.problem, self.decision.fixed)
-        self._alone = False  # no other live worker on this study (known for file storages only)
-        self._lock_fd: int | None = None
-        lock = jobs.storage_file(self.storage_url) if storage is None or url else None
-        if lock is not None:  # a study in a local file: a lock tells live workers from dead ones
-            self._lock_fd, self._alone = jobs.hold_worker_lock(lock.with_name(lock.name + ".workers.lock"))
-            if self._alone:
-                self.recover(orphans=True)
+        return self
+
+    def start(self) -> Search:
+        """`open`, `fix`, and (alone on a file study) the orphaned trials of a killed run re-queued."""
+        self.open().fix()
+        if self._alone:
+            self.recover(orphans=True)
+        return self
 
     def close(self) -> None:
         """Release this worker's hold on the study (a process that exits releases it anyway)."""
@@ -225,51 +250,40 @@ class Search:
 
     def warm_start(self, budget: int = 50) -> int:
         """Once per study (by the worker that created it or, when that run was interrupted before
-        finishing, by the next worker alone on it): the closed loop to the budget
-        (`strategy.closed_loop`, each measured plan a trial of the study, at most half the budget),
-        then the incumbent's neighbours and `strategy.warm_start_plans` enqueued for the sampler
-        to start from. Returns the number of plans enqueued."""
+        finishing, by the next worker alone on it): the strategies (`seeds.STRATEGIES`) in order,
+        sharing half the budget of evaluations, every plan they measure a trial of the study;
+        the plans they propose are enqueued for the sampler to start from. Returns how many."""
         done = self.study.user_attrs.get("warm_started")
         if not self.space.warm_start or not self.dims.searched or done or not (self.created or self._alone):
             return 0
         self.created = False
-        if self.problem.mixable and not self.study.user_attrs.get("closed_loop"):
-            self.incumbent(max_evals=max(2, budget // 2))
-        plans = self._neighbours() + strategy.warm_start_plans(self.problem, self.dims, self.decision)
-        for p in plans:
-            self.study.enqueue_trial(p, skip_if_exists=True)
+        cap, used, queued = max(2, budget // 2), 0, 0
+        for seed in self.strategies:
+            name = getattr(seed, "__name__", type(seed).__name__)
+            count = [0]
+
+            def measure(choices: Mapping[str, str], name=name, count=count) -> float:
+                if self.finished() >= budget:  # other workers' trials filled the study meanwhile
+                    raise _BudgetReached
+                count[0] += 1
+                return self.record(dict(choices), strategy=name).drop
+
+            best = self.best()
+            start = Start(dict(self.dims.fixed), self.dims, self.decision, cap - used,
+                          None if best is None else best.choices)
+            try:
+                plans = seed(self.problem, measure, start)
+            except _BudgetReached:
+                break
+            used += count[0]
+            for p in plans:
+                self.study.enqueue_trial(p, skip_if_exists=True)
+            queued += len(plans)
+            if count[0] or plans:
+                self.log(f"strategy {name}: {count[0]} plans measured, {len(plans)} proposed"
+                         + (f"; best within budget so far: trial {self.best().number}" if self.best() else ""))
         self.study.set_user_attr("warm_started", True)
-        return len(plans)
-
-    def incumbent(self, max_evals: int) -> Incumbent:
-        """`strategy.closed_loop` from the fixed set, every plan it measures recorded as a trial."""
-        fixed = {n: lbl for n, lbl in self.dims.fixed.items()}
-
-        def measure(choices: Mapping[str, str]) -> float:
-            return self.record(dict(choices), strategy="closed loop").drop
-
-        inc = strategy.closed_loop(self.problem, measure, fixed, max_evals=max_evals)
-        self.study.set_user_attr("closed_loop", {"drop": inc.drop, "evaluations": inc.evaluations,
-                                                 "saving": inc.saving})
-        self.log(f"closed loop: {sum(lbl != self.problem.float_label for lbl in inc.choices.values())} of "
-                 f"{len(inc.choices)} layers INT8 at measured drop {inc.drop:.4g} (budget {self.allowed:.4g}), "
-                 f"{inc.evaluations} evaluations")
-        return inc
-
-    def _neighbours(self) -> list[dict[str, str]]:
-        """Plans one step from the best trial within budget so far: each of its INT8 layers with
-        its next-best option (the calibration the proxy ranked second) and the most costly ones
-        (most noise per saving) float. TPE then samples around them."""
-        best = self.best()
-        if best is None:
-            return []
-        fp = self.problem.float_label
-        base = {n: best.choices[n] for n in self.dims.searched}
-        int8 = [n for n, lbl in base.items() if lbl != fp]
-        plans = [{**base, n: self.dims.searched[n][1]} for n in int8[:4] if len(self.dims.searched[n]) > 2]
-        costly = sorted(int8, key=lambda n: -self.problem.facts(n).noise / max(self.problem.facts(n).saving, 1e-9))
-        plans += [{**base, n: fp} for n in costly[:4]]
-        return plans
+        return queued
 
     def run(self, budget: int, deadline: float | None = None, progress: Callable | None = None) -> None:
         """Trials until `budget` are finished in the study or `deadline` (`time.monotonic()`) passes;
@@ -360,6 +374,10 @@ class Search:
         """The recorded errors of failed trials, oldest first."""
         return [t.user_attrs["error"] for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                 if "error" in t.user_attrs]
+
+
+class _BudgetReached(Exception):
+    """The study holds its budget of finished trials: a strategy measuring more would overshoot it."""
 
 
 def _check_interrupt(study, trial) -> None:
