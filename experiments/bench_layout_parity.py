@@ -80,6 +80,8 @@ def main() -> None:
             if x != y:
                 print("first difference:", json.dumps(x)[:400], "\n               vs", json.dumps(y)[:400])
                 break
+        for tag, t in (("old", a), ("new", b)):
+            Path(f"/tmp/parity_{tag}.json").write_text(json.dumps(t, indent=1))
     sys.exit(0 if same else 1)
 
 

@@ -13,7 +13,7 @@ from qsearch.search.seeds import STRATEGIES, Start
 from .test_strategy import chain_problem
 
 
-def top_down(problem, measure, start):
+def float_doubling(problem, measure, start):
     """A toy strategy (also run end to end in test_seams): from all-INT8, the noisiest layers
     float, doubling their number until the budget holds; it proposes the first plan within budget
     (FP32 where its evaluations ran out first)."""
@@ -29,7 +29,7 @@ def top_down(problem, measure, start):
     return [{**problem.best, **start.fixed, **dict.fromkeys(order, fp)}]
 
 
-CONTRACT = [*STRATEGIES, top_down]
+CONTRACT = [*STRATEGIES, float_doubling]
 
 
 def _start(problem, measure, max_evals: int, with_best: bool) -> Start:
@@ -78,3 +78,52 @@ def test_a_strategy_that_measures_finds_a_plan_within_budget_that_pays():
     STRATEGIES[0](problem, measure, start)
     within = [c for c, d in found if d <= problem.allowed]
     assert within and max(len(planted.int8(c)) for c in within) > len(start.fixed)
+
+
+def _islands_problem():
+    """24 layers in a chain; each alone measures slower in INT8 (saving -0.3: its Q/DQ glue),
+    borders cost 0.5, so regions pay; three planted layers (5, 11, 17) break the budget, the rest
+    together fit it. The optimum: every layer INT8 but those three."""
+    import numpy as np
+
+    from qsearch.config import SearchSpace
+    from qsearch.search.problem import LayerFacts, Problem
+
+    n, noisy = 24, (5, 11, 17)
+    noise = np.random.default_rng(0).uniform(0.1, 0.3, n) * 1e-3
+    noise[list(noisy)] = 5e-3
+    allowed = float(noise.sum() - noise[list(noisy)].sum() + 1e-4)
+    layers = [LayerFacts(f"L{i}", ("int8/minmax/per_channel",), -0.3, float(noise[i])) for i in range(n)]
+    ranked = sorted(layers, key=lambda x: -x.noise)
+    layers = tuple(LayerFacts(x.name, x.options, x.saving, x.noise, ranked.index(x)) for x in layers)
+    edges = tuple((f"L{i}", f"L{i + 1}") for i in range(n - 1))
+    problem = Problem(layers, "fp32", allowed, SearchSpace(min_searched=8), edges, border_cost=0.5)
+
+    def measure(choices) -> float:
+        return float(sum(noise[int(k[1:])] for k, v in choices.items() if v != "fp32"))
+
+    return problem, measure, {f"L{i}" for i in range(n) if i not in noisy}
+
+
+def test_the_top_down_walk_finds_the_region_the_bottom_up_loop_misses():
+    from qsearch.search.top_down import top_down
+
+    problem, planted, optimum = _islands_problem()
+    start = _start(problem, planted, 12, with_best=False)
+    assert start.decision.all_int8_drop > problem.allowed and not start.fixed
+    up: list[tuple[set, float]] = []
+    down: list[tuple[set, float]] = []
+
+    def recorder(into):
+        def measure(choices):
+            d = planted(choices)
+            into.append(({n for n, v in choices.items() if v != "fp32"}, d))
+            return d
+        return measure
+
+    strategy.closed_loop(problem, recorder(up), start.fixed, max_evals=12)
+    top_down(problem, recorder(down), start)
+    best_up = max((len(s) for s, d in up if d <= problem.allowed), default=0)
+    within = [s for s, d in down if d <= problem.allowed]
+    assert optimum in within and len(down) <= 6  # bisection: about log2(24) + 1 evaluations
+    assert best_up < len(optimum)  # from FP32 up, single-layer savings all said "does not pay"

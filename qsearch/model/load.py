@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,24 +148,55 @@ def _ort_basic_optimize(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
         return onnx.load(out)
 
 
+def _upgrade_opset(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    if _default_opset(model) >= MIN_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        raise ModelError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
+
+
+def _in_place(step: Callable[[onnx.ModelProto], object]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    def run(model: onnx.ModelProto) -> onnx.ModelProto:
+        step(model)
+        return model
+
+    return run
+
+
+FOLDING = "constant Mul/Add folded into Convs"
+
+
+def preparation_passes(source: str, preparation: int = PREPARE_VERSION) -> list[tuple[str, Callable]]:
+    """The named steps `prepare` runs, in order, each `ModelProto -> ModelProto` on prepare's private
+    copy (steps marked in place edit it, the others return a new one). Preparation 1 (plans made
+    before folding) skips the affine folding."""
+    passes = [("constant initializers", _in_place(_constant_initializers)),
+              ("node names", _in_place(_name_nodes)),
+              (f"opset {MIN_OPSET}+", lambda m: _upgrade_opset(m, source)),
+              ("ONNX Runtime's basic optimizer", lambda m: _ort_basic_optimize(m, source))]
+    if preparation >= 2:
+        passes.append((FOLDING, _in_place(fold_affine)))
+    # ORT's optimizer adds unnamed nodes (e.g. HardSwish inlined as HardSigmoid + Mul)
+    passes += [("node names again", _in_place(_name_nodes)), ("shape inference", onnx.shape_inference.infer_shapes)]
+    return passes
+
+
 def prepare(model: onnx.ModelProto, name: str = "model", source: str | None = None,
             preparation: int = PREPARE_VERSION) -> PreparedModel:
-    """Opset upgrade, float optimizations and shape inference; inputs/outputs stay the same.
-    `source` (the file) is what error messages name; `preparation` a plan's (`PREPARATIONS`)."""
+    """The float graph every plan names: `preparation_passes` run on a copy (the caller's model is
+    not touched); inputs and outputs stay the same. `source` (the file) is what error messages
+    name; `preparation` a plan's (`PREPARATIONS`)."""
     source = source or f"model '{name}'"
     fp = fingerprint(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    _constant_initializers(model)
-    _name_nodes(model)
-    if _default_opset(model) < MIN_OPSET:
-        try:
-            model = onnx.version_converter.convert_version(model, MIN_OPSET)
-        except Exception as exc:
-            raise ModelError(f"{source}: cannot upgrade opset {_default_opset(model)} to {MIN_OPSET}: {exc}") from None
-    model = _ort_basic_optimize(model, source)
-    folded = fold_affine(model) if preparation >= 2 else 0
-    _name_nodes(model)  # ORT's optimizer adds unnamed nodes (e.g. HardSwish inlined as HardSigmoid + Mul)
-    model = onnx.shape_inference.infer_shapes(model)
+    folded = 0
+    for step, run in preparation_passes(source, preparation):
+        before = len(model.graph.node)
+        model = run(model)
+        if step == FOLDING:
+            folded = before - len(model.graph.node)
     inputs = tuple(_input_specs(model))
     return PreparedModel(
         name=name,

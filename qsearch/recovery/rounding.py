@@ -20,10 +20,12 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from qsearch.model.load import Layer
+from qsearch.model.load import Layer, PreparedModel
+from qsearch.plan.format import Plan
 from qsearch.qparams import quantize_weight
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
@@ -245,7 +247,17 @@ def _within(bench, names: Sequence[str], cap_s: float) -> list[Layer]:
     return [la for la in bench.prepared.layers if la.name in chosen]
 
 
-def learn_for_plan(bench, plan, layer_names: Sequence[str], cap_s: float = CAP_S):
+class RoundingBench(Protocol):
+    """What learned rounding reads of the workbench (a protocol: rounding needs no workbench import,
+    so the workbench, which calls it for naive plans, and rounding stay acyclic)."""
+
+    prepared: PreparedModel
+    rewriter: Any  # `rewrite.Rewriter`: plan -> model, `.pairs`, `.float_weights(plan)`
+    calib_data: Any  # `data.Dataset`: `.batches`
+    workload: Any  # `config.Workload`: `.threads`
+
+
+def learn_for_plan(bench: RoundingBench, plan: Plan, layer_names: Sequence[str], cap_s: float = CAP_S):
     """The plan with learned rounding for these INT8 layers (most important first: those whose
     estimated cost fits `cap_s`; fitted in graph order, stopping at the cap): codes in its sidecar,
     `+round` in their recovery, what it bought in the notes. Each
@@ -277,7 +289,7 @@ def learn_for_plan(bench, plan, layer_names: Sequence[str], cap_s: float = CAP_S
     return plan, rounded
 
 
-def with_rounding(plan, rounded: Mapping[str, Rounded]):
+def with_rounding(plan: Plan, rounded: Mapping[str, Rounded]) -> Plan:
     """The plan with these layers' learned codes (sidecar `round/<layer>`) and `round` in their
     recovery; each layer's note says how much of its output error the codes removed."""
     from dataclasses import replace

@@ -95,3 +95,20 @@ class Incumbent:
     drop: float
     evaluations: int
     saving: float  # predicted (`Problem.saving`)
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a strategy starts from: the layers fixed before the search, the searched dimensions,
+    the fixing decision, how many evaluations it may spend, and the best plan within budget
+    measured so far (None: none yet)."""
+
+    fixed: Mapping[str, str]
+    dims: Dimensions
+    decision: FixDecision
+    max_evals: int
+    best: Mapping[str, str] | None = None
+
+
+class Strategy(Protocol):
+    def __call__(self, problem: Problem, measure: MeasureDrop, start: Start) -> list[dict[str, str]]: ...

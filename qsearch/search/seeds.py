@@ -11,29 +11,9 @@ the contract every strategy must meet on planted problems.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
-
 from qsearch.search import strategy
-from qsearch.search.problem import Dimensions, FixDecision, MeasureDrop, Problem
-
-
-@dataclass(frozen=True)
-class Start:
-    """What a strategy starts from: the layers fixed before the search, the searched dimensions,
-    the fixing decision, how many evaluations it may spend, and the best plan within budget
-    measured so far (None: none yet)."""
-
-    fixed: Mapping[str, str]
-    dims: Dimensions
-    decision: FixDecision
-    max_evals: int
-    best: Mapping[str, str] | None = None
-
-
-class Strategy(Protocol):
-    def __call__(self, problem: Problem, measure: MeasureDrop, start: Start) -> list[dict[str, str]]: ...
+from qsearch.search.problem import MeasureDrop, Problem, Start, Strategy
+from qsearch.search.top_down import top_down
 
 
 def closed_loop(problem: Problem, measure: MeasureDrop, start: Start) -> list[dict[str, str]]:
@@ -63,4 +43,5 @@ def knapsacks(problem: Problem, measure: MeasureDrop, start: Start) -> list[dict
     return strategy.warm_start_plans(problem, start.dims, start.decision)
 
 
-STRATEGIES: tuple[Strategy, ...] = (closed_loop, neighbours, knapsacks)
+# top_down first: it runs only when all-INT8 misses the budget, in about log2(layers) evaluations
+STRATEGIES: tuple[Strategy, ...] = (top_down, closed_loop, neighbours, knapsacks)
