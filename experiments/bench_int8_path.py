@@ -11,6 +11,7 @@ ONNX Runtime's u8s8 kernels; the other two never do. Writes int8_path_<workload>
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from datetime import date
@@ -21,6 +22,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_closed_loop import workload_config  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> str:
@@ -61,7 +70,7 @@ def main() -> None:
     fp = np.array(times["fp32"])
     path = detect()
     lines = [f"# The CPU's int8 arithmetic on {args.workload} ({date.today()})", "",
-             f"Machine: {platform.processor() or platform.machine()}, int8 path `{path.describe()}` "
+             f"Machine: {cpu_name()} ({os.cpu_count()} cores), int8 path `{path.describe()}` "
              f"(flags: {cpu_flags()}); ONNX Runtime CPU, {bench.workload.threads} thread, latency batch "
              f"{bench.workload.latency_batch}; thread CPU ms, {args.rounds} interleaved rounds, ratio = FP32 / plan "
              "per round (median, and min-max over rounds).", "",

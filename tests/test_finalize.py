@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from qsearch.finalize import busy, decide, pick, resolution_note
@@ -95,5 +97,10 @@ def test_report_numbers_read_as_meant():
     assert verdict_line(fp32, chosen, 0.005, "top1", False) == (
         "1.35x faster than FP32; top1 0.003 below it on search data (budget: lose at most 0.005) and 0.003 below "
         "it on test data.")
+    # over budget on test: never shipped quietly, the verdict's own sentence says so
+    over = dataclasses.replace(chosen, test_score=0.89)
+    line = verdict_line(fp32, over, 0.005, "top1", False)
+    assert "OVER THE BUDGET ON TEST DATA: it loses 0.01 there against the 0.005 allowed" in line
+    assert "OVER" not in verdict_line(fp32, over, 0.005, "top1", True)  # FP32 ships: nothing over
     lo, hi = zoom(0.90, 0.005, [0.33, 0.897, 0.899])  # naive at 0.33 does not stretch the axis
     assert 0.88 <= lo < 0.895 and 0.9 < hi < 0.91

@@ -171,7 +171,8 @@ def compute_scales(prepared: PreparedModel, conv_max: Mapping[str, np.ndarray]) 
 
 
 def equalized_model(prepared: PreparedModel, scales: Mapping[str, np.ndarray]) -> PreparedModel:
-    """The same prepared model (layers, tensor names) with every pair in `scales` equalized."""
+    """A copy of the prepared model (same layers and tensor names) with every pair in `scales`
+    equalized; `prepared` is not touched."""
     import dataclasses
 
     new = equalized_weights(prepared, scales)

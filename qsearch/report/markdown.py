@@ -60,8 +60,13 @@ def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships
         word = "below" if drop > 0 else "above"
         return "equal to FP32" + f" on {split} data" if drop == 0 else f"{fmt_drop(abs(drop))} {word} it on {split} data"
     head = "FP32 ships (no INT8 plan within budget beats it)" if fp32_ships else speed(fp32.latency_ms / chosen.latency_ms)
+    test_drop = fp32.test_score - chosen.test_score
+    miss = "" if fp32_ships or not test_drop > allowed + 1e-12 else (
+        f" OVER THE BUDGET ON TEST DATA: it loses {fmt_drop(test_drop)} there against the {fmt_drop(allowed)} "
+        "allowed; the search split did not represent the test data (a larger or more varied search split, "
+        "or a tighter budget, is the fix).")
     return (f"{head}; {metric} {side(fp32.search_score - chosen.search_score, 'search')} (budget: lose at most "
-            f"{fmt_drop(allowed)}) and {side(fp32.test_score - chosen.test_score, 'test')}.")
+            f"{fmt_drop(allowed)}) and {side(test_drop, 'test')}.{miss}")
 
 
 def _test(r: Row) -> str:
