@@ -28,7 +28,8 @@ assert qsearch.__file__.startswith(sys.argv[1]), qsearch.__file__
 from qsearch.cli import main
 rc = main(["optimize", "--config", sys.argv[2], "--out", sys.argv[3], "--budget", sys.argv[4], "--quiet"])
 url = "sqlite:///" + sys.argv[3] + "/study.db"
-name = optuna.get_all_study_names(url)[0]
+name = min(optuna.get_all_study_names(url), key=len)  # the search study; its job queues are '<name>-<stage>'
+assert not name.endswith(("-calibration", "-proxy")), name
 trials = [{"number": t.number, "state": t.state.name, "params": t.params,
            "drop": t.user_attrs.get("drop"), "bitops": t.user_attrs.get("bitops"),
            "choices": t.user_attrs.get("choices")} for t in optuna.load_study(study_name=name, storage=url).trials]
@@ -81,7 +82,7 @@ def main() -> None:
                 print("first difference:", json.dumps(x)[:400], "\n               vs", json.dumps(y)[:400])
                 break
         for tag, t in (("old", a), ("new", b)):
-            Path(f"/tmp/parity_{tag}.json").write_text(json.dumps(t, indent=1))
+            Path(tempfile.gettempdir(), f"parity_{args.workload}_{tag}.json").write_text(json.dumps(t, indent=1))
     sys.exit(0 if same else 1)
 
 

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.plan.format import LayerChoice, Plan
+from qsearch.replay import Recording, jackknife
 from qsearch.resolution import DropInterval, drop_interval
 from qsearch.scoring import model_size
 from qsearch.workbench import Workbench
@@ -55,7 +56,7 @@ class Evaluator:
         self.evaluations = 0  # every model evaluation this process ran through this evaluator
         self.seconds = 0.0  # ... and the time they took
         self._fp32_test = bench.baseline.fp32_test
-        self._fp32_parts: np.ndarray | None = None
+        self._fp32: tuple | None = None  # FP32's (search score, parts, record), on first need
 
     def session(self, model: Plan | onnx.ModelProto) -> ort.InferenceSession:
         proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
@@ -97,26 +98,34 @@ class Evaluator:
 
     def search_with_interval(self, model: Plan | onnx.ModelProto, session: ort.InferenceSession | None = None,
                              fp32_session: ort.InferenceSession | None = None) -> tuple[float, DropInterval | None]:
-        """The search score and the drop's bootstrap interval against FP32 on the same runs
-        (`resolution`): built-in metrics have per-run parts, a user's score function has them when
-        it returns per-sample parts (else None). Sessions already built may be passed."""
-        if self._fp32_parts is None:
-            _, self._fp32_parts = self._scored(self.bench.prepared.proto, fp32_session)
+        """The search score and the drop's interval against FP32 on the same runs: a paired
+        bootstrap where the metric has parts (built-in metrics per run, a score function that
+        returns per-sample parts), else a jackknife over the score function's own runs replayed
+        from their recorded outputs (`replay`; None where replay does not hold). Sessions already
+        built may be passed."""
+        if self._fp32 is None:
+            self._fp32 = self._scored(self.bench.prepared.proto, fp32_session)
         t0 = time.perf_counter()
-        score, parts = self._scored(model, session)
+        score, parts, record = self._scored(model, session)
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
-        if parts is None or self._fp32_parts is None or len(parts) != len(self._fp32_parts):
-            return score, None
-        return score, drop_interval(self.bench.search_scorer.metric, self._fp32_parts, parts)
+        fp32_score, fp32_parts, fp32_record = self._fp32
+        if parts is not None and fp32_parts is not None and len(parts) == len(fp32_parts):
+            return score, drop_interval(self.bench.search_scorer.metric, fp32_parts, parts)
+        if record is not None and fp32_record is not None:
+            return score, jackknife(self.bench.search_scorer.custom, fp32_record, record, fp32_score, score)
+        return score, None
 
-    def _scored(self, model: Plan | onnx.ModelProto, session=None) -> tuple[float, np.ndarray | None]:
+    def _scored(self, model: Plan | onnx.ModelProto, session=None) -> tuple[float, np.ndarray | None, Recording | None]:
+        """(score, per-run or per-sample parts or None, the recorded runs of a score function without parts)."""
         scorer = self.bench.search_scorer
         sess = session or self.session(model)
         if scorer.sliceable:
             parts = scorer.parts(sess)
-            return scorer.finish(parts.sum(0)), parts
-        return scorer.score(sess), scorer.last_parts
+            return scorer.finish(parts.sum(0)), parts, None
+        record = Recording(sess)
+        score = scorer.score(record)
+        return score, scorer.last_parts, None if scorer.last_parts is not None else record
 
     def drop(self, choices: dict[str, str]) -> float:
         """Metric drop on the whole search data of a plan given as layer -> option label (layers

@@ -103,6 +103,41 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
     return rows, [b[1] for b in built]
 
 
+def with_interval(evaluator: Evaluator, plan: Plan, row: Row, session=None, fp32_session=None) -> Row:
+    """The row with its search drop's interval and the split's resolution (one more evaluation)."""
+    _, iv = evaluator.search_with_interval(plan, session, fp32_session)
+    return dataclasses.replace(row, interval="" if iv is None else iv.text(),
+                               resolution=None if iv is None else iv.resolution)
+
+
+def clear(row: Row, fp32: Row, allowed: float) -> bool | None:
+    """Whether the row's search drop is under the budget by more than the split resolves (None: unknown)."""
+    if row.resolution is None:
+        return None
+    return fp32.search_score - row.search_score + row.resolution <= allowed + 1e-12
+
+
+def clear_choice(evaluator: Evaluator, entries: Sequence[Entry], rows: list[Row], sessions: list, i: int,
+                 allowed: float, cpu: bool) -> tuple[int, set[int]]:
+    """The row to ship among those clear of the budget: the picked one when it is; else the plans
+    within budget are given intervals, fastest first, until one is clear, and `pick` chooses
+    among the clear ones. None clear: the first pick stays (the verdict says the split cannot tell).
+    Fills `rows` with the intervals computed; returns (the row, the rows given intervals)."""
+    rows[i] = with_interval(evaluator, entries[i].plan, rows[i], sessions[i], sessions[0])
+    checked = {i}
+    if clear(rows[i], rows[0], allowed) is not False:
+        return i, checked
+    within = [k for k in range(1, len(rows)) if k != i and rows[0].search_score - rows[k].search_score
+              <= allowed + 1e-12]
+    for k in sorted(within, key=lambda k: clock(rows[k], cpu)[0]):
+        rows[k] = with_interval(evaluator, entries[k].plan, rows[k], sessions[k], sessions[0])
+        checked.add(k)
+        if clear(rows[k], rows[0], allowed):
+            break
+    good = {k for k in checked if clear(rows[k], rows[0], allowed)}
+    return (pick(rows, allowed, cpu, among=good) if good else i), checked
+
+
 def scored(evaluator: Evaluator, plan: Plan, row: Row, interval: bool = False, session=None, fp32_session=None) -> Row:
     """The row with its test score (and, with `interval`, its search drop's bootstrap interval);
     `session`: the plan's session, already built for timing."""
@@ -143,13 +178,14 @@ def decide(rows: Sequence[Row], allowed: float, target: str, cpu: bool = False) 
     return i, target == "cpu" and (slower or rows[i].int8_layers == 0)
 
 
-def pick(rows: Sequence[Row], allowed: float, cpu: bool = False) -> int:
-    """Index of the row (after FP32's, row 0) to ship among those within budget on search data:
-    the fastest, except that plans within the measured timing noise of it are a tie, and a tie
-    goes to the plan with the larger accuracy margin (a drop the split cannot resolve decides
-    nothing, a faster time inside the noise neither)."""
+def pick(rows: Sequence[Row], allowed: float, cpu: bool = False, among: set[int] | None = None) -> int:
+    """Index of the row (after FP32's, row 0) to ship among those within budget on search data
+    (and in `among`, if given): the fastest, except that plans within the measured timing noise of
+    it are a tie, and a tie goes to the plan with the larger accuracy margin (a drop the split
+    cannot resolve decides nothing, a faster time inside the noise neither)."""
     fp32 = rows[0]
-    within = [i for i in range(1, len(rows)) if fp32.search_score - rows[i].search_score <= allowed + 1e-12]
+    within = [i for i in range(1, len(rows)) if fp32.search_score - rows[i].search_score <= allowed + 1e-12
+              and (among is None or i in among)]
     fastest = min(within, key=lambda i: (clock(rows[i], cpu)[0], -rows[i].search_score))
     ms, spread = clock(rows[fastest], cpu)
     near = [i for i in within if clock(rows[i], cpu)[0] <= ms * (1 + max(TIE, spread, clock(rows[i], cpu)[1]))]
@@ -212,10 +248,13 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     rows, sessions = timed_rows(bench, evaluator, entries)
     on_cpu = busy(rows)
     i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
+    checked: set[int] = set()
+    if not fp32_ships:  # the plan that ships must be clear of the budget by what the split resolves
+        i, checked = clear_choice(evaluator, entries, rows, sessions, i, search.allowed, on_cpu)
     # test data for the rows the report shows; a baseline already over budget on search data is not
     # worth a test scoring (its row says so)
     over = {k for k in (1, 2) if rows[0].search_score - rows[k].search_score > search.allowed + 1e-12}
-    rows = [scored(evaluator, entries[k].plan, rows[k], k == i, sessions[k], sessions[0])
+    rows = [scored(evaluator, entries[k].plan, rows[k], k == i and k not in checked, sessions[k], sessions[0])
             if k in (0, 1, 2, i) and k not in over else rows[k] for k in range(len(rows))]
     chosen, row, trial = entries[i].plan, rows[i], entries[i].trial
     if trial is None:  # a baseline: say so in the row's name
@@ -231,15 +270,20 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
         chosen = fp32_plan.with_info(study=search.study_name, trial=None)
         row = _renamed(fp32, "qsearch: FP32 (no INT8 plan pays)", n_trials, int8_layers=0)
     return FinalChoice((*rows[:3], row), chosen, candidate, candidate_name, trial if not verdict else None, verdict,
-                       evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed))
+                       evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed, rows[0]))
 
 
-def resolution_note(row: Row, allowed: float) -> str:
-    """One line when the budget is finer than what the search split resolves (or cannot be told)."""
+def resolution_note(row: Row, allowed: float, fp32: Row | None = None) -> str:
+    """One line when the budget is finer than the search split resolves (or cannot be told), or
+    when the shipped plan's drop is within that resolution of the budget."""
     res = row.resolution
     if res is None:
-        return ("the metric gives no per-sample parts (a user's score function): the drop's interval on "
-                "the search split is unknown")
+        return ("the drop's interval on the search split is unknown (the score function neither returns per-sample "
+                "parts nor replays on its recorded outputs)")
+    if fp32 is not None and clear(row, fp32, allowed) is False:
+        return (f"the search split cannot tell whether this plan is within budget: its drop "
+                f"{fp32.search_score - row.search_score:.3g} is within the split's resolution ({res:.3g}) of the "
+                f"budget {allowed:.3g}, and no plan within budget is clear of it")
     if allowed < res:
         return (f"warning: the budget {allowed:.3g} is finer than the search split resolves ({res:.3g}: two "
                 f"bootstrap standard errors of a drop, or one sample); choices near the budget are noise. "

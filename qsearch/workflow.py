@@ -334,7 +334,10 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
               ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)]))]
     rows = list(choice.rows)
     title, metric = f"qsearch report: {bench.prepared.name}", bench.workload.metric.name
-    verdict = verdict_line(fp32_row, chosen_row, search.allowed, metric, bool(choice.verdict))
+    verdict = verdict_line(fp32_row, chosen_row, search.allowed, metric, bool(choice.verdict),
+                           edge=choice.resolution_note.startswith("the search split cannot tell"))
+    if "OVER THE BUDGET" in verdict or verdict.startswith("The search split cannot tell"):
+        log(verdict)  # never only in a table
     page = htmlreport.render(title=title, verdict=verdict, summary=summary, rows=rows, metric=metric,
                              fp32_latency=fp32_row.latency_ms, fp32_size=fp32_row.size_bytes,
                              pareto=res.path("pareto.png"), attribution=res.path("attribution.png"),

@@ -47,7 +47,7 @@ def test_a_budget_finer_than_the_split_resolves_is_warned_about():
     r = row("qsearch", 0.9, 5.0, resolution=iv.resolution)
     assert resolution_note(r, allowed=0.005).startswith("warning: the budget 0.005 is finer")
     assert resolution_note(r, allowed=0.05) == ""
-    assert "no per-sample parts" in resolution_note(row("custom", 0.9, 5.0, resolution=None), 0.05)
+    assert "is unknown" in resolution_note(row("custom", 0.9, 5.0, resolution=None), 0.05)
 
 
 def test_fp32_ships_when_every_int8_plan_is_slower():

@@ -52,8 +52,9 @@ def speed(ratio: float) -> str:
     return f"{ratio:.2f}x faster than FP32" if ratio >= 1 else f"{1 / ratio:.2f}x slower than FP32"
 
 
-def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships: bool) -> str:
-    """The report in one sentence: speed, then the drop on search and test data against the budget."""
+def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships: bool, edge: bool = False) -> str:
+    """The report in one sentence: speed, then the drop on search and test data against the budget.
+    `edge`: the search split cannot tell whether the plan is within budget (said first)."""
     def side(drop: float, split: str) -> str:
         if drop != drop:
             return f"not scored on {split} data"
@@ -65,7 +66,9 @@ def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships
         f" OVER THE BUDGET ON TEST DATA: it loses {fmt_drop(test_drop)} there against the {fmt_drop(allowed)} "
         "allowed; the search split did not represent the test data (a larger or more varied search split, "
         "or a tighter budget, is the fix).")
-    return (f"{head}; {metric} {side(fp32.search_score - chosen.search_score, 'search')} (budget: lose at most "
+    warn = "The search split cannot tell whether this plan is within budget (its drop is within the split's " \
+        "resolution of it): " if edge and not fp32_ships else ""
+    return (f"{warn}{head}; {metric} {side(fp32.search_score - chosen.search_score, 'search')} (budget: lose at most "
             f"{fmt_drop(allowed)}) and {side(test_drop, 'test')}.{miss}")
 
 

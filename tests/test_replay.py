@@ -1,0 +1,104 @@
+"""A resolution for every metric: a score function that returns one number gets its drop's
+interval by replaying it on the recorded outputs of its own runs (a jackknife over its batches),
+and the plan that ships is clear of the budget by that resolution, or the verdict says the split
+cannot tell. Real sessions on a small model; the choice itself on planted rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qsearch.evaluator import Evaluator
+from qsearch.finalize import clear, pick, resolution_note
+from qsearch.report.markdown import Row, verdict_line
+from qsearch.resolution import drop_interval
+
+from .conftest import make_cnn, open_bench, write_workload
+
+SCORE = '''
+import numpy as np
+
+import os
+
+DATA = np.load(os.path.join(os.path.dirname(__file__), "search.npz"))
+
+
+def accuracy(session):
+    """Top-1 in batches of 16, one number: what a user writes."""
+    x, y = DATA["x"], DATA["label"]
+    right = 0
+    for i in range(0, len(x), 16):
+        right += int((session.run(None, {"x": x[i:i + 16]})[0].argmax(1) == y[i:i + 16]).sum())
+    return right / len(x)
+'''
+
+
+def _bench(tmp_path, entry: str):
+    """A workload whose metric is the user's function `entry` (a module of its own per test)."""
+    import importlib
+
+    cfg = write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"), n=192, max_drop="0.05")
+    module = f"userscore_{entry}"
+    (tmp_path / "w" / f"{module}.py").write_text(SCORE)
+    importlib.invalidate_caches()
+    cfg.write_text(cfg.read_text().replace("metric: top1", f"metric: {{search: '{module}:{entry}', "
+                                                            f"test: '{module}:{entry}'}}"))
+    return open_bench(cfg, tmp_path / "cache")
+
+
+def test_a_score_without_parts_gets_a_resolution_from_the_replay(tmp_path):
+    bench = _bench(tmp_path, "accuracy")
+    ev = Evaluator(bench)
+    plan = bench.uniform_plan("minmax", "per_tensor")
+    score, iv = ev.search_with_interval(plan)
+    assert iv is not None and iv.stderr > 0
+    assert abs(iv.drop - (bench.baseline.fp32_search - score)) < 1e-12 and iv.low < iv.drop < iv.high
+    # the same drop as per-sample parts (what a built-in top-1 bootstraps): the two agree on the scale
+    fp32 = bench.engine.session(bench.prepared.proto)
+    q = bench.engine.session(bench.rewriter(plan))
+    data = np.load(tmp_path / "w" / "search.npz")
+    parts = [np.stack([(s.run(None, {"x": data["x"][i:i + 16]})[0].argmax(1) == data["label"][i:i + 16]).sum()
+                       * np.ones(1), 16 * np.ones(1)], 1) for s in (fp32, q) for i in range(0, 192, 16)]
+    boot = drop_interval("top1", np.concatenate(parts[:12]), np.concatenate(parts[12:]))
+    assert 0.3 < iv.stderr / boot.stderr < 3
+
+
+def test_a_score_whose_runs_depend_on_its_outputs_stays_unknown(tmp_path):
+    """A function that asks a different number of runs of the two models, or whose replay does not
+    give its own score back, gets no interval rather than a wrong one."""
+    from qsearch.replay import Recording, jackknife
+
+    bench = _bench(tmp_path, "accuracy")
+    x = np.load(tmp_path / "w" / "search.npz")["x"]
+    fp32 = Recording(bench.engine.session(bench.prepared.proto))
+    plan = Recording(bench.engine.session(bench.rewriter(bench.uniform_plan("minmax", "per_tensor"))))
+
+    def runs(session, n):
+        return float(sum(session.run(None, {"x": x[16 * i:16 * i + 16]})[0].max() for i in range(n)))
+
+    a, b = runs(fp32, 4), runs(plan, 3)  # the function asked FP32 one run more
+    assert jackknife(lambda s: runs(s, 4), fp32, plan, a, b) is None
+    fp32.calls.clear()
+    plan.calls.clear()
+    a, b = runs(fp32, 4), runs(plan, 4)
+    assert jackknife(lambda s: runs(s, 4), fp32, plan, a, b) is not None
+    assert jackknife(lambda s: runs(s, 4) + 1e-9, fp32, plan, a, b) is None  # replay must give its score back
+
+
+def _row(name, score, ms, resolution=None):
+    return Row(name, score, score, ms, 1000, 3, None, cpu_ms=ms, resolution=resolution)
+
+
+def test_the_shipped_plan_is_clear_of_the_budget_or_the_verdict_says_it_cannot_tell():
+    fp32 = _row("fp32", 0.90, 10.0)
+    edge = _row("trial 1", 0.896, 6.0, resolution=0.002)  # drop 0.004 of 0.005: within 0.002 of it
+    safe = _row("trial 2", 0.899, 7.0, resolution=0.002)
+    rows = [fp32, edge, safe]
+    assert clear(edge, fp32, 0.005) is False and clear(safe, fp32, 0.005) is True
+    assert clear(_row("x", 0.899, 7.0), fp32, 0.005) is None  # unknown resolution
+    assert pick(rows, 0.005) == 1  # the fastest within budget...
+    assert pick(rows, 0.005, among={2}) == 2  # ...but among the clear ones, the clear one ships
+    note = resolution_note(edge, 0.005, fp32)
+    assert note.startswith("the search split cannot tell whether this plan is within budget")
+    assert resolution_note(safe, 0.005, fp32) == ""
+    line = verdict_line(fp32, edge, 0.005, "top1", False, edge=True)
+    assert line.startswith("The search split cannot tell whether this plan is within budget")
