@@ -14,6 +14,7 @@ from dataclasses import astuple, dataclass
 
 import numpy as np
 
+from qsearch import timing
 from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.evaluator import Evaluator
 from qsearch.plan.format import LayerChoice, Plan
@@ -26,11 +27,10 @@ from qsearch.search.problem import Problem
 from qsearch.search.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
-ROUNDS = 4  # interleaved timing rounds of the final table
 RESCUE_FACTOR = 2.0  # learned rounding tries a cheaper trial over budget by at most this factor
 ROUNDED_LAYERS = 24  # the most sensitive INT8 layers it fits
 TIMING_S = 0.35  # seconds of runs per plan per timing round (5-15 runs)
-TIE = 0.02  # plans within 2% of each other tie even on a quiet machine
+TIE = timing.TIE  # plans within 2% of each other tie even on a quiet machine
 BUSY_RATIO = 1.15  # wall / thread CPU time above this: the machine was busy while timing
 
 
@@ -56,6 +56,8 @@ class FinalChoice:
     evaluations: int  # spent by this stage (baselines and the test split)
     cpu_clock: bool = False  # the machine was busy: plans were compared on thread CPU time
     resolution_note: str = ""  # a warning when the budget is finer than the search split resolves
+    finalists: tuple[Row, ...] = ()  # the search's finalists that did not ship, each with why
+    speedup: timing.Ratio | None = None  # FP32's time over the shipped plan's, paired by round
 
     @property
     def fp32(self) -> Row:
@@ -67,14 +69,14 @@ class FinalChoice:
 
 
 def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
-               rounds: int = ROUNDS) -> tuple[list[Row], list]:
-    """Time the entries side by side in interleaved rounds (wall and thread CPU time), keeping each
-    one's best median: a background hiccup cannot make one plan look slow. Two rounds first; the
-    rest of `rounds` only where some plan's two best rounds differ by more than the tie (on a quiet
-    machine the final stage then costs half). Search scores are the
-    ones already measured (scored here only where missing); test scores come later, for the rows
-    shown. Each timing takes about TIMING_S, whatever the model's speed. On a busy machine (wall
-    time well above CPU time) every plan is timed again."""
+               allowed: float = math.inf) -> tuple[list[Row], list]:
+    """Time the entries side by side in interleaved rounds (wall and thread CPU time; `timing`):
+    MIN_ROUNDS first, then one more at a time while a plan within `allowed` on search data (or
+    FP32) could still be faster than the fastest by more than the tie and the rounds cannot tell,
+    up to CAP_ROUNDS. Each row keeps its per-round times (comparisons are paired ratios) and shows
+    its best. Search scores are the ones already measured (scored here only where missing); test
+    scores come later, for the rows shown. Each timing takes about TIMING_S, whatever the model's
+    speed."""
     built = []
     for e in entries:
         proto = bench.rewriter(e.plan)
@@ -82,25 +84,22 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
         n8 = sum(e.plan.choice(la.name).is_int8 for la in bench.prepared.layers)
         built.append((e, evaluator.session(proto), proto, n8, search))
     repeat = int(max(5, min(15, TIMING_S / max(bench.baseline.fp32_latency_ms / 1e3, 1e-6))))
-    wall: list[list[float]] = [[] for _ in built]
-    cpu: list[list[float]] = [[] for _ in built]
 
-    def time_rounds(n: int) -> None:
-        for _ in range(n):
-            for i, b in enumerate(built):
-                w, c = astuple(bench.engine.time(b[1], bench.latency_feed, warmup=2, repeat=repeat))
-                wall[i].append(w)
-                cpu[i].append(c)
+    def time_round() -> list[tuple[float, float]]:
+        return [astuple(bench.engine.time(b[1], bench.latency_feed, warmup=2, repeat=repeat)) for b in built]
 
-    time_rounds(2)
-    if any(_spread(c) > TIE for c in cpu):  # two rounds agree within the tie for every plan: enough
-        time_rounds(rounds - 2)
-    if np.median([min(w) / max(min(c), 1e-9) for w, c in zip(wall, cpu)]) > BUSY_RATIO:
-        time_rounds(rounds)  # a busy machine: time again, the best rounds of both count
+    among = [0] + [k for k in range(1, len(built)) if built[0][4] - built[k][4] <= allowed + 1e-12]
+    wall, cpu = timing.interleaved(time_round, len(built), among, _busy_rounds)
     rows = [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
-                latency_spread=_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=_spread(cpu[i]))
+                latency_spread=_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=_spread(cpu[i]),
+                wall_rounds=tuple(wall[i]), cpu_rounds=tuple(cpu[i]))
             for i, (e, _, proto, n8, search) in enumerate(built)]
     return rows, [b[1] for b in built]
+
+
+def _busy_rounds(wall: list[list[float]], cpu: list[list[float]]) -> bool:
+    """Whether the machine took the core away while timing (median wall / CPU time per plan)."""
+    return float(np.median([np.median(w) / max(np.median(c), 1e-9) for w, c in zip(wall, cpu)])) > BUSY_RATIO
 
 
 def with_interval(evaluator: Evaluator, plan: Plan, row: Row, session=None, fp32_session=None) -> Row:
@@ -169,27 +168,62 @@ def clock(row: Row, cpu: bool) -> tuple[float, float]:
     return (row.cpu_ms, row.cpu_spread) if cpu and row.cpu_ms else (row.latency_ms, row.latency_spread)
 
 
+def rounds_of(row: Row, cpu: bool) -> tuple[float, ...]:
+    """A row's per-round times on the clock the choice uses."""
+    return row.cpu_rounds if cpu and row.cpu_rounds else row.wall_rounds
+
+
+def speedup(fp32: Row, row: Row, cpu: bool = False) -> timing.Ratio | None:
+    """FP32's time over the row's, paired by round (None where the rows were not timed in rounds)."""
+    a, b = rounds_of(row, cpu), rounds_of(fp32, cpu)
+    return timing.ratio(a, b) if a and len(a) == len(b) else None
+
+
 def decide(rows: Sequence[Row], allowed: float, target: str, cpu: bool = False) -> tuple[int, bool]:
     """(the row `pick` chooses, whether FP32 ships instead): on a CPU target a plan that is not
-    faster than FP32, or has no INT8 layer left (a fallback that reverted everything), never
-    ships; FP32 does, and the result says so."""
+    faster than FP32 (its paired speed-up below 1), or has no INT8 layer left (a fallback that
+    reverted everything), never ships; FP32 does, and the result says so."""
     i = pick(rows, allowed, cpu)
-    slower = clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
+    r = speedup(rows[0], rows[i], cpu)
+    slower = r.value <= 1 if r is not None else clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
     return i, target == "cpu" and (slower or rows[i].int8_layers == 0)
 
 
 def pick(rows: Sequence[Row], allowed: float, cpu: bool = False, among: set[int] | None = None) -> int:
     """Index of the row (after FP32's, row 0) to ship among those within budget on search data
-    (and in `among`, if given): the fastest, except that plans within the measured timing noise of
-    it are a tie, and a tie goes to the plan with the larger accuracy margin (a drop the split
-    cannot resolve decides nothing, a faster time inside the noise neither)."""
+    (and in `among`, if given): the fastest, except that plans the interleaved rounds cannot tell
+    from it (or that are slower by less than `timing.TIE`) tie with it, and a tie goes to the plan
+    with the larger accuracy margin (a drop the split cannot resolve decides nothing, a faster time
+    inside the noise neither). Rows timed without rounds compare their best times and spreads."""
     fp32 = rows[0]
     within = [i for i in range(1, len(rows)) if fp32.search_score - rows[i].search_score <= allowed + 1e-12
               and (among is None or i in among)]
-    fastest = min(within, key=lambda i: (clock(rows[i], cpu)[0], -rows[i].search_score))
-    ms, spread = clock(rows[fastest], cpu)
-    near = [i for i in within if clock(rows[i], cpu)[0] <= ms * (1 + max(TIE, spread, clock(rows[i], cpu)[1]))]
+    times = [rounds_of(r, cpu) for r in rows]
+    if all(times[i] and len(times[i]) == len(times[within[0]]) for i in within):
+        best = timing.fastest(times, within)
+        near = [i for i in within if i == best or timing.ties_with(times, best, i)]
+    else:
+        fastest = min(within, key=lambda i: (clock(rows[i], cpu)[0], -rows[i].search_score))
+        ms, spread = clock(rows[fastest], cpu)
+        near = [i for i in within if clock(rows[i], cpu)[0] <= ms * (1 + max(TIE, spread, clock(rows[i], cpu)[1]))]
     return max(near, key=lambda i: (rows[i].search_score, -clock(rows[i], cpu)[0]))
+
+
+def why_lost(rows: Sequence[Row], i: int, k: int, allowed: float, cpu: bool) -> str:
+    """One line: why finalist `k` did not ship when row `i` did."""
+    fp32, row = rows[0], rows[k]
+    drop = fp32.search_score - row.search_score
+    if drop > allowed + 1e-12:
+        return f"over budget on search data (drop {drop:.3g} > {allowed:.3g})"
+    if clear(row, fp32, allowed) is False:
+        return "within budget but not clear of it by what the search split resolves"
+    a, b = rounds_of(rows[i], cpu), rounds_of(row, cpu)
+    if a and len(a) == len(b):
+        r = timing.ratio(a, b)
+        if r.low <= 1 + timing.TIE:
+            return f"ties with the shipped plan on time ({r.text()}); the shipped plan has the larger margin"
+        return f"slower than the shipped plan: {r.text()}"
+    return "slower than the shipped plan"
 
 
 def trial_plan(evaluator: Evaluator, search: SearchResult, r: TrialResult) -> Plan:
@@ -245,7 +279,7 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     entries += [Entry(f"qsearch (trial {r.number})", trial_plan(evaluator, search, r), n_trials, r, r.score)
                 for r in search.finalists()]
     entries += rounded_entries(bench, evaluator, search, log)
-    rows, sessions = timed_rows(bench, evaluator, entries)
+    rows, sessions = timed_rows(bench, evaluator, entries, search.allowed)
     on_cpu = busy(rows)
     i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
     checked: set[int] = set()
@@ -269,8 +303,11 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
                    f"(the INT8 plan is in pareto/; see the latency attribution for where the time goes).")
         chosen = fp32_plan.with_info(study=search.study_name, trial=None)
         row = _renamed(fp32, "qsearch: FP32 (no INT8 plan pays)", n_trials, int8_layers=0)
+    lost = tuple(dataclasses.replace(rows[k], why=why_lost(rows, i, k, search.allowed, on_cpu))
+                 for k in range(3, len(rows)) if k != i or verdict)
     return FinalChoice((*rows[:3], row), chosen, candidate, candidate_name, trial if not verdict else None, verdict,
-                       evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed, rows[0]))
+                       evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed, rows[0]),
+                       finalists=lost, speedup=None if verdict else speedup(rows[0], rows[i], on_cpu))
 
 
 def resolution_note(row: Row, allowed: float, fp32: Row | None = None) -> str:
@@ -358,11 +395,12 @@ def layer_reasons(plan: Plan, profile: SensitivityProfile, fixed: Mapping[str, s
 def final_stage_seconds(bench: Workbench) -> float:
     """What the final stage costs, from the FP32 model's measured times: naive INT8 and the
     greedy fallback's bisection (about log2 L evaluations) on search data, the chosen plan's
-    interval, four test scorings, six plans timed in ROUNDS interleaved rounds, three per-node
+    interval (and up to two more where it is not clear of the budget), four test scorings, six
+    plans timed in interleaved rounds (typically twice `timing.MIN_ROUNDS`), three per-node
     profiles, the report. Reserved out of `--timeout` so the result can still be written."""
     seconds = bench.baseline.score_seconds
     batch_s = bench.baseline.fp32_latency_ms / 1e3
     greedy = math.ceil(math.log2(len(bench.prepared.layers) + 1)) + 1
     repeat = max(5, min(15, TIMING_S / max(batch_s, 1e-6)))
-    timing = 6 * ROUNDS * (repeat + 2) * batch_s
-    return seconds["search"] * (greedy + 3) + 4 * seconds["test"] + timing + 30 * batch_s + 3.0
+    timed = 6 * 2 * timing.MIN_ROUNDS * (repeat + 2) * batch_s
+    return seconds["search"] * (greedy + 5) + 4 * seconds["test"] + timed + 30 * batch_s + 3.0

@@ -29,6 +29,7 @@ from qsearch.progress import Progress, log, say
 from qsearch.report import html as htmlreport
 from qsearch.report.markdown import (
     attribution_table,
+    finalists_table,
     forms_line,
     fusion_table,
     layer_table,
@@ -67,11 +68,12 @@ class OptimizeResult:
     latency_ms: float | None = None  # the shipped plan's, best median of the final interleaved rounds
     fp32_latency_ms: float | None = None
     latency_spread: float | None = None  # (second-best - best) / best of those rounds
+    speedup_interval: tuple[float, float] | None = None  # 90% interval of the paired speed-up
 
     def to_json(self) -> dict:
         """What `qsearch optimize --json` prints (keys documented in the README)."""
         return {"status": "plan" if self.status == 0 else "no_plan", "exit_code": self.status,
-                "speedup": self.speedup, "search_drop": self.search_drop, "test_drop": self.test_drop,
+                "speedup": self.speedup, "speedup_interval": self.speedup_interval, "search_drop": self.search_drop, "test_drop": self.test_drop,
                 "max_drop": self.max_drop, "latency_ms": self.latency_ms, "fp32_latency_ms": self.fp32_latency_ms,
                 "latency_spread": self.latency_spread, "evaluations": self.evaluations,
                 "seconds": round(self.seconds, 3),
@@ -191,7 +193,10 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
     finally:
         search.close()
     fp32, chosen = choice.fp32, choice.chosen
-    return OptimizeResult(status=0, out=out, plan=plan, speedup=fp32.latency_ms / chosen.latency_ms,
+    ratio = choice.speedup
+    return OptimizeResult(status=0, out=out, plan=plan,
+                          speedup=ratio.value if ratio is not None else fp32.latency_ms / chosen.latency_ms,
+                          speedup_interval=None if ratio is None else (ratio.low, ratio.high),
                           search_drop=fp32.search_score - chosen.search_score,
                           test_drop=fp32.test_score - chosen.test_score,
                           evaluations=profile.meta["evaluations"] + evaluator.evaluations,
@@ -331,11 +336,13 @@ def _write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evalua
     summary += _plan_lines(bench, chosen)
     tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
               ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution_table(kinds)),
-              ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)]))]
+              ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)])),
+              ("Finalists that did not ship (timed in the same interleaved rounds)",
+               finalists_table(choice.finalists, bench.workload.metric.name, fp32_row))]
     rows = list(choice.rows)
     title, metric = f"qsearch report: {bench.prepared.name}", bench.workload.metric.name
     verdict = verdict_line(fp32_row, chosen_row, search.allowed, metric, bool(choice.verdict),
-                           edge=choice.resolution_note.startswith("the search split cannot tell"))
+                           edge=choice.resolution_note.startswith("the search split cannot tell"), ratio=choice.speedup)
     if "OVER THE BUDGET" in verdict or verdict.startswith("The search split cannot tell"):
         log(verdict)  # never only in a table
     page = htmlreport.render(title=title, verdict=verdict, summary=summary, rows=rows, metric=metric,

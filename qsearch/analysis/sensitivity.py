@@ -160,7 +160,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _profile_key(bench: Workbench, samples, reverse, screen_all=True) -> str:
+def profile_key(bench: Workbench, samples, reverse, screen_all=True) -> str:
     import hashlib
 
     space = bench.workload.space
@@ -169,7 +169,7 @@ def _profile_key(bench: Workbench, samples, reverse, screen_all=True) -> str:
                       bench.calib_data.fingerprint, samples, reverse, screen_all, list(space.calibration), list(space.granularity), list(space.recovery),
                       space.percentile, [la.name for la in bench.candidates()], bench.workload.metric.name,
                       bench.workload.metric.search_entry, bench.workload.target, bench.workload.threads,
-                      bench.workload.latency_batch])
+                      bench.workload.latency_batch, list(space.weights)])
     return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 
@@ -184,7 +184,7 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
     (what `optimize` uses) screens only the layers whose INT8 form pays: the others are never
     fixed INT8, so an estimate of their noise from the proxy is enough to order them."""
     t0 = time.perf_counter()
-    cache = cache_dir / f"sensitivity-{_profile_key(bench, samples, reverse, screen_all)}.yaml" if cache_dir else None
+    cache = cache_dir / f"sensitivity-{profile_key(bench, samples, reverse, screen_all)}.yaml" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             return SensitivityProfile.from_yaml(cache.read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ class Row:
     cpu_spread: float = 0.0
     interval: str = ""  # the search drop with its bootstrap interval, where the metric has parts
     resolution: float | None = None  # smallest drop difference the search split resolves (None: unknown)
+    wall_rounds: tuple[float, ...] = ()  # its median wall ms in each interleaved round (`timing`)
+    cpu_rounds: tuple[float, ...] = ()
+    why: str = ""  # a finalist that lost: why
 
 
 def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: int) -> str:
@@ -52,15 +56,20 @@ def speed(ratio: float) -> str:
     return f"{ratio:.2f}x faster than FP32" if ratio >= 1 else f"{1 / ratio:.2f}x slower than FP32"
 
 
-def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships: bool, edge: bool = False) -> str:
+def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships: bool, edge: bool = False,
+                 ratio=None) -> str:
     """The report in one sentence: speed, then the drop on search and test data against the budget.
-    `edge`: the search split cannot tell whether the plan is within budget (said first)."""
+    `edge`: the search split cannot tell whether the plan is within budget (said first); `ratio`:
+    the paired speed-up (`timing.Ratio`), stated with its interval."""
     def side(drop: float, split: str) -> str:
         if drop != drop:
             return f"not scored on {split} data"
         word = "below" if drop > 0 else "above"
         return "equal to FP32" + f" on {split} data" if drop == 0 else f"{fmt_drop(abs(drop))} {word} it on {split} data"
-    head = "FP32 ships (no INT8 plan within budget beats it)" if fp32_ships else speed(fp32.latency_ms / chosen.latency_ms)
+    head = "FP32 ships (no INT8 plan within budget beats it)" if fp32_ships else speed(
+        ratio.value if ratio is not None else fp32.latency_ms / chosen.latency_ms)
+    if ratio is not None and not fp32_ships:
+        head += f" (90% interval {ratio.low:.2f}-{ratio.high:.2f}x over {ratio.rounds} interleaved rounds)"
     test_drop = fp32.test_score - chosen.test_score
     miss = "" if fp32_ships or not test_drop > allowed + 1e-12 else (
         f" OVER THE BUDGET ON TEST DATA: it loses {fmt_drop(test_drop)} there against the {fmt_drop(allowed)} "
@@ -223,4 +232,15 @@ def attribution_table(kinds: dict[str, dict[str, float]]) -> str:
     lines = ["| plan | " + " | ".join(f"{k} ms" for k in KINDS) + " | total ms |", "|---|" + "---:|" * (len(KINDS) + 1)]
     for name, k in kinds.items():
         lines.append(f"| {name} | " + " | ".join(f"{k[x]:.3f}" for x in KINDS) + f" | {sum(k.values()):.3f} |")
+    return "\n".join(lines)
+
+
+def finalists_table(rows: Sequence[Row], metric: str, fp32: Row) -> str:
+    """The search's finalists that did not ship: their final-stage time and drop, and why each lost."""
+    if not rows:
+        return "Every finalist is in the table above."
+    lines = [f"| finalist | {metric} drop (search) | best ms | rounds | why it did not ship |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {fmt_drop(fp32.search_score - r.search_score)}"
+                     f"{' ' + r.interval if r.interval else ''} | {r.latency_ms:.3f} | {len(r.wall_rounds)} | {r.why} |")
     return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Latency comparisons a benchmark engineer would trust: ratios from interleaved rounds.
+
+Two plans are never compared by their own best times: each round times every plan once, back to
+back, and a comparison is the ratio of two plans' times *in the same round* (so a slow minute of
+the machine slows both). The geometric mean of those per-round ratios and its 90% interval
+(Student's t over the rounds) say how much faster one is. Rounds go on while some plan within
+budget could still be faster than the fastest by more than `TIE` and the interval cannot tell,
+up to `CAP_ROUNDS`; a pair still undecided then ties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_ROUNDS = 3
+CAP_ROUNDS = 12  # the stated cap: after it an undecided pair ties
+TIE = 0.02  # a difference smaller than 2% decides nothing, however sure
+# one-sided 95% Student t quantiles by degrees of freedom (a 90% two-sided interval)
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 20: 1.725, 30: 1.697}
+
+
+def _t(df: int) -> float:
+    return _T95.get(df) or next((v for k, v in sorted(_T95.items()) if k >= df), 1.645)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """How many times longer `b` takes than `a` (geometric mean of per-round ratios), with its 90%
+    interval over `rounds` paired rounds."""
+
+    value: float
+    low: float
+    high: float
+    rounds: int
+
+    def text(self) -> str:
+        return f"{self.value:.2f}x (90% interval {self.low:.2f}-{self.high:.2f}x, {self.rounds} rounds)"
+
+
+def _disturbed(d: np.ndarray) -> np.ndarray:
+    """Rounds to leave out: from four rounds on, a round whose log-ratio lies more than 3.5 robust
+    standard deviations (1.4826 MAD) from the median was hit by something else (a VM steal, a
+    page fault storm) in one of the two plans' windows."""
+    if len(d) < 4:
+        return np.zeros(len(d), bool)
+    med = np.median(d)
+    mad = 1.4826 * np.median(np.abs(d - med))
+    return np.abs(d - med) > 3.5 * max(mad, 0.02)  # (never below 7%: ordinary jitter is not a disturbance)
+
+
+def ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:
+    """b over a, paired by round (both lists in round order, the same length); disturbed rounds
+    left out, `rounds` counts the ones kept."""
+    d = np.log(np.asarray(b, np.float64)) - np.log(np.asarray(a, np.float64))
+    d = d[~_disturbed(d)]
+    n = len(d)
+    mean = float(d.mean()) if n else 0.0
+    hw = _t(n - 1) * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else math.inf
+    return Ratio(math.exp(mean), math.exp(mean - hw), math.exp(mean + hw), n)
+
+
+def fastest(times: Sequence[Sequence[float]], among: Sequence[int]) -> int:
+    """The fastest entry among `among`: the smallest paired ratio to the first of them (disturbed
+    rounds left out, so one hit round cannot make a plan look slow or fast)."""
+    ref = among[0]
+    return min(among, key=lambda k: 1.0 if k == ref else ratio(times[ref], times[k]).value)
+
+
+def ties_with(times: Sequence[Sequence[float]], best: int, k: int, tie: float = TIE) -> bool:
+    """Whether `k` is not decidedly slower than `best`: its ratio's interval reaches 1 + `tie`
+    (not slower by more than what matters, or the rounds cannot tell)."""
+    return ratio(times[best], times[k]).low <= 1 + tie
+
+
+def undecided(times: Sequence[Sequence[float]], among: Sequence[int], tie: float = TIE) -> list[int]:
+    """Entries whose comparison with the fastest the rounds cannot settle yet: the interval holds
+    both 'not slower' (1) and 'slower by more than the tie' (1 + tie)."""
+    if len(among) < 2:
+        return []
+    best = fastest(times, among)
+    out = []
+    for k in among:
+        if k != best:
+            r = ratio(times[best], times[k])
+            if r.low <= 1 + tie < r.high:
+                out.append(k)
+    return out
+
+
+def interleaved(time_round: Callable[[], Sequence[tuple[float, float]]], n: int, among: Sequence[int],
+                busy: Callable[[list, list], bool]) -> tuple[list[list[float]], list[list[float]]]:
+    """Per-entry (wall, CPU) times, one per round: `time_round()` times every entry once, in order.
+    MIN_ROUNDS, then one more while `undecided` among `among` on the clock the choice will use
+    (`busy(wall, cpu)`: CPU time), up to CAP_ROUNDS."""
+    wall: list[list[float]] = [[] for _ in range(n)]
+    cpu: list[list[float]] = [[] for _ in range(n)]
+
+    def one() -> None:
+        for i, (w, c) in enumerate(time_round()):
+            wall[i].append(w)
+            cpu[i].append(c)
+
+    for _ in range(MIN_ROUNDS):
+        one()
+    while len(wall[0]) < CAP_ROUNDS and undecided(cpu if busy(wall, cpu) else wall, among):
+        one()
+    return wall, cpu
