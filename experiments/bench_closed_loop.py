@@ -26,8 +26,41 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
-def workload_config(name: str, max_drop: str | None, seed: int, out: Path) -> Path:
-    """The workload's config (built by its example module), with another budget or seed if asked."""
+NO_PARTS = """\
+# the workload's own score functions, returning one number instead of per-sample parts (what a user
+# who writes `return accuracy` gives): qsearch must find the drop's resolution by replaying them
+import numpy as np
+
+from {module} import {search} as _search, {test} as _test
+
+
+def _one(parts):
+    p = np.asarray(parts, dtype=np.float64)
+    return float(p[:, 0].sum() / p[:, 1].sum()) if p.ndim == 2 else float(p)
+
+
+def search(session):
+    return _one(_search(session))
+
+
+def test(session):
+    return _one(_test(session))
+"""
+
+
+def _plain_scores(text: str, where: Path) -> str:
+    """The config with its score functions wrapped to return one number (`NO_PARTS`)."""
+    m = re.search(r'metric: \{search: "([\w.]+):(\w+)", test: "([\w.]+):(\w+)"\}', text)
+    if m is None:
+        raise SystemExit("error: --no-parts needs a workload whose metric is {search: mod:fn, test: mod:fn}")
+    (where / "noparts_scores.py").write_text(NO_PARTS.format(module=m.group(1), search=m.group(2), test=m.group(4)))
+    return text.replace(m.group(0), 'metric: {search: "noparts_scores:search", test: "noparts_scores:test"}')
+
+
+def workload_config(name: str, max_drop: str | None, seed: int, out: Path, latency_batch: int | None = None,
+                    no_parts: bool = False) -> Path:
+    """The workload's config (built by its example module), with another budget or seed if asked;
+    `latency_batch`: another latency batch; `no_parts`: score functions that return one number."""
     if name == "digits":  # a copy: the seeded config goes next to its data, not into the package
         import shutil
 
@@ -41,10 +74,15 @@ def workload_config(name: str, max_drop: str | None, seed: int, out: Path) -> Pa
     text = src.read_text()
     if max_drop is not None:
         text = re.sub(r"^max_drop: .*$", f"max_drop: {max_drop}", text, flags=re.M)
+    if latency_batch is not None:
+        text = re.sub(r"latency_batch: \d+", f"latency_batch: {latency_batch}", text)
+    if no_parts:
+        text = _plain_scores(text, src.parent)
     space = re.search(r"^search_space: (\S+)$", text, flags=re.M)
     if space:
         text = text.replace(space.group(0), f"search_space:\n  extends: {space.group(1)}\n  seed: {seed}")
-    cfg = src.parent / f"workload-seed{seed}.yaml"
+    variant = (f"-batch{latency_batch}" if latency_batch else "") + ("-noparts" if no_parts else "")
+    cfg = src.parent / f"workload-seed{seed}{variant}.yaml"
     cfg.write_text(text)
     return cfg
 
@@ -83,6 +121,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-drop", help="another accuracy budget than the workload's")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--latency-batch", type=int, help="another latency batch than the workload's (e.g. 1)")
+    ap.add_argument("--no-parts", action="store_true", help="score functions that return one number")
     args = ap.parse_args()
     from qsearch.evaluator import Evaluator
     from qsearch.scoring import fusion_check
@@ -94,7 +134,7 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        cfg = workload_config(args.workload, args.max_drop, seed, out)
+        cfg = workload_config(args.workload, args.max_drop, seed, out, args.latency_batch, args.no_parts)
         runs[seed] = (cfg, out, run(cfg, out, args.budget))
         print(f"seed {seed}: rc {runs[seed][2]['rc']}, {runs[seed][2]['wall']:.0f} s", file=sys.stderr)
     cfg0, out0, _ = runs[args.seeds[0]]
@@ -151,7 +191,8 @@ def main() -> None:
     for seed, (_, _, r) in runs.items():
         if r["rc"] == 0:
             lines += ["", f"Seed {seed}, the run's own summary:", "", "```", r["summary"].strip(), "```"]
-    path = HERE / f"closed_loop_{args.workload}.md"
+    variant = (f"_batch{args.latency_batch}" if args.latency_batch else "") + ("_noparts" if args.no_parts else "")
+    path = HERE / f"closed_loop_{args.workload}{variant}.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

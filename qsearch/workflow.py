@@ -5,6 +5,7 @@ decided; `--timeout` and interrupts say which stage they stopped and what was ke
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from qsearch import limits
+from qsearch import limits, timing
 from qsearch.analysis import profiling, sensitivity
 from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.commands import check_eval_timeout, check_samples, open_bench
@@ -168,9 +169,14 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
     evaluator = Evaluator(bench)
     stage("search", "completed trials are kept in the study: re-run the same command to go on")
     search = Search(bench, profile, evaluator, out, storage=storage, study_name=study, sampler=req.sampler,
-                    pruner=req.pruner, budget=budget, log=log, strategies=req.strategies).start()
-    t_analyzed = time.perf_counter()
-    _search(bench, profile, search, budget, deadline, timeout, t_analyzed - t_start)
+                    pruner=req.pruner, budget=budget, log=log, strategies=req.strategies)
+    early = early_verdict(bench, profile)
+    if early:  # nothing to search: the final stage still times naive INT8 and the greedy fallback
+        log(early)
+        search.open().unsearched()
+    else:
+        search.start()
+        _search(bench, profile, search, budget, deadline, timeout, time.perf_counter() - t_start)
     stage("final stage", "the result was not written (the trials are kept in the study: re-run the same "
           "command with a larger --timeout to finish)")
     try:
@@ -179,13 +185,15 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
         with OutputSet(out, RESULT_FILES) as res:
             trials_csv(res.path("trials.csv"), search)
             result = search.result()
-            if result.best() is None:
+            if result.best() is None and not early:
                 _no_plan(res, out, evaluator, result, timeout)
                 return OptimizeResult(status=1, out=out, plan=None, evaluations=evaluator.evaluations,
                                       seconds=time.perf_counter() - t_start)
             log(f"3/3 final stage: the finalists and baselines timed side by side ({len(result.finalists())} "
                 "trials, FP32, naive INT8, the greedy fallback)")
             choice = finalize(bench, evaluator, result, log)
+            if early and choice.verdict:  # FP32 ships: the report says why no search ran
+                choice = dataclasses.replace(choice, verdict=f"{early[0].upper()}{early[1:]} {choice.verdict}")
             if choice.resolution_note.startswith("warning"):
                 log(choice.resolution_note)
             stage("report", stage.kept)
@@ -203,6 +211,24 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
                           seconds=time.perf_counter() - t_start, max_drop=result.allowed,
                           latency_ms=chosen.latency_ms, fp32_latency_ms=fp32.latency_ms,
                           latency_spread=max(chosen.latency_spread, fp32.latency_spread))
+
+
+def early_verdict(bench: Workbench, profile: SensitivityProfile) -> str:
+    """One line when the analysis shows that no plan can beat FP32 by more than the timing noise
+    (`timing.TIE`): neither the all-INT8 model's profile nor the layers whose INT8 form pays alone,
+    summed, save that much. Only for a latency objective on a CPU target ('" if nothing is decided)."""
+    w = bench.workload
+    fp32_ms, int8_ms = profile.meta.get("fp32_ms", 0.0), profile.meta.get("int8_ms", 0.0)
+    if not w.space.early_verdict or w.space.objective != "latency" or w.target != "cpu" or not fp32_ms > 0:
+        return ""
+    singles = sum(max(0.0, x.gain_ms) for x in profile.layers)
+    bound = max(singles, fp32_ms - int8_ms)
+    if bound >= timing.TIE * fp32_ms:
+        return ""
+    return (f"early verdict: no INT8 plan can beat FP32 here by more than the timing noise: all-INT8 runs "
+            f"{int8_ms:.3g} ms against FP32's {fp32_ms:.3g} ms in the per-node profile, and the layers whose INT8 "
+            f"form pays alone save {singles:.3g} ms together ({bound / fp32_ms:.1%} at most, under the "
+            f"{timing.TIE:.0%} noise); no search was run, the measured profile is in sensitivity.yaml.")
 
 
 def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers, stage: Stage

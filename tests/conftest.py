@@ -64,8 +64,10 @@ def make_cnn(seed: int = 0, outlier_layer: str | None = None, opset: int = 17) -
 
 
 def write_workload(tmp: Path, model: onnx.ModelProto, n: int = 96, metric: str = "top1", max_drop="0.02",
-                   extra: str = "", seed: int = 1) -> Path:
-    """A complete workload folder: model, npz splits labelled by the FP32 model, config."""
+                   extra: str = "", seed: int = 1, search: bool = True) -> Path:
+    """A complete workload folder: model, npz splits labelled by the FP32 model, config. INT8 does
+    not pay on models this small (Q/DQ glue outweighs the kernels), so unless `search` is False
+    the search space turns the early verdict off: the search machinery is what these tests run."""
     import onnxruntime as ort
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -82,6 +84,10 @@ def write_workload(tmp: Path, model: onnx.ModelProto, n: int = 96, metric: str =
         x = rng.normal(0, 1, (n, 3, 8, 8)).astype(np.float32)
         y = sess.run(None, {"x": x})[0].argmax(1)
         np.savez(tmp / f"{split}.npz", x=x, label=y)
+    if search and "search_space: {" in extra:
+        extra = extra.replace("search_space: {", "search_space: {early_verdict: false, ", 1)
+    elif search and "search_space:" not in extra:
+        extra += "search_space: {extends: default, early_verdict: false}\n"
     cfg = tmp / "workload.yaml"
     cfg.write_text(
         "name: tiny\nmodel: model.onnx\ndata:\n  batch_size: 32\n"
@@ -90,6 +96,13 @@ def write_workload(tmp: Path, model: onnx.ModelProto, n: int = 96, metric: str =
         f"metric: {metric}\nmax_drop: {max_drop}\n" + extra
     )
     return cfg
+
+
+def with_space(text: str, space: str) -> str:
+    """A config's text with its `search_space:` line (the one `write_workload` writes) replaced."""
+    import re
+
+    return re.sub(r"^search_space:.*\n", "", text, flags=re.M) + f"search_space: {space}\n"
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import yaml
 
 from qsearch.cli import main
 
-from .conftest import last_error
+from .conftest import last_error, with_space
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b]\n"
 
@@ -31,7 +31,7 @@ def test_hostile_workloads(case, expect, workload, tmp_path, capsys):
     if case == "alias_bomb":
         text += BOMB
     elif case == "seed_too_big":
-        text += "search_space: {seed: 4294967296}\n"
+        text = with_space(text, "{seed: 4294967296}")
     elif case in ("endless_entry", "empty_batch_entry"):
         body = ("    while True:\n        yield {'x': np.zeros((1, 3, 8, 8), np.float32)}\n" if case == "endless_entry"
                 else "    yield {'x': np.zeros((0, 3, 8, 8), np.float32)}\n")

@@ -12,7 +12,7 @@ from qsearch.cli import main
 from qsearch.plan.format import LayerChoice, Plan
 from qsearch.plan.io import plan_from_doc, read_plan
 
-from .conftest import last_error, make_cnn, write_workload
+from .conftest import last_error, make_cnn, with_space, write_workload
 from .test_reliability import check_result
 
 
@@ -198,8 +198,8 @@ def test_apply_bad_inputs(case, expect, workload, tmp_path, capsys):
     (lambda t: t.replace("metric: top1", "metric: top1\nbogus_key: 3"), ":9: unknown key 'bogus_key'"),
     (lambda t: t.replace("max_drop: 0.02", "max_drop: [oops"), "YAML error"),
     (lambda t: t.replace("max_drop: 0.02", "max_drop: -1"), "max_drop must be a number >= 0"),
-    (lambda t: t + "search_space: {candidates: {include: ['conv_(']}}\n", "is not a valid regular expression"),
-    (lambda t: t + "search_space: {candidates: {include: ['^nomatch$']}}\n", "match no layer"),
+    (lambda t: with_space(t, "{candidates: {include: ['conv_(']}}"), "is not a valid regular expression"),
+    (lambda t: with_space(t, "{candidates: {include: ['^nomatch$']}}"), "match no layer"),
     (lambda t: t.replace("search: {npz: search.npz", "search: {npz: nan.npz"), "NaN/Inf"),
     (lambda t: t.replace("search: {npz: search.npz", "search: {npz: wrongshape.npz"), "the model expects"),
     (lambda t: t.replace("search: {npz: search.npz", "search: {npz: empty.npz"), "zero samples"),
@@ -301,7 +301,7 @@ def test_more_bad_workload_inputs(case, expect, workload, tmp_path, capsys):
         onnx.save(_custom_op_model(), d / "custom.onnx")
         text = text.replace("model: model.onnx", "model: custom.onnx")
     elif case == "unsupported_op_type":
-        text += "search_space: {candidates: {op_types: [ConvTranspose]}}\n"
+        text = with_space(text, "{candidates: {op_types: [ConvTranspose]}}")
     elif case in ("wrong_input_name", "wrong_dtype", "pickled_objects"):
         name = {"wrong_input_name": "wrongname", "wrong_dtype": "wrongdtype", "pickled_objects": "obj"}[case]
         arrays = {"wrong_input_name": {"image": x}, "wrong_dtype": {"x": x.astype(np.int32)},

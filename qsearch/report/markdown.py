@@ -237,9 +237,9 @@ def attribution_table(kinds: dict[str, dict[str, float]]) -> str:
 
 def finalists_table(rows: Sequence[Row], metric: str, fp32: Row) -> str:
     """The search's finalists that did not ship: their final-stage time and drop, and why each lost."""
-    if not rows:
-        return "Every finalist is in the table above."
     lines = [f"| finalist | {metric} drop (search) | best ms | rounds | why it did not ship |", "|---|---:|---:|---:|---|"]
+    if not rows:
+        return "\n".join([*lines, "| (none) | | | | no other finalist: the plans compared are in the table above |"])
     for r in rows:
         lines.append(f"| {r.name} | {fmt_drop(fp32.search_score - r.search_score)}"
                      f"{' ' + r.interval if r.interval else ''} | {r.latency_ms:.3f} | {len(r.wall_rounds)} | {r.why} |")

@@ -125,6 +125,12 @@ class Search:
         self.dims: Dimensions = strategy.build_dimensions(self.problem, self.decision.fixed)
         return self
 
+    def unsearched(self) -> Search:
+        """No search (the early verdict): nothing fixed, every candidate searchable, no trial."""
+        self.decision = FixDecision((), None, None, 0)
+        self.dims = strategy.build_dimensions(self.problem, ())
+        return self
+
     def start(self) -> Search:
         """`open`, `fix`, and (alone on a file study) the orphaned trials of a killed run re-queued."""
         self.open().fix()
