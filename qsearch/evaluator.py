@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -35,13 +35,14 @@ class Evaluation:
     size_bytes: int
     bitops: float  # GBOPs: MACs x weight bits x activation bits
     cpu_ms: float | None = None  # median thread CPU time (with one intra-op thread: the model's own work)
+    relative_ms: float | None = None  # its time over FP32's in the same rounds, times FP32's first time
 
     def cost(self, objective: str) -> float:
-        """The search objective's value (lower is better). Latency is the thread's CPU time where
-        ONNX Runtime computes on this thread alone (one intra-op thread): a busy machine inflates
-        wall time, not that."""
+        """The search objective's value (lower is better). Latency is the plan's time relative to
+        FP32 timed in the same interleaved rounds (`Evaluator.timed`), in FP32's milliseconds: what
+        slows the machine for a moment slows both, and cancels; else the thread's CPU time."""
         if objective == "latency":
-            ms = self.cpu_ms if self.cpu_ms is not None else self.latency_ms
+            ms = next((m for m in (self.relative_ms, self.cpu_ms, self.latency_ms) if m is not None), None)
             return float(ms if ms is not None else np.nan)
         return float(self.size_bytes) if objective == "size" else self.bitops
 
@@ -57,6 +58,8 @@ class Evaluator:
         self.seconds = 0.0  # ... and the time they took
         self._fp32_test = bench.baseline.fp32_test
         self._fp32: tuple | None = None  # FP32's (search score, parts, record), on first need
+        self._fp32_session = None  # FP32's session, the reference every trial is timed against
+        self._fp32_ref_ms = 0.0  # ... and its time, measured once (`timed`)
 
     def session(self, model: Plan | onnx.ModelProto) -> ort.InferenceSession:
         proto = self.bench.rewriter(model) if isinstance(model, Plan) else model
@@ -88,13 +91,33 @@ class Evaluator:
                 score = scorer.finish(head + scorer.partial(sess, k, scorer.batches))
             else:
                 score = scorer.score(sess)
-            lat, cpu = astuple(self.bench.engine.time(sess, self.bench.latency_feed)) if timing else (None, None)
+            lat, cpu, rel = self.timed(sess) if timing else (None, None, None)
             if self.bench.workload.threads != 1:
                 cpu = None  # several threads: CPU time sums them, wall time is the latency
         finally:
             self.seconds += time.perf_counter() - t0
         bops = bitops(self.bench, model) if isinstance(model, Plan) else float("nan")
-        return Evaluation(score, fp32 - score, lat, model_size(proto), bops, cpu)
+        return Evaluation(score, fp32 - score, lat, model_size(proto), bops, cpu, rel)
+
+    def timed(self, sess, rounds: int = 3, repeat: int = 5) -> tuple[float, float, float]:
+        """(median wall ms, median CPU ms, relative ms) of a session on the latency batch, timed in
+        `rounds` interleaved with the FP32 model's session: relative ms is the median per-round
+        ratio to FP32 times FP32's reference time (the best of five careful timings, taken once),
+        on the CPU clock with one thread, else the wall clock."""
+        feed, engine = self.bench.latency_feed, self.bench.engine
+        cpu_clock = self.bench.workload.threads == 1
+        if self._fp32_session is None:
+            self._fp32_session = engine.session(self.bench.prepared.proto)
+            best = [engine.time(self._fp32_session, feed, warmup=5) for _ in range(5)]
+            self._fp32_ref_ms = min(t.cpu_ms if cpu_clock else t.wall_ms for t in best)
+        own, ref = [], []
+        for k in range(rounds):
+            own.append(engine.time(sess, feed, warmup=3 if k == 0 else 1, repeat=repeat))
+            ref.append(engine.time(self._fp32_session, feed, warmup=3 if k == 0 else 1, repeat=repeat))
+        ratios = [(a.cpu_ms / b.cpu_ms) if cpu_clock else (a.wall_ms / b.wall_ms) for a, b in zip(own, ref)]
+        wall = float(np.median([t.wall_ms for t in own]))
+        cpu = float(np.median([t.cpu_ms for t in own]))
+        return wall, cpu, float(np.median(ratios)) * self._fp32_ref_ms
 
     def search_with_interval(self, model: Plan | onnx.ModelProto, session: ort.InferenceSession | None = None,
                              fp32_session: ort.InferenceSession | None = None) -> tuple[float, DropInterval | None]:

@@ -91,3 +91,17 @@ def limit(seconds: float | None, message: str, exc: type[BaseException] = Evalua
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until a `time.monotonic()` deadline (None: unbounded; a passed one: a moment)."""
     return None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+
+
+class Stage:
+    """Which stage a command is in, so a `--timeout` or interrupt message can say what was kept."""
+
+    def __init__(self) -> None:
+        self.name, self.kept = "setup", "nothing was written"
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, kept: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self.name] = now - self.started
+        self.name, self.kept, self.started = name, kept, now

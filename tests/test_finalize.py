@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from qsearch.finalize import busy, decide, pick, resolution_note
+from qsearch.choice import busy, decide, pick, resolution_note
 from qsearch.report.markdown import Row
 from qsearch.resolution import drop_interval
 

@@ -71,7 +71,7 @@ def test_an_interrupt_in_the_final_stage_keeps_the_previous_result_whole(workloa
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("qsearch.workflow.write_report", interrupted)
+    monkeypatch.setattr("qsearch.result.write_report", interrupted)
     assert main(["optimize", "--budget", "6", "--config", str(workload), "--out", str(out)]) == 130
     assert "the result was not written" in last_error(capsys)
     assert {n: (out / n).read_bytes() for n in names} == before  # not one file of the second run

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qsearch.choice import clear, pick, resolution_note
 from qsearch.evaluator import Evaluator
-from qsearch.finalize import clear, pick, resolution_note
 from qsearch.report.markdown import Row, verdict_line
 from qsearch.resolution import drop_interval
 

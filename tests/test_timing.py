@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsearch import timing
-from qsearch.finalize import pick
+from qsearch.choice import pick
 from qsearch.report.markdown import Row
 
 

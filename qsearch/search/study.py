@@ -252,6 +252,7 @@ class Search:
 
     def _attrs(self, ev: Evaluation, cost: float) -> dict:
         return {"score": ev.score, "drop": ev.drop, "latency_ms": ev.latency_ms, "cpu_ms": ev.cpu_ms,
+                "relative_ms": ev.relative_ms,
                 "size_bytes": ev.size_bytes, "bitops": ev.bitops, "cost": cost, "constraint": ev.drop - self.allowed}
 
     def warm_start(self, budget: int = 50) -> int:

@@ -1,0 +1,118 @@
+"""The rules that choose the plan to ship, on the final stage's rows: pure functions of measured
+numbers (per-round times, drops, resolutions), tested on planted rows. `finalize` measures; this
+decides. A simpler plan that is as good wins; FP32 ships where no INT8 plan is faster."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from qsearch import timing
+from qsearch.report.markdown import Row
+
+TIE = timing.TIE  # plans within 2% of each other tie even on a quiet machine
+BUSY_RATIO = 1.15  # wall / thread CPU time above this: the machine was busy while timing
+
+
+def clear(row: Row, fp32: Row, allowed: float) -> bool | None:
+    """Whether the row's search drop is under the budget by more than the split resolves (None: unknown)."""
+    if row.resolution is None:
+        return None
+    return fp32.search_score - row.search_score + row.resolution <= allowed + 1e-12
+
+
+def round_spread(times: Sequence[float]) -> float:
+    """How far the best round (the time compared) may be off: the gap to the second-best round.
+    One disturbed round (a VM hiccup) leaves it alone; the full range would have made every plan
+    of a 2 ms model a tie at ±40% and shipped the most accurate instead of the fastest."""
+    best = sorted(times)[:2]
+    return (best[-1] - best[0]) / max(best[0], 1e-12)
+
+
+def busy(rows: Sequence[Row]) -> bool:
+    """Whether the machine took the core away while timing: wall time well above the thread's CPU
+    time (ONNX Runtime with one intra-op thread computes on this thread alone)."""
+    ratios = [r.latency_ms / r.cpu_ms for r in rows if r.cpu_ms]
+    return bool(ratios) and float(np.median(ratios)) > BUSY_RATIO
+
+
+def clock(row: Row, cpu: bool) -> tuple[float, float]:
+    """(ms, spread) of a row on the clock the choice uses."""
+    return (row.cpu_ms, row.cpu_spread) if cpu and row.cpu_ms else (row.latency_ms, row.latency_spread)
+
+
+def rounds_of(row: Row, cpu: bool) -> tuple[float, ...]:
+    """A row's per-round times on the clock the choice uses."""
+    return row.cpu_rounds if cpu and row.cpu_rounds else row.wall_rounds
+
+
+def speedup(fp32: Row, row: Row, cpu: bool = False) -> timing.Ratio | None:
+    """FP32's time over the row's, paired by round (None where the rows were not timed in rounds)."""
+    a, b = rounds_of(row, cpu), rounds_of(fp32, cpu)
+    return timing.ratio(a, b) if a and len(a) == len(b) else None
+
+
+def decide(rows: Sequence[Row], allowed: float, target: str, cpu: bool = False) -> tuple[int, bool]:
+    """(the row `pick` chooses, whether FP32 ships instead): on a CPU target a plan that is not
+    faster than FP32 (its paired speed-up below 1), or has no INT8 layer left (a fallback that
+    reverted everything), never ships; FP32 does, and the result says so."""
+    i = pick(rows, allowed, cpu)
+    r = speedup(rows[0], rows[i], cpu)
+    slower = r.value <= 1 if r is not None else clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
+    return i, target == "cpu" and (slower or rows[i].int8_layers == 0)
+
+
+def pick(rows: Sequence[Row], allowed: float, cpu: bool = False, among: set[int] | None = None) -> int:
+    """Index of the row (after FP32's, row 0) to ship among those within budget on search data
+    (and in `among`, if given): the fastest, except that plans the interleaved rounds cannot tell
+    from it (or that are slower by less than `timing.TIE`) tie with it, and a tie goes to the plan
+    with the larger accuracy margin (a drop the split cannot resolve decides nothing, a faster time
+    inside the noise neither). Rows timed without rounds compare their best times and spreads."""
+    fp32 = rows[0]
+    within = [i for i in range(1, len(rows)) if fp32.search_score - rows[i].search_score <= allowed + 1e-12
+              and (among is None or i in among)]
+    times = [rounds_of(r, cpu) for r in rows]
+    if all(times[i] and len(times[i]) == len(times[within[0]]) for i in within):
+        best = timing.fastest(times, within)
+        near = [i for i in within if i == best or timing.ties_with(times, best, i)]
+    else:
+        fastest = min(within, key=lambda i: (clock(rows[i], cpu)[0], -rows[i].search_score))
+        ms, spread = clock(rows[fastest], cpu)
+        near = [i for i in within if clock(rows[i], cpu)[0] <= ms * (1 + max(TIE, spread, clock(rows[i], cpu)[1]))]
+    return max(near, key=lambda i: (rows[i].search_score, -clock(rows[i], cpu)[0]))
+
+
+def why_lost(rows: Sequence[Row], i: int, k: int, allowed: float, cpu: bool) -> str:
+    """One line: why finalist `k` did not ship when row `i` did."""
+    fp32, row = rows[0], rows[k]
+    drop = fp32.search_score - row.search_score
+    if drop > allowed + 1e-12:
+        return f"over budget on search data (drop {drop:.3g} > {allowed:.3g})"
+    if clear(row, fp32, allowed) is False:
+        return "within budget but not clear of it by what the search split resolves"
+    a, b = rounds_of(rows[i], cpu), rounds_of(row, cpu)
+    if a and len(a) == len(b):
+        r = timing.ratio(a, b)
+        if r.low <= 1 + timing.TIE:
+            return f"ties with the shipped plan on time ({r.text()}); the shipped plan has the larger margin"
+        return f"slower than the shipped plan: {r.text()}"
+    return "slower than the shipped plan"
+
+
+def resolution_note(row: Row, allowed: float, fp32: Row | None = None) -> str:
+    """One line when the budget is finer than the search split resolves (or cannot be told), or
+    when the shipped plan's drop is within that resolution of the budget."""
+    res = row.resolution
+    if res is None:
+        return ("the drop's interval on the search split is unknown (the score function neither returns per-sample "
+                "parts nor replays on its recorded outputs)")
+    if fp32 is not None and clear(row, fp32, allowed) is False:
+        return (f"the search split cannot tell whether this plan is within budget: its drop "
+                f"{fp32.search_score - row.search_score:.3g} is within the split's resolution ({res:.3g}) of the "
+                f"budget {allowed:.3g}, and no plan within budget is clear of it")
+    if allowed < res:
+        return (f"warning: the budget {allowed:.3g} is finer than the search split resolves ({res:.3g}: two "
+                f"bootstrap standard errors of a drop, or one sample); choices near the budget are noise. "
+                f"Add search data or widen max_drop")
+    return ""
