@@ -94,9 +94,12 @@ def why_lost(rows: Sequence[Row], i: int, k: int, allowed: float, cpu: bool) -> 
     a, b = rounds_of(rows[i], cpu), rounds_of(row, cpu)
     if a and len(a) == len(b):
         r = timing.ratio(a, b)
-        if r.low <= 1 + timing.TIE:
-            return f"ties with the shipped plan on time ({r.text()}); the shipped plan has the larger margin"
-        return f"slower than the shipped plan: {r.text()}"
+        if r.low > 1 + timing.TIE:
+            return f"slower than the shipped plan: {r.text()}"
+        margin = row.search_score - rows[i].search_score
+        return (f"ties with the shipped plan on time ({r.text()}: not decidedly more than {timing.TIE:.0%} apart); "
+                + ("the shipped plan has the larger margin" if margin < 0 else
+                   "the same margin, and the shipped plan's best time is lower"))
     return "slower than the shipped plan"
 
 

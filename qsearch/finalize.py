@@ -67,6 +67,8 @@ class FinalChoice:
     cpu_clock: bool = False  # the machine was busy: plans were compared on thread CPU time
     resolution_note: str = ""  # a warning when the budget is finer than the search split resolves
     finalists: tuple[Row, ...] = ()  # the search's finalists that did not ship, each with why
+    alternative: Plan | None = None  # the shipped plan is over budget on test: the fastest within on both splits
+    alternative_name: str = ""
     speedup: timing.Ratio | None = None  # FP32's time over the shipped plan's, paired by round
 
     @property
@@ -228,11 +230,30 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
                    f"(the INT8 plan is in pareto/; see the latency attribution for where the time goes).")
         chosen = fp32_plan.with_info(study=search.study_name, trial=None)
         row = _renamed(fp32, "qsearch: FP32 (no INT8 plan pays)", n_trials, int8_layers=0)
+    alt = None if verdict else within_both(evaluator, entries, rows, sessions, i, search.allowed, on_cpu)
     lost = tuple(dataclasses.replace(rows[k], why=why_lost(rows, i, k, search.allowed, on_cpu))
                  for k in range(3, len(rows)) if k != i or verdict)
     return FinalChoice((*rows[:3], row), chosen, candidate, candidate_name, trial if not verdict else None, verdict,
                        evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed, rows[0]),
-                       finalists=lost, speedup=None if verdict else speedup(rows[0], rows[i], on_cpu))
+                       finalists=lost, speedup=None if verdict else speedup(rows[0], rows[i], on_cpu),
+                       alternative=None if alt is None else entries[alt].plan,
+                       alternative_name="" if alt is None else rows[alt].name)
+
+
+def within_both(evaluator: Evaluator, entries: Sequence[Entry], rows: list[Row], sessions: list, i: int,
+                allowed: float, cpu: bool) -> int | None:
+    """Where the shipped row `i` is over budget on test data: the fastest other row within budget on
+    both splits (scored on test here, fastest first; `rows` gets their test scores), else None."""
+    fp32 = rows[0]
+    if not fp32.test_score - rows[i].test_score > allowed + 1e-12:
+        return None
+    within = [k for k in range(1, len(rows)) if k != i and fp32.search_score - rows[k].search_score <= allowed + 1e-12]
+    for k in sorted(within, key=lambda k: clock(rows[k], cpu)[0]):
+        if rows[k].test_score != rows[k].test_score:  # not scored on test yet
+            rows[k] = scored(evaluator, entries[k].plan, rows[k], session=sessions[k])
+        if fp32.test_score - rows[k].test_score <= allowed + 1e-12:
+            return k
+    return None
 
 
 def _renamed(row: Row, name: str, evaluations: int, int8_layers: int | None = None) -> Row:

@@ -39,8 +39,9 @@ from qsearch.search.study import Search
 from qsearch.search.trials import SearchResult
 from qsearch.workbench import Workbench
 
+ALTERNATIVE = "plan.within-test.yaml"  # beside a plan over budget on test: the fastest within on both splits
 RESULT_FILES = ("plan.yaml", "plan.recovery.onnx", "model.qsearch.onnx", "report.md", "report.html", "pareto.png",
-                "attribution.png", "pareto", "trials.csv", "closest")
+                "attribution.png", "pareto", "trials.csv", "closest", ALTERNATIVE, "plan.within-test.recovery.onnx")
 
 
 def _analysis_cost(profile: SensitivityProfile, seconds: float, total_s: float) -> str:
@@ -140,7 +141,10 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     rows = list(choice.rows)
     title, metric = f"qsearch report: {bench.prepared.name}", bench.workload.metric.name
     verdict = verdict_line(fp32_row, chosen_row, search.allowed, metric, bool(choice.verdict),
-                           edge=choice.resolution_note.startswith("the search split cannot tell"), ratio=choice.speedup)
+                           edge=choice.resolution_note.startswith("the search split cannot tell"), ratio=choice.speedup,
+                           alternative=f"{choice.alternative_name}, in {ALTERNATIVE}" if choice.alternative else "")
+    if choice.alternative is not None:
+        choice.alternative.write(res.path(ALTERNATIVE))
     if "OVER THE BUDGET" in verdict or verdict.startswith("The search split cannot tell"):
         log(verdict)  # never only in a table
     page = htmlreport.render(title=title, verdict=verdict, summary=summary, rows=rows, metric=metric,
@@ -203,9 +207,11 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
         *([f"Search drop of the chosen plan: {chosen_row.interval}."] if chosen_row.interval else []),
         *([choice.resolution_note[0].upper() + choice.resolution_note[1:] + "."] if choice.resolution_note else []),
         choice.verdict or (f"Chosen plan: test drop {metrics['test_drop']:.4f} (budget {search.allowed:.4g}), "
-                           f"{speed(fp32_row.latency_ms / chosen_row.latency_ms)} "
-                           f"(timing spread ±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), "
-                           f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
+                           + (f"{speed(choice.speedup.value)} ({choice.speedup.text()} paired by round), "
+                              if choice.speedup is not None else
+                              f"{speed(fp32_row.latency_ms / chosen_row.latency_ms)} (timing spread "
+                              f"±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), ")
+                           + f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
         f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}, "
         f"{metrics['fusion']['borders']} float/INT8 borders between candidate layers; naive INT8 {naive_fusion.line()}.",
         *([forms_line(profile)] if profile.forms else []),

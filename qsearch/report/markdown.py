@@ -57,10 +57,11 @@ def speed(ratio: float) -> str:
 
 
 def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships: bool, edge: bool = False,
-                 ratio=None) -> str:
+                 ratio=None, alternative: str = "") -> str:
     """The report in one sentence: speed, then the drop on search and test data against the budget.
     `edge`: the search split cannot tell whether the plan is within budget (said first); `ratio`:
-    the paired speed-up (`timing.Ratio`), stated with its interval."""
+    the paired speed-up (`timing.Ratio`), stated with its interval; `alternative`: where the plan is
+    over budget on test, the fastest plan within on both splits and its file."""
     def side(drop: float, split: str) -> str:
         if drop != drop:
             return f"not scored on {split} data"
@@ -74,7 +75,8 @@ def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships
     miss = "" if fp32_ships or not test_drop > allowed + 1e-12 else (
         f" OVER THE BUDGET ON TEST DATA: it loses {fmt_drop(test_drop)} there against the {fmt_drop(allowed)} "
         "allowed; the search split did not represent the test data (a larger or more varied search split, "
-        "or a tighter budget, is the fix).")
+        "or a tighter budget, is the fix). " + (f"The fastest plan within budget on both splits: {alternative}."
+                                                if alternative else "No other plan timed is within budget on both."))
     warn = "The search split cannot tell whether this plan is within budget (its drop is within the split's " \
         "resolution of it): " if edge and not fp32_ships else ""
     return (f"{warn}{head}; {metric} {side(fp32.search_score - chosen.search_score, 'search')} (budget: lose at most "
