@@ -109,3 +109,22 @@ def test_apply_and_evaluate_say_when_the_plan_was_measured_on_another_path(tmp_p
     plan.with_info(int8_path=detect().name).write(tmp_path / "same.yaml")
     api.apply(read_plan(tmp_path / "same.yaml"), str(tmp_path / "m.onnx"), str(tmp_path / "q2.onnx"))
     assert "measured on int8 path" not in capsys.readouterr().err
+
+
+def test_a_bad_int8_path_override_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from qsearch.cli import main
+
+    from .conftest import last_error
+
+    monkeypatch.setenv("QSEARCH_INT8_PATH", "avx9000")
+    detect.cache_clear()
+    try:
+        assert main(["optimize", "--budget", "1", "--out", str(tmp_path / "o")]) == 2
+        assert "QSEARCH_INT8_PATH: 'avx9000' is not one of vnni, amx, avx2" in last_error(capsys)
+        assert not (tmp_path / "o").exists()
+        monkeypatch.setenv("QSEARCH_INT8_PATH", "avx2")
+        detect.cache_clear()
+        assert detect() == Int8Path("avx2", True) and safe_weights() == "int7"
+    finally:
+        monkeypatch.delenv("QSEARCH_INT8_PATH")
+        detect.cache_clear()
