@@ -58,9 +58,21 @@ def decide(rows: Sequence[Row], allowed: float, target: str, cpu: bool = False) 
     faster than FP32 (its paired speed-up below 1), or has no INT8 layer left (a fallback that
     reverted everything), never ships; FP32 does, and the result says so."""
     i = pick(rows, allowed, cpu)
+    return i, fp32_instead(rows, i, target, cpu)
+
+
+def fp32_instead(rows: Sequence[Row], i: int, target: str, cpu: bool = False) -> bool:
+    """Whether FP32 ships instead of row `i`: on a CPU target, when it is not faster than FP32 (its
+    paired speed-up at most 1) or has no INT8 layer left."""
     r = speedup(rows[0], rows[i], cpu)
     slower = r.value <= 1 if r is not None else clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
-    return i, target == "cpu" and (slower or rows[i].int8_layers == 0)
+    return target == "cpu" and (slower or rows[i].int8_layers == 0)
+
+
+def pays(rows: Sequence[Row], k: int, cpu: bool = False) -> bool:
+    """Whether row `k` is decidedly faster than FP32 (its paired speed-up's interval above 1)."""
+    r = speedup(rows[0], rows[k], cpu)
+    return r.low > 1 if r is not None else clock(rows[k], cpu)[0] < clock(rows[0], cpu)[0]
 
 
 def pick(rows: Sequence[Row], allowed: float, cpu: bool = False, among: set[int] | None = None) -> int:
@@ -119,3 +131,24 @@ def resolution_note(row: Row, allowed: float, fp32: Row | None = None) -> str:
                 f"bootstrap standard errors of a drop, or one sample); choices near the budget are noise. "
                 f"Add search data or widen max_drop")
     return ""
+
+
+def prefer_clear(rows: list[Row], i: int, allowed: float, cpu: bool, interval) -> tuple[int, set[int]]:
+    """The row to ship among those clear of the budget: the picked row `i` when it is; else the rows
+    within budget get intervals (`interval(k)` -> the row with its resolution), fastest first, until
+    one is clear and still decidedly faster than FP32, and `pick` chooses among those. None: `i`
+    stays (the verdict says the split cannot tell; a clear plan that does not pay is no better an
+    answer than FP32). Fills `rows` with the intervals computed; returns (the row, rows given intervals)."""
+    rows[i] = interval(i)
+    checked = {i}
+    if clear(rows[i], rows[0], allowed) is not False:
+        return i, checked
+    within = [k for k in range(1, len(rows)) if k != i and rows[0].search_score - rows[k].search_score
+              <= allowed + 1e-12]
+    for k in sorted(within, key=lambda k: clock(rows[k], cpu)[0]):
+        rows[k] = interval(k)
+        checked.add(k)
+        if clear(rows[k], rows[0], allowed) and pays(rows, k, cpu):
+            break
+    good = {k for k in checked if clear(rows[k], rows[0], allowed) and pays(rows, k, cpu)}
+    return (pick(rows, allowed, cpu, among=good) if good else i), checked

@@ -19,10 +19,10 @@ from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.choice import (
     BUSY_RATIO,
     busy,
-    clear,
     clock,
     decide,
-    pick,
+    fp32_instead,
+    prefer_clear,
     resolution_note,
     round_spread,
     speedup,
@@ -123,23 +123,11 @@ def with_interval(evaluator: Evaluator, plan: Plan, row: Row, session=None, fp32
 
 def clear_choice(evaluator: Evaluator, entries: Sequence[Entry], rows: list[Row], sessions: list, i: int,
                  allowed: float, cpu: bool) -> tuple[int, set[int]]:
-    """The row to ship among those clear of the budget: the picked one when it is; else the plans
-    within budget are given intervals, fastest first, until one is clear, and `pick` chooses
-    among the clear ones. None clear: the first pick stays (the verdict says the split cannot tell).
-    Fills `rows` with the intervals computed; returns (the row, the rows given intervals)."""
-    rows[i] = with_interval(evaluator, entries[i].plan, rows[i], sessions[i], sessions[0])
-    checked = {i}
-    if clear(rows[i], rows[0], allowed) is not False:
-        return i, checked
-    within = [k for k in range(1, len(rows)) if k != i and rows[0].search_score - rows[k].search_score
-              <= allowed + 1e-12]
-    for k in sorted(within, key=lambda k: clock(rows[k], cpu)[0]):
-        rows[k] = with_interval(evaluator, entries[k].plan, rows[k], sessions[k], sessions[0])
-        checked.add(k)
-        if clear(rows[k], rows[0], allowed):
-            break
-    good = {k for k in checked if clear(rows[k], rows[0], allowed)}
-    return (pick(rows, allowed, cpu, among=good) if good else i), checked
+    """`choice.prefer_clear` with intervals measured here (one more search evaluation each)."""
+    def interval(k: int) -> Row:
+        return with_interval(evaluator, entries[k].plan, rows[k], sessions[k], sessions[0])
+
+    return prefer_clear(rows, i, allowed, cpu, interval)
 
 
 def scored(evaluator: Evaluator, plan: Plan, row: Row, interval: bool = False, session=None, fp32_session=None) -> Row:
@@ -212,6 +200,7 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     checked: set[int] = set()
     if not fp32_ships:  # the plan that ships must be clear of the budget by what the split resolves
         i, checked = clear_choice(evaluator, entries, rows, sessions, i, search.allowed, on_cpu)
+        fp32_ships = fp32_instead(rows, i, bench.workload.target, on_cpu)  # never slower than FP32
     # test data for the rows the report shows; a baseline already over budget on search data is not
     # worth a test scoring (its row says so)
     over = {k for k in (1, 2) if rows[0].search_score - rows[k].search_score > search.allowed + 1e-12}

@@ -5,6 +5,8 @@ cannot tell. Real sessions on a small model; the choice itself on planted rows."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from qsearch.choice import clear, pick, resolution_note
@@ -102,3 +104,31 @@ def test_the_shipped_plan_is_clear_of_the_budget_or_the_verdict_says_it_cannot_t
     assert resolution_note(safe, 0.005, fp32) == ""
     line = verdict_line(fp32, edge, 0.005, "top1", False, edge=True)
     assert line.startswith("The search split cannot tell whether this plan is within budget")
+
+
+def _timed(name, score, ms, resolution=None, rounds=6):
+    t = tuple(ms * (1 + 0.003 * ((k % 3) - 1)) for k in range(rounds))
+    return Row(name, score, score, ms, 1000, 3, None, cpu_ms=ms, resolution=resolution, wall_rounds=t, cpu_rounds=t)
+
+
+def test_a_clear_plan_that_does_not_pay_is_no_answer_and_fp32_ships_before_a_slower_plan():
+    """The detector at batch 1 (`experiments/closed_loop_ocr_det_lines_batch1_noparts.md`): the fast
+    trials are within budget but not clear of it (a wide replay interval); the only clear plan, a
+    greedy fallback with six INT8 layers, runs slower than FP32. It must not ship: the fast plan
+    stays, said to be at the edge; and a plan slower than FP32 never ships."""
+    from qsearch.choice import fp32_instead, pays, prefer_clear
+
+    rows = [_timed("fp32", 0.737, 14.3), _timed("naive", 0.30, 12.3), _timed("hybrid", 0.741, 14.5),
+            _timed("trial 22", 0.728, 12.7), _timed("trial 35", 0.737, 13.0)]
+    resolutions = {1: 0.01, 2: 0.001, 3: 0.034, 4: 0.034}
+
+    def interval(k):
+        return replace(rows[k], resolution=resolutions[k])
+
+    i, checked = prefer_clear(rows, 3, 0.01, False, interval)
+    assert i == 3 and checked == {2, 3, 4}  # the hybrid is clear but slower than FP32: no answer
+    assert not pays(rows, 2) and pays(rows, 3)
+    assert fp32_instead(rows, 2, "cpu") and not fp32_instead(rows, 3, "cpu")
+    rows[4] = replace(rows[4], resolution=None)
+    resolutions[4] = 0.001  # a clear trial that pays: it ships instead
+    assert prefer_clear(rows, 3, 0.01, False, interval)[0] == 4
