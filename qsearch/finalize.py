@@ -22,6 +22,7 @@ from qsearch.choice import (
     clock,
     decide,
     fp32_instead,
+    pays,
     prefer_clear,
     resolution_note,
     round_spread,
@@ -232,12 +233,13 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
 def within_both(evaluator: Evaluator, entries: Sequence[Entry], rows: list[Row], sessions: list, i: int,
                 allowed: float, cpu: bool) -> int | None:
     """Where the shipped row `i` is over budget on test data: the fastest other row within budget on
-    both splits (scored on test here, fastest first; `rows` gets their test scores), else None."""
+    both splits that is still decidedly faster than FP32 (scored on test here, fastest first; `rows`
+    gets their test scores), else None."""
     fp32 = rows[0]
     if not fp32.test_score - rows[i].test_score > allowed + 1e-12:
         return None
     within = [k for k in range(1, len(rows)) if k != i and fp32.search_score - rows[k].search_score <= allowed + 1e-12]
-    for k in sorted(within, key=lambda k: clock(rows[k], cpu)[0]):
+    for k in sorted((k for k in within if pays(rows, k, cpu)), key=lambda k: clock(rows[k], cpu)[0]):
         if rows[k].test_score != rows[k].test_score:  # not scored on test yet
             rows[k] = scored(evaluator, entries[k].plan, rows[k], session=sessions[k])
         if fp32.test_score - rows[k].test_score <= allowed + 1e-12:

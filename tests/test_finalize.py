@@ -111,12 +111,19 @@ def test_a_plan_over_budget_on_test_gets_the_fastest_plan_within_on_both_splits_
     from qsearch.report.markdown import verdict_line
 
     def r(name, search, test, ms):
-        return Row(name, search, test, ms, 1000, 3, None, cpu_ms=ms)
+        t = tuple(ms * (1 + 0.002 * (k % 2)) for k in range(4))
+        return Row(name, search, test, ms, 1000, 3, None, cpu_ms=ms, wall_rounds=t, cpu_rounds=t)
 
     rows = [r("fp32", 0.90, 0.90, 10.0), r("naive", 0.80, 0.80, 5.0), r("hybrid", 0.899, 0.899, 9.0),
             r("trial 1", 0.898, 0.88, 6.0), r("trial 2", 0.897, 0.897, 7.0), r("trial 3", 0.897, 0.896, 6.5)]
     # trial 1 ships on search data but loses 0.02 on test (budget 0.005); trial 3 is the fastest within on both
     assert within_both(None, [], rows, [], 3, 0.005, cpu=False) == 5
     assert within_both(None, [], rows, [], 4, 0.005, cpu=False) is None  # trial 2 is within on test: nothing to add
+    # the only plans within on both splits run slower than FP32: no answer but FP32
+    rows[2], rows[4], rows[5] = (r("hybrid", 0.899, 0.899, 10.2), r("trial 2", 0.897, 0.88, 7.0),
+                                 r("trial 3", 0.897, 0.896, 10.5))
+    assert within_both(None, [], rows, [], 3, 0.005, cpu=False) is None
+    rows[2] = r("hybrid", 0.899, 0.899, 9.0)  # faster than FP32 again: it is the answer
+    assert within_both(None, [], rows, [], 3, 0.005, cpu=False) == 2
     line = verdict_line(rows[0], rows[3], 0.005, "top1", False, alternative="qsearch (trial 3), in plan.within-test.yaml")
     assert "OVER THE BUDGET ON TEST DATA" in line and "The fastest plan within budget on both splits: qsearch (trial 3)" in line

@@ -76,7 +76,8 @@ def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships
         f" OVER THE BUDGET ON TEST DATA: it loses {fmt_drop(test_drop)} there against the {fmt_drop(allowed)} "
         "allowed; the search split did not represent the test data (a larger or more varied search split, "
         "or a tighter budget, is the fix). " + (f"The fastest plan within budget on both splits: {alternative}."
-                                                if alternative else "No other plan timed is within budget on both."))
+                                                if alternative else "No other plan timed that beats FP32 is within "
+                                                "budget on both splits: FP32 is the safe choice."))
     warn = "The search split cannot tell whether this plan is within budget (its drop is within the split's " \
         "resolution of it): " if edge and not fp32_ships else ""
     return (f"{warn}{head}; {metric} {side(fp32.search_score - chosen.search_score, 'search')} (budget: lose at most "
