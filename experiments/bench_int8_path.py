@@ -33,10 +33,10 @@ def cpu_name() -> str:
 
 
 def cpu_flags() -> str:
-    from qsearch.engine.isa import _flags
+    from qsearch.engine.isa import cpu_flags as flags
 
     wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-    return ", ".join(f for f in wanted if f in _flags()) or "none of the int8 ones"
+    return ", ".join(f for f in wanted if f in flags()) or "none of the int8 ones"
 
 
 def main() -> None:

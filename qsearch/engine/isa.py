@@ -36,7 +36,7 @@ class Int8Path:
         return f"{self.name} (u8s8 saturates: 7-bit or uint8 weights are safe)" if self.saturates else self.name
 
 
-def _flags() -> set[str]:
+def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo: x86 `flags`, ARM `Features`)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -74,7 +74,7 @@ def detect() -> Int8Path:
         if forced not in PATHS:
             raise QsearchError(f"QSEARCH_INT8_PATH: {forced!r} is not one of {', '.join(PATHS)}"[:300])
         return Int8Path(forced, forced in SATURATING)
-    return classify(platform.machine(), _flags())
+    return classify(platform.machine(), cpu_flags())
 
 
 def safe_weights(path: Int8Path | None = None) -> str:
