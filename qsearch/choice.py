@@ -63,9 +63,10 @@ def decide(rows: Sequence[Row], allowed: float, target: str, cpu: bool = False) 
 
 def fp32_instead(rows: Sequence[Row], i: int, target: str, cpu: bool = False) -> bool:
     """Whether FP32 ships instead of row `i`: on a CPU target, when it is not faster than FP32 (its
-    paired speed-up at most 1) or has no INT8 layer left."""
+    paired speed-up at most 1, or its best time not below FP32's) or has no INT8 layer left."""
     r = speedup(rows[0], rows[i], cpu)
-    slower = r.value <= 1 if r is not None else clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
+    # the paired ratio decides; the best times the report shows must not say otherwise either
+    slower = (r is not None and r.value <= 1) or clock(rows[i], cpu)[0] >= clock(rows[0], cpu)[0]
     return target == "cpu" and (slower or rows[i].int8_layers == 0)
 
 
