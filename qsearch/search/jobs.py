@@ -171,6 +171,19 @@ def hold_worker_lock(path: Path) -> tuple[int, bool]:
     return fd, alone
 
 
+def still_alone(fd: int) -> bool:
+    """Whether the worker holding `fd` (from `hold_worker_lock`) is still the only one alive: its
+    shared lock upgrades to an exclusive one only if no other worker holds the file (then back)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return True
+
+
 def _liveness_file(lock: Path | None) -> Path | None:
     """This process's liveness file next to a file storage, locked exclusively for the process's
     whole life: other workers tell a job of a killed worker from a slow one by trying its lock."""

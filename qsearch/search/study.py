@@ -134,8 +134,12 @@ class Search:
     def start(self) -> Search:
         """`open`, `fix`, and (alone on a file study) the orphaned trials of a killed run re-queued."""
         self.open().fix()
-        if self._alone:
+        # alone when the study was opened, and still: fixing takes evaluations, during which another
+        # worker may have started trials that are RUNNING, not orphaned
+        if self._alone and self._lock_fd is not None and jobs.still_alone(self._lock_fd):
             self.recover(orphans=True)
+        else:
+            self._alone = False
         return self
 
     def close(self) -> None:
