@@ -140,13 +140,7 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
                finalists_table(choice.finalists, bench.workload.metric.name, fp32_row))]
     rows = list(choice.rows)
     title, metric = f"qsearch report: {bench.prepared.name}", bench.workload.metric.name
-    verdict = verdict_line(fp32_row, chosen_row, search.allowed, metric, bool(choice.verdict),
-                           edge=choice.resolution_note.startswith("the search split cannot tell"), ratio=choice.speedup,
-                           alternative=f"{choice.alternative_name}, in {ALTERNATIVE}" if choice.alternative else "")
-    if choice.alternative is not None:
-        choice.alternative.write(res.path(ALTERNATIVE))
-    if "OVER THE BUDGET" in verdict or verdict.startswith("The search split cannot tell"):
-        log(verdict)  # never only in a table
+    verdict = _verdict(res, choice, fp32_row, chosen_row, search.allowed, metric)
     page = htmlreport.render(title=title, verdict=verdict, summary=summary, rows=rows, metric=metric,
                              fp32_latency=fp32_row.latency_ms, fp32_size=fp32_row.size_bytes,
                              pareto=res.path("pareto.png"), attribution=res.path("attribution.png"),
@@ -162,6 +156,18 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
         f"{len(pareto)} Pareto plans in {out / 'pareto'}")
     return chosen
+
+
+def _verdict(res: OutputSet, choice: FinalChoice, fp32_row, chosen_row, allowed: float, metric: str) -> str:
+    """The verdict sentence; a test miss's alternative plan written beside it; logged when it warns."""
+    verdict = verdict_line(fp32_row, chosen_row, allowed, metric, bool(choice.verdict),
+                           edge=choice.resolution_note.startswith("the search split cannot tell"), ratio=choice.speedup,
+                           alternative=f"{choice.alternative_name}, in {ALTERNATIVE}" if choice.alternative else "")
+    if choice.alternative is not None:
+        choice.alternative.write(res.path(ALTERNATIVE))
+    if "OVER THE BUDGET" in verdict or verdict.startswith("The search split cannot tell"):
+        log(verdict)  # never only in a table
+    return verdict
 
 
 def _plan_lines(bench: Workbench, chosen: Plan) -> list[str]:
