@@ -101,17 +101,52 @@ def run(cfg: Path, out: Path, budget: int) -> dict:
 
 
 def baselines(cfg: Path, out: Path):
-    """FP32, naive INT8 and all-INT8 at each layer's best option, built from the run's analysis."""
+    """Every plan the issue measures qsearch against, built from the first seed's analysis: FP32,
+    naive INT8, all-INT8 at each layer's best option and the same minus its k most sensitive layers
+    (k = 1..10), the greedy fallback, and ONNX Runtime's quantize_static (MinMax, per-tensor and
+    per-channel, with and without reduce_range) on the same calibration data."""
     from qsearch.analysis.sensitivity import SensitivityProfile
     from qsearch.config import load_workload
+    from qsearch.evaluator import Evaluator
+    from qsearch.finalize import greedy_fallback
+    from qsearch.search.framing import problem_for
     from qsearch.workbench import open_workbench
+
+    sys.path.insert(0, str(HERE))
+    from bench_peers import ort_static
 
     profile = SensitivityProfile.from_yaml((out / "sensitivity.yaml").read_text())
     bench = open_workbench(load_workload(cfg), cache_dir=out / "cache", log=lambda *a: None).with_forms(profile.forms)
-    best = {x.name: x.best_option for x in profile.layers}
-    return bench, {"fp32": bench.rewriter(bench.plan({})),
-                   "naive int8 (minmax, per-tensor)": bench.rewriter(bench.uniform_plan("minmax", "per_tensor")),
-                   "all-INT8 (best option per layer)": bench.rewriter(bench.plan(best))}
+    best = {x.name: x.best_option for x in profile.layers}  # most sensitive first
+    models = {"fp32": bench.rewriter(bench.plan({})),
+              "naive int8 (minmax, per-tensor)": bench.rewriter(bench.uniform_plan("minmax", "per_tensor")),
+              "all-INT8 (best option per layer)": bench.rewriter(bench.plan(best))}
+    names = list(best)
+    for k in range(1, 11):
+        models[f"all-INT8 minus {k} most sensitive"] = bench.rewriter(bench.plan({n: best[n] for n in names[k:]}))
+    plan, _, _ = greedy_fallback(bench, Evaluator(bench), problem_for(bench, profile))
+    models["greedy fallback"] = bench.rewriter(plan)
+    for per_channel in (False, True):
+        for reduce_range in (False, True):
+            row = ort_static(bench, "MinMax", per_channel, reduce_range=reduce_range)
+            if row.model is not None:
+                models[row.name] = row.model
+            else:
+                print(f"{row.name}: {row.note}", file=sys.stderr)
+    return bench, models
+
+
+def paired(bench, models: dict, rounds: int) -> dict:
+    """Each model's speed-up over FP32: the paired per-round ratio of thread CPU times (one intra-op
+    thread), every model timed once per round, rounds interleaved; with its 90% interval."""
+    from qsearch.timing import ratio
+
+    sessions = {k: bench.engine.session(m) for k, m in models.items()}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            cpu[k].append(bench.engine.time(s, bench.latency_feed, repeat=10).cpu_ms)
+    return {k: (ratio(v, cpu["fp32"]), min(v)) for k, v in cpu.items()}
 
 
 def main() -> None:
@@ -120,81 +155,84 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-drop", help="another accuracy budget than the workload's")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--latency-batch", type=int, help="another latency batch than the workload's (e.g. 1)")
     ap.add_argument("--no-parts", action="store_true", help="score functions that return one number")
     args = ap.parse_args()
-    from qsearch.evaluator import Evaluator
-    from qsearch.scoring import fusion_check
+    import shutil
+
+    import onnx
 
     root = HERE / ".cache" / "closed_loop" / args.workload
     runs = {}
     for seed in args.seeds:
         out = root / f"seed{seed}"
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
         cfg = workload_config(args.workload, args.max_drop, seed, out, args.latency_batch, args.no_parts)
         runs[seed] = (cfg, out, run(cfg, out, args.budget))
         print(f"seed {seed}: rc {runs[seed][2]['rc']}, {runs[seed][2]['wall']:.0f} s", file=sys.stderr)
     cfg0, out0, _ = runs[args.seeds[0]]
     bench, models = baselines(cfg0, out0)
-    import onnx
-
     for seed, (_, out, r) in runs.items():
         if r["rc"] == 0:
             models[f"qsearch seed {seed}"] = onnx.load(str(out / "model.qsearch.onnx"))
-    ev = Evaluator(bench)
-    sessions = {k: bench.engine.session(m) for k, m in models.items()}
-    cpu: dict[str, list[float]] = {k: [] for k in models}
-    wall: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for k, s in sessions.items():
-            t = bench.engine.time(s, bench.latency_feed, repeat=10)
-            w, c = t.wall_ms, t.cpu_ms
-            wall[k].append(w)
-            cpu[k].append(c)
-    scores = {k: (ev.evaluate(m, "search", timing=False).score, ev.evaluate(m, "test", timing=False).score)
-              for k, m in models.items()}
-    fp_cpu, fp_wall = min(cpu["fp32"]), min(wall["fp32"])
-    all8 = fp_cpu / min(cpu["all-INT8 (best option per layer)"])
-    allowed = bench.allowed_drop()
-    lines = [f"# Closed loop on `{bench.workload.name}` ({date.today()}, {platform.machine()}, 2 cores, ONNX Runtime "
-             f"{__import__('onnxruntime').__version__}, 1 thread)", "",
-             f"`qsearch optimize --budget {args.budget}`, budget max_drop {allowed:g} on search data, seeds "
-             f"{', '.join(map(str, args.seeds))}. Every model timed here side by side in {args.rounds} interleaved "
-             f"rounds (thread CPU time, best median; wall time beside it). Speed-up share = the plan's speed-up "
-             "over FP32 divided by all-INT8's, both from this run.", "",
-             "| model | search drop | test drop | within budget (test) | CPU ms | wall ms | speed-up | share of all-INT8 | "
-             "unfused Q/DQ | run s | final stage s (share) | evaluations |",
-             "|---|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for k, m in models.items():
-        sd, td = scores["fp32"][0] - scores[k][0], scores["fp32"][1] - scores[k][1]
-        sp = fp_cpu / min(cpu[k])
-        seed = int(k.rsplit(" ", 1)[1]) if k.startswith("qsearch") else None
-        extra = ["", "", ""]
-        if seed is not None:
-            r = runs[seed][2]
-            sec = r["metrics"]["seconds"]
-            final = sec.get("final stage", 0.0) + sec.get("report", 0.0)
-            e = r["metrics"]["evaluations"]
-            extra = [f"{r['wall']:.0f}", f"{final:.0f} ({final / r['wall']:.0%})",
-                     str(e["analysis"] + e["fixing"] + e["trials"] + e.get("final", 0))]
-        lines.append(f"| {k} | {sd:.4f} | {td:.4f} | {'yes' if td <= allowed + 1e-12 else 'no'} | {min(cpu[k]):.2f} | "
-                     f"{min(wall[k]):.2f} | {sp:.2f}x | {sp / all8:.0%} | {fusion_check(m).unfused_qdq} | "
-                     + " | ".join(extra) + " |")
-    spreads = [fp_cpu / min(cpu[k]) for k in models if k.startswith("qsearch")]
-    if spreads:
-        lines += ["", f"qsearch speed-ups across seeds: {min(spreads):.2f}x to {max(spreads):.2f}x "
-                  f"({min(spreads) / all8:.0%} to {max(spreads) / all8:.0%} of all-INT8's {all8:.2f}x); FP32 "
-                  f"{fp_cpu:.2f} ms CPU, {fp_wall:.2f} ms wall."]
-    for seed, (_, _, r) in runs.items():
-        if r["rc"] == 0:
-            lines += ["", f"Seed {seed}, the run's own summary:", "", "```", r["summary"].strip(), "```"]
+    lines = report(bench, models, runs, args)
     variant = (f"_batch{args.latency_batch}" if args.latency_batch else "") + ("_noparts" if args.no_parts else "")
     path = HERE / f"closed_loop_{args.workload}{variant}.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def cpu_flags() -> str:
+    """The int8 path and the CPU flags that decide it, as every figure must state them."""
+    from qsearch.engine import isa
+
+    flags = isa.cpu_flags()
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"int8 path `{isa.detect().name}`, flags {' '.join(shown) or 'none of avx2/avx512/vnni/amx'}"
+
+
+def report(bench, models: dict, runs: dict, args) -> list[str]:
+    """The table: every model's drops on both splits, its paired speed-up over FP32 with interval,
+    and qsearch's share of the fastest plan within budget on both splits from any source."""
+    from qsearch.evaluator import Evaluator
+    from qsearch.scoring import fusion_check
+
+    ev = Evaluator(bench)
+    scores = {k: (ev.evaluate(m, "search", timing=False).drop, ev.evaluate(m, "test", timing=False).drop)
+              for k, m in models.items()}
+    speed = paired(bench, models, args.rounds)
+    allowed = bench.allowed_drop()
+    within = {k for k, (sd, td) in scores.items() if sd <= allowed + 1e-12 and td <= allowed + 1e-12}
+    rivals = [k for k in within if not k.startswith("qsearch")]
+    top = max(rivals, key=lambda k: speed[k][0].value)
+    lines = [f"# Closed loop on `{bench.workload.name}` ({date.today()}, {platform.machine()}, "
+             f"{__import__('os').cpu_count()} cores, {cpu_flags()}, ONNX Runtime {__import__('onnxruntime').__version__}, "
+             "1 thread)", "",
+             f"`qsearch optimize --budget {args.budget}`, budget max_drop {allowed:g} on search data, seeds "
+             f"{', '.join(map(str, args.seeds))}, latency batch {bench.workload.latency_batch}"
+             f"{', score without parts' if args.no_parts else ''}. Every model is timed here in {args.rounds} interleaved "
+             "rounds; speed-up = the geometric mean of per-round FP32/model ratios of thread CPU time, with its 90% "
+             "interval. Share = the speed-up over that of the fastest plan within budget on *both* splits from any "
+             f"other source in this run (here: {top}, {speed[top][0].value:.2f}x).", "",
+             "| model | search drop | test drop | within budget (both) | CPU ms (best) | speed-up (90% interval) | share "
+             "of fastest within budget | unfused Q/DQ | run s | evaluations |",
+             "|---|---:|---:|:-:|---:|---:|---:|---:|---:|---:|"]
+    for k, m in models.items():
+        (sd, td), (r, best_ms) = scores[k], speed[k]
+        sp = r.value  # FP32's time over the model's, per round
+        extra = ["", ""]
+        if k.startswith("qsearch"):
+            res = runs[int(k.rsplit(" ", 1)[1])][2]
+            e = res["metrics"]["evaluations"]
+            extra = [f"{res['wall']:.0f}", str(e["analysis"] + e["fixing"] + e["trials"] + e.get("final", 0))]
+        lines.append(f"| {k} | {sd:.4f} | {td:.4f} | {'yes' if k in within else 'no'} | {best_ms:.2f} | "
+                     f"{sp:.2f}x ({r.low:.2f}-{r.high:.2f}) | {sp / speed[top][0].value:.0%} | "
+                     f"{fusion_check(m).unfused_qdq} | " + " | ".join(extra) + " |")
+    for seed, (_, _, r) in runs.items():
+        if r["rc"] == 0:
+            lines += ["", f"Seed {seed}, the run's own summary:", "", "```", r["summary"].strip(), "```"]
+    return lines
 
 
 if __name__ == "__main__":

@@ -73,9 +73,10 @@ def ort_reader(ctx):
     return Reader()
 
 
-def ort_static(ctx, method: str, per_channel: bool) -> Row:
+def ort_static(ctx, method: str, per_channel: bool, reduce_range: bool = False) -> Row:
     """onnxruntime.quantization.quantize_static as its users run it: QDQ, uint8 activations / int8
-    weights, ORT's default op types (it also quantizes Clip/Relu, pooling, Gather... where it can)."""
+    weights, ORT's default op types (it also quantizes Clip/Relu, pooling, Gather... where it can);
+    `reduce_range`: 7-bit weights, ORT's advice for CPUs whose u8s8 kernels saturate (no VNNI)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -84,6 +85,8 @@ def ort_static(ctx, method: str, per_channel: bool) -> Row:
         quantize_static,
     )
 
+    name = f"ORT quantize_static {method} {'per-channel' if per_channel else 'per-tensor'}" + (
+        " reduce_range" if reduce_range else "")
     extra = {"CalibMovingAverage": False}
     if method == "Percentile":
         extra["CalibPercentile"] = ctx.workload.space.percentile
@@ -92,15 +95,14 @@ def ort_static(ctx, method: str, per_channel: bool) -> Row:
         onnx.save(ctx.prepared.proto, src, save_as_external_data=ctx.prepared.proto.ByteSize() > 1 << 30)
         t = time.perf_counter()
         try:
-            quantize_static(src, dst, ort_reader(ctx), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            quantize_static(src, dst, ort_reader(ctx), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
         except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
-            return Row(f"ORT quantize_static {method} {'per-channel' if per_channel else 'per-tensor'}", None,
-                       time.perf_counter() - t, 0, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            return Row(name, None, time.perf_counter() - t, 0, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
         wall = time.perf_counter() - t
         model = onnx.load(dst)
-    return Row(f"ORT quantize_static {method} {'per-channel' if per_channel else 'per-tensor'}", model, wall, 0,
+    return Row(name, model, wall, 0,
                "one calibration pass per run")
 
 

@@ -52,6 +52,7 @@ class SearchSpace:
     prune: bool = True
     prune_fraction: float = 0.3  # share of the search data scored before deciding to prune
     early_verdict: bool = True  # stop before the search when no plan can beat FP32 beyond the timing noise
+    stop_at_ceiling: bool = True  # stop the study once all-INT8 within half the budget stays best (`search.stopping`)
 
     def matches(self, name: str, op_type: str) -> bool:
         if op_type not in self.op_types:
@@ -229,7 +230,7 @@ def _find_space(name: str, base: Path) -> Path | None:
 SPACE_KEYS = {
     "extends", "candidates", "precision", "calibration", "granularity", "recovery", "weights", "percentile", "objective", "multi_objective",
     "sampler", "seed", "fix_below", "options_per_layer", "min_searched", "warm_start", "prune", "prune_fraction",
-    "early_verdict",
+    "early_verdict", "stop_at_ceiling",
 }
 
 
@@ -293,7 +294,7 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
     for key in ("options_per_layer", "seed", "min_searched"):
         if key in v:
             kw[key] = _int(p, v, key, 0, 1 if key == "options_per_layer" else 0)
-    for key in ("warm_start", "prune", "multi_objective", "early_verdict"):
+    for key in ("warm_start", "prune", "multi_objective", "early_verdict", "stop_at_ceiling"):
         if key in v:
             if not isinstance(v[key], bool):
                 raise ConfigError(f"{where(p, v, key)}: {section}.{key} must be true or false")

@@ -204,7 +204,8 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
         f"(measured joint drop {f'{d.joint_drop:.4g}' if d.joint_drop is not None else 'n/a'}). "
         f"Model evaluations: {total_evals} = analysis {ev['analysis']} (on {profile.samples} samples) + fixing "
         f"{ev['fixing']} + trials {ev['trials']} + final stage {ev['final']}; {total_evals / max(n_layers, 1):.1f} "
-        f"per layer ({n_layers} layers). INT8 pays for {pays} layers.",
+        f"per layer ({n_layers} layers). INT8 pays for {pays} layers."
+        + (f" The study {search.stopped.text()}." if search.stopped else ""),
         f"Time: total {total_s:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in sec.items())
         + f" ({per_trial:.2f}s/trial). " + _analysis_cost(profile, sec.get("analysis", 0.0), total_s),
         *(["The machine was busy while timing (wall time well above the thread's CPU time): every plan was "

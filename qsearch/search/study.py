@@ -27,6 +27,7 @@ from qsearch.search import jobs, strategy
 from qsearch.search.framing import problem_for
 from qsearch.search.problem import Dimensions, FixDecision
 from qsearch.search.seeds import STRATEGIES, Start, Strategy
+from qsearch.search.stopping import CeilingStop, patience_for
 from qsearch.search.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
@@ -97,6 +98,7 @@ class Search:
         self._alone = False  # no other live worker on this study (known for file storages only)
         self._lock_fd: int | None = None
         self.created = False
+        self.ceiling: CeilingStop | None = None  # set by `run` when the study may stop at its ceiling
 
     def open(self) -> Search:
         """Open (or create) the study, bound to everything that defines its trials; a study in a
@@ -311,6 +313,9 @@ class Search:
             self.recover()
         self.warm_start(budget)
         callbacks = [MaxTrialsCallback(budget, states=(TrialState.COMPLETE, TrialState.PRUNED)), _check_interrupt]
+        if self.space.stop_at_ceiling:
+            self.ceiling = CeilingStop(self.dims.searched, self.problem.float_label, self.allowed, patience_for(budget))
+            callbacks.append(self.ceiling)
         if progress is not None:
             callbacks.append(lambda study, trial: progress(study, trial))
         optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -379,7 +384,8 @@ class Search:
         trials = self.study.get_trials(deepcopy=False)
         return SearchResult(self.study_name, jobs.storage_label(self.storage_url), self.allowed, self.problem,
                             self.dims, self.decision, tuple(self.results()), tuple(self.failures()), len(trials),
-                            sum("repair_of" in t.user_attrs for t in trials), self.trial_seconds)
+                            sum("repair_of" in t.user_attrs for t in trials), self.trial_seconds,
+                            None if self.ceiling is None else self.ceiling.stopped)
 
     def failures(self) -> list[str]:
         """The recorded errors of failed trials, oldest first."""

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from qsearch.search.problem import Dimensions, FixDecision, Problem
+from qsearch.search.stopping import Ceiling
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SearchResult:
     n_trials: int  # every trial, failed and pruned included
     repaired: int  # trials that were repair steps
     trial_seconds: float
+    stopped: Ceiling | None = None  # why the study stopped before its trial budget, if it did
 
     def best(self) -> TrialResult | None:
         """The cheapest trial within budget; costs within 2% are timing noise, and among those

@@ -1,0 +1,81 @@
+"""The ceiling stop on real Optuna studies with planted costs and drops: it stops once all-INT8
+within half the budget has stayed best for `patience` trials, and never below the ceiling."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from qsearch.search.stopping import CeilingStop, patience_for
+
+LAYERS = ("a", "b", "c", "d")
+SEARCHED = {n: ("float", "int8") for n in LAYERS}
+
+
+def run_study(cost_of, drop_of, allowed: float, budget: int, patience: int = 10) -> tuple[int, CeilingStop]:
+    """A study over four layers; the all-INT8 plan is enqueued first, as the top-down walk proposes it."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({n: "int8" for n in LAYERS})
+
+    def objective(trial: optuna.Trial) -> float:
+        choices = {n: trial.suggest_categorical(n, list(SEARCHED[n])) for n in LAYERS}
+        cost, drop = cost_of(choices), drop_of(choices)
+        for k, v in (("cost", cost), ("drop", drop), ("choices", choices)):
+            trial.set_user_attr(k, v)
+        return cost
+
+    stop = CeilingStop(SEARCHED, "float", allowed, patience)
+    study.optimize(objective, n_trials=budget, callbacks=[stop])
+    return len(study.trials), stop
+
+
+def int8(choices) -> int:
+    return sum(v == "int8" for v in choices.values())
+
+
+def test_all_int8_clear_of_the_budget_stops_after_patience_trials():
+    n, stop = run_study(lambda c: 10.0 - int8(c), lambda c: 0.001 * int8(c), allowed=0.01, budget=50)
+    assert stop.stopped is not None and stop.stopped.trial == 0
+    assert n == 11  # the ceiling (trial 0) and ten trials that could not beat it
+    assert "trial 0" in stop.stopped.text() and "10 trials since" in stop.stopped.text()
+
+
+def test_all_int8_near_the_budget_edge_runs_the_whole_budget():
+    # the ceiling's drop 0.004 uses more than half of 0.006: a clearer plan may still be worth finding
+    n, stop = run_study(lambda c: 10.0 - int8(c), lambda c: 0.001 * int8(c), allowed=0.006, budget=30)
+    assert stop.stopped is None and n == 30
+
+
+def test_a_faster_plan_below_the_ceiling_runs_the_whole_budget():
+    # layer b is slower in INT8 (a one-layer island paying its glue): the best plan keeps it float
+    def cost(c):
+        return 10.0 - int8(c) + 2.0 * (c["b"] == "int8")
+
+    n, stop = run_study(cost, lambda c: 0.0, allowed=0.01, budget=30)
+    assert stop.stopped is None and n == 30
+
+
+def planted(costs: list[float]) -> list[optuna.trial.FrozenTrial]:
+    """Finished all-INT8 trials with these costs, drop 0, numbered in order."""
+    out = []
+    for i, cost in enumerate(costs):
+        t = optuna.trial.create_trial(value=cost, user_attrs={"cost": cost, "drop": 0.0,
+                                                              "choices": {n: "int8" for n in LAYERS}})
+        t.number = i
+        out.append(t)
+    return out
+
+
+def test_an_improvement_beyond_the_tie_restarts_the_count():
+    stop = CeilingStop(SEARCHED, "float", 0.01, patience=10)
+    assert stop.check(planted([10.0] * 11)).trial == 0  # ten trials since the first at this cost
+    # trial 5 is 5% faster: the count restarts there, and only 5 trials follow it
+    assert stop.check(planted([10.0] * 5 + [9.5] + [10.0] * 5)) is None
+    # 1% faster is the same cost within timing noise: the count runs from trial 0
+    assert stop.check(planted([10.0] * 5 + [9.9] + [10.0] * 5)).trial == 0
+
+
+@pytest.mark.parametrize("budget, expected", [(10, 10), (50, 10), (100, 20), (200, 40)])
+def test_patience_is_a_fifth_of_the_budget_at_least_ten(budget, expected):
+    assert patience_for(budget) == expected
