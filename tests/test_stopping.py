@@ -79,3 +79,19 @@ def test_an_improvement_beyond_the_tie_restarts_the_count():
 @pytest.mark.parametrize("budget, expected", [(10, 10), (50, 10), (100, 20), (200, 40)])
 def test_patience_is_a_fifth_of_the_budget_at_least_ten(budget, expected):
     assert patience_for(budget) == expected
+
+
+def test_optimize_stops_at_the_ceiling_and_says_so(tmp_path):
+    """End to end on a small CNN with a bit-operations objective (all-INT8 is then strictly the
+    cheapest plan) and a loose budget: the study ends before its 30 trials and the summary says why
+(FP32 may still ship: on a model this small INT8 is slower, and the final stage times that)."""
+    from qsearch import optimize
+
+    from .conftest import make_cnn, write_workload
+
+    cfg = write_workload(tmp_path / "w", make_cnn(), n=64, max_drop="0.5",
+                         extra="search_space: {extends: default, objective: bitops}\n")
+    r = optimize(cfg, budget=30, out=tmp_path / "out")
+    study = optuna.load_study(study_name=r.plan.provenance["study"], storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert r.status == 0 and len(study.trials) < 30
+    assert "stopped early: trial" in (tmp_path / "out" / "report.md").read_text()
