@@ -57,6 +57,7 @@ class Layer:
     tail: tuple[str, ...] = ()  # nodes after the product that belong to the pattern (paddle2onnx's /6)
     fused_output: str = ""  # the tensor the whole pattern writes (the tail's output, else the Mul's)
     bias_add: str = ""  # a weight MatMul's bias: the Add of a 1-D initializer that alone reads its output
+    third_input: bool = False  # Conv/Gemm reads a third input that is not `bias` (a 2-D or computed C)
 
     def fused(self, forms: Mapping[str, str] | None) -> bool:
         """Whether this pattern layer runs as one op (its gate absorbed) under `forms`."""
@@ -150,6 +151,7 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -
                 tail=patterns[node.name][2] if node.name in patterns else (),
                 fused_output=patterns[node.name][3] if node.name in patterns else "",
                 bias_add=_bias_add(node, weight, out, consumers, inits, graph_outputs),
+                third_input=len(ins) > 2 and bias is None and node.op_type in ("Conv", "Gemm"),
             )
         )
     return layers

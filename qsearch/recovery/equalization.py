@@ -184,10 +184,23 @@ def equalized_model(prepared: PreparedModel, scales: Mapping[str, np.ndarray]) -
     return dataclasses.replace(prepared, proto=proto)
 
 
+def bias_slot(layer: Layer) -> str:
+    """Where a layer's corrected bias goes, the one place that decides it (the probe and the rewrite
+    both ask): "add" (a MatMul's bias Add), "replace" (the kernel's own 1-D bias), "append" (a
+    Conv or Gemm without a third input), or "" (nowhere: a Gemm whose C is 2-D or computed keeps
+    it, and a fourth input would be invalid)."""
+    if not layer.has_weight:
+        return ""
+    if layer.bias_add:
+        return "add"
+    if layer.op_type in ("Conv", "Gemm"):
+        return "replace" if layer.bias else ("" if layer.third_input else "append")
+    return ""
+
+
 def correctable(layer: Layer) -> bool:
-    """Bias correction needs a weight and a place for a bias: Conv and Gemm (one is added if
-    absent), a MatMul whose bias is the Add after it (`Layer.bias_add`)."""
-    return layer.has_weight and (layer.op_type in ("Conv", "Gemm") or bool(layer.bias_add))
+    """Bias correction needs a weight and a place for a bias (`bias_slot`)."""
+    return bool(bias_slot(layer))
 
 
 def bias_delta(layer: Layer, w: np.ndarray, w_deq: np.ndarray, mean: np.ndarray, groups: int = 1) -> np.ndarray:

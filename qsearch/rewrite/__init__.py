@@ -19,13 +19,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qsearch.errors import QsearchError
+from qsearch.errors import PlanError, QsearchError
 from qsearch.model.load import Layer, PreparedModel
 from qsearch.plan.build import quantized_tensors
 from qsearch.plan.format import LayerChoice, Plan
 from qsearch.plan.recovery import smoothed_layers
 from qsearch.qparams import activation_qparams, quantize_weight, stored_codes
-from qsearch.recovery.equalization import Pair, bias_delta, equalized_weights, find_pairs, group
+from qsearch.recovery.equalization import Pair, bias_delta, bias_slot, equalized_weights, find_pairs, group
 from qsearch.recovery.smoothing import Group, find_groups, fold_target, scaled_weight
 from qsearch.recovery.techniques import uses, weight_transforms
 from qsearch.rewrite.graph import EditGraph
@@ -262,7 +262,10 @@ class Rewriter:
                 shape[layer.weight_axis] = -1
             deq = q.astype(np.float32) * w_scale.reshape(shape)
             delta = bias_delta(layer, w, deq, mean, group(node)).astype(np.float64)
-            if layer.bias_add:
+            slot = bias_slot(layer)
+            if not slot:
+                raise PlanError(f"layer '{layer.name}': its bias cannot be corrected (no place for a bias)")
+            if slot == "add":
                 return delta.astype(np.float32)
             b = delta if b is None else b + delta
         if b is not None and not np.any(b):  # a zero bias adds nothing: the int8 kernel runs without one
@@ -277,7 +280,7 @@ class Rewriter:
             # consumers of one bias whose quantized values and scales agree share one constant
             bname = g.add_dequantized_init(base, bq, b_scale, np.zeros(b_scale.shape, np.int32), axis,
                                            key=("bias", layer.bias, bq.tobytes(), b_scale.tobytes(), axis))
-            if layer.bias is None:  # Conv and Gemm take an optional third input
+            if bias_slot(layer) == "append":  # Conv and Gemm take an optional third input
                 node.input.append(bname)
             else:
                 g.replace_input(node, layer.bias, bname)
