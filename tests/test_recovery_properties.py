@@ -198,3 +198,35 @@ def check_one(bench, layer, option, feed) -> None:
     assert abs(noise - probe_noise) <= 1e-3 * sig + 0.02 * probe_noise, \
         (f"{layer.name} {option.label()}: the rewrite's error {noise:.4g}, the probe's {probe_noise:.4g} (signal "
          f"{sig:.4g}) in {[(n.name, n.op_type) for n in bench.prepared.proto.graph.node]}")
+
+
+def test_optimize_runs_on_ids_plus_features_whose_matmul_add_becomes_a_gemm_with_a_2d_bias(tmp_path):
+    """The reported case: int64 ids and a float feature, a MatMul + Add of a (1, N) bias that ONNX
+    Runtime fuses into a Gemm with a 2-D C. Its probe once wrote a Gemm with four inputs."""
+    from qsearch import optimize
+
+    rng = np.random.default_rng(1)
+    inits = {"emb": rng.normal(0, 1, (20, D)).astype(np.float32), "w": rng.normal(0, 0.4, (2 * D, D)).astype(np.float32),
+             "b": rng.normal(0, 0.2, (1, D)).astype(np.float32), "w_head": rng.normal(0, 0.4, (D, CLASSES)).astype(np.float32)}
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="gather"),
+             helper.make_node("ReduceMean", ["e"], ["e_mean"], name="e_mean", axes=[1], keepdims=0),
+             helper.make_node("Concat", ["x", "e_mean"], ["h"], name="cat", axis=1),
+             helper.make_node("MatMul", ["h", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w_head"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "ids_and_features", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    cfg = workload(tmp_path, model)
+    cfg.write_text(cfg.read_text().replace("recovery: [bias, cle, smooth]", "recovery: [bias, cle, smooth], "
+                                          "early_verdict: false"))
+    bench = open_bench(cfg, tmp_path / "cache")
+    gemm = next(la for la in bench.candidates() if la.op_type == "Gemm")  # ORT fused MatMul + Add
+    assert bias_slot(gemm) == ""  # its C is (1, N): no place for a corrected bias
+    r = optimize(cfg, budget=4, out=tmp_path / "out")
+    assert r.status == 0 and (tmp_path / "out" / "model.qsearch.onnx").is_file()
