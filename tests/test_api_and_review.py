@@ -148,3 +148,26 @@ def test_an_unknown_precision_is_refused_not_run_as_float():
     for kw in ({"precision": "int4"}, {"calibration": "magic"}, {"granularity": "per_row"}):
         with pytest.raises(QsearchError, match="layer choice: "):
             LayerChoice(**kw)
+
+
+@pytest.mark.parametrize("value", ["0.93", [1, 2], {"a": 1}, None, True, float("nan"), float("inf"), 0, -1])
+def test_show_reads_every_displayed_figure_with_suspicion(workload, tmp_path, capsys, value):
+    """A hand-edited metrics block (a string, a list, NaN, a zero latency...) in every figure `show`
+    displays: it prints what holds and leaves out the rest, never a traceback."""
+    _naive(workload, tmp_path, capsys)
+    path = tmp_path / "naive.yaml"
+    doc = yaml.safe_load(path.read_text())
+    good = {"metric": "top1", "plan": {"test": 0.9, "latency_ms": 1.0, "size_bytes": 50},
+            "fp32": {"test": 0.95, "latency_ms": 2.0, "size_bytes": 100}}
+    path.write_text(yaml.safe_dump({**doc, "metrics": good}, sort_keys=False))
+    assert main(["show", str(path)]) == 0
+    assert "top1: test 0.9000 (FP32 0.9500), latency 1.000 ms (2.00x FP32), size 0.50x" in capsys.readouterr().out
+    for side in ("plan", "fp32"):
+        for key in ("test", "latency_ms", "size_bytes"):
+            edited = {**doc, "metrics": {**good, side: {**good[side], key: value}}}
+            path.write_text(yaml.safe_dump(edited, sort_keys=False))
+            assert main(["show", str(path)]) == 0, (side, key)
+            out = capsys.readouterr().out
+            assert "conv_a" in out and ("nan" not in out.lower() or "nan" in str(value).lower())
+    path.write_text(yaml.safe_dump({**doc, "metrics": {"plan": "fast", "fp32": [1], "metric": {"x": 1}}}))
+    assert main(["show", str(path)]) == 0 and "conv_a" in capsys.readouterr().out

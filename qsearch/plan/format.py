@@ -312,3 +312,44 @@ def good_range(r: Any) -> bool:
     if not all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in r):
         return False
     return all(np.isfinite(v) and abs(v) <= MAX_RANGE for v in r) and r[0] <= 0 <= r[1]
+
+
+def number(v: Any) -> float | None:
+    """A figure read from a plan: a finite number, else None (a hand-edited plan may hold anything)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        return None
+    return float(v) if np.isfinite(v) else None
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The measured figures of a plan's `metrics` block, typed: only displayed, never trusted, so a
+    field that is not a finite number reads None and is left out of what is shown."""
+
+    metric: str = "score"
+    test: float | None = None
+    fp32_test: float | None = None
+    latency_ms: float | None = None
+    fp32_latency_ms: float | None = None
+    size_bytes: float | None = None
+    fp32_size_bytes: float | None = None
+
+    @classmethod
+    def of(cls, metrics: Mapping[str, Any]) -> Figures:
+        p = metrics.get("plan") if isinstance(metrics.get("plan"), Mapping) else {}
+        f = metrics.get("fp32") if isinstance(metrics.get("fp32"), Mapping) else {}
+        return cls(str(metrics.get("metric", "score"))[:40], number(p.get("test")), number(f.get("test")),
+                   number(p.get("latency_ms")), number(f.get("latency_ms")), number(p.get("size_bytes")),
+                   number(f.get("size_bytes")))
+
+    def text(self) -> str:
+        """'metric: test 0.98 (FP32 0.99), latency 1.2 ms (1.5x FP32), size 0.3x', or '' when nothing holds."""
+        parts = []
+        if self.test is not None:
+            parts.append(f"test {self.test:.4f}" + (f" (FP32 {self.fp32_test:.4f})" if self.fp32_test is not None else ""))
+        if self.latency_ms is not None and self.latency_ms > 0:
+            ratio = f" ({self.fp32_latency_ms / self.latency_ms:.2f}x FP32)" if self.fp32_latency_ms else ""
+            parts.append(f"latency {self.latency_ms:.3f} ms{ratio}")
+        if self.size_bytes is not None and self.fp32_size_bytes:
+            parts.append(f"size {self.size_bytes / self.fp32_size_bytes:.2f}x")
+        return f"{self.metric}: {', '.join(parts)}" if parts else ""

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 from qsearch.errors import QsearchError
-from qsearch.plan.format import Plan
+from qsearch.plan.format import Figures, Plan
 
 
 @dataclass(frozen=True)
@@ -117,18 +116,14 @@ def diff_text(d: PlanDiff, where: tuple[str, str] = ("A", "B")) -> str:
 
 def show_text(plan: Plan, why_width: int = 70) -> str:
     """The plan as a reviewer reads it: header, then one row per layer in graph order."""
-    m = plan.metrics
     lines = [f"plan for '{plan.model_name}' ({plan.fingerprint}{', ' + plan.model_file if plan.model_file else ''}), "
              f"target {plan.target}"]
     n8 = sum(c.is_int8 for c in plan.layers.values())
     lines.append(f"{len(plan.layers)} layers listed: {n8} INT8, {len(plan.layers) - n8} float"
                  + ("" if plan.defaults is None else f"; layers not listed: {plan.defaults.label()}"))
-    if isinstance(m.get("plan"), dict) and isinstance(m.get("fp32"), dict):
-        p, f = m["plan"], m["fp32"]
-        with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
-            lines.append(f"{m.get('metric', 'score')}: test {p['test']:.4f} (FP32 {f['test']:.4f}), latency "
-                         f"{p['latency_ms']:.3f} ms ({f['latency_ms'] / p['latency_ms']:.2f}x FP32), size "
-                         f"{p['size_bytes'] / f['size_bytes']:.2f}x")
+    figures = Figures.of(plan.metrics).text()
+    if figures:
+        lines.append(figures)
     if plan.sidecar:
         lines.append(f"recovery: {_sidecar(plan)}")
     if plan.forms:
