@@ -3,7 +3,7 @@
 from qsearch._exports import lazy
 
 _EXPORTS = {
-    "format": ("MAX_RANGE", "SCHEMA_VERSION", "PRECISIONS", "TARGETS", "LayerChoice", "LayerNote", "Plan", "layer_notes", "provenance", "closest", "good_range",),
+    "format": ("MAX_RANGE", "SCHEMA_VERSION", "PRECISIONS", "TARGETS", "LayerChoice", "LayerNote", "Plan", "layer_notes", "provenance", "closest", "good_range", "Figures", "number",),
     "sidecar": ("SIDECAR_KINDS", "SIDECAR_NAME", "Sidecar", "sidecar_name",),
     "io": ("read_plan", "plan_from_doc",),
     "build": ("allowed_granularities", "normalized", "inputs_of", "tensor_methods", "quantized_tensors", "build_plan", "weight_copies",),
