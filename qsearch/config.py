@@ -86,6 +86,7 @@ class Workload:
     threads: int = 1  # ORT intra-op threads per session: 1 keeps latency stable and lets workers scale
     latency_batch: int = 64
     extra: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what loading changed and the user should know (a widened bf16 module)
 
     @property
     def base(self) -> Path:
@@ -119,10 +120,12 @@ def load_workload(path: str | Path | None) -> Workload:
     for key in ("model", "data", "metric", "max_drop"):
         if key not in doc:
             raise ConfigError(f"{p}: missing required key '{key}'")
+    notes: tuple[str, ...] = ()
     if isinstance(doc["model"], dict):  # a PyTorch module factory: exported once, cached
         from qsearch.export import torch_model
 
-        model = torch_model(p, doc["model"], base)
+        model, note = torch_model(p, doc["model"], base)
+        notes = (note,) if note else ()
     else:
         model = _path(p, doc, "model", base)
     target = doc.get("target", "cpu")
@@ -149,7 +152,7 @@ def load_workload(path: str | Path | None) -> Workload:
         path=p, name=str(doc.get("name", model.stem)), model=model, calibration=splits["calibration"],
         search=splits["search"], test=splits["test"], metric=metric, max_drop=max_drop, relative=relative,
         target=target, space=space, batch_size=batch, threads=_int(p, runtime, "threads", 1, 0),
-        latency_batch=_int(p, runtime, "latency_batch", 64, 1),
+        latency_batch=_int(p, runtime, "latency_batch", 64, 1), notes=notes,
     )
 
 

@@ -46,8 +46,9 @@ def _examples(p: Path, spec: dict) -> list[tuple[tuple[int, ...], str]]:
     return out
 
 
-def torch_model(p: Path, spec: Any, base: Path) -> Path:
-    """The ONNX file for a `model: {torch: ..., example_input: ...}` entry, exported on first use."""
+def torch_model(p: Path, spec: Any, base: Path) -> tuple[Path, str]:
+    """The ONNX file for a `model: {torch: ..., example_input: ...}` entry, exported on first use,
+    and a note for the user when the module was converted to export it ('' when not)."""
     if not isinstance(spec, dict):
         raise ModelError(f"{where(p, {'model': spec}, 'model')}: 'model' must be a file path or "
                            "{torch: 'pkg.module:factory', example_input: [...]}")
@@ -72,14 +73,14 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"{where(p, spec, 'torch')}: '{entry}' returned {type(module).__name__}, not a "
                            "torch.nn.Module")
-    module = _float32(module, torch, where(p, spec, "torch"), entry)
+    module, note = _float32(module, torch, where(p, spec, "torch"), entry)
     h = _weights_hash(module, torch, repr((entry, examples, torch.__version__)))
     from qsearch.files import ensure_writable_dir
 
     ensure_writable_dir(cache_dir(), "the export cache (QSEARCH_CACHE/torch)", create=False)
     path = cache_dir() / f"{entry.split(':')[-1]}-{h.hexdigest()[:16]}.onnx"
     if path.is_file():
-        return path
+        return path, note
     # batch 2 in the example: torch.export specializes a dimension of size 1
     try:
         args = tuple(torch.zeros((2, *shape[1:]), dtype=getattr(torch, dtype)) for shape, dtype in examples)
@@ -103,7 +104,7 @@ def torch_model(p: Path, spec: Any, base: Path) -> Path:
     finally:
         with contextlib.suppress(OSError):  # (nothing was written there)
             tmp.unlink(missing_ok=True)
-    return path
+    return path, note
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -126,15 +127,22 @@ def _logging_to(sink):
 
 
 def _float32(module, torch, at: str, entry: str):
-    """The module as qsearch quantizes it: float32 weights on the CPU. bf16/fp16 weights are
-    widened (qsearch's INT8 comes from float32); weights on the meta device have no values."""
+    """(the module as qsearch quantizes it, a note): float32 weights on the CPU. bf16/fp16 weights
+    are widened, and the note says so (the exported model then computes in float32, not as the
+    module did); weights on the meta device have no values and are refused."""
     tensors = [*module.parameters(), *module.buffers()]
     if any(t.is_meta for t in tensors):
         raise ModelError(f"{at}: '{entry}' returned a module with weights on the meta device (no values): "
                            "load or initialize its weights before returning it")
-    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+    narrow = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    note = ""
+    if narrow:
         module = module.float()
-    return module.cpu().eval()
+        note = (f"{at}: '{entry}' has {' and '.join(narrow)} weights: widened to float32 for export, so the FP32 "
+                f"baseline and every plan start from a float32 model, which computes more precisely than the "
+                f"{'/'.join(narrow)} module did")
+    return module.cpu().eval(), note
 
 
 def _weights_hash(module, torch, head: str):

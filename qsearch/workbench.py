@@ -176,6 +176,8 @@ def open_workbench(workload: Workload, cache_dir: Path | None = None, log: Calla
     `calibrate=False` defers the calibration pass to `Workbench.calibrated` (which can share it).
     `engine`: where models are scored and timed (default: ONNX Runtime's CPU provider)."""
     engine = engine or OrtCpu(workload.threads)
+    for note in workload.notes:
+        log(note)
     prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))
     bs, base = workload.batch_size, workload.base
     calib_data = data.load(workload.calibration, prepared.inputs, bs, base)

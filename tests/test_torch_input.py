@@ -46,6 +46,10 @@ def build_bf16():
     return build().to(torch.bfloat16)
 
 
+def build_fp16():
+    return build().half()
+
+
 def build_meta():
     with torch.device("meta"):
         return Net()
@@ -153,19 +157,25 @@ def test_a_cache_folder_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch
 
 
 def test_unusual_torch_modules_export_or_fail_in_one_line(tmp_path, monkeypatch, capsys):
-    """bf16 weights are widened to float32, get_extra_state is hashed by its repr, weights on the
+    """bf16 and fp16 weights are widened to float32 and said, get_extra_state is hashed by its repr, weights on the
     meta device are refused, and an export failure is one line pointing at the exporter's log."""
     import onnx
 
     monkeypatch.setenv("QSEARCH_CACHE", str(tmp_path / "cache"))
     cfg = _workload(tmp_path)
     text = cfg.read_text()
-    for factory in ("build_bf16", "build_extra"):
+    for factory, said in (("build_bf16", "bfloat16"), ("build_fp16", "float16"), ("build_extra", None)):
         cfg.write_text(text.replace("tinynet:build", f"tinynet:{factory}"))
-        path = load_workload(cfg).model
-        dtypes = {i.data_type for i in onnx.load(str(path)).graph.initializer if i.data_type in (1, 10, 16)}
+        w = load_workload(cfg)
+        dtypes = {i.data_type for i in onnx.load(str(w.model)).graph.initializer if i.data_type in (1, 10, 16)}
         assert dtypes == {onnx.TensorProto.FLOAT}, (factory, dtypes)
-        assert path.with_suffix(".export.log").is_file()
+        assert w.model.with_suffix(".export.log").is_file()
+        # a widened module is said, in one line naming its dtype, when a command opens it
+        assert [said in n and "widened to float32" in n for n in w.notes] == ([True] if said else [])
+    cfg.write_text(text.replace("tinynet:build", "tinynet:build_bf16"))
+    capsys.readouterr()
+    assert main(["analyze", "--config", str(cfg), "--out", str(tmp_path / "o16")]) == 0
+    assert "bfloat16 weights: widened to float32" in capsys.readouterr().err
     for factory, message in (("build_meta", "weights on the meta device"), ("build_branchy", "exporter's log")):
         cfg.write_text(text.replace("tinynet:build", f"tinynet:{factory}"))
         capsys.readouterr()
