@@ -1,6 +1,7 @@
 """Interrupted searches and several workers on one study, as users run them: real `qsearch
 optimize` processes, real signals, real SQLite / journal / PostgreSQL storages."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,10 +26,11 @@ def workload(tmp_path_factory):
     return write_workload(tmp_path_factory.mktemp("w"), make_cnn(outlier_layer="conv_b"))
 
 
-def _optimize(workload: Path, out: Path, budget: int, *extra: str) -> subprocess.Popen:
+def _optimize(workload: Path, out: Path, budget: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qsearch", "optimize", "--config", str(workload), "--budget", str(budget),
            "--out", str(out), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=None if env is None else {**os.environ, **env})
 
 
 def _study(storage: str) -> optuna.Study:
@@ -77,10 +79,11 @@ def check_result(out: Path, workload: Path, study: optuna.Study | None = None, m
         assert "No INT8 plan within budget beats FP32" in (out / "report.md").read_text()
 
 
-def _wait_for_running_trial(storage_file: Path, proc: subprocess.Popen, complete: int, timeout: float = 120) -> None:
-    """Poll the study until `complete` trials are done and another one is running (the study is
-    loaded once: a slow poll on a busy machine would miss the short windows of a running trial)."""
-    url = f"sqlite:///{storage_file}"
+def _wait_for_running_trial(url: str, proc: subprocess.Popen, complete: int, timeout: float = 120,
+                            own: bool = False) -> None:
+    """Poll the study until `complete` trials are done and another one is running (`own`: one that
+    `proc` runs). The study is loaded once: a slow poll on a busy machine would miss the short
+    windows of a running trial."""
     t = time.time()
     study = None
     while time.time() - t < timeout:
@@ -91,7 +94,8 @@ def _wait_for_running_trial(storage_file: Path, proc: subprocess.Popen, complete
         except Exception:  # the study is being created
             trials = []
         done = sum(tr.state in FINISHED for tr in trials)
-        if done >= complete and any(tr.state == TrialState.RUNNING and tr.params for tr in trials):
+        if done >= complete and any(tr.state == TrialState.RUNNING and tr.params and (
+                not own or tr.user_attrs.get("worker", "").endswith(f":{proc.pid}")) for tr in trials):
             return
         time.sleep(0.01)
     raise AssertionError("the search never reached the expected trial")
@@ -106,7 +110,7 @@ def test_killed_search_resumes_keeping_every_finished_trial(sig, workload, tmp_p
     out = tmp_path / "run"
     budget = 30
     proc = _optimize(workload, out, budget)
-    _wait_for_running_trial(out / "study.db", proc, complete=3)
+    _wait_for_running_trial(f"sqlite:///{out / 'study.db'}", proc, complete=3)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGKILL:
@@ -182,23 +186,68 @@ def _postgres_bin() -> Path | None:
     return None
 
 
-def test_two_workers_on_postgresql(workload, tmp_path):
-    """A real PostgreSQL server on loopback (started here, as the `postgres` user when we are root)."""
+def _unavailable(why: str) -> None:
+    """Skip where PostgreSQL cannot run, except in CI (`QSEARCH_REQUIRE_POSTGRES=1`): there it fails."""
+    if os.environ.get("QSEARCH_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"QSEARCH_REQUIRE_POSTGRES=1 but {why}")
+    pytest.skip(why)
+
+
+def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path):
+    """A real PostgreSQL server on loopback (started here, as the `postgres` user when we are root),
+    two `optimize` workers on one study, one killed while it runs a trial: the other finishes, the
+    killed trial is failed by its stale heartbeat and its plan run again once, nothing is lost or
+    duplicated."""
     bindir = _postgres_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver SQLAlchemy uses) is not installed")
+        _unavailable("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    try:
+        import psycopg  # noqa: F401  (the PostgreSQL driver SQLAlchemy uses)
+    except ImportError:
+        _unavailable("psycopg is not installed")
+    # more samples than the other tests: trials long enough (~0.3 s) to be killed inside one
+    workload = write_workload(tmp_path / "w", make_cnn(outlier_layer="conv_b"), n=1024)
+    with _postgres(bindir, tmp_path) as url:
+        budget, env = 24, {"QSEARCH_HEARTBEAT_S": "1"}  # stale after 3 s, while the other still runs trials
+        procs = [_optimize(workload, tmp_path / f"out{i}", budget, "--storage", url, env=env) for i in range(2)]
+        _wait_for_running_trial(url, procs[0], complete=3, own=True)
+        procs[0].kill()
+        procs[0].communicate(timeout=60)
+        _, err = procs[1].communicate(timeout=300)
+        assert procs[1].returncode == 0, err
+        study = _study(url)
+        killed = [t for t in study.trials if t.user_attrs.get("worker", "").endswith(f":{procs[0].pid}")
+                  and t.state == TrialState.FAIL]
+        assert len(killed) == 1, " ".join(f"{t.number}:{t.state.name[:4]}:{t.user_attrs.get('worker', '-')}" for t in study.trials) + f" killed {procs[0].pid}"
+        retries = [t for t in study.trials
+                   if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == killed[0].number]
+        # run again once, with what it had drawn (a trial killed while its sampler drew draws the rest anew)
+        assert len(retries) == 1 and retries[0].state in FINISHED
+        assert killed[0].params.items() <= retries[0].params.items()
+        finished = [t for t in study.trials if t.state in FINISHED]
+        assert budget <= len(finished) <= budget + 1
+        assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        assert len({t.number for t in study.trials}) == len(study.trials)
+        warm = [tuple(sorted(t.params.items())) for t in study.trials if t.system_attrs.get("fixed_params")
+                and optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) is None]
+        assert len(warm) == len(set(warm))  # each warm-start plan ran once, not once per worker
+        check_result(tmp_path / "out1", workload, study)
+
+
+@contextlib.contextmanager
+def _postgres(bindir: Path, tmp_path: Path):
+    """A PostgreSQL server on a free loopback port with an empty database; yields its URL."""
     as_user: list = []
     data = tmp_path / "pg"
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser to start PostgreSQL as another user")
+            _unavailable("running as root without runuser to start PostgreSQL as another user")
         import pwd
 
         try:
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to start the server as")
+            _unavailable("running as root and there is no 'postgres' user to start the server as")
         as_user = ["runuser", "-u", "postgres", "--"]
         data = Path(tempfile.mkdtemp(prefix="qsearch-pg-"))
         os.chown(data, pw.pw_uid, pw.pw_gid)
@@ -212,13 +261,7 @@ def test_two_workers_on_postgresql(workload, tmp_path):
     try:
         subprocess.run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "qsearch", "studies"],
                        check=True, capture_output=True)
-        url = f"postgresql://qsearch@127.0.0.1:{port}/studies"
-        budget, workers = 12, 2
-        procs = [_optimize(workload, tmp_path / f"out{i}", budget, "--storage", url) for i in range(workers)]
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err
-        _check_shared(_study(url), budget, workers)
+        yield f"postgresql://qsearch@127.0.0.1:{port}/studies"
     finally:
         subprocess.run([*as_user, bindir / "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
         if as_user:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from qsearch.errors import INTERRUPTED, QsearchError
 
@@ -29,6 +30,55 @@ def sqlite_url(path: Path) -> str:
     return "sqlite:///" + quote(str(path.resolve()), safe="/")
 
 
+def worker_id() -> str:
+    """This worker as a trial records it: host and process id (several machines share a study)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def heartbeat() -> tuple[int, int]:
+    """(interval, grace period) in seconds of trial heartbeats in database storages: a worker killed
+    mid-trial leaves its trial RUNNING until another worker sees its heartbeat `grace` seconds
+    old, fails it and retries its plan. `QSEARCH_HEARTBEAT_S` sets the interval (grace: 3x):
+    shorter for short trials, longer on a slow network."""
+    raw = os.environ.get("QSEARCH_HEARTBEAT_S", "").strip()
+    if not raw:
+        return 30, 90
+    if not raw.isdigit() or not 1 <= int(raw) <= 3600:
+        raise QsearchError(f"QSEARCH_HEARTBEAT_S: {raw[:40]!r} is not a whole number of seconds in [1, 3600]")
+    return int(raw), 3 * int(raw)
+
+
+def is_server(url: str) -> bool:
+    """A database server several machines share: no file lock tells live workers from dead ones,
+    the trials' heartbeats do."""
+    return url.startswith(("postgresql", "mysql"))
+
+
+def settle(study: optuna.Study, retry: Callable[[], None], until: float | None = None) -> int:
+    """After this worker's last trial, on a database server (`is_server`): wait while another
+    worker's trial is RUNNING. One whose worker died (heartbeat older than the grace period) is
+    failed and its plan, re-queued by the storage's retry callback, is run here by `retry()` (one
+    trial), so a killed worker loses no trial even when the others finish first. Waits at most the
+    grace period plus two intervals, and never past `until` (`time.monotonic()`). Returns the
+    trials retried."""
+    from optuna.storages import RetryFailedTrialCallback, fail_stale_trials
+
+    interval, grace = heartbeat()
+    stop = time.monotonic() + grace + 2 * interval
+    stop = stop if until is None else min(stop, until)
+    retried = 0
+    while time.monotonic() < stop and not INTERRUPTED.is_set():
+        fail_stale_trials(study)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if any(RetryFailedTrialCallback.retried_trial_number(t) is not None for t in waiting):
+            retry()  # (the oldest waiting trial first: an enqueued plan may run before the retry)
+            retried += 1
+            continue
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            break
+        time.sleep(min(interval, 1.0))
+    return retried
+
 
 def open_storage(url: str | None, out: Path):
     if url is None:
@@ -36,10 +86,11 @@ def open_storage(url: str | None, out: Path):
         url = sqlite_url(out / "study.db")
     try:
         if url.startswith(("sqlite:", "postgresql", "mysql")):
+            interval, grace = heartbeat()
             for attempt in range(5):
                 try:
                     st = optuna.storages.RDBStorage(
-                        url, heartbeat_interval=30, grace_period=90,
+                        url, heartbeat_interval=interval, grace_period=grace,
                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                     )
                     if url.startswith("sqlite:"):

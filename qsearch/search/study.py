@@ -228,6 +228,7 @@ class Search:
         t0 = time.perf_counter()
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt
+        trial.set_user_attr("worker", jobs.worker_id())  # which machine and process ran it
         params = {n: trial.suggest_categorical(n, list(opts)) for n, opts in self.dims.searched.items()}
         choices = self.choices(params)
 
@@ -322,6 +323,9 @@ class Search:
         timeout = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
         self.study.optimize(self._objective, n_trials=budget - done, timeout=timeout, callbacks=callbacks,
                             catch=(Exception,), gc_after_trial=False)
+        if jobs.is_server(self.storage_url):  # another worker's trial may be lost with its worker
+            jobs.settle(self.study, lambda: self.study.optimize(self._objective, n_trials=1, catch=(Exception,),
+                                                                 callbacks=[_check_interrupt]), deadline)
 
     def repair(self, progress: Callable | None = None) -> int:
         """No trial met the budget: `strategy.repair` from the closest trial, each step a scored
