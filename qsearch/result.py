@@ -229,12 +229,12 @@ def trials_csv(path: Path, search: Search) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     layers = list(search.dims.searched)  # one column per searched layer: its option in that trial
-    w.writerow(["trial", "state", "score", "drop", "cost", "latency_ms", "size_bytes", "bitops", "feasible", *layers])
+    w.writerow(["trial", "state", "score", "drop", "cost", "latency_ms", "size_bytes", "bitops", "feasible", "worker", *layers])
     for t in search.study.trials:
         a = t.user_attrs
         plan = a.get("choices") or t.system_attrs.get("fixed_params") or t.params
         w.writerow([t.number, t.state.name, a.get("score", ""), a.get("drop", a.get("drop_estimate", "")),
                     a.get("cost", ""), a.get("latency_ms", ""), a.get("size_bytes", ""), a.get("bitops", ""),
-                    "" if "drop" not in a else a["drop"] <= search.allowed + 1e-12,
+                    "" if "drop" not in a else a["drop"] <= search.allowed + 1e-12, a.get("worker", ""),
                     *(plan.get(n, "") for n in layers)])
     atomic_write_text(path, buf.getvalue())

@@ -1,5 +1,6 @@
 """Plans, workload configs and the command line, as users run them (real subprocess-free CLI calls)."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -238,9 +239,11 @@ def test_optimize_end_to_end(workload, tmp_path, capsys):
     import csv
 
     rows = list(csv.reader((out / "trials.csv").read_text().splitlines()))
-    layers = rows[0][9:]  # one column per searched layer
+    assert rows[0][9] == "worker"  # host:pid of the process that ran the trial (several machines share a study)
+    assert all(r[9].endswith(f":{os.getpid()}") for r in rows[1:] if r[1] == "COMPLETE" and r[9])
+    layers = rows[0][10:]  # one column per searched layer
     assert layers and all(len(r) == len(rows[0]) for r in rows)
-    assert all(v.startswith(("int8/", "fp32")) for r in rows[1:] if r[1] == "COMPLETE" for v in r[9:])
+    assert all(v.startswith(("int8/", "fp32")) for r in rows[1:] if r[1] == "COMPLETE" for v in r[10:])
     plan = read_plan(out / "plan.yaml")
     assert plan.metrics["test_drop"] <= plan.metrics["max_drop"] + 0.05  # small test set: search budget + noise
     assert plan.metrics["plan"]["search"] >= plan.metrics["fp32"]["search"] - plan.metrics["max_drop"]
