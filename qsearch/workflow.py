@@ -27,7 +27,7 @@ from qsearch.report.markdown import (
     forms_line,
 )
 from qsearch.result import RESULT_FILES, no_plan, trials_csv, write_result
-from qsearch.search.jobs import StudyQueue, check_study, open_storage
+from qsearch.search.jobs import StudyQueue, check_study, heartbeat, open_storage
 from qsearch.search.seeds import Strategy
 from qsearch.search.study import Search, default_study_name
 from qsearch.workbench import Workbench
@@ -108,6 +108,7 @@ def run_optimize(config, out: Path, **request) -> OptimizeResult:
         raise QsearchError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     check_eval_timeout(req.eval_timeout)
     check_samples(req.samples)
+    heartbeat()  # QSEARCH_HEARTBEAT_S, refused before any work or folder
     stage = Stage()
     try:
         with limits.limit(timeout, "--timeout", CommandTimeout):

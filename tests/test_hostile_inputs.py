@@ -189,3 +189,49 @@ def test_refused_commands_leave_no_folders_behind(tmp_path, capsys):
     deep = tmp_path / "new" / "a" / "b" / "x.csv"
     assert main(["profile", str(tmp_path / "missing.onnx"), "--config", str(cfg), "-o", str(deep)]) == 2
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("ceiling_not_bool", "search_space.stop_at_ceiling must be true or false"),
+    ("weights_unknown", "search_space.weights: 'int9' is not one of int8, int7, uint8"),
+    ("weights_empty", "search_space.weights must not be empty"),
+    ("int8_path_unknown", "QSEARCH_INT8_PATH: 'z80' is not one of"),
+    ("heartbeat_text", "QSEARCH_HEARTBEAT_S: 'abc' is not a whole number of seconds in [1, 3600]"),
+    ("heartbeat_zero", "QSEARCH_HEARTBEAT_S: '0' is not a whole number"),
+    ("heartbeat_huge", "QSEARCH_HEARTBEAT_S: '99999' is not a whole number"),
+])
+def test_hostile_inputs_of_this_round(case, expect, workload, tmp_path, capsys, monkeypatch):
+    """This round's new inputs (the ceiling stop, weight encodings, the CPU's int8 path, heartbeats),
+    each refused in one line before any work, with no --out left behind."""
+    from qsearch.engine import isa
+
+    text = workload.read_text()
+    if case == "ceiling_not_bool":
+        text = with_space(text, "{stop_at_ceiling: 1}")
+    elif case.startswith("weights"):
+        text = with_space(text, "{weights: [int9]}" if case == "weights_unknown" else "{weights: []}")
+    elif case == "int8_path_unknown":
+        monkeypatch.setenv("QSEARCH_INT8_PATH", "z80")
+        isa.detect.cache_clear()
+    else:
+        monkeypatch.setenv("QSEARCH_HEARTBEAT_S", {"heartbeat_text": "abc", "heartbeat_zero": "0"}.get(case, "99999"))
+    workload.write_text(text)
+    out = tmp_path / "out"
+    try:
+        assert main(["optimize", "--config", str(workload), "--budget", "2", "--out", str(out)]) == 2
+        assert expect in last_error(capsys)
+        assert not out.exists()
+    finally:
+        isa.detect.cache_clear()
+
+
+def test_a_plan_naming_an_unknown_int8_path_is_applied_and_said(workload, tmp_path, capsys):
+    """provenance.int8_path is only displayed: a hand-edited value is shown as text, never trusted."""
+    plan = tmp_path / "plan.yaml"
+    assert main(["baseline", "naive", "--config", str(workload), "--out", str(tmp_path / "o"), "-o", str(plan)]) == 0
+    capsys.readouterr()
+    doc = yaml.safe_load(plan.read_text())
+    doc["provenance"]["int8_path"] = [1, 2]
+    plan.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert main(["apply", str(plan), str(workload.parent / "model.onnx"), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "names int8 path '[1, 2]', which is none of" in capsys.readouterr().err

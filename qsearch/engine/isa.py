@@ -96,8 +96,11 @@ def mismatch(recorded: object, what: str) -> str | None:
     """One line when `what` (a plan, a model) was measured on another int8 path than this machine's,
     saying what that means for its accuracy; None when they agree or nothing was recorded."""
     here = detect()
-    if not isinstance(recorded, str) or not recorded or recorded == here.name:
+    if recorded is None or recorded == here.name:
         return None
+    if not isinstance(recorded, str) or recorded not in PATHS:  # a hand edit: shown as text, not trusted
+        return (f"{what} names int8 path {str(recorded)[:60]!r}, which is none of {', '.join(PATHS)}: which CPU "
+                f"measured it is unknown (`qsearch evaluate` measures it here, on {here.name})")
     there = recorded in SATURATING
     if here.saturates and not there:
         risk = "its int8-coded weights may saturate in u8s8 kernels here and lose accuracy"

@@ -114,6 +114,8 @@ def open_storage(url: str | None, out: Path):
         driver = {"postgresql": "psycopg[binary]", "mysql": "pymysql", "redis": "redis"}.get(url.split(":")[0].split("+")[0])
         raise QsearchError(f"storage '{url}' needs a database driver that is not installed"
                            + (f": pip install '{driver}'" if driver else "")) from None
+    except QsearchError:
+        raise
     except Exception as exc:
         raise QsearchError(f"storage '{url}' cannot be opened: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     raise QsearchError(f"storage '{url}' is not a supported Optuna storage URL (sqlite:///, postgresql://, "
