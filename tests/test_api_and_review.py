@@ -171,3 +171,16 @@ def test_show_reads_every_displayed_figure_with_suspicion(workload, tmp_path, ca
             assert "conv_a" in out and ("nan" not in out.lower() or "nan" in str(value).lower())
     path.write_text(yaml.safe_dump({**doc, "metrics": {"plan": "fast", "fp32": [1], "metric": {"x": 1}}}))
     assert main(["show", str(path)]) == 0 and "conv_a" in capsys.readouterr().out
+
+
+def test_the_api_reads_a_plans_figures_typed(workload, tmp_path, capsys):
+    _naive(workload, tmp_path, capsys)
+    path = tmp_path / "naive.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["metrics"] = {"metric": "top1", "plan": {"test": "0.9", "latency_ms": float("nan"), "size_bytes": 50},
+                      "fp32": {"test": 0.95, "latency_ms": 2, "size_bytes": True}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    f = read_plan(path).figures
+    assert (f.metric, f.test, f.fp32_test, f.latency_ms, f.fp32_latency_ms, f.size_bytes, f.fp32_size_bytes) == \
+        ("top1", None, 0.95, None, 2.0, 50.0, None)
+    assert f.text() == ""  # nothing both sides hold: nothing shown

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -172,6 +172,7 @@ def test_every_recovery_option_is_valid_runs_and_agrees_with_its_probe(model):
             options = options_for(layer, space.calibration, space.granularity, space.recovery,
                                   layer.name in partnered, layer.name in smoothable, space.weights)
             for option in options:
+                event(f"{layer.op_type} recovery={option.recovery} weights={option.weights}")
                 check_one(bench, layer, option, feed)
 
 

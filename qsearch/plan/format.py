@@ -136,6 +136,11 @@ class Plan:
         got = self.layers.get(layer, self.defaults)
         return got if got is not None else LayerChoice(self.float_precision)
 
+    @property
+    def figures(self) -> Figures:
+        """The measured figures of `metrics`, typed (a hand-edited field that is not a number reads None)."""
+        return Figures.of(self.metrics)
+
     def with_info(self, metrics: Mapping[str, Any] | None = None, **provenance: Any) -> Plan:
         return replace(
             self,

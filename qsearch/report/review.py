@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qsearch.errors import QsearchError
-from qsearch.plan.format import Figures, Plan
+from qsearch.plan.format import Plan
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def show_text(plan: Plan, why_width: int = 70) -> str:
     n8 = sum(c.is_int8 for c in plan.layers.values())
     lines.append(f"{len(plan.layers)} layers listed: {n8} INT8, {len(plan.layers) - n8} float"
                  + ("" if plan.defaults is None else f"; layers not listed: {plan.defaults.label()}"))
-    figures = Figures.of(plan.metrics).text()
+    figures = plan.figures.text()
     if figures:
         lines.append(figures)
     if plan.sidecar:
