@@ -13,6 +13,7 @@ import argparse
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def workers(kind: str, n: int, budget: int) -> dict:
 
 def pytest_count(expr: str, env: dict | None = None) -> tuple[int, int, float]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *expr.split()], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *shlex.split(expr)], cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, **(env or {})})
     passed = int(m.group(1)) if (m := re.search(r"(\d+) passed", r.stdout)) else 0
     failed = int(m.group(1)) if (m := re.search(r"(\d+) failed", r.stdout)) else 0
@@ -163,12 +164,23 @@ def main() -> None:
          "recovery input (tests/test_recovery.py)", "tests/test_recovery.py", None),
         ("the YAML reader against safe_load (hypothesis) and its refusals (tests/test_yamlread.py)",
          "tests/test_yamlread.py", None),
-        ("PyTorch factories: export, cache, bf16 / meta / extra state, export failures (tests/test_torch_input.py)",
-         "tests/test_torch_input.py", None),
+        ("PyTorch factories: export, cache, bf16 / fp16 widened and said, meta refused, extra state, export "
+         "failures (tests/test_torch_input.py)", "tests/test_torch_input.py", None),
+        (f"recovery on random graphs: every option of every layer valid, runs, all-float bit-identical, probe = "
+         f"final rewrite (hypothesis, {args.fuzz} graphs; tests/test_recovery_properties.py)",
+         "tests/test_recovery_properties.py", {"QSEARCH_FUZZ_EXAMPLES": str(args.fuzz)}),
+        ("FP16 target with both hardswish forms, optimize / apply / evaluate (tests/test_fp16_hardswish.py)",
+         "tests/test_fp16_hardswish.py", None),
+        ("this round's inputs: ceiling stop, weight encodings, int8 path, heartbeats, displayed plan figures "
+         "(tests/test_hostile_inputs.py -k round, tests/test_api_and_review.py -k 'suspicion or typed')",
+         "tests/test_hostile_inputs.py tests/test_api_and_review.py -k 'round or suspicion or typed or unknown_int8'",
+         None),
     ):
         p, f, s = pytest_count(expr, env)
         if name.startswith("rewriter"):
             p = args.fuzz if p else 0  # one property test, run on `fuzz` generated cases
+        if name.startswith("recovery on random"):
+            p = p - 1 + args.fuzz if p else 0  # its property test counts its generated graphs
         lines.append(f"| {name} | {p} | {f} | {s:.1f} |")
     text = "\n".join(lines) + "\n"
     (HERE / "reliability.md").write_text(text)
