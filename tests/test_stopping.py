@@ -56,12 +56,13 @@ def test_a_faster_plan_below_the_ceiling_runs_the_whole_budget():
     assert stop.stopped is None and n == 30
 
 
-def planted(costs: list[float]) -> list[optuna.trial.FrozenTrial]:
-    """Finished all-INT8 trials with these costs, drop 0, numbered in order."""
+def planted(costs: list[float], float_at: tuple[int, ...] = ()) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials with these costs, drop 0, numbered in order: all-INT8, except those numbered
+    in `float_at`, which keep layer a float."""
     out = []
     for i, cost in enumerate(costs):
-        t = optuna.trial.create_trial(value=cost, user_attrs={"cost": cost, "drop": 0.0,
-                                                              "choices": {n: "int8" for n in LAYERS}})
+        choices = {n: "float" if (n == "a" and i in float_at) else "int8" for n in LAYERS}
+        t = optuna.trial.create_trial(value=cost, user_attrs={"cost": cost, "drop": 0.0, "choices": choices})
         t.number = i
         out.append(t)
     return out
@@ -73,7 +74,19 @@ def test_an_improvement_beyond_the_tie_restarts_the_count():
     # trial 5 is 5% faster: the count restarts there, and only 5 trials follow it
     assert stop.check(planted([10.0] * 5 + [9.5] + [10.0] * 5)) is None
     # 1% faster is the same cost within timing noise: the count runs from trial 0
-    assert stop.check(planted([10.0] * 5 + [9.9] + [10.0] * 5)).trial == 0
+    found = stop.check(planted([10.0] * 5 + [9.9] + [10.0] * 5))
+    assert (found.fastest, found.trial, found.since) == (0, 5, 10)
+
+
+def test_a_plan_below_the_ceiling_within_its_noise_stops_it_too():
+    """PP-OCRv4's recognizer, seed 1: a plan with one layer float timed 3% below the all-INT8
+    trials (whose own costs spread 2.5%) and reset the count; the ceiling is within `NEAR` of it."""
+    stop = CeilingStop(SEARCHED, "float", 0.01, patience=10)
+    found = stop.check(planted([10.0] * 4 + [9.7] + [10.2] * 10, float_at=(4,)))
+    assert (found.trial, found.fastest, found.since) == (0, 4, 10)
+    assert "within 4% of the fastest plan found (trial 4)" in found.text()
+    # 6% faster than every all-INT8 plan: a real gain below the ceiling, so the search goes on
+    assert stop.check(planted([10.0] * 4 + [9.4] + [10.2] * 20, float_at=(4,))) is None
 
 
 @pytest.mark.parametrize("budget, expected", [(10, 10), (50, 10), (100, 20), (200, 40)])

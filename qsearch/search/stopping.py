@@ -2,11 +2,14 @@
 
 A plan that puts every searched layer in INT8 and keeps half the budget spare is the ceiling the
 sampler climbs towards; past it, trials only trade calibrations or revert layers, which the
-top-down walk has already tried from the same end. Once the ceiling is the best plan within
-budget and `patience` finished trials since have not beaten it by more than the timing tie, more
-trials cost minutes (5 s each on PP-OCRv4's recognizer with a score without parts, which nothing
-can prune) for nothing. Below the ceiling the search always runs its whole budget: the plans
-found late on our workloads (trials 29 to 49) were found there.
+top-down walk has already tried from the same end. The study stops once such a plan is within
+`NEAR` of the fastest plan found within budget (a trial's cost is one three-round measurement,
+whose spread is 2.6-4.8%: experiments/timing_orientation.md, so two all-INT8 trials of the same
+plan differ by that much) and `patience` finished trials have not beaten the fastest by more than
+the timing tie. More trials would cost minutes (5 s each on PP-OCRv4's recognizer with a score
+without parts, which nothing can prune) for nothing. Where the fastest plan found is well below
+the ceiling the search runs its whole budget: the plans found late on our workloads (trials 29 to
+49) were found there.
 """
 
 from __future__ import annotations
@@ -18,20 +21,26 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 TIE = 0.02  # costs within 2% are timing noise (`SearchResult.best`)
+NEAR = 2 * TIE  # all-INT8 this close to the fastest plan found counts as reached
 SPARE = 0.5  # the ceiling plan keeps at least this share of the budget unused
 
 
 @dataclass(frozen=True)
 class Ceiling:
-    """Why a study stopped early: the ceiling trial and the trials run since without beating it."""
+    """Why a study stopped early: the ceiling trial (all-INT8), the fastest trial within budget
+    (often the same), and the trials finished since the fastest without beating it."""
 
     trial: int
+    fastest: int
     since: int
     patience: int
 
     def text(self) -> str:
-        return (f"stopped early: trial {self.trial} puts every searched layer in INT8 within half the budget, and "
-                f"{self.since} trials since did not beat its cost by more than {TIE:.0%} (patience {self.patience})")
+        near = "" if self.fastest == self.trial else \
+            f", within {NEAR:.0%} of the fastest plan found (trial {self.fastest}),"
+        return (f"stopped early: trial {self.trial} puts every searched layer in INT8 within half the budget{near} and "
+                f"{self.since} trials since trial {self.fastest} did not beat it by more than {TIE:.0%} "
+                f"(patience {self.patience})")
 
 
 def patience_for(budget: int) -> int:
@@ -63,13 +72,14 @@ class CeilingStop:
             return None
         floor = min(t.user_attrs["cost"] for t in feasible)
         band = [t for t in feasible if t.user_attrs["cost"] <= floor * (1 + TIE)]  # the same cost, within noise
-        at_ceiling = [t for t in band if t.user_attrs["drop"] <= self.allowed * SPARE and self._all_int8(t)]
+        at_ceiling = [t for t in feasible if t.user_attrs["cost"] <= floor * (1 + NEAR)
+                      and t.user_attrs["drop"] <= self.allowed * SPARE and self._all_int8(t)]
         if not at_ceiling:
             return None
         best = min(band, key=lambda t: t.number)  # the first trial at this cost: when it stopped improving
         since = sum(t.number > best.number for t in trials)
-        first = min(at_ceiling, key=lambda t: t.number).number
-        return Ceiling(first, since, self.patience) if since >= self.patience else None
+        ceiling = min(at_ceiling, key=lambda t: (t.user_attrs["cost"], t.number)).number
+        return Ceiling(ceiling, best.number, since, self.patience) if since >= self.patience else None
 
     def _all_int8(self, t: FrozenTrial) -> bool:
         choices = t.user_attrs.get("choices", {})
