@@ -385,7 +385,8 @@ class Search:
 
     def result(self) -> SearchResult:
         """The study as the later stages read it: a frozen record."""
-        trials = self.study.get_trials(deepcopy=False)
+        # a queued plan the study never ran (it stopped at its ceiling or budget) is not a trial
+        trials = [t for t in self.study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
         return SearchResult(self.study_name, jobs.storage_label(self.storage_url), self.allowed, self.problem,
                             self.dims, self.decision, tuple(self.results()), tuple(self.failures()), len(trials),
                             sum("repair_of" in t.user_attrs for t in trials), self.trial_seconds,

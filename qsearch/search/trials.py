@@ -35,7 +35,7 @@ class SearchResult:
     decision: FixDecision
     trials: tuple[TrialResult, ...]  # completed, in trial order
     failures: tuple[str, ...]  # the recorded errors of failed trials
-    n_trials: int  # every trial, failed and pruned included
+    n_trials: int  # every trial run, failed and pruned included (not plans queued and never run)
     repaired: int  # trials that were repair steps
     trial_seconds: float
     stopped: Ceiling | None = None  # why the study stopped before its trial budget, if it did
