@@ -53,8 +53,9 @@ def run(cfg: Path, out: Path, budget: int) -> dict:
     n8 = sum(1 for entry in plan["layers"] if entry.get("precision") == "int8")
     summary = (out / "report.md").read_text()
     verdict = next((ln for ln in summary.splitlines() if "Early verdict" in ln or "early verdict" in ln), "")
+    chosen = next((ln for ln in summary.splitlines() if ln.startswith(("Chosen plan", "No INT8 plan"))), "")
     return {"wall": wall, "rc": 0, "evals": e["analysis"] + e["fixing"] + e["trials"] + e.get("final", 0),
-            "trials": e["trials"], "int8": n8, "test_drop": m["test_drop"], "verdict": verdict}
+            "trials": e["trials"], "int8": n8, "test_drop": m["test_drop"], "verdict": verdict, "chosen": chosen}
 
 
 def main() -> None:
@@ -90,7 +91,8 @@ def main() -> None:
         if on["verdict"]:
             lines += ["", f"Its summary: {on['verdict'].strip()}"]
         else:
-            lines += ["", "The verdict did not fire here: the analysis found a way INT8 could pay beyond the noise."]
+            lines += ["", "The verdict did not fire here: the analysis found a way INT8 could pay beyond the noise. What "
+                      "each run shipped:", "", f"- on: {on['chosen'].strip()}", f"- off: {off['chosen'].strip()}"]
     (HERE / f"early_verdict_{args.workload}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
