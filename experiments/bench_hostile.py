@@ -88,7 +88,7 @@ def plan_fields(tmp: Path, base_cfg: Path) -> list[Case]:
     """A plan's displayed figures and recorded int8 path, hand-edited."""
     plan = tmp / "naive.yaml"
     subprocess.run([sys.executable, "-m", "qsearch", "baseline", "naive", "--config", str(base_cfg), "--out",
-                    str(tmp / "ob"), "-o", str(plan)], check=True, capture_output=True, env=ENV)
+                    str(tmp / "ob"), "-o", str(plan)], check=True, capture_output=True, env=ENV, cwd=tmp)
     doc = yaml.safe_load(plan.read_text())
     good = {"metric": "top1", "plan": {"test": 0.9, "latency_ms": 1.0, "size_bytes": 50},
             "fp32": {"test": 0.95, "latency_ms": 2.0, "size_bytes": 100}}
@@ -187,8 +187,9 @@ def run_case(case: Case, pythonpath: str | None) -> str:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     try:
+        # cwd outside the checkout: `python -m` puts the working directory first on sys.path
         r = subprocess.run([sys.executable, "-m", "qsearch", *case.argv], capture_output=True, text=True, env=env,
-                           timeout=300)
+                           timeout=300, cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired:
         return "hang"
     if "Traceback" in r.stderr:
