@@ -21,6 +21,7 @@ from qsearch.plan.io import read_plan
 from qsearch.progress import log, say
 from qsearch.report import html as htmlreport
 from qsearch.report.markdown import (
+    Row,
     attribution_table,
     finalists_table,
     forms_line,
@@ -218,11 +219,23 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
                               if choice.speedup is not None else
                               f"{speed(fp32_row.latency_ms / chosen_row.latency_ms)} (timing spread "
                               f"±{max(chosen_row.latency_spread, fp32_row.latency_spread):.0%}), ")
-                           + f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size."),
+                           + f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size." + test_miss(fp32_row, chosen_row, search.allowed,
+                                                                                  choice.alternative_name
+                                                                                  if choice.alternative else None)),
         f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}, "
         f"{metrics['fusion']['borders']} float/INT8 borders between candidate layers; naive INT8 {naive_fusion.line()}.",
         *([forms_line(profile)] if profile.forms else []),
     ]
+
+
+def test_miss(fp32: Row, chosen: Row, allowed: float, alternative: str | None) -> str:
+    """The summary's own words for a plan over budget on test data (never only in the report);
+    `alternative`: the fastest plan within budget on both splits, written to ALTERNATIVE."""
+    if not fp32.test_score - chosen.test_score > allowed + 1e-12:
+        return ""
+    return " OVER THE BUDGET ON TEST DATA: " + (
+        f"the fastest plan within budget on both splits, {alternative}, is in {ALTERNATIVE}."
+        if alternative else "no other plan timed that beats FP32 is within budget on both splits.")
 
 
 def trials_csv(path: Path, search: Search) -> None:

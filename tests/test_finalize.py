@@ -127,3 +127,11 @@ def test_a_plan_over_budget_on_test_gets_the_fastest_plan_within_on_both_splits_
     assert within_both(None, [], rows, [], 3, 0.005, cpu=False) == 2
     line = verdict_line(rows[0], rows[3], 0.005, "top1", False, alternative="qsearch (trial 3), in plan.within-test.yaml")
     assert "OVER THE BUDGET ON TEST DATA" in line and "The fastest plan within budget on both splits: qsearch (trial 3)" in line
+    # the run's printed summary says it too, with the file of the plan within budget on both splits
+    from qsearch.result import ALTERNATIVE, test_miss
+
+    assert test_miss(rows[0], rows[3], 0.005, "qsearch (trial 3)") == (
+        f" OVER THE BUDGET ON TEST DATA: the fastest plan within budget on both splits, qsearch (trial 3), is in "
+        f"{ALTERNATIVE}.")
+    assert "no other plan" in test_miss(rows[0], rows[3], 0.005, None)
+    assert test_miss(rows[0], rows[5], 0.005, None) == ""  # within on test: nothing to add
