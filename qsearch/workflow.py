@@ -11,9 +11,10 @@ from pathlib import Path
 
 import optuna
 
-from qsearch import limits, timing
+from qsearch import limits
 from qsearch.analysis import sensitivity
 from qsearch.analysis.sensitivity import SensitivityProfile
+from qsearch.analysis.verdict import early_verdict
 from qsearch.commands import check_eval_timeout, check_samples, open_bench
 from qsearch.engine.base import Engine
 from qsearch.errors import Interrupted, QsearchError
@@ -178,24 +179,6 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
                           seconds=time.perf_counter() - t_start, max_drop=result.allowed,
                           latency_ms=chosen.latency_ms, fp32_latency_ms=fp32.latency_ms,
                           latency_spread=max(chosen.latency_spread, fp32.latency_spread))
-
-
-def early_verdict(bench: Workbench, profile: SensitivityProfile) -> str:
-    """One line when the analysis shows that no plan can beat FP32 by more than the timing noise
-    (`timing.TIE`): neither the all-INT8 model's profile nor the layers whose INT8 form pays alone,
-    summed, save that much. Only for a latency objective on a CPU target ('" if nothing is decided)."""
-    w = bench.workload
-    fp32_ms, int8_ms = profile.meta.get("fp32_ms", 0.0), profile.meta.get("int8_ms", 0.0)
-    if not w.space.early_verdict or w.space.objective != "latency" or w.target != "cpu" or not fp32_ms > 0:
-        return ""
-    singles = sum(max(0.0, x.gain_ms) for x in profile.layers)
-    bound = max(singles, fp32_ms - int8_ms)
-    if bound >= timing.TIE * fp32_ms:
-        return ""
-    return (f"early verdict: no INT8 plan can beat FP32 here by more than the timing noise: all-INT8 runs "
-            f"{int8_ms:.3g} ms against FP32's {fp32_ms:.3g} ms in the per-node profile, and the layers whose INT8 "
-            f"form pays alone save {singles:.3g} ms together ({bound / fp32_ms:.1%} at most, under the "
-            f"{timing.TIE:.0%} noise); no search was run, the measured profile is in sensitivity.yaml.")
 
 
 def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers, stage: Stage
