@@ -133,12 +133,11 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
     # storage URL and study ownership are checked before any calibration or analysis is spent
     if storage is None or isinstance(storage, str):  # (an Optuna storage object is the caller's to vet)
         check_study(storage, out, name, bench.study_key())
-    bench, profile = _analysis(bench, out, name, storage, req.samples, req.workers, stage)
+    bench, profile, early = _analysis(bench, out, name, storage, req.samples, req.workers, stage)
     evaluator = Evaluator(bench)
     stage("search", "completed trials are kept in the study: re-run the same command to go on")
     search = Search(bench, profile, evaluator, out, storage=storage, study_name=study, sampler=req.sampler,
                     pruner=req.pruner, budget=budget, log=log, strategies=req.strategies)
-    early = early_verdict(bench, profile)
     if early:  # nothing to search: the final stage still times naive INT8 and the greedy fallback
         log(early)
         search.open().unsearched()
@@ -182,9 +181,10 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
 
 
 def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers, stage: Stage
-              ) -> tuple[Workbench, SensitivityProfile]:
-    """Calibration and analysis as jobs in the study's storage: workers on one study split them, a
-    resumed run finds them done (several local processes: --workers)."""
+              ) -> tuple[Workbench, SensitivityProfile, str]:
+    """Calibration, analysis and the early verdict as jobs in the study's storage: workers on one
+    study split them, a resumed run finds them done (several local processes: --workers). The
+    verdict is one shared job: when it needs a measurement, every worker takes the same decision."""
     url = storage if isinstance(storage, str) or storage is None else None
     queue = None if workers > 1 or (storage is not None and url is None) else StudyQueue(url, out, f"{name}-analysis")
     stage("analysis", "finished analysis jobs are kept in the study: re-run the same command to go on"
@@ -197,7 +197,11 @@ def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers,
     log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "
         f"glue included) for {pays} of {len(profile.layers)} layers; all-INT8 profile {profile.meta['int8_ms']:.2f} ms "
         f"vs FP32 {profile.meta['fp32_ms']:.2f} ms per batch" + (f"; {forms_line(profile)}" if profile.forms else ""))
-    return bench.with_forms(profile.forms), profile
+    bench = bench.with_forms(profile.forms)
+    if queue is None:
+        return bench, profile, early_verdict(bench, profile)
+    verdict = queue.stage("verdict").map([{}], lambda _job: (early_verdict(bench, profile),), what="verdict")
+    return bench, profile, verdict[0][0]
 
 
 def _search(bench: Workbench, profile: SensitivityProfile, search: Search, budget: int, deadline, timeout,

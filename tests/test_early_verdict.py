@@ -47,6 +47,9 @@ def test_optimize_stops_early_runs_no_trial_and_ships_fp32(tmp_path, monkeypatch
     assert r.evaluations < 20  # analysis, naive, the greedy fallback, test scorings: fewer than the 20 trials asked
     study = optuna.load_study(study_name=r.plan.provenance["study"], storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert study.trials == []
+    # the verdict is a shared job in the study's storage: every worker on it takes the same decision
+    names = [x.study_name for x in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'out' / 'study.db'}")]
+    assert any(n.endswith("-analysis-verdict") for n in names), names
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Early verdict: no INT8 plan can beat FP32" in report and (tmp_path / "out" / "sensitivity.yaml").is_file()
 
