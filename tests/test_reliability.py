@@ -36,10 +36,10 @@ def _optimize(workload: Path, out: Path, budget: int, *extra: str, env: dict | N
 def _study(storage: str) -> optuna.Study:
     """The search study (the other one holds the analysis jobs: each done exactly once)."""
     names = optuna.get_all_study_names(storage)
-    # calibration parts, proxy passes, latency profile, screen
-    stages = ("-analysis-calibration", "-analysis-proxy", "-analysis-profile", "-analysis")
+    # calibration parts, proxy passes, latency profile, screen, the early verdict
+    stages = ("-analysis-calibration", "-analysis-proxy", "-analysis-profile", "-analysis", "-analysis-verdict")
     search = [n for n in names if not n.endswith(stages)]
-    assert len(search) == 1 and len(names) == 5
+    assert len(search) == 1 and len(names) == 6
     for stage in stages:
         jobs = optuna.load_study(study_name=search[0] + stage, storage=storage)
         done = [t.user_attrs["job"] for t in jobs.get_trials(states=(TrialState.COMPLETE,))]
