@@ -85,6 +85,8 @@ class Workload:
     batch_size: int = 64
     threads: int = 1  # ORT intra-op threads per session: 1 keeps latency stable and lets workers scale
     latency_batch: int = 64
+    latency: str | None = None  # a user's latency hook 'pkg.module:function' (`engine.hook`), where set
+    latency_where: str = ""  # 'file:line' of runtime.latency, for its errors
     extra: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what loading changed and the user should know (a widened bf16 module)
 
@@ -106,6 +108,7 @@ class Workload:
         return self.max_drop * abs(fp32_score) if self.relative else self.max_drop
 
 
+_ENTRY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 TOP_KEYS = {"name", "model", "target", "data", "metric", "max_drop", "search_space", "runtime"}
 
 
@@ -146,13 +149,18 @@ def load_workload(path: str | Path | None) -> Workload:
                 raise ConfigError(f"{where(p, data, split)}: metric top1 needs 'labels' for data.{split}")
     max_drop, relative = _budget(p, doc)
     runtime = doc.get("runtime") or LinedDict()
-    check_keys(p, runtime, {"threads", "latency_batch"}, "runtime")
+    check_keys(p, runtime, {"threads", "latency_batch", "latency"}, "runtime")
+    hook = runtime.get("latency")
+    if hook is not None and not (isinstance(hook, str) and _ENTRY.fullmatch(hook)):
+        raise ConfigError(f"{where(p, runtime, 'latency')}: runtime.latency must be a latency hook "
+                          f"'package.module:function', not {hook!r}")
     space = load_space(p, doc.get("search_space", "default"), base, "search_space", doc)
     return Workload(
         path=p, name=str(doc.get("name", model.stem)), model=model, calibration=splits["calibration"],
         search=splits["search"], test=splits["test"], metric=metric, max_drop=max_drop, relative=relative,
         target=target, space=space, batch_size=batch, threads=_int(p, runtime, "threads", 1, 0),
-        latency_batch=_int(p, runtime, "latency_batch", 64, 1), notes=notes,
+        latency_batch=_int(p, runtime, "latency_batch", 64, 1), notes=notes, latency=hook,
+        latency_where=f"{where(p, runtime, 'latency')} (runtime.latency)" if hook else "",
     )
 
 

@@ -9,8 +9,10 @@ import io
 import time
 from pathlib import Path
 
+from qsearch import engine as engines
 from qsearch.analysis import profiling
 from qsearch.analysis.sensitivity import SensitivityProfile
+from qsearch.engine.hook import ARITHMETIC_NOTE
 from qsearch.evaluator import Evaluator
 from qsearch.files import OutputSet, atomic_write_bytes, atomic_write_text
 from qsearch.finalize import FinalChoice, layer_reasons, trial_plan
@@ -127,15 +129,19 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     marks = [] if objective == "bitops" else [
         (r.name, r.latency_ms if objective == "latency" else r.size_bytes, r.search_score) for r in choice.rows]
     plot_pareto(results, search.allowed, bench.baseline.fp32_search, objective, res.path("pareto.png"), marks)
+    # a latency hook's device gives no per-node profile: ONNX Runtime on this machine shows where its time goes
+    local = bench.engine if getattr(bench.engine, "per_node", True) else engines.create(threads=bench.workload.threads)
     kinds = {name: {k: round(v, 4) for k, v in profiling.profile(bench.prepared, bench.rewriter(plan),
-                                                                  bench.latency_feed, bench.engine).by_kind.items()}
+                                                                  bench.latency_feed, local).by_kind.items()}
              for name, plan in (("fp32", bench.plan({})), ("naive int8", naive), (choice.candidate_name, choice.candidate))}
     plot_attribution(kinds, res.path("attribution.png"))
     stage("done", stage.kept)
     summary = _summary(bench, profile, search, choice, metrics, fusion, naive_fusion, time.perf_counter() - t_start)
     summary += _plan_lines(bench, chosen)
     tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
-              ("Where the time goes (ONNX Runtime per-node profile, one batch)", attribution_table(kinds)),
+              ("Where the time goes (ONNX Runtime per-node profile, one batch"
+               + (", on this machine: the hooked device gives none" if local is not bench.engine else "") + ")",
+               attribution_table(kinds)),
               ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)])),
               ("Finalists that did not ship (timed in the same interleaved rounds)",
                finalists_table(choice.finalists, bench.workload.metric.name, fp32_row))]
@@ -225,6 +231,8 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
         f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}, "
         f"{metrics['fusion']['borders']} float/INT8 borders between candidate layers; naive INT8 {naive_fusion.line()}.",
         *([forms_line(profile)] if profile.forms else []),
+        *([f"Latency: measured by the hook {bench.workload.latency} ({bench.engine.calls} calls in this process); "
+           f"{ARITHMETIC_NOTE}."] if bench.workload.latency else []),
     ]
 
 

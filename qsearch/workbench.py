@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qsearch import calibration, data
+from qsearch import engine as engines
 from qsearch.calibration import CalibrationStats
 from qsearch.config import Workload
 from qsearch.data import Dataset
@@ -116,7 +117,8 @@ class Workbench:
         parsed = {n: LayerChoice.parse(c) if isinstance(c, str) else c for n, c in choices.items()}
         plan = build_plan(self.prepared, parsed, self.stats, self.workload.target, self.workload.space.percentile,
                           self.forms if forms is None else forms, self.recovery)
-        return dataclasses.replace(plan, model_file=self.workload.model.name).with_info(**provenance())
+        hook = {"latency_hook": self.workload.latency} if self.workload.latency else {}
+        return dataclasses.replace(plan, model_file=self.workload.model.name).with_info(**provenance(**hook))
 
     def uniform_plan(self, method: str = "minmax", granularity: str = "per_tensor",
                      keep_float: tuple[str, ...] = (), recovery: str = "none") -> Plan:
@@ -159,7 +161,7 @@ class Workbench:
         parts = [self.prepared.fingerprint, self.calib_data.fingerprint, self.search_data.fingerprint,
                  self.test_data.fingerprint, repr(w.metric), repr(self.allowed_drop()), repr(w.space), w.target,
                  w.threads, w.latency_batch, SCHEMA_VERSION, LAYOUT_VERSION, self.prepared.preparation,
-                 isa.detect().name]
+                 isa.detect().name, *([w.latency] if w.latency else [])]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
     def calibration_tensors(self) -> list[str]:
@@ -175,7 +177,7 @@ def open_workbench(workload: Workload, cache_dir: Path | None = None, log: Calla
     may take (0: no limit; None: 20x the FP32 model's evaluation time, at least a minute).
     `calibrate=False` defers the calibration pass to `Workbench.calibrated` (which can share it).
     `engine`: where models are scored and timed (default: ONNX Runtime's CPU provider)."""
-    engine = engine or OrtCpu(workload.threads)
+    engine = engine or engines.for_workload(workload, eval_timeout)
     for note in workload.notes:
         log(note)
     prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))

@@ -196,7 +196,9 @@ def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers,
     pays = sum(x.gain_ms > 0 for x in profile.layers)
     log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "
         f"glue included) for {pays} of {len(profile.layers)} layers; all-INT8 profile {profile.meta['int8_ms']:.2f} ms "
-        f"vs FP32 {profile.meta['fp32_ms']:.2f} ms per batch" + (f"; {forms_line(profile)}" if profile.forms else ""))
+        f"vs FP32 {profile.meta['fp32_ms']:.2f} ms per batch" + (f"; {forms_line(profile)}" if profile.forms else "")
+        + (f"; no per-node profile through the latency hook: {profile.meta['region_calls']} hook calls timed regions "
+           "of layers whole" if "region_calls" in profile.meta else ""))
     bench = bench.with_forms(profile.forms)
     if queue is None:
         return bench, profile, early_verdict(bench, profile)

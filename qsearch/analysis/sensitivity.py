@@ -217,8 +217,8 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
         for la, (noise, _) in zip(layers, rev[1:]):
             restore[la.name] = float(rev[0][0] - noise)  # output noise removed by keeping this layer float
     meta = {"evaluations": evaluations, "proxy_passes": passes, "screened": len(jobs), "workers": workers,
-            **({"form_ms": form_ms} if form_ms else {})}
-    profile = _assemble(bench, layers, proxies, best, measured, restore, timing, meta, screen.data.samples, forms,
+            **({"form_ms": form_ms} if form_ms else {}), **({"region_calls": timing[6]} if len(timing) > 6 else {})}
+    profile = _assemble(bench, layers, proxies, best, measured, restore, timing[:6], meta, screen.data.samples, forms,
                         time.perf_counter() - t0)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +249,10 @@ def _attribute(bench: Workbench, layers, best: dict[str, str], queue, progress) 
     all_int8 = {la.name: LayerChoice.parse(best[la.name]) for la in layers}
 
     def attribute(_job: dict) -> tuple:
+        if not getattr(bench.engine, "per_node", True):  # a latency hook: regions timed whole
+            from qsearch.analysis import region_timing
+
+            return region_timing.attribute(bench, layers, best)
         fp32_p = profiling.profile(bench.prepared, bench.prepared.proto, bench.latency_feed, bench.engine)
         int8_p = profiling.profile(bench.prepared, bench.rewriter(bench.plan(all_int8)), bench.latency_feed,
                                    bench.engine)
@@ -276,9 +280,10 @@ def _assemble(bench: Workbench, layers, proxies, best, measured, restore, timing
     result.sort(key=lambda x: (-x.noise, -x.best_drop, x.name))
     rho = spearman([-x.proxy_sqnr[x.best_option] for x in result if x.screened],
                    [x.noise for x in result if x.screened])
-    form_ms = meta.pop("form_ms", None)
+    form_ms, calls = meta.pop("form_ms", None), meta.pop("region_calls", None)
     meta = {"evaluations": meta["evaluations"], "proxy_passes": meta["proxy_passes"], "screened": meta["screened"],
-            "noise_per_layer_noise": gain, "profiled_models": 2, "workers": meta["workers"],
+            "noise_per_layer_noise": gain, "profiled_models": 2 if calls is None else calls, "workers": meta["workers"],
+            **({"region_calls": calls} if calls is not None else {}),
             "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
             "fp32_by_kind": {k: round(v, 4) for k, v in fp32_kinds.items()},
             "int8_by_kind": {k: round(v, 4) for k, v in int8_kinds.items()},

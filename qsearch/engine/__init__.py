@@ -12,10 +12,24 @@ from qsearch.engine.onnxruntime import OrtCpu
 ENGINES: dict[str, type] = {"onnxruntime": OrtCpu}
 
 
+HOOK_TIMEOUT_S = 600.0  # a hook call's limit where --eval-timeout sets none
+
+
 def create(name: str = "onnxruntime", threads: int = 1) -> Engine:
     """The named engine, with `threads` intra-op threads."""
     return ENGINES[name](threads)
 
 
-__all__ = ["ENGINES", "WEIGHT_CODES", "Engine", "Int8Path", "NodeTime", "OrtCpu", "Session", "Timing", "create",
+def for_workload(workload, eval_timeout: float | None = None) -> Engine:
+    """The engine a workload asks for: its latency hook (`runtime.latency`, imported now, so a hook
+    that does not import fails before any work), else ONNX Runtime's CPU provider."""
+    if not workload.latency:
+        return create(threads=workload.threads)
+    from qsearch.engine.hook import LatencyHook
+
+    timeout = eval_timeout if eval_timeout is not None and eval_timeout > 0 else HOOK_TIMEOUT_S
+    return LatencyHook(workload.latency, workload.latency_where, workload.base, workload.threads, timeout)
+
+
+__all__ = ["ENGINES", "HOOK_TIMEOUT_S", "for_workload", "WEIGHT_CODES", "Engine", "Int8Path", "NodeTime", "OrtCpu", "Session", "Timing", "create",
            "detect", "mismatch", "safe_weights", "weight_limits"]

@@ -47,6 +47,7 @@ class Engine(Protocol):
     """Sessions, timings and per-node profiles of models on one runtime and device."""
 
     name: str
+    per_node: bool  # whether `profile` times every node (else the analysis times regions whole)
 
     def session(self, model: onnx.ModelProto | bytes | str) -> Session:
         """A session that scores and times `model` as the deployment would run it."""

@@ -45,6 +45,7 @@ class OrtCpu:
     """ONNX Runtime's CPU provider with `threads` intra-op threads."""
 
     name = "onnxruntime"
+    per_node = True  # ORT's profiler times every node: the analysis attributes time per layer
 
     def __init__(self, threads: int = 1):
         self.threads = threads
