@@ -13,6 +13,7 @@ import optuna
 
 from qsearch import limits
 from qsearch.analysis import sensitivity
+from qsearch.analysis.screen import SEARCH_SHARE
 from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.analysis.verdict import early_verdict
 from qsearch.commands import check_eval_timeout, check_samples, open_bench
@@ -133,7 +134,7 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
     # storage URL and study ownership are checked before any calibration or analysis is spent
     if storage is None or isinstance(storage, str):  # (an Optuna storage object is the caller's to vet)
         check_study(storage, out, name, bench.study_key())
-    bench, profile, early = _analysis(bench, out, name, storage, req.samples, req.workers, stage)
+    bench, profile, early = _analysis(bench, out, name, storage, req.samples, req.workers, stage, budget)
     evaluator = Evaluator(bench)
     stage("search", "completed trials are kept in the study: re-run the same command to go on")
     search = Search(bench, profile, evaluator, out, storage=storage, study_name=study, sampler=req.sampler,
@@ -180,7 +181,7 @@ def _optimize(config, out: Path, req: Request, stage: Stage) -> OptimizeResult:
                           latency_spread=max(chosen.latency_spread, fp32.latency_spread))
 
 
-def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers, stage: Stage
+def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers, stage: Stage, budget: int
               ) -> tuple[Workbench, SensitivityProfile, str]:
     """Calibration, analysis and the early verdict as jobs in the study's storage: workers on one
     study split them, a resumed run finds them done (several local processes: --workers). The
@@ -191,7 +192,8 @@ def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers,
           if queue is not None else "nothing was written")
     bench = bench.calibrated(None if queue is None else queue.stage("calibration"), Progress("1/3 analyze"), log=log)
     profile = sensitivity.analyze(bench, samples=samples, workers=workers, cache_dir=out / "cache",
-                                  progress=Progress("1/3 analyze"), queue=queue, screen_all=False)
+                                  progress=Progress("1/3 analyze"), queue=queue, screen_all=False,
+                                  screen_spend=SEARCH_SHARE * budget * bench.search_data.samples)
     sensitivity.save_profile(profile, out)
     pays = sum(x.gain_ms > 0 for x in profile.layers)
     log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "

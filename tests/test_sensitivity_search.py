@@ -127,3 +127,18 @@ def test_graph_edges_follow_value_moving_ops(tmp_path):
     assert set(edges) == {("conv_a", "conv_b"), ("conv_a", "add_res"), ("conv_b", "add_res"), ("add_res", "gap"),
                           ("gap", "fc")}
     assert outer == 1
+
+
+def test_the_screen_spends_a_share_of_the_search_and_still_finds_the_outlier(tmp_path):
+    from qsearch.analysis.screen import MIN_METRIC_SAMPLES, MIN_SAMPLES, samples_within
+
+    # 300 layers, a 50-trial budget over 48 samples, half of it for the screen: 4 each -> the floor
+    assert samples_within(0.5 * 50 * 48, 300, 48, metric=False) == MIN_SAMPLES
+    assert samples_within(0.5 * 50 * 48, 300, 48, metric=True) == MIN_METRIC_SAMPLES  # a top-1 drop needs more
+    assert samples_within(0.5 * 50 * 160, 59, 64, metric=False) == 64  # cheap enough: never more than it has
+    assert samples_within(0.5 * 50 * 96, 70, 64, metric=False) == 34
+    ctx = _ctx(tmp_path, extra="search_space: {granularity: [per_tensor], calibration: [minmax]}\n")
+    profile = analyze(ctx, cache_dir=tmp_path / "cache", screen_spend=10)
+    assert profile.meta["screen_samples"] == MIN_METRIC_SAMPLES
+    assert {x.name for x in profile.layers[:2]} == {"conv_b", "add_res"}  # the outlier, found on 32 of 128 samples
+    assert "screen_samples" not in analyze(ctx, cache_dir=tmp_path / "cache").meta  # no spend given: all samples

@@ -15,6 +15,17 @@ from qsearch.scoring import PARTIALS, finish_metric
 from qsearch.workbench import Workbench
 
 SCREEN_SAMPLES = 64  # enough to rank layers by output noise, cheap for 100 layers
+SEARCH_SHARE = 0.5  # `optimize`: the screen may cost at most half of the search's trial evaluations
+MIN_SAMPLES = 8  # the fewest a screen runs: output noise over whole feature maps still ranks layers
+MIN_METRIC_SAMPLES = 32  # ... where a built-in metric's drop is read from the same outputs
+
+
+def samples_within(spend: float, layers: int, have: int, metric: bool) -> int:
+    """Samples per screened layer so that `layers` screens cost at most `spend` sample-runs (the
+    search's share: on a 300-layer detector, 64 samples each cost four times the whole search),
+    never more than `have` nor fewer than the floor."""
+    floor = MIN_METRIC_SAMPLES if metric else MIN_SAMPLES
+    return int(min(have, max(floor, spend // max(1, layers))))
 
 
 class Screen:

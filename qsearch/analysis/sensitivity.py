@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from qsearch.analysis.proxy import rank_options
-from qsearch.analysis.screen import Screen, run_jobs
+from qsearch.analysis.screen import Screen, run_jobs, samples_within
 from qsearch.calibration import RANGES_VERSION
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.plan.format import LayerChoice
@@ -175,16 +175,19 @@ def profile_key(bench: Workbench, samples, reverse, screen_all=True) -> str:
 
 def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False, workers: int = 1,
             cache_dir: Path | None = None, progress: Callable | None = None,
-            queue=None, screen_all: bool = True) -> SensitivityProfile:
+            queue=None, screen_all: bool = True, screen_spend: float | None = None) -> SensitivityProfile:
     """Proxy-rank every layer's options, screen each layer alone at its best option for output
     fidelity, attribute latency per layer; most sensitive (noisiest) first. See module docstring.
     The profile carries the measured forms (`profile.forms`): later stages build on
     `bench.with_forms(profile.forms)`. `queue` (a `jobs.StudyQueue`) runs the jobs shared: several
     workers split them and a resumed run finds the finished ones in storage. `screen_all=False`
     (what `optimize` uses) screens only the layers whose INT8 form pays: the others are never
-    fixed INT8, so an estimate of their noise from the proxy is enough to order them."""
+    fixed INT8, so an estimate of their noise from the proxy is enough to order them.
+    `screen_spend`: the sample-runs the screen may cost in all (`optimize`: a share of the
+    search's), so a model with hundreds of layers screens each on fewer samples."""
     t0 = time.perf_counter()
-    cache = cache_dir / f"sensitivity-{profile_key(bench, samples, reverse, screen_all)}.yaml" if cache_dir else None
+    key = profile_key(bench, samples, reverse, screen_all) + ("" if screen_spend is None else f"-{screen_spend:g}")
+    cache = cache_dir / f"sensitivity-{key}.yaml" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             return SensitivityProfile.from_yaml(cache.read_text())
@@ -202,10 +205,14 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
     # float in every warm start; its output noise is estimated from its proxy SQNR instead.
     pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if screen_all or f - i > 0]
     jobs = [{la.name: best[la.name]} for la in pays]
+    n = screen.data.samples if screen_spend is None else \
+        samples_within(screen_spend, len(jobs), screen.data.samples, screen.metric is not None)
+    fewer = Screen(bench, n) if n < screen.data.samples else screen
     if queue is not None:
-        results = queue.map(jobs, screen.run, progress)
+        results = queue.map(jobs, fewer.run, progress)
     else:
-        results = run_jobs(bench, screen, jobs, workers, samples, cache_dir, progress, "screen")
+        results = run_jobs(bench, fewer, jobs, workers, n if fewer is not screen else samples, cache_dir, progress,
+                           "screen")
     measured = {la.name: r for la, r in zip(pays, results)}
     evaluations = passes + len(jobs)
     restore: dict[str, float] = {}
@@ -217,7 +224,8 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
         for la, (noise, _) in zip(layers, rev[1:]):
             restore[la.name] = float(rev[0][0] - noise)  # output noise removed by keeping this layer float
     meta = {"evaluations": evaluations, "proxy_passes": passes, "screened": len(jobs), "workers": workers,
-            **({"form_ms": form_ms} if form_ms else {}), **({"region_calls": timing[6]} if len(timing) > 6 else {})}
+            **({"form_ms": form_ms} if form_ms else {}), **({"region_calls": timing[6]} if len(timing) > 6 else {}),
+            **({"screen_samples": n} if fewer is not screen else {})}
     profile = _assemble(bench, layers, proxies, best, measured, restore, timing[:6], meta, screen.data.samples, forms,
                         time.perf_counter() - t0)
     if cache is not None:
@@ -280,10 +288,11 @@ def _assemble(bench: Workbench, layers, proxies, best, measured, restore, timing
     result.sort(key=lambda x: (-x.noise, -x.best_drop, x.name))
     rho = spearman([-x.proxy_sqnr[x.best_option] for x in result if x.screened],
                    [x.noise for x in result if x.screened])
-    form_ms, calls = meta.pop("form_ms", None), meta.pop("region_calls", None)
+    form_ms, calls, fewer = meta.pop("form_ms", None), meta.pop("region_calls", None), meta.pop("screen_samples", None)
     meta = {"evaluations": meta["evaluations"], "proxy_passes": meta["proxy_passes"], "screened": meta["screened"],
             "noise_per_layer_noise": gain, "profiled_models": 2 if calls is None else calls, "workers": meta["workers"],
             **({"region_calls": calls} if calls is not None else {}),
+            **({"screen_samples": fewer} if fewer is not None else {}),
             "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
             "fp32_by_kind": {k: round(v, 4) for k, v in fp32_kinds.items()},
             "int8_by_kind": {k: round(v, 4) for k, v in int8_kinds.items()},
