@@ -165,8 +165,9 @@ def run_evaluate(model_path: str, config: str | None, out: Path, *, eval_timeout
         raise QsearchError(f"{model_path}: scoring on the workload's data failed: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     say(f"{model_path}: {r.metric} search {r.search:.4f}, test {r.test:.4f} (fp32 {r.fp32_test:.4f}); "
-          f"latency {r.latency_ms:.3f} ms ({r.fp32_latency_ms / r.latency_ms:.2f}x vs fp32); "
-          f"size {r.size_bytes / 1024:.1f} KiB")
+          f"latency {r.latency_ms:.3f} ms ({r.fp32_latency_ms / r.latency_ms:.2f}x vs fp32"
+          + (f", timed by the latency hook {bench.workload.latency}" if bench.workload.latency else "")
+          + f"); size {r.size_bytes / 1024:.1f} KiB")
     return r
 
 

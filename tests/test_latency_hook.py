@@ -93,6 +93,9 @@ def test_the_plan_follows_the_devices_latency_not_this_machines(tmp_path):
     assert "measured by the hook planted_hook:measure" in report and "int8 arithmetic may round differently" in report
     profile = (tmp_path / "out" / "sensitivity.yaml").read_text()
     assert "region_calls:" in profile
+    # `evaluate` times through the hook too, and says so
+    r2 = qsearch.evaluate(tmp_path / "out" / "model.qsearch.onnx", cfg, out=tmp_path / "eval")
+    assert r2.fp32_latency_ms / r2.latency_ms > 1.5
 
 
 @pytest.mark.parametrize("hook, said", [
