@@ -102,7 +102,8 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
         return [astuple(bench.engine.time(b[1], bench.latency_feed, warmup=2, repeat=repeat)) for b in built]
 
     among = [0] + [k for k in range(1, len(built)) if built[0][4] - built[k][4] <= allowed + 1e-12]
-    wall, cpu = timing.interleaved(time_round, len(built), among, _busy_rounds)
+    # search scores order the margins (one FP32 and one budget for all): rounds go on only where a tie could ship
+    wall, cpu = timing.interleaved(time_round, len(built), among, _busy_rounds, margins=[b[4] for b in built])
     rows = [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
                 latency_spread=round_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=round_spread(cpu[i]),
                 wall_rounds=tuple(wall[i]), cpu_rounds=tuple(cpu[i]))

@@ -77,15 +77,18 @@ def ties_with(times: Sequence[Sequence[float]], best: int, k: int, tie: float = 
     return ratio(times[best], times[k]).low <= 1 + tie
 
 
-def undecided(times: Sequence[Sequence[float]], among: Sequence[int], tie: float = TIE) -> list[int]:
+def undecided(times: Sequence[Sequence[float]], among: Sequence[int], tie: float = TIE,
+              margins: Sequence[float] | None = None) -> list[int]:
     """Entries whose comparison with the fastest the rounds cannot settle yet: the interval holds
-    both 'not slower' (1) and 'slower by more than the tie' (1 + tie)."""
+    both 'not slower' (1) and 'slower by more than the tie' (1 + tie). With `margins` (each
+    entry's accuracy margin; a tie ships the larger), only entries whose margin exceeds the
+    fastest's: tied or slower, one with a smaller margin never ships, so its rounds decide nothing."""
     if len(among) < 2:
         return []
     best = fastest(times, among)
     out = []
     for k in among:
-        if k != best:
+        if k != best and (margins is None or margins[k] > margins[best] + 1e-12):
             r = ratio(times[best], times[k])
             if r.low <= 1 + tie < r.high:
                 out.append(k)
@@ -93,10 +96,12 @@ def undecided(times: Sequence[Sequence[float]], among: Sequence[int], tie: float
 
 
 def interleaved(time_round: Callable[[], Sequence[tuple[float, float]]], n: int, among: Sequence[int],
-                busy: Callable[[list, list], bool]) -> tuple[list[list[float]], list[list[float]]]:
+                busy: Callable[[list, list], bool], margins: Sequence[float] | None = None
+                ) -> tuple[list[list[float]], list[list[float]]]:
     """Per-entry (wall, CPU) times, one per round: `time_round()` times every entry once, in order.
-    MIN_ROUNDS, then one more while `undecided` among `among` on the clock the choice will use
-    (`busy(wall, cpu)`: CPU time), up to CAP_ROUNDS."""
+    MIN_ROUNDS, then one more while `undecided` among `among` (given `margins`, only where the
+    choice could change) on the clock the choice will use (`busy(wall, cpu)`: CPU time), up to
+    CAP_ROUNDS."""
     wall: list[list[float]] = [[] for _ in range(n)]
     cpu: list[list[float]] = [[] for _ in range(n)]
 
@@ -107,6 +112,6 @@ def interleaved(time_round: Callable[[], Sequence[tuple[float, float]]], n: int,
 
     for _ in range(MIN_ROUNDS):
         one()
-    while len(wall[0]) < CAP_ROUNDS and undecided(cpu if busy(wall, cpu) else wall, among):
+    while len(wall[0]) < CAP_ROUNDS and undecided(cpu if busy(wall, cpu) else wall, among, margins=margins):
         one()
     return wall, cpu

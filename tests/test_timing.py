@@ -57,6 +57,22 @@ def test_a_difference_below_the_tie_or_beyond_the_cap_is_a_tie():
     assert calls[0] == timing.CAP_ROUNDS
 
 
+def test_rounds_stop_when_no_undecided_plan_could_ship():
+    """A finalist 2% slower than the fastest sits on the tie's edge: the rounds can never settle
+    it and ran to the cap. With the smaller accuracy margin it ships neither tied nor slower, so
+    MIN_ROUNDS decide; with the larger margin a tie would ship it, and the rounds go on."""
+    scores = [0.90, 0.899, 0.897]  # fp32, the fastest (larger margin), the one 2% slower (smaller)
+    time_round, calls = _planted([10.0, 6.0, 6.12], seed=3, machine=0.0, own=0.03, spikes=0.0)
+    wall, _ = timing.interleaved(time_round, 3, [0, 1, 2], busy=lambda w, c: False, margins=scores)
+    assert calls[0] == timing.MIN_ROUNDS and pick(_rows(wall, scores), allowed=0.005) == 1
+    time_round, calls = _planted([10.0, 6.0, 6.12], seed=3, machine=0.0, own=0.03, spikes=0.0)
+    wall, _ = timing.interleaved(time_round, 3, [0, 1, 2], busy=lambda w, c: False, margins=[0.90, 0.897, 0.899])
+    assert calls[0] > timing.MIN_ROUNDS
+    time_round, calls = _planted([10.0, 6.0, 6.12], seed=3, machine=0.0, own=0.03, spikes=0.0)
+    timing.interleaved(time_round, 3, [0, 1, 2], busy=lambda w, c: False)  # no margins: every pair counts
+    assert calls[0] > timing.MIN_ROUNDS
+
+
 def test_ratio_and_its_interval():
     r = timing.ratio([2.0, 2.0, 2.0], [3.0, 3.0, 3.0])
     assert r.value == pytest.approx(1.5) and r.low == pytest.approx(1.5) and r.high == pytest.approx(1.5)
