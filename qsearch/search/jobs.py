@@ -209,32 +209,44 @@ def open_lock_file(path: Path) -> int:
 
 
 def hold_worker_lock(path: Path) -> tuple[int, bool]:
-    """Every worker on a file study holds a shared lock on `path` for its life; a worker that can
-    take it exclusively knows no other is alive, so RUNNING trials are orphans of a killed
-    process. Returns (the held file descriptor, whether this worker is alone)."""
+    """Every worker on a file study holds a shared lock on `path` (the study's `.workers.lock`) and
+    its own liveness file next to the study (`_liveness_file`), both for its whole life. A worker
+    that finds no other live one knows RUNNING trials are orphans of a killed process. Returns
+    (the held file descriptor, whether this worker is alone)."""
     import fcntl
 
     fd = open_lock_file(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        alone = True
-    except OSError:
-        alone = False
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd, alone
+    fcntl.flock(fd, fcntl.LOCK_SH)  # never converted: see `still_alone`
+    return fd, still_alone(path)
 
 
-def still_alone(fd: int) -> bool:
-    """Whether the worker holding `fd` (from `hold_worker_lock`) is still the only one alive: its
-    shared lock upgrades to an exclusive one only if no other worker holds the file (then back)."""
+def still_alone(path: Path) -> bool:
+    """Whether no other worker on the study of `path` (its `.workers.lock`) is alive: every other
+    liveness file next to the study can be locked, so its process is gone. (Upgrading a shared
+    flock instead is unsafe: Linux drops the shared lock when the upgrade fails, so a live worker
+    could lose its hold and be taken for dead, its running trial failed under it.)"""
+    study = path.with_name(path.name.removesuffix(".workers.lock"))
+    me = _liveness_file(study)
+    return not any(other != me and _alive(other) for other in study.parent.glob(f".{study.name}.worker-*.alive"))
+
+
+def _alive(path: Path) -> bool:
+    """Whether the process owning liveness file `path` still runs (it holds the file locked); a
+    dead one's file is removed."""
     import fcntl
 
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(path, os.O_RDWR)
     except OSError:
         return False
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    path.unlink(missing_ok=True)
+    return False
 
 
 def _liveness_file(lock: Path | None) -> Path | None:
@@ -247,8 +259,11 @@ def _liveness_file(lock: Path | None) -> Path | None:
         import fcntl
 
         path = lock.with_name(f".{lock.name}.worker-{socket.gethostname()}-{os.getpid()}.alive")
-        fd = open_lock_file(path)
+        # locked under a temporary name, then renamed: no other worker ever sees it unlocked
+        tmp = path.with_name(path.name + ".new")
+        fd = open_lock_file(tmp)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(tmp, path)
         _LIVENESS[lock] = (path, fd)
         atexit.register(lambda: path.unlink(missing_ok=True))
     return _LIVENESS[lock][0]
@@ -309,20 +324,7 @@ class StudyQueue:
         as long as it lives (file storages; elsewhere the job is trusted until `wait_s`)."""
         if owner is None or self.lock_file is None:
             return True
-        import fcntl
-
-        try:
-            fd = os.open(owner, os.O_RDWR)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
-        Path(owner).unlink(missing_ok=True)  # a killed worker's file: nobody needs it any more
-        return False
+        return _alive(Path(owner))
 
     def _map(self, jobs, fn, progress, wait_s, what) -> list[tuple]:
         from optuna.trial import TrialState

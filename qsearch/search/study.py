@@ -97,6 +97,7 @@ class Search:
         self.deadline: float | None = None
         self._alone = False  # no other live worker on this study (known for file storages only)
         self._lock_fd: int | None = None
+        self._lock_path: Path | None = None
         self.created = False
         self.ceiling: CeilingStop | None = None  # set by `run` when the study may stop at its ceiling
 
@@ -117,7 +118,8 @@ class Search:
                                     else [self.space.objective])
         lock = jobs.storage_file(self.storage_url) if self.storage is None or isinstance(self.storage, str) else None
         if lock is not None:  # a study in a local file: a lock tells live workers from dead ones
-            self._lock_fd, self._alone = jobs.hold_worker_lock(lock.with_name(lock.name + ".workers.lock"))
+            self._lock_path = lock.with_name(lock.name + ".workers.lock")
+            self._lock_fd, self._alone = jobs.hold_worker_lock(self._lock_path)
         return self
 
     def fix(self) -> Search:
@@ -138,7 +140,7 @@ class Search:
         self.open().fix()
         # alone when the study was opened, and still: fixing takes evaluations, during which another
         # worker may have started trials that are RUNNING, not orphaned
-        if self._alone and self._lock_fd is not None and jobs.still_alone(self._lock_fd):
+        if self._alone and self._lock_fd is not None and jobs.still_alone(self._lock_path):
             self.recover(orphans=True)
         else:
             self._alone = False
