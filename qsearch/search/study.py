@@ -323,8 +323,12 @@ class Search:
             callbacks.append(lambda study, trial: progress(study, trial))
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         timeout = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
-        self.study.optimize(self._objective, n_trials=budget - done, timeout=timeout, callbacks=callbacks,
-                            catch=(Exception,), gc_after_trial=False)
+        # the warm start's plans and other workers' trials may have filled the budget meanwhile: Optuna
+        # checks the budget only after a trial, so a full study would still get one more from here
+        left = budget - self.finished()
+        if left > 0:
+            self.study.optimize(self._objective, n_trials=left, timeout=timeout, callbacks=callbacks,
+                                catch=(Exception,), gc_after_trial=False)
         if jobs.is_server(self.storage_url):  # another worker's trial may be lost with its worker
             jobs.settle(self.study, lambda: self.study.optimize(self._objective, n_trials=1, catch=(Exception,),
                                                                  callbacks=[_check_interrupt]), deadline)
