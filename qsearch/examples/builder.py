@@ -35,6 +35,15 @@ def main(build: Callable[[Path, bool], Path], doc: str, default_out: Path, what:
         raise SystemExit(f"error: {exc}") from None
 
 
+def labelled_splits(out: Path, splits: dict[str, int], draw: Callable[[], tuple]) -> None:
+    """One `name.npz` per split (`x`, int64 `label`) of `draw()`'s (input, label) pairs, in order."""
+    import numpy as np
+
+    for name, n in splits.items():
+        xs, ys = zip(*(draw() for _ in range(n)))
+        np.savez(out / f"{name}.npz", x=np.stack(xs), label=np.array(ys, np.int64))
+
+
 def workload_yaml(comment: str, name: str, metric: str, max_drop: str, batch_size: int, latency_batch: int,
                   labels: bool = False, search_space: str = "cnn_cpu") -> str:
     """The config every example writes next to its model and npz splits."""

@@ -16,6 +16,7 @@ Metric: top-1.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 from pathlib import Path
@@ -75,15 +76,8 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(11)
     text, font_files = sentences(), fonts()
-    k = 0
-    for name, n in SPLITS.items():
-        xs, ys = [], []
-        for _ in range(n):
-            x, y = sample(rng, text[k % len(text)], font_files)
-            xs.append(x)
-            ys.append(y)
-            k += 1
-        np.savez(out / f"{name}.npz", x=np.stack(xs), label=np.array(ys, np.int64))
+    lines = itertools.cycle(text)
+    builder.labelled_splits(out, SPLITS, lambda: sample(rng, next(lines), font_files))
     atomic_write_bytes(out / "model.onnx", blob)
     return finish(out, WORKLOAD, key)
 

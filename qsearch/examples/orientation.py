@@ -80,9 +80,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
         return wl
     out.mkdir(parents=True, exist_ok=True)
     renderer = PageRenderer(seed=1)
-    for name, n in SPLITS.items():
-        xs, ys = zip(*(sample(renderer) for _ in range(n)))
-        np.savez(out / f"{name}.npz", x=np.stack(xs), label=np.array(ys, np.int64))
+    builder.labelled_splits(out, SPLITS, lambda: sample(renderer))
     atomic_write_bytes(out / "model.onnx", blob)
     return finish(out, WORKLOAD, key)
 
