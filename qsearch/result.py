@@ -12,6 +12,7 @@ from pathlib import Path
 from qsearch import engine as engines
 from qsearch.analysis import profiling
 from qsearch.analysis.sensitivity import SensitivityProfile
+from qsearch.engine.base import profiles_nodes
 from qsearch.engine.hook import ARITHMETIC_NOTE
 from qsearch.evaluator import Evaluator
 from qsearch.files import OutputSet, atomic_write_bytes, atomic_write_text
@@ -131,19 +132,13 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     marks = [] if objective == "bitops" else [
         (r.name, r.latency_ms if objective == "latency" else r.size_bytes, r.search_score) for r in choice.rows]
     plot_pareto(results, search.allowed, bench.baseline.fp32_search, objective, res.path("pareto.png"), marks)
-    # a latency hook's device gives no per-node profile: ONNX Runtime on this machine shows where its time goes
-    local = bench.engine if getattr(bench.engine, "per_node", True) else engines.create(threads=bench.workload.threads)
-    kinds = {name: {k: round(v, 4) for k, v in profiling.profile(bench.prepared, bench.rewriter(plan),
-                                                                  bench.latency_feed, local).by_kind.items()}
-             for name, plan in (("fp32", bench.plan({})), ("naive int8", naive), (choice.candidate_name, choice.candidate))}
+    kinds, where = _attribution(bench, naive, choice)
     plot_attribution(kinds, res.path("attribution.png"))
     stage("done", stage.kept)
     summary = _summary(bench, profile, search, choice, metrics, fusion, naive_fusion, time.perf_counter() - t_start)
     summary += _plan_lines(bench, chosen)
     tables = [("Layers (graph order): sensitivity, measured INT8 cost, naive vs chosen", layer_table(chosen, naive, profile)),
-              ("Where the time goes (ONNX Runtime per-node profile, one batch"
-               + (", on this machine: the hooked device gives none" if local is not bench.engine else "") + ")",
-               attribution_table(kinds)),
+              (f"Where the time goes (ONNX Runtime per-node profile, one batch{where})", attribution_table(kinds)),
               ("Fused kernels after ONNX Runtime's optimizer", fusion_table([*fusions, ("naive int8", naive_fusion)])),
               ("Finalists that did not ship (timed in the same interleaved rounds)",
                finalists_table(choice.finalists, bench.workload.metric.name, fp32_row))]
@@ -165,6 +160,16 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
         f"{len(pareto)} Pareto plans in {out / 'pareto'}")
     return chosen
+
+
+def _attribution(bench: Workbench, naive: Plan, choice: FinalChoice) -> tuple[dict, str]:
+    """Per-node time by kind of FP32, naive INT8 and the chosen plan, and where it was measured: a
+    latency hook's device gives no per-node profile, so ONNX Runtime on this machine shows it."""
+    local = bench.engine if profiles_nodes(bench.engine) else engines.create(threads=bench.workload.threads)
+    kinds = {name: {k: round(v, 4) for k, v in profiling.profile(bench.prepared, bench.rewriter(plan),
+                                                                  bench.latency_feed, local).by_kind.items()}
+             for name, plan in (("fp32", bench.plan({})), ("naive int8", naive), (choice.candidate_name, choice.candidate))}
+    return kinds, "" if local is bench.engine else ", on this machine: the hooked device gives none"
 
 
 def _verdict(res: OutputSet, choice: FinalChoice, fp32_row, chosen_row, allowed: float, metric: str) -> str:

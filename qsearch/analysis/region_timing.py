@@ -44,10 +44,7 @@ def attribute(bench, layers: Sequence[Layer], best: dict[str, str], regions: int
 
     fp32_a = ms(bench.prepared.proto)
     all8 = ms(plan([la.name for la in layers]))
-    runs = chunks(layers, regions)
-    saved = [None] * len(runs)
-    for r, run in enumerate(runs):
-        saved[r] = run, ms(plan([la.name for la in run]))
+    saved = [(run, ms(plan([la.name for la in run]))) for run in chunks(layers, regions)]
     fp32 = (fp32_a + ms(bench.prepared.proto)) / 2  # before and after the regions: a drift is averaged
     weight = {la.name: la.macs + 1.0 for la in layers}
     total = sum(weight.values())

@@ -31,6 +31,7 @@ import yaml
 from qsearch.analysis.proxy import rank_options
 from qsearch.analysis.screen import Screen, run_jobs, samples_within
 from qsearch.calibration import RANGES_VERSION
+from qsearch.engine.base import profiles_nodes
 from qsearch.files import atomic_write_text, save_figure
 from qsearch.plan.format import LayerChoice
 from qsearch.workbench import Workbench
@@ -257,7 +258,7 @@ def _attribute(bench: Workbench, layers, best: dict[str, str], queue, progress) 
     all_int8 = {la.name: LayerChoice.parse(best[la.name]) for la in layers}
 
     def attribute(_job: dict) -> tuple:
-        if not getattr(bench.engine, "per_node", True):  # a latency hook: regions timed whole
+        if not profiles_nodes(bench.engine):  # a latency hook: regions timed whole
             from qsearch.analysis import region_timing
 
             return region_timing.attribute(bench, layers, best)

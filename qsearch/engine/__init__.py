@@ -5,7 +5,7 @@ A new engine is one module with a class satisfying `Engine` and one entry in `EN
 
 from __future__ import annotations
 
-from qsearch.engine.base import Engine, NodeTime, Session, Timing
+from qsearch.engine.base import Engine, NodeTime, Session, Timing, profiles_nodes
 from qsearch.engine.isa import WEIGHT_CODES, Int8Path, detect, mismatch, safe_weights, weight_limits
 from qsearch.engine.onnxruntime import OrtCpu
 
@@ -31,5 +31,5 @@ def for_workload(workload, eval_timeout: float | None = None) -> Engine:
     return LatencyHook(workload.latency, workload.latency_where, workload.base, workload.threads, timeout)
 
 
-__all__ = ["ENGINES", "HOOK_TIMEOUT_S", "for_workload", "WEIGHT_CODES", "Engine", "Int8Path", "NodeTime", "OrtCpu", "Session", "Timing", "create",
+__all__ = ["ENGINES", "HOOK_TIMEOUT_S", "for_workload", "WEIGHT_CODES", "Engine", "Int8Path", "NodeTime", "OrtCpu", "Session", "Timing", "create", "profiles_nodes",
            "detect", "mismatch", "safe_weights", "weight_limits"]

@@ -61,3 +61,8 @@ class Engine(Protocol):
                 warmup: int = 2) -> list[NodeTime]:
         """Kernel time of every node the runtime runs, in execution order."""
         ...
+
+
+def profiles_nodes(engine: Engine) -> bool:
+    """Whether `engine` times every node (an engine written before `per_node` existed does)."""
+    return getattr(engine, "per_node", True)

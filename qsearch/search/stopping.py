@@ -1,4 +1,5 @@
-"""When the study may stop before its trial budget: the search has reached the top of its space.
+"""When a trial or the study stops early. A trial: `BudgetPruner`, on its first slice of the
+search data. The study: before its trial budget, once the search has reached the top of its space.
 
 A plan that puts every searched layer in INT8 and keeps half the budget spare is the ceiling the
 sampler climbs towards; past it, trials only trade calibrations or revert layers, which the
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from qsearch.resolution import clearly_over
 
 TIE = 0.02  # costs within 2% are timing noise (`SearchResult.best`)
 NEAR = 2 * TIE  # all-INT8 this close to the fastest plan found counts as reached
@@ -84,3 +87,20 @@ class CeilingStop:
     def _all_int8(self, t: FrozenTrial) -> bool:
         choices = t.user_attrs.get("choices", {})
         return all(choices.get(n, self.float_label) != self.float_label for n in self.searched)
+
+
+class BudgetPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose drop, estimated on the first slice of the search data (its reported
+    intermediate value), is clearly over budget: twice the budget plus 3 sigma of a binomial
+    accuracy estimate on the slice (top-1), so borderline plans finish."""
+
+    def __init__(self, allowed: float, binomial: bool = False):
+        self.allowed, self.binomial = allowed, binomial
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        est = trial.intermediate_values.get(step) if step is not None else trial.user_attrs.get("drop_estimate")
+        if est is None:
+            return False
+        parts = trial.user_attrs.get("slice_parts")
+        return clearly_over(est, self.allowed, tuple(parts) if self.binomial and parts else None)

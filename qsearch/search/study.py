@@ -1,7 +1,7 @@
 """The Optuna study: trials over the searched layers, under the accuracy budget as a constraint.
 
 `Search` takes Optuna's own objects: any sampler (default from the search space: TPE, NSGA-II,
-random, QMC, GP), any pruner (default `BudgetPruner`, which stops a trial whose first slice of the
+random, QMC, GP), any pruner (default `stopping.BudgetPruner`, which stops a trial whose first slice of the
 search data is clearly over budget) and any storage (a URL or an Optuna storage object). What to
 try first, what to fix and how to repair come from `strategy`; every score comes from `Evaluator`.
 A trial never recalibrates: plan -> rewrite with cached ranges -> session -> score.
@@ -16,18 +16,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from qsearch import limits
 from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.errors import INTERRUPTED, QsearchError
 from qsearch.evaluator import Evaluation, Evaluator
-from qsearch.resolution import clearly_over
 from qsearch.search import jobs, strategy
 from qsearch.search.framing import problem_for
 from qsearch.search.problem import Dimensions, FixDecision
 from qsearch.search.seeds import STRATEGIES, Start, Strategy
-from qsearch.search.stopping import CeilingStop, patience_for
+from qsearch.search.stopping import BudgetPruner, CeilingStop, patience_for
 from qsearch.search.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
@@ -52,23 +51,6 @@ def default_sampler(bench: Workbench, budget: int) -> optuna.samplers.BaseSample
         return optuna.samplers.GPSampler(seed=space.seed, n_startup_trials=startup)
     except Exception as exc:
         raise QsearchError(f"sampler 'gp' is not usable here ({exc}); pick tpe, nsga2, random or qmc") from None
-
-
-class BudgetPruner(optuna.pruners.BasePruner):
-    """Prune a trial whose drop, estimated on the first slice of the search data (its reported
-    intermediate value), is clearly over budget: twice the budget plus 3 sigma of a binomial
-    accuracy estimate on the slice (top-1), so borderline plans finish."""
-
-    def __init__(self, allowed: float, binomial: bool = False):
-        self.allowed, self.binomial = allowed, binomial
-
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        step = trial.last_step
-        est = trial.intermediate_values.get(step) if step is not None else trial.user_attrs.get("drop_estimate")
-        if est is None:
-            return False
-        parts = trial.user_attrs.get("slice_parts")
-        return clearly_over(est, self.allowed, tuple(parts) if self.binomial and parts else None)
 
 
 def default_study_name(bench: Workbench) -> str:
