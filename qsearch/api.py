@@ -26,8 +26,8 @@ from qsearch.report.review import PlanDiff
 from qsearch.search.seeds import Strategy
 from qsearch.workflow import OptimizeResult
 
-__all__ = ["EvaluationResult", "OptimizeResult", "analyze", "apply", "baseline", "diff", "evaluate", "optimize",
-           "profile", "show"]
+__all__ = ["EvaluationResult", "OptimizeResult", "analyze", "apply", "baseline", "diff", "evaluate", "finetune",
+           "optimize", "profile", "show"]
 
 PathLike = str | os.PathLike
 
@@ -152,3 +152,39 @@ def profile(model: PathLike, config: PathLike | None = None, *, top: int = 15,
     from qsearch import commands
 
     return commands.run_profile(str(model), _config(config), top, None if output is None else str(output))
+
+
+def finetune(config: PathLike | None = None, *, plan: Plan | PathLike, out: PathLike = "qsearch-out/finetune",
+             epochs: int = 10, lr: float = 1e-4, timeout: float | None = None, loss: str | None = None,
+             learn_ranges: bool = True, range_lr: float | None = None, patience: int = 3, seed: int = 0,
+             eval_timeout: float | None = None):
+    """Quantization-aware training of exactly `plan`'s graph (`qsearch finetune`; needs the `train` extra).
+    Writes the fine-tuned float model, its plan, its QDQ model, finetune.yaml and report.md to `out`;
+    returns a `qsearch.finetune.run.FinetuneResult` (PTQ against QAT on search and test).
+
+    Args:
+        config: the workload config (None: the embedded default).
+        plan: the plan to fine-tune (a file or a `Plan` of the workload's model).
+        out: the output folder.
+        epochs, lr: training length and Adam's learning rate for weights and biases.
+        timeout: seconds for the whole command; the best checkpoint so far is kept (exit 124 in the CLI).
+        loss: 'pkg.module:fn' taking (student outputs, FP32 outputs) as tensors, returning a scalar tensor
+            (default: each output's squared error relative to its FP32 power).
+        learn_ranges: learn activation ranges (LSQ-style) or keep the plan's (straight-through estimator).
+        range_lr: the ranges' learning rate (default: lr).
+        patience: epochs without a better search score before stopping early.
+        seed: batch order.
+        eval_timeout: seconds one model evaluation may take (0: no limit).
+    """
+    try:
+        from qsearch.finetune import run as finetune_run
+        from qsearch.finetune.train import Settings
+    except ImportError as exc:
+        from qsearch.errors import QsearchError
+
+        raise QsearchError(f"qsearch finetune needs PyTorch and onnx2torch ({exc.name} is missing): "
+                           "pip install 'qsearch[train]'") from None
+    settings = Settings(epochs=epochs, lr=lr, range_lr=range_lr, learn_ranges=learn_ranges, patience=patience,
+                        seed=seed, loss=loss)
+    return finetune_run.run(_config(config), plan if isinstance(plan, Plan) else str(plan), Path(out), settings,
+                            timeout=timeout, eval_timeout=eval_timeout)

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     _search_commands(sub)
     _model_commands(sub)
     _plan_commands(sub)
+    _finetune_command(sub)
     return p
 
 
@@ -147,6 +148,28 @@ def _plan_commands(sub) -> None:
                         "bias correction, where each layer can take it (default: %(default)s)")
 
 
+def _finetune_command(sub) -> None:
+    f = sub.add_parser("finetune", help="quantization-aware training of exactly one plan (needs the train extra)",
+                       description="Mirror the plan's own graph in PyTorch with fake quantization exactly where the "
+                                   "plan's Q/DQ go, distil from the FP32 model on the calibration and search inputs, "
+                                   "stop early on the search metric of the exported QDQ model, and write the "
+                                   "fine-tuned float model, its plan and QDQ model, and a PTQ-vs-QAT report to --out. "
+                                   "Exit 0 done, 2 bad input, 124 --timeout, 130 interrupted (both keep the best "
+                                   "checkpoint).",
+                       epilog="example: qsearch finetune --config my_model.yaml --plan runs/my_model/plan.yaml "
+                              "--out runs/qat --epochs 10")
+    _common(f, out_default="qsearch-out/finetune")
+    f.add_argument("--plan", required=True, help="the plan to fine-tune (optimize's, a baseline's, a Pareto plan)")
+    f.add_argument("--epochs", type=int, default=10, help="passes over the calibration and search inputs "
+                                                          "(default: %(default)s)")
+    f.add_argument("--lr", type=float, default=1e-4, help="Adam's learning rate (default: %(default)s)")
+    f.add_argument("--timeout", type=float, metavar="SECONDS", help="bound the whole command (keeps the best so far)")
+    f.add_argument("--loss", metavar="PKG.MODULE:FN", help="your loss: fn(student_outputs, fp32_outputs) -> scalar "
+                                                            "tensor (default: relative squared error per output)")
+    f.add_argument("--fixed-ranges", action="store_true",
+                   help="keep the plan's activation ranges (default: learn them, LSQ-style)")
+
+
 def _interrupt(signum, frame):
     """Raise at once where it is safe; inside a GC callback the raise is swallowed (the hook in
     main() keeps it quiet) and the search stops at its next check of INTERRUPTED instead."""
@@ -230,6 +253,14 @@ def _main(args) -> int:
             d = api.diff(args.before, args.after)
             print(diff_text(d, (args.before, args.after)))
             return 0 if d.same else 1
+        if args.command == "finetune":
+            r = api.finetune(args.config, plan=args.plan, out=out, epochs=args.epochs, lr=args.lr,
+                             timeout=args.timeout, loss=args.loss, learn_ranges=not args.fixed_ranges,
+                             eval_timeout=args.eval_timeout)
+            print(f"PTQ test {r.ptq_test:.4f} -> QAT test {r.qat_test:.4f} (fp32 {r.fp32_test:.4f}); best epoch "
+                  f"{r.history.best.epoch} ({r.history.stopped}); {r.seconds / 60:.1f} min; wrote {out / 'plan.yaml'}, "
+                  f"{out / 'model.qsearch.onnx'}, {out / 'report.md'}")
+            return 0
         if args.command == "profile":
             api.profile(args.model, args.config, top=args.top, output=args.output)
             return 0

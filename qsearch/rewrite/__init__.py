@@ -13,6 +13,8 @@ initializers) and materialized once, followed by dead-node removal and a topolog
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -34,6 +36,31 @@ from qsearch.rewrite.graph import EditGraph
 # models of one layout, so it is part of the study key.
 INT8_PATH_KEY = "qsearch.int8_path"  # model metadata: the int8 path its plan was measured on
 LAYOUT_VERSION = 5  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How `apply` quantizes one initializer: a weight (symmetric codes, per channel along `axis` or
+    per tensor), or an Add/Mul layer's constant (`constant`: uint8 over its own range and zero)."""
+
+    axis: int = 0
+    per_channel: bool = False
+    codes: str = "int8"
+    constant: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingGraph:
+    """What `Rewriter.training_graph` gives fine-tuning: the marked float graph; the initializers
+    training may change (every layer's weight and bias); how the plan quantizes each INT8 one;
+    the smoothed weights (initializer -> (layer, factors): the graph holds them times the
+    factors); the tensors a smoothing divisor writes (their ranges are the sidecar's)."""
+
+    model: onnx.ModelProto
+    trainable: tuple[str, ...]
+    quant: Mapping[str, WeightQuant]
+    smoothed: Mapping[str, tuple[Layer, np.ndarray]]
+    smoothed_tensors: tuple[str, ...] = ()
 
 
 class Rewriter:
@@ -88,8 +115,7 @@ class Rewriter:
         act_params = {t: activation_qparams(*plan.ranges[t]) for t in tensors}
         absorbed = self.prepared.absorbed(plan.forms)
         weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
-        smoothed_inputs = self._smooth(g, plan, smoothed, weights)
-        act_params.update(smoothed_inputs)
+        act_params.update({x: activation_qparams(*r) for x, r in self._smooth(g, plan, smoothed, weights).items()})
         means, codes = plan.sidecar.means(), plan.sidecar.of("round")
         for layer in int8:
             if layer.name in absorbed:  # inside a fused pattern's gate: swept with it
@@ -122,7 +148,7 @@ class Rewriter:
     def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> dict:
         """Each group the plan smooths: its smoothed members read x / s (one Mul; or the
         LayerNormalization writing x with the divisor in its scale and bias, when nothing else
-        reads x) and their weights' rows times s. Returns the smoothed tensors' Q/DQ parameters."""
+        reads x) and their weights' rows times s. Returns the smoothed tensors' ranges."""
         out = {}
         ranges = plan.sidecar.of("smooth_range")
         for tensor, members, s in self._smoothed_weights(plan, smoothed, weights):
@@ -135,7 +161,7 @@ class Rewriter:
                 x = g.scale_channels(tensor, (1 / s.astype(np.float64)).astype(np.float32))
             for n in members:
                 g.replace_input(g.node(self.prepared.layer(n).nodes[0]), tensor, x)
-            out[x] = activation_qparams(*(float(v) for v in ranges[tensor]))
+            out[x] = (float(ranges[tensor][0]), float(ranges[tensor][1]))
         return out
 
     def _smoothed_weights(self, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> list[tuple]:
@@ -158,6 +184,48 @@ class Rewriter:
         self._smoothed_weights(plan, smoothed_layers(choices), weights)
         return {la.name: self._float(la.weight, weights) for la in self.prepared.layers
                 if la.weight and choices[la.name].is_int8}
+
+    def training_graph(self, plan: Plan) -> TrainingGraph:
+        """The float graph fine-tuning mirrors: the plan's float weights (equalized, smoothed, registered
+        weight transforms applied; no bias correction, no learned rounding: training supersedes
+        them), a fused hardswish where the plan fuses it, and a `qsearch::FakeQuant` node exactly
+        where `apply` writes each activation's Q/DQ, with its range and its shared-scale group."""
+        choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
+        g = EditGraph(self.prepared.proto)
+        absorbed = self.prepared.absorbed(plan.forms)
+        int8 = [la for la in self.prepared.layers if choices[la.name].is_int8 and la.name not in absorbed]
+        smoothed = smoothed_layers(choices)
+        tensors, groups = quantized_tensors(self.prepared, {la.name for la in int8}, plan.forms, smoothed)
+        missing = [t for t in tensors if t not in plan.ranges]
+        if missing:
+            raise QsearchError(f"plan has no activation range for tensor '{missing[0]}'")
+        ranges = {t: plan.ranges[t] for t in tensors}
+        weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
+        smoothing = self._smooth(g, plan, smoothed, weights)
+        ranges.update(smoothing)
+        quant: dict[str, WeightQuant] = {}
+        for la in int8:
+            c = choices[la.name]
+            if la.weight:
+                for transform in weight_transforms(c.recovery):
+                    weights[la.weight] = transform(la, self._float(la.weight, weights))
+                quant[la.weight] = WeightQuant(la.weight_axis, c.granularity == "per_channel", c.weights)
+            if la.constant is not None:
+                quant.setdefault(la.constant, WeightQuant(constant=True))
+            if la.fused(plan.forms):
+                g.fuse_hardswish(la)
+        trainable = tuple(dict.fromkeys(t for la in self.prepared.layers for t in (la.weight, la.bias)
+                                        if t and t in self.inits))
+        for t in trainable:
+            g.set_initializer(t, self._float(t, weights))
+        group_of = {t: k + 1 for k, grp in enumerate(groups) for t in grp}
+        for t in sorted(ranges, key=g.order_of):
+            g.mark(t, "FakeQuant", lo=float(ranges[t][0]), hi=float(ranges[t][1]), group=group_of.get(t, 0))
+        factors = {}
+        for tensor, s in (plan.sidecar.of("smooth") if plan.sidecar else {}).items():
+            for n in (n for n in self.groups[tensor].layers if n in smoothed):
+                factors[self.prepared.layer(n).weight] = (self.prepared.layer(n), np.asarray(s))
+        return TrainingGraph(g.build(), trainable, quant, factors, tuple(smoothing))
 
     def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges, forms: dict[str, str] | None = None,
               means: dict[str, np.ndarray] | None = None, smoothing: dict | None = None,

@@ -14,6 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qsearch.errors import QsearchError
 from qsearch.model.load import Layer, node_reads
 
+MARK_DOMAIN = "qsearch"  # the custom domain of `EditGraph.mark` nodes (never in a model qsearch ships)
+
 # Non-layer ops that may join an FP16 region when all their float inputs are already FP16.
 FP16_FOLLOWERS = {
     "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape",
@@ -209,6 +211,28 @@ class EditGraph:
                                            name=names.fresh(f"{tensor}_DequantizeLinear")))
         self.producer[dq_out] = self.extra[-1]
 
+    def mark(self, tensor: str, op: str, **attrs) -> None:
+        """One node of the `qsearch` domain in place of a Q/DQ pair (the fine-tuning mirror's fake
+        quantization, `Rewriter.training_graph`): it reads the producer's renamed output and writes
+        `tensor`, so consumers read it exactly where they would read the DequantizeLinear."""
+        src, out = tensor, tensor
+        prod = self.producer.get(tensor)
+        if prod is not None:
+            src = self.names.fresh(f"{tensor}_prequant")
+            for i, t in enumerate(prod.output):
+                if t == tensor:
+                    prod.output[i] = src
+            self.producer[src] = prod
+        elif tensor in self.graph_inputs:  # the input keeps its name; its readers read the mark
+            out = self.names.fresh(f"{tensor}_marked")
+            for n in self.nodes + self.extra:
+                self.replace_input(n, tensor, out)
+        else:
+            raise QsearchError(f"cannot mark tensor '{tensor}': it has no producer in the graph")
+        self.extra.append(helper.make_node(op, [src], [out], name=self.names.fresh(f"{tensor}_{op}"),
+                                           domain=MARK_DOMAIN, **attrs))
+        self.producer[out] = self.extra[-1]
+
     def keep_float_weights(self) -> None:
         """A float Conv/ConvTranspose/Gemm between a per-tensor DQ and a Q runs as int8 in ONNX
         Runtime 1.21+: its WeightBiasQuantization quantizes the float weight per tensor (a
@@ -358,6 +382,8 @@ class EditGraph:
         )
         opsets = [helper.make_opsetid(o.domain, max(o.version, self.min_opset) if o.domain in ("", "ai.onnx")
                                       else o.version) for o in self.model.opset_import]
+        if any(n.domain == MARK_DOMAIN for n in nodes):
+            opsets.append(helper.make_opsetid(MARK_DOMAIN, 1))
         m = helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version)
         m.producer_name = "qsearch"
         for p in self.model.metadata_props:

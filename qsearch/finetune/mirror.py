@@ -1,0 +1,207 @@
+"""The plan's own graph in PyTorch: `Rewriter.training_graph` (the prepared float graph with a
+FakeQuant node where `apply` writes each Q/DQ) converted by onnx2torch, then every INT8 layer's
+weight fake-quantized through a parametrization, and every trainable initializer made one
+`nn.Parameter` named after the ONNX initializer (so training writes back by name)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper, version_converter
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qsearch.errors import QsearchError
+from qsearch.finetune.fakequant import RangeQuant, WeightFake
+from qsearch.model.load import PreparedModel
+from qsearch.rewrite import TrainingGraph
+from qsearch.rewrite.graph import MARK_DOMAIN
+
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+MAX_OPSET = 17  # the newest default-domain opset onnx2torch 1.5 has converters for (Resize 19, ReduceMean 18 lack them)
+
+
+def _torchvision_guard() -> None:
+    """onnx2torch imports torchvision for its NMS and RoiAlign converters only. PyPI's torchvision
+    wheel links CUDA torch, so beside the CPU wheel its import fails; then those two ops say so when
+    converted (no workload of ours has them) instead of the whole converter failing to import."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        def missing(*args, **kwargs):
+            raise QsearchError("this model needs torchvision's NMS/RoiAlign, which cannot load beside CPU torch")
+
+        tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+        ops.nms = ops.roi_align = ops.box_convert = missing
+        tv.ops = ops
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = tv, ops
+
+
+def _onnx2torch():
+    _torchvision_guard()
+    import onnx2torch
+    from onnx2torch.node_converters.registry import add_converter, get_converter
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    try:
+        get_converter(operation_type="FakeQuant", version=1, domain=MARK_DOMAIN)
+    except NotImplementedError:
+        @add_converter(operation_type="FakeQuant", version=1, domain=MARK_DOMAIN)
+        def _fake_quant(node, graph):
+            a = node.attributes
+            module = RangeQuant(node.output_values[0], float(a["lo"]), float(a["hi"]), bool(a.get("learn", 0)),
+                                int(a.get("group", 0)))
+            return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(
+                inputs=node.input_values, outputs=node.output_values))
+    return onnx2torch, get_converter
+
+
+class Mirror(nn.Module):
+    """The fake-quantized model: `forward(feeds)` -> outputs in the ONNX graph's order. `params`:
+    ONNX initializer name -> its one trainable tensor (ONNX layout); `quantizers`: tensor name ->
+    its activation fake quantizer."""
+
+    def __init__(self, module: nn.Module, inputs: tuple[str, ...], params: Mapping[str, nn.Parameter],
+                 quantizers: Mapping[str, RangeQuant]):
+        super().__init__()
+        self.module, self.inputs = module, inputs
+        self.params = nn.ParameterDict({_key(k): v for k, v in params.items()})
+        self.names = dict(zip((_key(k) for k in params), params))
+        self.quantizers = dict(quantizers)
+
+    def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        out = self.module(*(feeds[n] for n in self.inputs))
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def values(self) -> dict[str, np.ndarray]:
+        """Every trainable initializer's current float value, by ONNX name."""
+        return {self.names[k]: p.detach().cpu().numpy().astype(np.float32) for k, p in self.params.items()}
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """Learned ranges, by tensor (fixed ones are not listed)."""
+        return {t: q.range() for t, q in self.quantizers.items() if q.learn}
+
+
+def _key(name: str) -> str:
+    return "p" + name.encode().hex()  # ParameterDict keys may not hold '.'
+
+
+def build(tg: TrainingGraph, prepared: PreparedModel, learn_ranges: bool) -> Mirror:
+    onnx2torch, get_converter = _onnx2torch()
+    model = _marked(tg, learn_ranges)
+    if _opset(model) > MAX_OPSET:
+        model = version_converter.convert_version(model, MAX_OPSET)
+    _check_coverage(model, prepared, get_converter)
+    try:
+        gm = onnx2torch.convert(model, attach_onnx_mapping=True)
+    except QsearchError:
+        raise
+    except Exception as exc:
+        raise QsearchError(f"model '{prepared.name}': onnx2torch cannot mirror it: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]) from None
+    for p in gm.parameters():
+        p.requires_grad_(False)  # what trains is what is written back: the layers' weights and biases
+    quantizers = {m.tensor: m for m in gm.modules() if isinstance(m, RangeQuant)}
+    _tie_groups(quantizers.values())
+    params = _bind(gm, model, tg, prepared)
+    inputs = tuple(i.name for i in prepared.inputs)
+    return Mirror(gm, inputs, params, quantizers)
+
+
+def _marked(tg: TrainingGraph, learn: bool) -> onnx.ModelProto:
+    """The training graph with each FakeQuant told whether its range learns (a smoothed tensor's
+    range is the sidecar's and stays)."""
+    model = onnx.ModelProto.FromString(tg.model.SerializeToString())
+    for n in model.graph.node:
+        if n.domain == MARK_DOMAIN:
+            n.attribute.append(onnx.helper.make_attribute("learn", int(learn and n.output[0] not in tg.smoothed_tensors)))
+    return model
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _check_coverage(model: onnx.ModelProto, prepared: PreparedModel, get_converter) -> None:
+    """One line naming the first op (and its node, and layer) onnx2torch cannot mirror."""
+    opset = {o.domain: o.version for o in model.opset_import}
+    layer_of = {n: la.name for la in prepared.layers for n in la.nodes}
+    for n in model.graph.node:
+        try:
+            get_converter(operation_type=n.op_type, version=opset.get(n.domain, 1), domain=n.domain)
+        except NotImplementedError:
+            where = f" (layer '{layer_of[n.name]}')" if n.name in layer_of else ""
+            raise QsearchError(f"model '{prepared.name}': op {n.op_type} (opset {opset.get(n.domain, 1)}) at node "
+                               f"'{n.name}'{where} cannot be mirrored in PyTorch: onnx2torch has no converter "
+                               "for it") from None
+
+
+def _tie_groups(quantizers) -> None:
+    """Tensors that must share one scale (Concat inputs, value-moving ops) share one range."""
+    first: dict[int, RangeQuant] = {}
+    for q in quantizers:
+        if q.group:
+            lead = first.setdefault(q.group, q)
+            if lead is not q:
+                q.bounds = lead.bounds
+
+
+def _owners(gm, model: onnx.ModelProto) -> dict[str, list[tuple[nn.Module, str]]]:
+    """ONNX initializer -> the (module, attribute) pairs that hold it in the converted graph: a
+    Conv/Linear module's weight and bias, or a constant the graph reads (onnx2torch keeps one
+    buffer per reading node)."""
+    nodes = {(f"{n.domain}/" + n.name.replace(".", "/")).lstrip("/"): n for n in model.graph.node}  # its module names
+    owners: dict[str, list[tuple[nn.Module, str]]] = {}
+    for fx_node in gm.graph.nodes:
+        if fx_node.op != "call_module" or fx_node.target not in nodes:
+            continue
+        module, node = gm.get_submodule(fx_node.target), nodes[fx_node.target]
+        if isinstance(module, nn.Sequential):  # a Conv behind its asymmetric padding
+            module = next((m for m in module if isinstance(m, WEIGHTED)), module)
+        if isinstance(module, WEIGHTED):
+            for attr, idx in (("weight", 1), ("bias", 2)):
+                if len(node.input) > idx and node.input[idx] and getattr(module, attr, None) is not None:
+                    owners.setdefault(node.input[idx], []).append((module, attr))
+            continue
+        for arg, name in zip(fx_node.args, module.onnx_mapping.inputs):
+            if getattr(arg, "op", None) == "get_attr":
+                path, _, attr = arg.target.rpartition(".")
+                owners.setdefault(name, []).append((gm.get_submodule(path), attr))
+    return owners
+
+
+def _bind(gm, model: onnx.ModelProto, tg: TrainingGraph, prepared: PreparedModel) -> dict[str, nn.Parameter]:
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    owners = _owners(gm, model)
+    params: dict[str, nn.Parameter] = {}
+    for name in [*tg.trainable, *(t for t in tg.quant if t not in tg.trainable)]:
+        holders = owners.get(name, [])
+        if not holders:
+            if name in tg.trainable and name not in tg.quant:
+                continue  # a float layer's weight the converter folded into its module: it stays as it is
+            raise QsearchError(f"model '{prepared.name}': initializer '{name}' cannot be fake-quantized in the "
+                               "PyTorch mirror (the converter keeps no tensor for it)")
+        value = torch.from_numpy(np.array(inits[name], dtype=np.float32))
+        shared = nn.Parameter(value.clone(), requires_grad=name in tg.trainable)
+        for module, attr in holders:
+            held = getattr(module, attr).detach()
+            transposed = _layout(held, value, name)
+            parametrize.register_parametrization(module, attr, WeightFake(tg.quant.get(name), transposed), unsafe=True)
+            module.parametrizations[attr].original = shared
+        if name in tg.trainable:
+            params[name] = shared
+    return params
+
+
+def _layout(held: torch.Tensor, value: torch.Tensor, name: str) -> bool:
+    """Whether the converter holds the initializer transposed (checked on the values, not assumed)."""
+    if held.shape == value.shape and torch.equal(held.float(), value):
+        return False
+    if value.dim() == 2 and held.shape == value.T.shape and torch.equal(held.float(), value.T):
+        return True
+    raise QsearchError(f"initializer '{name}': the PyTorch mirror holds other values than the ONNX graph")
