@@ -1,13 +1,13 @@
 """qsearch: sensitivity-driven selective quantization search for ONNX models.
 
 The Python API (`qsearch.analyze`, `optimize`, `apply`, `evaluate`, `show`, `diff`, `baseline`,
-`profile`) lives in
+`profile`, `finetune`) lives in
 `qsearch.api` and is imported on first use, so `import qsearch` stays cheap.
 """
 
 from qsearch._version import __version__
 
-__all__ = ["analyze", "apply", "baseline", "diff", "evaluate", "optimize", "profile", "show", "__version__"]
+__all__ = ["analyze", "apply", "baseline", "diff", "evaluate", "finetune", "optimize", "profile", "show", "__version__"]
 
 
 def __getattr__(name: str):

@@ -160,7 +160,7 @@ def finetune(config: PathLike | None = None, *, plan: Plan | PathLike, out: Path
              eval_timeout: float | None = None):
     """Quantization-aware training of exactly `plan`'s graph (`qsearch finetune`; needs the `train` extra).
     Writes the fine-tuned float model, its plan, its QDQ model, finetune.yaml and report.md to `out`;
-    returns a `qsearch.finetune.run.FinetuneResult` (PTQ against QAT on search and test).
+    returns a `qsearch.qat.run.FinetuneResult` (PTQ against QAT on search and test).
 
     Args:
         config: the workload config (None: the embedded default).
@@ -177,8 +177,11 @@ def finetune(config: PathLike | None = None, *, plan: Plan | PathLike, out: Path
         eval_timeout: seconds one model evaluation may take (0: no limit).
     """
     try:
-        from qsearch.finetune import run as finetune_run
-        from qsearch.finetune.train import Settings
+        from qsearch.qat import mirror
+
+        mirror.require()
+        from qsearch.qat import run as finetune_run
+        from qsearch.qat.train import Settings
     except ImportError as exc:
         from qsearch.errors import QsearchError
 

@@ -214,7 +214,8 @@ class EditGraph:
     def mark(self, tensor: str, op: str, **attrs) -> None:
         """One node of the `qsearch` domain in place of a Q/DQ pair (the fine-tuning mirror's fake
         quantization, `Rewriter.training_graph`): it reads the producer's renamed output and writes
-        `tensor`, so consumers read it exactly where they would read the DequantizeLinear."""
+        `tensor`, so consumers read it exactly where they would read the DequantizeLinear; its
+        `tensor` attribute keeps the plan's name (a graph input's mark writes a new one)."""
         src, out = tensor, tensor
         prod = self.producer.get(tensor)
         if prod is not None:
@@ -230,7 +231,7 @@ class EditGraph:
         else:
             raise QsearchError(f"cannot mark tensor '{tensor}': it has no producer in the graph")
         self.extra.append(helper.make_node(op, [src], [out], name=self.names.fresh(f"{tensor}_{op}"),
-                                           domain=MARK_DOMAIN, **attrs))
+                                           domain=MARK_DOMAIN, tensor=tensor, **attrs))
         self.producer[out] = self.extra[-1]
 
     def keep_float_weights(self) -> None:

@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qsearch.errors import QsearchError
-from qsearch.finetune.fakequant import RangeQuant, WeightFake
 from qsearch.model.load import PreparedModel
+from qsearch.qat.fakequant import RangeQuant, WeightFake
 from qsearch.rewrite import TrainingGraph
 from qsearch.rewrite.graph import MARK_DOMAIN
 
@@ -42,6 +42,11 @@ def _torchvision_guard() -> None:
         sys.modules["torchvision"], sys.modules["torchvision.ops"] = tv, ops
 
 
+def require() -> None:
+    """Import what fine-tuning needs; ImportError (naming the module) when the train extra is missing."""
+    _onnx2torch()
+
+
 def _onnx2torch():
     _torchvision_guard()
     import onnx2torch
@@ -54,7 +59,7 @@ def _onnx2torch():
         @add_converter(operation_type="FakeQuant", version=1, domain=MARK_DOMAIN)
         def _fake_quant(node, graph):
             a = node.attributes
-            module = RangeQuant(node.output_values[0], float(a["lo"]), float(a["hi"]), bool(a.get("learn", 0)),
+            module = RangeQuant(a["tensor"], float(a["lo"]), float(a["hi"]), bool(a.get("learn", 0)),
                                 int(a.get("group", 0)))
             return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(
                 inputs=node.input_values, outputs=node.output_values))
@@ -93,7 +98,7 @@ def _key(name: str) -> str:
 
 def build(tg: TrainingGraph, prepared: PreparedModel, learn_ranges: bool) -> Mirror:
     onnx2torch, get_converter = _onnx2torch()
-    model = _marked(tg, learn_ranges)
+    model = _marked(tg, prepared, learn_ranges)
     if _opset(model) > MAX_OPSET:
         model = version_converter.convert_version(model, MAX_OPSET)
     _check_coverage(model, prepared, get_converter)
@@ -113,13 +118,21 @@ def build(tg: TrainingGraph, prepared: PreparedModel, learn_ranges: bool) -> Mir
     return Mirror(gm, inputs, params, quantizers)
 
 
-def _marked(tg: TrainingGraph, learn: bool) -> onnx.ModelProto:
+def _marked(tg: TrainingGraph, prepared: PreparedModel, learn: bool) -> onnx.ModelProto:
     """The training graph with each FakeQuant told whether its range learns (a smoothed tensor's
-    range is the sidecar's and stays)."""
+    range is the sidecar's and stays), and the prepared graph's shapes on both sides of it (shape
+    inference cannot see through a custom op; the converters of the ops after it need them)."""
     model = onnx.ModelProto.FromString(tg.model.SerializeToString())
+    shapes = {v.name: v for v in prepared.proto.graph.value_info}
     for n in model.graph.node:
-        if n.domain == MARK_DOMAIN:
-            n.attribute.append(onnx.helper.make_attribute("learn", int(learn and n.output[0] not in tg.smoothed_tensors)))
+        if n.domain != MARK_DOMAIN:
+            continue
+        n.attribute.append(onnx.helper.make_attribute("learn", int(learn and n.output[0] not in tg.smoothed_tensors)))
+        known = shapes.get(n.output[0]) or shapes.get(n.input[0])
+        for t in (n.input[0], n.output[0]) if known is not None else ():
+            vi = onnx.ValueInfoProto.FromString(known.SerializeToString())
+            vi.name = t
+            model.graph.value_info.append(vi)
     return model
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from qsearch.errors import QsearchError
-from qsearch.finetune.export import Checkpoint
-from qsearch.finetune.mirror import Mirror
+from qsearch.qat.export import Checkpoint
+from qsearch.qat.mirror import Mirror
 
 RELATIVE_EPS = 1e-12
 
@@ -160,7 +160,8 @@ class Trainer:
                 ck = self.checkpoint(e, loss)
                 value = score(ck)
                 history.append(Epoch(e, loss, value, time.perf_counter() - t1))
-                better = value > best_score
+                # a tie on a coarse search split goes to the epoch closer to FP32 by the (finer) distillation loss
+                better = value > best_score or (value == best_score and loss < best.loss)
                 log(f"epoch {e}: loss {loss:.4g}, search {value:.4f}" + (" (best)" if better else ""))
                 if better:
                     best, best_score, since = ck, value, 0

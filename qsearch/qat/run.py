@@ -14,14 +14,14 @@ import numpy as np
 from qsearch.errors import Interrupted, QsearchError
 from qsearch.evaluator import Evaluator
 from qsearch.files import atomic_write_bytes, atomic_write_text
-from qsearch.finetune import mirror as mirrors
-from qsearch.finetune.export import Checkpoint, Exported, export
-from qsearch.finetune.train import History, Settings, Trainer, check_settings
 from qsearch.limits import CommandTimeout
 from qsearch.plan.check import check_plan
 from qsearch.plan.format import Plan
 from qsearch.plan.io import read_plan
 from qsearch.progress import Progress, log
+from qsearch.qat import mirror as mirrors
+from qsearch.qat.export import Checkpoint, Exported, export
+from qsearch.qat.train import History, Settings, Trainer, check_settings
 from qsearch.scoring import reference_outputs
 
 FLOAT_FILE, QDQ_FILE, PLAN_FILE = "model.finetuned.onnx", "model.qsearch.onnx", "plan.yaml"
