@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 import time
 from pathlib import Path
 
@@ -157,9 +158,34 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     res.commit()
     say("\n".join(summary))
     say(rows_markdown(rows, bench.workload.metric.name, fp32_row.latency_ms, fp32_row.size_bytes))
+    hint = qat_hint(bench, pareto, search.allowed, chosen_row, out)
+    if hint:
+        log(hint)
     log(f"wrote {out / 'plan.yaml'}, {out / 'model.qsearch.onnx'}, {out / 'report.md'}, {out / 'report.html'}, "
         f"{len(pareto)} Pareto plans in {out / 'pareto'}")
     return chosen
+
+
+NOISE_FLOOR = 0.05  # a trial timing is one measurement: never trust a gap below 5%
+
+
+def qat_hint(bench: Workbench, pareto, allowed: float, shipped, out: Path) -> str:
+    """One line naming the fastest Pareto plan that missed the budget, when it beats the shipped
+    plan by more than the timing noise (the final rounds' spread), with the `finetune` command that
+    may bring it within budget; '' when there is none."""
+    if bench.workload.space.objective != "latency":
+        return ""
+    margin = max(shipped.latency_spread, NOISE_FLOOR)
+    missed = [r for r in pareto if r.drop > allowed and r.latency_ms < shipped.latency_ms * (1 - margin)]
+    if not missed:
+        return ""
+    r = min(missed, key=lambda r: r.latency_ms)
+    plan = out / "pareto" / f"plan-trial{r.number:04d}.yaml"
+    cmd = shlex.join(["qsearch", "finetune", "--config", str(bench.workload.path), "--plan", str(plan),
+                      "--out", str(out / "qat")])
+    return (f"trial {r.number}'s plan is {shipped.latency_ms / r.latency_ms:.2f}x the shipped plan's speed (its trial "
+            f"timing; shipped ±{shipped.latency_spread:.0%}) but loses {r.drop:.4g} on search (budget "
+            f"{allowed:.4g}); quantization-aware training may bring it within budget: {cmd}")
 
 
 def _attribution(bench: Workbench, naive: Plan, choice: FinalChoice) -> tuple[dict, str]:

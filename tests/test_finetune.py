@@ -259,3 +259,26 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, monkeypatc
     if case == "unmirrorable":
         assert "'thr'" in err
     assert not any((tmp_path / "qat" / f).exists() for f in ("plan.yaml", "model.finetuned.onnx", "model.qsearch.onnx"))
+
+
+def test_optimize_names_the_fastest_plan_that_missed_the_budget_beyond_the_noise(tmp_path):
+    """Planted trials: the line names the fastest missed plan only when its gap beats the noise."""
+    from qsearch.report.markdown import Row
+    from qsearch.result import qat_hint
+    from qsearch.search.trials import TrialResult
+
+    bench = open_bench(write_workload(tmp_path / "w", make_cnn(), n=64), tmp_path / "c")
+
+    def trial(n, drop, ms):
+        return TrialResult(n, {}, 0.9 - drop, drop, ms, ms, 1000, 1.0, drop <= 0.01)
+
+    shipped = Row("qsearch", 0.9, 0.9, 10.0, 1000, 5, latency_spread=0.08)
+    pareto = [trial(1, 0.002, 10.0), trial(2, 0.03, 8.0), trial(3, 0.05, 6.0), trial(4, 0.004, 9.5)]
+    line = qat_hint(bench, pareto, 0.01, shipped, tmp_path / "run")
+    assert "trial 3's plan" in line and "1.67x" in line and "plan-trial0003.yaml" in line
+    assert line.count("qsearch finetune --config") == 1 and str(tmp_path / "run" / "qat") in line
+    assert "trial 2's plan" in qat_hint(bench, pareto[:2], 0.01, shipped, tmp_path / "run")  # 20% faster, ±8%
+    noisy = Row("qsearch", 0.9, 0.9, 10.0, 1000, 5, latency_spread=0.25)
+    assert qat_hint(bench, pareto[:2], 0.01, noisy, tmp_path / "run") == ""  # 20% faster is within ±25%
+    assert "trial 3's plan" in qat_hint(bench, pareto[:3], 0.01, noisy, tmp_path / "run")  # 40% is not
+    assert qat_hint(bench, [pareto[0], pareto[3]], 0.01, shipped, tmp_path / "run") == ""  # none missed the budget
