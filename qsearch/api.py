@@ -155,8 +155,8 @@ def profile(model: PathLike, config: PathLike | None = None, *, top: int = 15,
 
 
 def finetune(config: PathLike | None = None, *, plan: Plan | PathLike, out: PathLike = "qsearch-out/finetune",
-             epochs: int = 10, lr: float = 1e-4, timeout: float | None = None, loss: str | None = None,
-             learn_ranges: bool = True, range_lr: float | None = None, patience: int = 3, seed: int = 0,
+             epochs: int = 30, lr: float = 1e-3, timeout: float | None = None, loss: str | None = None,
+             learn_ranges: bool = True, range_lr: float | None = None, patience: int = 6, seed: int = 0,
              eval_timeout: float | None = None):
     """Quantization-aware training of exactly `plan`'s graph (`qsearch finetune`; needs the `train` extra).
     Writes the fine-tuned float model, its plan, its QDQ model, finetune.yaml and report.md to `out`;

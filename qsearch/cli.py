@@ -160,9 +160,9 @@ def _finetune_command(sub) -> None:
                               "--out runs/qat --epochs 10")
     _common(f, out_default="qsearch-out/finetune")
     f.add_argument("--plan", required=True, help="the plan to fine-tune (optimize's, a baseline's, a Pareto plan)")
-    f.add_argument("--epochs", type=int, default=10, help="passes over the calibration and search inputs "
+    f.add_argument("--epochs", type=int, default=30, help="passes over the calibration and search inputs "
                                                           "(default: %(default)s)")
-    f.add_argument("--lr", type=float, default=1e-4, help="Adam's learning rate (default: %(default)s)")
+    f.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
     f.add_argument("--timeout", type=float, metavar="SECONDS", help="bound the whole command (keeps the best so far)")
     f.add_argument("--loss", metavar="PKG.MODULE:FN", help="your loss: fn(student_outputs, fp32_outputs) -> scalar "
                                                             "tensor (default: relative squared error per output)")

@@ -24,11 +24,11 @@ RELATIVE_EPS = 1e-12
 
 @dataclass(frozen=True)
 class Settings:
-    epochs: int = 10
-    lr: float = 1e-4
+    epochs: int = 30
+    lr: float = 1e-3
     range_lr: float | None = None  # None: the weights' lr
     learn_ranges: bool = True  # LSQ-style learned activation ranges; False: the plan's, fixed (STE)
-    patience: int = 3  # epochs without a better search score before stopping
+    patience: int = 6  # epochs without a better search score before stopping
     seed: int = 0
     loss: str | None = None  # 'pkg.module:fn' (student outputs, teacher outputs) -> scalar tensor
 
