@@ -24,7 +24,10 @@ from qsearch.rewrite.graph import MARK_DOMAIN
 from qsearch.torchcompat import torchvision_works
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-MAX_OPSET = 17  # the newest default-domain opset onnx2torch 1.5 has converters for (Resize 19, ReduceMean 18 lack them)
+MAX_OPSET = 17
+# ops newer than MAX_OPSET with no earlier version to convert to, and a torch module computing the same
+# (so is Reshape with allowzero=1, which onnx2torch refuses)
+TORCH_OPS = ("Gelu",)  # the newest default-domain opset onnx2torch 1.5 has converters for (Resize 19, ReduceMean 18 lack them)
 
 
 def _stand_in() -> dict:
@@ -67,7 +70,22 @@ def _onnx2torch():
                                 int(a.get("group", 0)))
             return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(
                 inputs=node.input_values, outputs=node.output_values))
+        @add_converter(operation_type="Reshape", version=1, domain=MARK_DOMAIN)
+        def _reshape(node, graph):  # allowzero=1: ONNX's Reshape is then exactly torch.reshape
+            return OperationConverterResult(torch_module=TorchReshape(), onnx_mapping=OnnxMapping(
+                inputs=node.input_values, outputs=node.output_values))
+
+        @add_converter(operation_type="Gelu", version=1, domain=MARK_DOMAIN)
+        def _gelu(node, graph):
+            mode = node.attributes.get("approximate", "none")
+            return OperationConverterResult(torch_module=nn.GELU(approximate=mode), onnx_mapping=OnnxMapping(
+                inputs=node.input_values, outputs=node.output_values))
     return onnx2torch, get_converter
+
+
+class TorchReshape(nn.Module):
+    def forward(self, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        return torch.reshape(x, tuple(int(d) for d in shape.tolist()))
 
 
 class Mirror(nn.Module):
@@ -125,11 +143,16 @@ def build(tg: TrainingGraph, prepared: PreparedModel, learn_ranges: bool) -> Mir
 def _marked(tg: TrainingGraph, prepared: PreparedModel, learn: bool) -> onnx.ModelProto:
     """The training graph with each FakeQuant told whether its range learns (a smoothed tensor's
     range is the sidecar's and stays), and the prepared graph's shapes on both sides of it (shape
-    inference cannot see through a custom op; the converters of the ops after it need them)."""
+    inference cannot see through a custom op; the converters of the ops after it need them). A
+    converter adaptation on the mirror's copy only: `TORCH_OPS` and Reshape with allowzero=1 move
+    into qsearch's domain."""
     model = onnx.ModelProto.FromString(tg.model.SerializeToString())
     shapes = {v.name: v for v in prepared.proto.graph.value_info}
     for n in model.graph.node:
-        if n.domain != MARK_DOMAIN:
+        allowzero = n.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in n.attribute)
+        if (n.op_type in TORCH_OPS or allowzero) and n.domain in ("", "ai.onnx"):
+            n.domain = MARK_DOMAIN  # converted by qsearch's converter, and kept as it is by the opset conversion
+        if n.op_type != "FakeQuant" or n.domain != MARK_DOMAIN:
             continue
         n.attribute.append(onnx.helper.make_attribute("learn", int(learn and n.output[0] not in tg.smoothed_tensors)))
         known = shapes.get(n.output[0]) or shapes.get(n.input[0])
@@ -137,6 +160,9 @@ def _marked(tg: TrainingGraph, prepared: PreparedModel, learn: bool) -> onnx.Mod
             vi = onnx.ValueInfoProto.FromString(known.SerializeToString())
             vi.name = t
             model.graph.value_info.append(vi)
+    if any(n.domain == MARK_DOMAIN for n in model.graph.node) and MARK_DOMAIN not in {o.domain for o in
+                                                                                    model.opset_import}:
+        model.opset_import.append(onnx.helper.make_opsetid(MARK_DOMAIN, 1))
     return model
 
 
