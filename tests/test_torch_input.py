@@ -183,3 +183,17 @@ def test_unusual_torch_modules_export_or_fail_in_one_line(tmp_path, monkeypatch,
         err = capsys.readouterr().err.strip()
         assert message in err and "Traceback" not in err and "\x1b" not in err, err[-600:]
         assert len(err.splitlines()) == 1, err[-600:]
+
+
+def test_a_torch_factory_workload_fine_tunes_its_plan(tmp_path, monkeypatch):
+    """`finetune` on a PyTorch-factory workload: the exported graph is what it mirrors and writes back."""
+    pytest.importorskip("qsearch.qat.mirror", reason="the train extra is not installed (CI installs it)")
+    monkeypatch.setenv("QSEARCH_CACHE", str(tmp_path / "cache"))
+    cfg = _workload(tmp_path)
+    plan = tmp_path / "naive.yaml"
+    assert main(["baseline", "naive", "--config", str(cfg), "-o", str(plan), "--cache", str(tmp_path / "c")]) == 0
+    out = tmp_path / "qat"
+    assert main(["finetune", "--config", str(cfg), "--plan", str(plan), "--out", str(out), "--epochs", "2"]) == 0
+    assert main(["apply", str(out / "plan.yaml"), str(out / "model.finetuned.onnx"), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").read_bytes() == (out / "model.qsearch.onnx").read_bytes()
+    assert read_plan(out / "plan.yaml").provenance["finetuned_from"]["model_fingerprint"] == read_plan(plan).fingerprint

@@ -6,6 +6,7 @@ the QDQ model comes from the same rewriter as every other plan."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,8 +83,9 @@ def finetuned_plan(source: Plan, prepared: PreparedModel, ranges: Mapping[str, t
         source, model_name=prepared.name, fingerprint=prepared.fingerprint, layers=layers,
         ranges={**source.ranges, **ranges}, notes=notes, sidecar=sidecar, model_file=model_file,
         metrics={}, provenance={**provenance(), "finetuned_from": {
-            "plan_fingerprint": source.fingerprint, "model": source.model_file or source.model_name,
-            "created": source.provenance.get("created", "")}, "finetune": dict(settings)})
+            "model": source.model_file or source.model_name, "model_fingerprint": source.fingerprint,
+            "plan_sha256": hashlib.sha256(source.to_yaml().encode()).hexdigest()[:16],
+            "plan_created": source.provenance.get("created", "")}, "finetune": dict(settings)})
 
 
 def _note(gone: list[str]) -> str:
@@ -104,7 +106,7 @@ def export(prepared: PreparedModel, tg: TrainingGraph, ck: Checkpoint, source: P
            model_file: str) -> Exported:
     model = float_model(prepared, tg, ck.values)
     new = prepare(model, name=prepared.name, source=model_file, preparation=source.preparation)
-    if new.layer_names != prepared.layer_names:  # preparing a prepared graph again changes nothing
+    if set(new.layer_names) != set(prepared.layer_names):  # preparing it again may reorder nodes, no more
         raise QsearchError(f"{model_file}: the fine-tuned model's layers differ from the plan's (internal error)")
     plan = finetuned_plan(source, new, ck.ranges, {**settings, "epoch": ck.epoch}, model_file)
     return Exported(model, new, plan, Rewriter(new)(plan))

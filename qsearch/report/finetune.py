@@ -17,10 +17,12 @@ def write_report(r, out: Path) -> None:
 def report_text(r) -> str:
     h = r.history
     settings = r.plan.provenance.get("finetune", {})
+    src = r.plan.provenance.get("finetuned_from", {})
     lines = [
         f"# Fine-tuning (QAT) of `{r.plan.model_name}` at the same plan",
         "",
-        f"Source plan: {r.plan.provenance.get('finetuned_from', {}).get('plan_fingerprint', '?')}; "
+        f"Source plan: sha256 {src.get('plan_sha256', '?')} of model {src.get('model', '?')} "
+        f"({src.get('model_fingerprint', '?')}); "
         f"settings: {', '.join(f'{k} {v}' for k, v in settings.items())}.",
         f"Training stopped: {h.stopped}; the best search score came at epoch {h.best.epoch}"
         + (" (epoch 0 is the plan as it was: fine-tuning did not improve it)" if h.best.epoch == 0 else "") + ".",
