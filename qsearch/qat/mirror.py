@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -102,7 +103,9 @@ class Mirror(nn.Module):
         self.quantizers = dict(quantizers)
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        out = self.module(*(feeds[n] for n in self.inputs))
+        with warnings.catch_warnings():  # onnx2torch's Slice indexes with a list: torch warns on every call
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
+            out = self.module(*(feeds[n] for n in self.inputs))
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def values(self) -> dict[str, np.ndarray]:
