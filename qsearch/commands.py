@@ -62,6 +62,17 @@ def open_bench(config: str | None, out: Path, eval_timeout: float | None = None,
     return bench
 
 
+def check_engine(name, where: str) -> None:
+    """The engine a plan (or its model) names must be one qsearch knows and is installed here."""
+    if name is None:
+        return
+    if name not in engines.ENGINE_EXTRAS:
+        raise QsearchError(f"{where}: names engine {name!r}, not one of {', '.join(engines.ENGINE_EXTRAS)}")
+    if not engines.installed(name):
+        raise QsearchError(f"{where}: its plan was searched on engine {name}, which is not installed: "
+                           f"pip install -c constraints.txt \"qsearch[{engines.ENGINE_EXTRAS[name]}]\"")
+
+
 def check_eval_timeout(eval_timeout) -> None:
     """0 means no limit, and so does a limit too large for the timer (inf); NaN and negatives are refused."""
     if eval_timeout is not None and not eval_timeout >= 0:  # (NaN is not >= 0)
@@ -104,6 +115,7 @@ def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> 
     warning = isa.mismatch(plan.provenance.get("int8_path"), plan_path)
     if warning:
         log(warning)
+    check_engine(plan.provenance.get("engine"), plan_path)
     t0 = time.perf_counter()
     model = Rewriter(prepared)(plan)
     dt = time.perf_counter() - t0
@@ -147,11 +159,16 @@ def run_evaluate(model_path: str, config: str | None, out: Path, *, eval_timeout
     if set(want) != set(have):
         raise QsearchError(f"{model_path}: its inputs {sorted(have)} do not match the workload's data "
                            f"{sorted(want)} ({bench.workload.path})")
-    from qsearch.rewrite import INT8_PATH_KEY
+    from qsearch.rewrite import ENGINE_KEY, INT8_PATH_KEY
 
-    warning = isa.mismatch({p.key: p.value for p in model.metadata_props}.get(INT8_PATH_KEY), model_path)
+    props = {p.key: p.value for p in model.metadata_props}
+    warning = isa.mismatch(props.get(INT8_PATH_KEY), model_path)
     if warning:
         log(warning)
+    check_engine(props.get(ENGINE_KEY), model_path)
+    if props.get(ENGINE_KEY, "onnxruntime") != bench.workload.engine:
+        log(f"{model_path}: its plan was searched on {props.get(ENGINE_KEY, 'onnxruntime')}; scored and timed here on "
+            f"{bench.workload.engine} (runtime.engine in {bench.workload.path})")
     evaluator = Evaluator(bench)
     try:
         r = EvaluationResult(
@@ -221,7 +238,7 @@ def run_profile(model_path: str, config: str | None, top: int = 15, output: str 
         ensure_writable_file(output, "-o", (model_path, *workload.files_read()))
     prepared = prepare(load_model(workload.model), name=workload.name, source=str(workload.model))
     model = load_model(model_path)
-    engine = engines.create(threads=workload.threads)
+    engine = engines.create(workload.engine, threads=workload.threads)
     try:
         sess = engine.session(model)
     except Exception as exc:

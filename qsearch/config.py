@@ -87,6 +87,7 @@ class Workload:
     latency_batch: int = 64
     latency: str | None = None  # a user's latency hook 'pkg.module:function' (`engine.hook`), where set
     latency_where: str = ""  # 'file:line' of runtime.latency, for its errors
+    engine: str = "onnxruntime"  # runtime.engine: what scores and times every model (`engine.ENGINES`)
     extra: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what loading changed and the user should know (a widened bf16 module)
 
@@ -149,19 +150,37 @@ def load_workload(path: str | Path | None) -> Workload:
                 raise ConfigError(f"{where(p, data, split)}: metric top1 needs 'labels' for data.{split}")
     max_drop, relative = _budget(p, doc)
     runtime = doc.get("runtime") or LinedDict()
-    check_keys(p, runtime, {"threads", "latency_batch", "latency"}, "runtime")
+    check_keys(p, runtime, {"threads", "latency_batch", "latency", "engine"}, "runtime")
     hook = runtime.get("latency")
     if hook is not None and not (isinstance(hook, str) and _ENTRY.fullmatch(hook)):
         raise ConfigError(f"{where(p, runtime, 'latency')}: runtime.latency must be a latency hook "
                           f"'package.module:function', not {hook!r}")
+    engine = _engine(p, runtime, hook)
     space = load_space(p, doc.get("search_space", "default"), base, "search_space", doc)
     return Workload(
         path=p, name=str(doc.get("name", model.stem)), model=model, calibration=splits["calibration"],
         search=splits["search"], test=splits["test"], metric=metric, max_drop=max_drop, relative=relative,
         target=target, space=space, batch_size=batch, threads=_int(p, runtime, "threads", 1, 0),
         latency_batch=_int(p, runtime, "latency_batch", 64, 1), notes=notes, latency=hook,
-        latency_where=f"{where(p, runtime, 'latency')} (runtime.latency)" if hook else "",
+        latency_where=f"{where(p, runtime, 'latency')} (runtime.latency)" if hook else "", engine=engine,
     )
+
+
+def _engine(p: Path, runtime: dict, hook: str | None) -> str:
+    """runtime.engine: a known engine, installed (else the extra that installs it)."""
+    from qsearch.engine import ENGINE_EXTRAS, installed
+
+    name = runtime.get("engine", "onnxruntime")
+    if name not in ENGINE_EXTRAS:
+        raise ConfigError(f"{where(p, runtime, 'engine')}: runtime.engine {name!r} is not one of "
+                          f"{', '.join(ENGINE_EXTRAS)}")
+    if not installed(name):
+        raise ConfigError(f"{where(p, runtime, 'engine')}: runtime.engine {name} is not installed: "
+                          f"pip install -c constraints.txt \"qsearch[{ENGINE_EXTRAS[name]}]\"")
+    if hook and name != "onnxruntime":
+        raise ConfigError(f"{where(p, runtime, 'engine')}: runtime.latency scores with ONNX Runtime; a hook with "
+                          f"runtime.engine {name} is not supported")
+    return name
 
 
 def _path(p: Path, d: dict, key: str, base: Path) -> Path:

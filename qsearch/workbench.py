@@ -118,6 +118,8 @@ class Workbench:
         plan = build_plan(self.prepared, parsed, self.stats, self.workload.target, self.workload.space.percentile,
                           self.forms if forms is None else forms, self.recovery)
         hook = {"latency_hook": self.workload.latency} if self.workload.latency else {}
+        if self.workload.engine != "onnxruntime":
+            hook["engine"] = self.workload.engine
         return dataclasses.replace(plan, model_file=self.workload.model.name).with_info(**provenance(**hook))
 
     def uniform_plan(self, method: str = "minmax", granularity: str = "per_tensor",
@@ -161,7 +163,8 @@ class Workbench:
         parts = [self.prepared.fingerprint, self.calib_data.fingerprint, self.search_data.fingerprint,
                  self.test_data.fingerprint, repr(w.metric), repr(self.allowed_drop()), repr(w.space), w.target,
                  w.threads, w.latency_batch, SCHEMA_VERSION, LAYOUT_VERSION, self.prepared.preparation,
-                 isa.detect().name, *([w.latency] if w.latency else [])]
+                 isa.detect().name, *([w.latency] if w.latency else []),
+                 *([w.engine] if w.engine != "onnxruntime" else [])]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
     def calibration_tensors(self) -> list[str]:

@@ -205,6 +205,22 @@ def test_rounded_plan_is_written_checked_and_rebuilt(tmp_path, capsys):
         assert not (tmp_path / "bad.onnx").exists()
 
 
+@pytest.mark.parametrize("codes", ["int7", "int8"])
+def test_learned_rounding_keeps_the_weights_scale_for_every_encoding(codes, tmp_path):
+    """Learned codes are rounded on the scale the rewriter stores them with: 7-bit weights (the
+    default where u8s8 saturates) once got codes fitted to the 8-bit scale, doubling every weight."""
+    import dataclasses
+
+    from qsearch.recovery.rounding import learn_for_plan
+
+    _, bench = _bench(tmp_path, False)
+    choices = {n: dataclasses.replace(c, weights=codes) for n, c in _all_int8(bench, "none").items()}
+    nearest = bench.plan(choices)
+    rounded, _ = learn_for_plan(bench, nearest, list(choices))
+    assert all(rounded.choice(n).recovery == "round" for n in choices)
+    assert _error(bench, rounded) <= _error(bench, nearest) * 1.05
+
+
 def test_learned_rounding_rescues_a_cheaper_trial_over_budget(tmp_path):
     """Planted trials: a feasible all-float one and a cheaper all-INT8 one over the budget. The
     final stage fits learned rounding to the cheaper one and keeps it as a finalist only when

@@ -69,7 +69,7 @@ def attribute(prepared: PreparedModel, times: Sequence[NodeTime]) -> LatencyProf
     by_op: dict[str, float] = {}
     current = OTHER
     for t in times:
-        kind = kind_of(t.op_type)
+        kind = t.kind or kind_of(t.op_type)
         layer = _match(t.name, owner, tensor_owner)
         if layer is None:
             # glue ORT created or a float op between layers: the chain's previous layer. Kept so on

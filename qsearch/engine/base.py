@@ -20,6 +20,7 @@ class NodeTime:
     name: str
     op_type: str
     ms: float  # mean per run
+    kind: str = ""  # 'int8 kernel', 'float op' or 'Q/DQ glue' where the engine says (else from op_type)
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def layer_problem(layer: Layer, w: np.ndarray, per_channel: bool, x_rows: np.nda
     back. `x_rows`: the quantized model's inputs, Conv (rows, cin, kh*kw) patches, Gemm/MatMul
     (rows, in); `float_rows`: the float model's at the same places, if known; `centered`: the
     layer's bias is corrected (`Moments.of`)."""
-    _, scale = quantize_weight(w, layer.weight_axis, per_channel)
+    _, scale = quantize_weight(w, layer.weight_axis, per_channel, codes)  # int7 codes: the int7 scale
     if layer.op_type == "Conv":
         cout = w.shape[0]
         wg = w.reshape(groups, cout // groups, -1)

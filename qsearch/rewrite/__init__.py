@@ -35,6 +35,7 @@ from qsearch.rewrite.graph import EditGraph
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
 INT8_PATH_KEY = "qsearch.int8_path"  # model metadata: the int8 path its plan was measured on
+ENGINE_KEY = "qsearch.engine"  # model metadata: the engine its plan was searched on (absent: ONNX Runtime)
 LAYOUT_VERSION = 5  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own
 
 
@@ -139,10 +140,11 @@ class Rewriter:
         else:
             g.keep_float_weights()
         model = g.build()
-        path = plan.provenance.get("int8_path")
-        if isinstance(path, str) and path:  # `evaluate` compares it with the machine it runs on
-            onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                                INT8_PATH_KEY: path})
+        # `evaluate` compares them with the machine it runs on and the engine it scores with
+        props = {key: plan.provenance.get(field) for key, field in ((INT8_PATH_KEY, "int8_path"), (ENGINE_KEY, "engine"))}
+        props = {k: v for k, v in props.items() if isinstance(v, str) and v}
+        if props:
+            onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
         return model
 
     def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> dict:
