@@ -254,7 +254,7 @@ def run_profile(model_path: str, config: str | None, top: int = 15, output: str 
         prof = profiling.profile(prepared, model, feed, engine, runs=10)
     except Exception as exc:
         raise QsearchError(f"{model_path}: profiling on the workload's data failed: {str(exc).splitlines()[0]}") from None
-    fusion = fusion_check(model)
+    fusion = fusion_check(model, engine)
     batch = len(next(iter(feed.values())))
     total = max(prof.total_ms, 1e-12)
     lines = [f"{model_path}: {prof.total_ms:.3f} ms per batch of {batch} in ONNX Runtime's kernels "

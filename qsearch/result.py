@@ -111,10 +111,10 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
         "seconds": {k: round(v, 3) for k, v in stage.seconds.items()},
     }
     chosen_model = bench.rewriter(chosen)
-    fusion = fusion_check(chosen_model)
-    naive_fusion = fusion_check(bench.rewriter(naive))
+    fusion = fusion_check(chosen_model, bench.engine)
+    naive_fusion = fusion_check(bench.rewriter(naive), bench.engine)
     fusions = [(chosen_row.name, fusion)] + ([] if choice.candidate is chosen or not choice.verdict else
-                                             [(choice.candidate_name, fusion_check(bench.rewriter(choice.candidate)))])
+                                             [(choice.candidate_name, fusion_check(bench.rewriter(choice.candidate), bench.engine))])
     # what ORT really runs, in the plan too: candidate layers INT8, int8 kernels, unfused Q/DQ
     int8 = {la.name for la in bench.candidates() if chosen.choice(la.name).is_int8}
     metrics["fusion"] = {"int8_layers": len(int8), "int8_kernels": fusion.int8_kernels,

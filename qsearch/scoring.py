@@ -37,7 +37,7 @@ def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class FusionCheck:
-    """What ONNX Runtime really runs: int8 kernels, and Q/DQ nodes its optimizer left standing."""
+    """What the engine really runs: int8 kernels, and Q/DQ nodes (OpenVINO: FakeQuantize) left standing."""
 
     int8_kernels: int
     unfused_qdq: int
@@ -47,7 +47,11 @@ class FusionCheck:
         return f"{self.int8_kernels} int8 kernels, {self.unfused_qdq} Q/DQ nodes left unfused"
 
 
-def fusion_check(model: onnx.ModelProto) -> FusionCheck:
+def fusion_check(model: onnx.ModelProto, engine=None) -> FusionCheck:
+    """What the engine really runs: its own check where it has one (OpenVINO's runtime model),
+    else ONNX Runtime's optimized graph."""
+    if engine is not None and hasattr(engine, "fusion"):
+        return engine.fusion(model)
     ops = fused_op_counts(model)
     int8 = sum(n for op, n in ops.items() if op.startswith(("QLinear", "QGemm", "MatMulInteger", "ConvInteger")))
     return FusionCheck(int8, ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0), ops)

@@ -49,6 +49,10 @@ def test_its_profile_says_which_layers_ran_int8(tmp_path):
     assert fp32.by_kind["int8 kernel"] == 0 and fp32.layer_ms("conv_a") > 0
     ran = bench.engine.int8_nodes(model)
     assert any(n.startswith("conv_a") for n in ran) and not any(n.startswith("fc") for n in ran)
+    from qsearch.scoring import fusion_check
+
+    assert fusion_check(model, bench.engine).int8_kernels >= 2  # the report's fusion check is the engine's
+    assert fusion_check(bench.prepared.proto, bench.engine).int8_kernels == 0
 
 
 def test_optimize_on_openvino_binds_the_plan_and_its_model_to_the_engine(tmp_path, capsys):

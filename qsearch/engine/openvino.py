@@ -116,6 +116,21 @@ class OpenVinoCpu:
                     total[key] = total.get(key, 0.0) + p.real_time.total_seconds() * 1e3
         return [NodeTime(name, op, ms / runs, kind) for (name, op, kind), ms in total.items()]
 
+    def fusion(self, model: onnx.ModelProto):
+        """`scoring.FusionCheck` from the compiled model: nodes running int8, FakeQuantize left standing."""
+        from qsearch.scoring import FusionCheck
+
+        runtime = self._compile(model).get_runtime_model()
+        ops: dict[str, int] = {}
+        int8 = 0
+        for op in runtime.get_ordered_ops():
+            info = op.get_rt_info()
+            kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+            ops[kind] = ops.get(kind, 0) + 1
+            precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
+            int8 += precision in ("i8", "u8") and kind not in ("Input", "Output", "Const", "Reorder", "FakeQuantize")
+        return FusionCheck(int8, ops.get("FakeQuantize", 0), ops)
+
     def int8_nodes(self, model: onnx.ModelProto) -> list[str]:
         """The compiled model's nodes that run in int8 (`runtimePrecision`): which layers really did."""
         runtime = self._compile(model).get_runtime_model()
