@@ -166,6 +166,11 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     return chosen
 
 
+def _fusion_source(bench: Workbench) -> str:
+    return f"the compiled model on {bench.workload.engine}" if hasattr(bench.engine, "fusion") else \
+        "after ONNX Runtime's optimizer"
+
+
 NOISE_FLOOR = 0.05  # a trial timing is one measurement: never trust a gap below 5%
 
 
@@ -261,11 +266,11 @@ def _summary(bench: Workbench, profile: SensitivityProfile, search: SearchResult
                            + f"{chosen_row.size_bytes / fp32_row.size_bytes:.2f}x the size." + test_miss(fp32_row, chosen_row, search.allowed,
                                                                                   choice.alternative_name
                                                                                   if choice.alternative else None)),
-        f"Fusion check (after ONNX Runtime's optimizer): chosen plan {fusion.line()}, "
+        f"Fusion check ({_fusion_source(bench)}): chosen plan {fusion.line()}, "
         f"{metrics['fusion']['borders']} float/INT8 borders between candidate layers; naive INT8 {naive_fusion.line()}.",
         *([forms_line(profile)] if profile.forms else []),
         *([f"Latency: measured by the hook {bench.workload.latency} ({bench.engine.calls} calls in this process); "
-           f"{ARITHMETIC_NOTE}."] if bench.workload.latency else []),
+           f"{ARITHMETIC_NOTE.format(engine=bench.workload.engine)}."] if bench.workload.latency else []),
     ]
 
 

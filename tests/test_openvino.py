@@ -70,7 +70,7 @@ def test_optimize_on_openvino_binds_the_plan_and_its_model_to_the_engine(tmp_pat
     assert "searched on openvino" in capsys.readouterr().err  # scored elsewhere: said
 
 
-@pytest.mark.parametrize("case", ["unknown", "not_installed", "with_hook", "plan_engine_missing"])
+@pytest.mark.parametrize("case", ["unknown", "not_installed", "plan_engine_missing"])
 def test_engine_bad_input_is_one_line_exit_2(case, tmp_path, monkeypatch, capsys):
     from qsearch import engine as engines
 
@@ -82,15 +82,28 @@ def test_engine_bad_input_is_one_line_exit_2(case, tmp_path, monkeypatch, capsys
         args = ["apply", str(tmp_path / "p.yaml"), str(tmp_path / "w" / "model.onnx"), "-o", str(tmp_path / "m.onnx")]
         want = "qsearch[openvino]"
     else:
-        extra = {"unknown": "runtime: {engine: tensorrt}\n", "not_installed": "runtime: {engine: openvino}\n",
-                 "with_hook": "runtime: {engine: openvino, latency: 'os.path:getsize'}\n"}[case]
+        extra = {"unknown": "runtime: {engine: tensorrt}\n", "not_installed": "runtime: {engine: openvino}\n"}[case]
         if case == "not_installed":
             monkeypatch.setattr(engines, "installed", lambda name: name != "openvino")
         cfg = ov_workload(tmp_path, extra)
         args = ["optimize", "--config", str(cfg), "--budget", "2", "--out", str(tmp_path / "run")]
-        want = {"unknown": "runtime.engine 'tensorrt' is not one of", "not_installed": "qsearch[openvino]",
-                "with_hook": "runtime.engine"}[case]
+        want = {"unknown": "runtime.engine 'tensorrt' is not one of", "not_installed": "qsearch[openvino]"}[case]
     assert main(args) == 2
     err = last_error(capsys)
     assert want in err, err
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "run" / "plan.yaml").exists()
+
+
+def test_with_a_latency_hook_openvino_scores_and_the_hook_times(tmp_path, monkeypatch):
+    from qsearch.engine.openvino import OvSession
+
+    (tmp_path / "my_hook.py").write_text("def measure(model_path, feeds_path):\n    return 0.002\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bench = open_bench(ov_workload(tmp_path, "runtime: {engine: openvino, latency: 'my_hook:measure'}\n"),
+                       tmp_path / "c")
+    assert bench.engine.name == "hook" and bench.engine.scoring.name == "openvino"
+    session = bench.engine.session(bench.prepared.proto)
+    feed = dict(bench.search_data.batches[0])
+    direct = OvSession(bench.engine.scoring.session(bench.prepared.proto).compiled)
+    np.testing.assert_array_equal(session.run(None, feed)[0], direct.run(None, feed)[0])
+    assert bench.engine.time(session, bench.latency_feed).wall_ms == pytest.approx(2.0)

@@ -40,7 +40,8 @@ def for_workload(workload, eval_timeout: float | None = None) -> Engine:
     from qsearch.engine.hook import LatencyHook
 
     timeout = eval_timeout if eval_timeout is not None and eval_timeout > 0 else HOOK_TIMEOUT_S
-    return LatencyHook(workload.latency, workload.latency_where, workload.base, workload.threads, timeout)
+    return LatencyHook(workload.latency, workload.latency_where, workload.base, workload.threads, timeout,
+                       scoring=create(workload.engine, threads=workload.threads))
 
 
 __all__ = ["ENGINES", "ENGINE_EXTRAS", "installed", "HOOK_TIMEOUT_S", "for_workload", "WEIGHT_CODES", "Engine", "Int8Path", "NodeTime", "OrtCpu", "Session", "Timing", "create", "profiles_nodes",

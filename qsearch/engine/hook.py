@@ -30,10 +30,10 @@ import onnx
 from qsearch import limits
 from qsearch.data import import_entry
 from qsearch.engine.base import NodeTime, Timing
-from qsearch.engine.onnxruntime import make_session
+from qsearch.engine.onnxruntime import OrtCpu
 from qsearch.errors import ConfigError, QsearchError
 
-ARITHMETIC_NOTE = ("accuracy was scored by ONNX Runtime on this machine; the latency hook timed the models on its "
+ARITHMETIC_NOTE = ("accuracy was scored by {engine} on this machine; the latency hook timed the models on its "
                    "device, whose int8 arithmetic may round differently")
 
 
@@ -45,34 +45,36 @@ class HookSession:
     """What a score function receives (`run`, `get_inputs`, `get_outputs` of ONNX Runtime), plus
     the model's bytes, which the hook needs as a file."""
 
-    def __init__(self, model: bytes, threads: int):
+    def __init__(self, model: bytes, scoring):
         self.model = model
         self.path: Path | None = None  # the model's file for the hook, written on first timing
-        self._ort = make_session(model, threads)
+        self._scoring = scoring  # the scoring engine's session (ONNX Runtime's, or runtime.engine's)
 
     def run(self, output_names, input_feed, run_options=None) -> list:
-        return self._ort.run(output_names, input_feed, run_options)
+        return self._scoring.run(output_names, input_feed, run_options)
 
     def get_inputs(self) -> list:
-        return self._ort.get_inputs()
+        return self._scoring.get_inputs()
 
     def get_outputs(self) -> list:
-        return self._ort.get_outputs()
+        return self._scoring.get_outputs()
 
 
 class LatencyHook:
-    """Sessions on ONNX Runtime's CPU provider; `time` calls the user's hook."""
+    """Sessions of the scoring engine (`runtime.engine`, default ONNX Runtime's CPU provider);
+    `time` calls the user's hook."""
 
     name = "hook"
     per_node = False  # no per-node profile: the analysis times regions instead
 
     def __init__(self, entry: str, where: str, base: Path | None = None, threads: int = 1,
-                 timeout: float | None = None):
+                 timeout: float | None = None, scoring=None):
         try:
             self.measure = import_entry(entry, where, base)
         except QsearchError as exc:
             raise ConfigError(str(exc)) from None
         self.entry, self.where, self.threads, self.timeout = entry, where, threads, timeout
+        self.scoring = scoring if scoring is not None else OrtCpu(threads)
         self.calls = 0  # hook calls this process made
         self._dir = Path(tempfile.mkdtemp(prefix="qsearch-hook-"))
         self._numbers = itertools.count()
@@ -83,7 +85,7 @@ class LatencyHook:
             model = model.SerializeToString()
         elif isinstance(model, str):
             model = Path(model).read_bytes()
-        return HookSession(model, self.threads)
+        return HookSession(model, self.scoring.session(model))
 
     def time(self, session: HookSession, feed: Mapping[str, np.ndarray], warmup: int = 3, repeat: int = 15) -> Timing:
         """One hook call (`warmup` and `repeat` are the hook's to decide)."""
