@@ -23,7 +23,7 @@ def report_text(r) -> str:
         "",
         f"Source plan: sha256 {src.get('plan_sha256', '?')} of model {src.get('model', '?')} "
         f"({src.get('model_fingerprint', '?')}); "
-        f"settings: {', '.join(f'{k} {v}' for k, v in settings.items())}.",
+        f"settings: {', '.join(f'{k} {v}' for k, v in settings.items() if k != 'epoch')}.",
         f"Training stopped: {h.stopped}; the best search score came at epoch {h.best.epoch}"
         + (" (epoch 0 is the plan as it was: fine-tuning did not improve it)" if h.best.epoch == 0 else "") + ".",
         f"{r.evaluations} model evaluations, {r.seconds / 60:.1f} minutes.",
