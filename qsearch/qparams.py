@@ -43,3 +43,33 @@ def stored_codes(q: np.ndarray, codes: str) -> tuple[np.ndarray, np.generic]:
     if codes == "uint8":
         return (q.astype(np.int16) + zp).astype(np.uint8), np.uint8(zp)
     return np.clip(q, lo, hi).astype(np.int8), np.int8(0)
+
+
+INT32_MAX = 2**31 - 1
+BIAS_MARGIN = 2.0  # room for a bias correction added after the weight scale is fixed
+
+
+def bias_scale_floor(bias: np.ndarray | None, x_scale: float, per_channel: bool) -> np.ndarray | None:
+    """The smallest weight scale whose int32 bias (scale s_x * s_w) holds `bias`: a channel whose
+    weights are all but zero (a dead channel after BatchNorm folding: 1e-40) gets a scale so small
+    that its bias overflows int32 and is clipped away (PP-OCRv4's recognizer lost a -0.65 bias so).
+    ONNX Runtime's quantizer raises such scales too. None: no floor needed."""
+    if bias is None:
+        return None
+    need = BIAS_MARGIN * np.abs(np.asarray(bias, np.float64)) / (float(x_scale) * INT32_MAX)
+    return need if per_channel else np.asarray(need.max(initial=0.0))
+
+
+def requantize_with_floor(w: np.ndarray, q: np.ndarray, scale: np.ndarray, floor: np.ndarray | None, axis: int,
+                          codes: str = "int8") -> tuple[np.ndarray, np.ndarray]:
+    """`quantize_weight`'s codes and scale with the scale raised to `floor` where it is below it
+    (those channels' codes recomputed; every other channel unchanged)."""
+    if floor is None or not np.any(floor > scale):
+        return q, scale
+    qmax = 63 if codes == "int7" else 127
+    new = np.maximum(scale.astype(np.float64), floor).astype(np.float32)
+    shape = [1] * w.ndim
+    if new.ndim:
+        shape[axis] = -1
+    q = np.clip(np.round(np.asarray(w, np.float32) / new.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return q, new

@@ -418,3 +418,29 @@ def test_shared_weights_and_biases_are_stored_once():
     mixed = build_plan(prepared, {la.name: LayerChoice("int8", "minmax", "per_tensor" if i % 2 else "per_channel")
                                   for i, la in enumerate(prepared.layers)}, stats)
     assert weight_copies(prepared, mixed) == {"w": ("per-channel", "per-tensor")}  # the report says why it grew
+
+
+def test_a_dead_channel_keeps_its_bias(tmp_path):
+    """A channel whose weights are all but zero (1e-40 after BatchNorm folding) and whose bias is not:
+    its per-channel weight scale once made the int32 bias overflow, and the bias was clipped away
+    (PP-OCRv4's recognizer lost -0.65 so). The scale is raised until the bias fits."""
+    import onnxruntime as ort
+
+    from .conftest import open_bench, write_workload
+
+    model = make_cnn()
+    for init in model.graph.initializer:
+        if init.name in ("wa", "ba"):
+            a = numpy_helper.to_array(init).copy()
+            a[0] = 1e-40 if init.name == "wa" else 0.7
+            init.CopyFrom(numpy_helper.from_array(a, init.name))
+    bench = open_bench(write_workload(tmp_path / "w", model, n=64), tmp_path / "c")
+    qdq = bench.rewriter(bench.plan({"conv_a": LayerChoice("int8", "minmax", "per_channel")}))
+    m = onnx.ModelProto.FromString(qdq.SerializeToString())
+    m.graph.output.append(onnx.helper.make_tensor_value_info("a_relu", onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        ["a_relu"], dict(bench.search_data.batches[0]))[0]
+    lo, hi = bench.plan({"conv_a": LayerChoice("int8", "minmax", "per_channel")}).ranges["a_relu"]
+    assert np.abs(out[:, 0] - 0.7).max() <= (hi - lo) / 255  # within one output step of the float 0.7

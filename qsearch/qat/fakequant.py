@@ -77,6 +77,9 @@ def weight_fake(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     else:
         amax = w.detach().abs().max()
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    if spec.floor:  # as the rewriter raises a scale its int32 bias cannot hold
+        floor = torch.tensor(spec.floor, dtype=scale.dtype).reshape(scale.shape if len(spec.floor) > 1 else ())
+        scale = torch.maximum(scale, floor)
     return torch.clamp(ste_round(w / scale), -qmax, qmax) * scale
 
 

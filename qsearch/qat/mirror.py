@@ -101,6 +101,13 @@ class Mirror(nn.Module):
         self.params = nn.ParameterDict({_key(k): v for k, v in params.items()})
         self.names = dict(zip((_key(k) for k in params), params))
         self.quantizers = dict(quantizers)
+        self.train()
+
+    def train(self, mode: bool = True) -> Mirror:
+        """Always inference semantics: an ONNX BatchNormalization or Dropout computes what it computes
+        in the deployed model (onnx2torch's modules would use batch statistics and drop activations
+        in torch's training mode). Training changes parameters through gradients only."""
+        return super().train(False)
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         with warnings.catch_warnings():  # onnx2torch's Slice indexes with a list: torch warns on every call

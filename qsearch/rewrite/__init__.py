@@ -26,7 +26,7 @@ from qsearch.model.load import Layer, PreparedModel
 from qsearch.plan.build import quantized_tensors
 from qsearch.plan.format import LayerChoice, Plan
 from qsearch.plan.recovery import smoothed_layers
-from qsearch.qparams import activation_qparams, quantize_weight, stored_codes
+from qsearch.qparams import activation_qparams, bias_scale_floor, quantize_weight, requantize_with_floor, stored_codes
 from qsearch.recovery.equalization import Pair, bias_delta, bias_slot, equalized_weights, find_pairs, group
 from qsearch.recovery.smoothing import Group, find_groups, fold_target, scaled_weight
 from qsearch.recovery.techniques import uses, weight_transforms
@@ -36,7 +36,8 @@ from qsearch.rewrite.graph import EditGraph
 # models of one layout, so it is part of the study key.
 INT8_PATH_KEY = "qsearch.int8_path"  # model metadata: the int8 path its plan was measured on
 ENGINE_KEY = "qsearch.engine"  # model metadata: the engine its plan was searched on (absent: ONNX Runtime)
-LAYOUT_VERSION = 5  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own
+LAYOUT_VERSION = 6  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own;
+# 6: a weight scale too small for its int32 bias is raised (`qparams.bias_scale_floor`)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class WeightQuant:
     per_channel: bool = False
     codes: str = "int8"
     constant: bool = False
+    floor: tuple[float, ...] = ()  # the smallest scale per channel (or one) its int32 bias allows (`bias_scale_floor`)
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,8 @@ class Rewriter:
             if la.weight:
                 for transform in weight_transforms(c.recovery):
                     weights[la.weight] = transform(la, self._float(la.weight, weights))
-                quant[la.weight] = WeightQuant(la.weight_axis, c.granularity == "per_channel", c.weights)
+                quant[la.weight] = WeightQuant(la.weight_axis, c.granularity == "per_channel", c.weights,
+                                               floor=self._floor(la, weights, ranges, c.granularity == "per_channel"))
             if la.constant is not None:
                 quant.setdefault(la.constant, WeightQuant(constant=True))
             if la.fused(plan.forms):
@@ -228,6 +231,14 @@ class Rewriter:
             for n in (n for n in self.groups[tensor].layers if n in smoothed):
                 factors[self.prepared.layer(n).weight] = (self.prepared.layer(n), np.asarray(s))
         return TrainingGraph(g.build(), trainable, quant, factors, tuple(smoothing))
+
+    def _floor(self, la: Layer, weights: dict, ranges: Mapping, per_channel: bool) -> tuple[float, ...]:
+        """The weight-scale floor `_quantize_layer` applies for this layer's int32 bias."""
+        if la.bias is None or bias_slot(la) == "add" or la.activations[0] not in ranges:
+            return ()
+        floor = bias_scale_floor(self._float(la.bias, weights), activation_qparams(*ranges[la.activations[0]])[0],
+                                 per_channel)
+        return tuple(float(v) for v in np.ravel(floor))
 
     def probe(self, entries: list[tuple[Layer, LayerChoice]], ranges, forms: dict[str, str] | None = None,
               means: dict[str, np.ndarray] | None = None, smoothing: dict | None = None,
@@ -316,6 +327,11 @@ class Rewriter:
             self._weights[layer.weight] = weights[layer.weight]
             key = hashlib.sha256(weights[layer.weight].tobytes()).digest()
         q, w_scale = self._quant(layer.weight, layer.weight_axis, per_channel, key, choice.weights)
+        int32_bias = layer.bias is not None and bias_slot(layer) != "add"  # a MatMul's bias Add stays float
+        floor = bias_scale_floor(self._float(layer.bias, weights) if int32_bias else None,
+                                 (x_params or act_params[layer.activations[0]])[0], per_channel)
+        q, w_scale = requantize_with_floor(self._float(layer.weight, weights), q, w_scale, floor, layer.weight_axis,
+                                           choice.weights)
         if codes is not None:  # learned rounding: the same scale, other codes
             q = codes.reshape(q.shape).astype(np.int8)
         stored, zp = stored_codes(q, choice.weights)
