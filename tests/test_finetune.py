@@ -282,3 +282,20 @@ def test_optimize_names_the_fastest_plan_that_missed_the_budget_beyond_the_noise
     assert qat_hint(bench, pareto[:2], 0.01, noisy, tmp_path / "run") == ""  # 20% faster is within ±25%
     assert "trial 3's plan" in qat_hint(bench, pareto[:3], 0.01, noisy, tmp_path / "run")  # 40% is not
     assert qat_hint(bench, [pareto[0], pareto[3]], 0.01, shipped, tmp_path / "run") == ""  # none missed the budget
+
+
+def test_a_diverging_rate_steps_back_to_the_best_checkpoint(tmp_path, capsys):
+    """A learning rate far too high (1.0) makes the loss explode: training goes back to the best
+    checkpoint at a tenth of the rate (twice at most), says so, and what it writes is still the best."""
+    cfg, plan = naive_plan(tmp_path)
+    out = tmp_path / "qat"
+    assert main(["finetune", "--config", str(cfg), "--plan", str(plan), "--out", str(out), "--epochs", "6",
+                 "--lr", "1.0"]) == 0
+    err = capsys.readouterr().err
+    assert "learning rate x0.1" in err and err.count("back to epoch") <= 2
+    import yaml
+
+    summary = yaml.safe_load((out / "finetune.yaml").read_text())
+    best = summary["qat"]["epoch"]
+    assert summary["qat"]["search"] == max(e["search"] for e in summary["epochs"])
+    assert [e["search"] for e in summary["epochs"] if e["epoch"] == best] == [summary["qat"]["search"]]

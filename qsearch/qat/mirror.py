@@ -119,6 +119,14 @@ class Mirror(nn.Module):
         """Every trainable initializer's current float value, by ONNX name."""
         return {self.names[k]: p.detach().cpu().numpy().astype(np.float32) for k, p in self.params.items()}
 
+    def load(self, values: Mapping[str, np.ndarray], ranges: Mapping[str, tuple[float, float]]) -> None:
+        """Set every trainable initializer and learned range back to a checkpoint's."""
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(torch.from_numpy(np.asarray(values[self.names[k]], dtype=np.float32)))
+            for t, (lo, hi) in ranges.items():
+                self.quantizers[t].bounds.copy_(torch.tensor([lo, hi], dtype=torch.float32))
+
     def ranges(self) -> dict[str, tuple[float, float]]:
         """Learned ranges, by tensor (fixed ones are not listed)."""
         return {t: q.range() for t, q in self.quantizers.items() if q.learn}

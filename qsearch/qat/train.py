@@ -20,6 +20,9 @@ from qsearch.qat.export import Checkpoint
 from qsearch.qat.mirror import Mirror
 
 RELATIVE_EPS = 1e-12
+DIVERGED = 1.5  # an epoch whose mean loss exceeds the best checkpoint's by this factor diverged
+BACKOFF = 0.1  # ...then training goes on from the best checkpoint at this times the learning rate
+MAX_BACKOFFS = 2
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,12 @@ class Trainer:
     def checkpoint(self, epoch: int, loss: float) -> Checkpoint:
         return Checkpoint(epoch, self.mirror.values(), self.mirror.ranges(), loss)
 
+    def back_to(self, ck: Checkpoint) -> None:
+        """The mirror as it was at `ck`, and every learning rate times BACKOFF (Adam's moments reset)."""
+        self.mirror.load(ck.values, ck.ranges)
+        groups = [{"params": g["params"], "lr": g["lr"] * BACKOFF} for g in self.optimizer.param_groups]
+        self.optimizer = torch.optim.Adam(groups)
+
     def initial_loss(self) -> float:
         """The loss before training (a user's loss function is checked here, before any output)."""
         with torch.no_grad():
@@ -147,7 +156,7 @@ class Trainer:
         on_best(best, best_score)
         history = [Epoch(0, best.loss, best_score, time.perf_counter() - t0)]
         log(f"epoch 0 (the plan as it was): loss {best.loss:.4g}, search {best_score:.4f}")
-        stopped, since = "epochs", 0
+        stopped, since, backoffs = "epochs", 0, 0
         n = len(self.batches)
         try:
             for e in range(1, s.epochs + 1):
@@ -168,6 +177,11 @@ class Trainer:
                     on_best(best, best_score)
                 else:
                     since += 1
+                    if loss > DIVERGED * best.loss and backoffs < MAX_BACKOFFS:  # too high a rate: step back
+                        backoffs += 1
+                        self.back_to(best)
+                        log(f"epoch {e}: the loss rose to {loss:.4g} from {best.loss:.4g}: back to epoch {best.epoch}'s "
+                            f"weights, learning rate x{BACKOFF:g}")
                     if since >= s.patience:
                         stopped = "early stop"
                         break
