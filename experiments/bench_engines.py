@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("/tmp/qsearch-bench-engines"))
+    ap.add_argument("--reuse", action="store_true", help="time the plans an earlier run wrote in --out again")
     args = ap.parse_args()
     import onnx
 
@@ -72,7 +73,8 @@ def main() -> None:
     for engine, cfg in cfgs.items():
         out = args.out / args.workload / engine
         out.mkdir(parents=True, exist_ok=True)
-        runs[engine] = (out, optimize(cfg, out, args.budget))
+        reused = args.reuse and (out / "plan.yaml").exists()
+        runs[engine] = (out, float("nan") if reused else optimize(cfg, out, args.budget))
     bench = open_workbench(load_workload(cfgs["onnxruntime"]), cache_dir=runs["onnxruntime"][0] / "cache",
                            log=lambda *a: None)
     plans = {e: read_plan(runs[e][0] / "plan.yaml") for e in ENGINES}
