@@ -45,10 +45,6 @@ class FinetuneResult:
     seconds: float
     evaluations: int
 
-    @property
-    def improved(self) -> bool:
-        return self.history.best.epoch > 0
-
 
 def run(config: str | None, plan_path: str | Plan, out: Path, settings: Settings, *, timeout: float | None = None,
         eval_timeout: float | None = None) -> FinetuneResult:
@@ -70,8 +66,8 @@ def run(config: str | None, plan_path: str | Plan, out: Path, settings: Settings
     fp32 = bench.engine.session(bench.prepared.proto)
     batches = [*bench.calib_data.batches, *bench.search_data.batches]
     teacher = [*reference_outputs(fp32, bench.calib_data), *reference_outputs(fp32, bench.search_data)]
-    trainer = Trainer(mirror, batches, teacher, settings)
-    trainer.initial_loss()  # a user's loss is checked here: before anything is written
+    trainer = Trainer(mirror, batches, teacher, settings)  # (a user's loss is checked by its first pass,
+    # `Trainer.run`'s epoch 0, before anything is written)
     evaluator = Evaluator(bench)
     ptq_search = evaluator.evaluate(plan, "search", timing=False).score
     exports: dict[int, Exported] = {}
@@ -114,8 +110,9 @@ def _compare(bench, evaluator: Evaluator, plan: Plan, ptq_search: float, best: E
     ptq = evaluator.evaluate(plan, "test")
     qat = evaluator.evaluate(best.qdq, "test")
     fp32_test = evaluator.fp32_test()
+    best_search = next(e.search for e in history.epochs if e.epoch == history.best.epoch)
     final = best.plan.with_info({"test": qat.score, "latency_ms": qat.latency_ms, "fp32_test": fp32_test,
-                                 "search": history.epochs[[e.epoch for e in history.epochs].index(history.best.epoch)].search})
+                                 "search": best_search})
     final.write(out / PLAN_FILE)
     summary = {"fp32": {"search": bench.baseline.fp32_search, "test": fp32_test},
                "ptq": {"search": ptq_search, "test": ptq.score, "latency_ms": ptq.latency_ms},

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qsearch.errors import QsearchError
 from qsearch.model.load import Layer, node_reads
+from qsearch.rewrite.names import Names
 
 MARK_DOMAIN = "qsearch"  # the custom domain of `EditGraph.mark` nodes (never in a model qsearch ships)
 
@@ -22,44 +23,6 @@ FP16_FOLLOWERS = {
     "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Sigmoid", "Tanh", "Erf", "Gelu", "Div", "Sub", "Mul",
     "Add", "Concat", "LayerNormalization", "Identity", "Sqrt", "Pow",
 }
-
-
-class Names:
-    """Every name a graph uses (nodes, tensors, initializers, inputs, outputs, value infos, in its
-    subgraphs too). Every name a rewrite creates comes from here, so a user's tensor that happens
-    to be called `x_scale` is never mistaken for (or replaced by) a generated one. Deterministic:
-    the same graph and the same sequence of requests give the same names."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.used: set[str] = set()
-        self._collect(graph)
-        self._memo: dict[tuple, str] = {}
-
-    def _collect(self, graph: onnx.GraphProto) -> None:
-        for vi in (*graph.input, *graph.output, *graph.value_info):
-            self.used.add(vi.name)
-        self.used.update(i.name for i in graph.initializer)
-        for n in graph.node:
-            self.used.update((n.name, *n.input, *n.output))
-            for a in n.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                            a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
-                    self._collect(sub)
-
-    def fresh(self, base: str) -> str:
-        """`base`, or `base_1`, `base_2`... whichever is free first; taken from then on."""
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
-
-    def of(self, key: tuple, base: str) -> str:
-        """The same name for the same `key` (a weight's scale read by several layers)."""
-        if key not in self._memo:
-            self._memo[key] = self.fresh(base)
-        return self._memo[key]
 
 
 class EditGraph:
