@@ -108,7 +108,7 @@ def write(args, bench, plans, runs, timing, path) -> None:
     lines += ["", "| plan searched on | INT8 layers | test drop | search drop | optimize minutes |", "|---|---:|---:|---:|---:|"]
     for e in ENGINES:
         p, m = plans[e], plans[e].metrics
-        n8 = sum(c.is_int8 for c in p.layers.values())
+        n8 = sum(c.quantized for c in p.layers.values())
         drop = m.get("test_drop")
         sdrop = m["fp32"]["search"] - m["plan"]["search"] if "fp32" in m and "plan" in m else None
         lines.append(f"| {e} | {n8} of {len(p.layers)} | {drop if drop is None else f'{drop:.4f}'} | "

@@ -100,7 +100,7 @@ def write(args, rows, timing, bench, recovered=None) -> None:
     metric = bench.workload.metric.name
     lines = [f"# QAT on {bench.prepared.name} ({date.today()})", "",
              f"Machine: {cpu_flags()}, 1 ONNX Runtime thread. Plan: the naive {args.granularity.replace('_', '-')} "
-             f"MinMax plan without recovery, every candidate layer INT8 ({sum(c.is_int8 for c in r0.plan.layers.values())}"
+             f"MinMax plan without recovery, every candidate layer INT8 ({sum(c.quantized for c in r0.plan.layers.values())}"
              f" of {len(r0.plan.layers)} layers). Budget: {budget:.4g} {metric} on test. Training data: the "
              "calibration and search inputs (no labels; distillation from FP32); early stopping on the search "
              f"split's {metric} of the exported QDQ model.", "",

@@ -153,3 +153,26 @@ def prefer_clear(rows: list[Row], i: int, allowed: float, cpu: bool, interval) -
             break
     good = {k for k in checked if clear(rows[k], rows[0], allowed) and pays(rows, k, cpu)}
     return (pick(rows, allowed, cpu, among=good) if good else i), checked
+
+
+def cost_of(row: Row, objective: str) -> float:
+    """A row's analytic cost: GBOPs, or bytes for the size objective."""
+    return float(row.size_bytes) if objective == "size" or row.bitops is None else float(row.bitops)
+
+
+def cheapest_clear(rows: list[Row], allowed: float, objective: str, interval) -> tuple[int, set[int]]:
+    """For analytic objectives (bit-operations, size: this CPU's time is not the target's): the
+    cheapest row within budget on search data that is clear of it by what the split resolves
+    (`interval(k)` -> the row with its resolution, computed cheapest first until one is clear); ties
+    in cost go to the larger margin. None clear: the cheapest within budget (the verdict says the
+    split cannot tell). Fills `rows` with the intervals computed; returns (the row, rows given intervals)."""
+    fp32 = rows[0]
+    within = sorted((k for k in range(1, len(rows)) if fp32.search_score - rows[k].search_score <= allowed + 1e-12),
+                    key=lambda k: (cost_of(rows[k], objective), -rows[k].search_score))
+    checked: set[int] = set()
+    for k in within:
+        rows[k] = interval(k)
+        checked.add(k)
+        if clear(rows[k], fp32, allowed) is not False:
+            return k, checked
+    return (within[0] if within else 0), checked

@@ -125,7 +125,7 @@ def apply_plan(plan: Plan | str, model_path: str, output: str | None = None) -> 
         raise QsearchError(f"{plan_path}: rewritten model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     if output is not None:
         atomic_write_bytes(output, model.SerializeToString())
-        n8 = sum(plan.choice(la.name).is_int8 for la in prepared.layers)
+        n8 = sum(plan.choice(la.name).quantized for la in prepared.layers)
         log(f"wrote {output}: {n8}/{len(prepared.layers)} layers INT8, rewrite {dt * 1e3:.0f} ms")
     return model
 
@@ -204,8 +204,8 @@ def run_baseline(kind: str, config: str | None, out: Path, *, output: str, metho
     elif recovery != "none":
         raise QsearchError(f"--recovery applies to the naive baseline, not to {kind}")
     elif kind in ("fp32", "fp16"):
-        if kind == "fp16" and bench.workload.target != "fp16":
-            raise QsearchError(f"{bench.workload.path}: baseline fp16 needs 'target: fp16' (target is {bench.workload.target})")
+        if kind == "fp16" and bench.workload.target == "cpu":
+            raise QsearchError(f"{bench.workload.path}: baseline fp16 needs target fp16 or npu (target is {bench.workload.target})")
         plan = bench.plan({})
     else:  # hybrid: the greedy fallback, which needs the sensitivity profile
         profile = sensitivity.analyze(bench, cache_dir=out / "cache", progress=Progress("analyze"))

@@ -18,7 +18,7 @@ from qsearch.engine.isa import WEIGHT_CODES, safe_weights
 from qsearch.errors import ConfigError, as_kind
 from qsearch.files import LinedDict, check_keys, load_yaml, where
 from qsearch.model.load import LAYER_OPS
-from qsearch.plan.format import TARGETS
+from qsearch.plan.format import TARGETS, WIDE_TARGETS
 from qsearch.recovery.techniques import techniques
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -157,6 +157,7 @@ def load_workload(path: str | Path | None) -> Workload:
                           f"'package.module:function', not {hook!r}")
     engine = _engine(p, runtime)
     space = load_space(p, doc.get("search_space", "default"), base, "search_space", doc)
+    _check_wide(p, doc, runtime, space, target, engine)
     return Workload(
         path=p, name=str(doc.get("name", model.stem)), model=model, calibration=splits["calibration"],
         search=splits["search"], test=splits["test"], metric=metric, max_drop=max_drop, relative=relative,
@@ -164,6 +165,18 @@ def load_workload(path: str | Path | None) -> Workload:
         latency_batch=_int(p, runtime, "latency_batch", 64, 1), notes=notes, latency=hook,
         latency_where=f"{where(p, runtime, 'latency')} (runtime.latency)" if hook else "", engine=engine,
     )
+
+
+def _check_wide(p: Path, doc: dict, runtime: dict, space: SearchSpace, target: str, engine: str) -> None:
+    """int16 layers (uint16 activations) need a target that runs them and an engine that scores them."""
+    if "int16" not in space.precisions:
+        return
+    if target not in WIDE_TARGETS:
+        raise ConfigError(f"{where(p, doc, 'search_space')}: search_space.precision lists int16 (uint16 activations), "
+                          f"which target {target!r} cannot run: set target: {' or '.join(WIDE_TARGETS)}")
+    if engine != "onnxruntime":
+        raise ConfigError(f"{where(p, runtime, 'engine')}: runtime.engine {engine} does not compute int16 layers' "
+                          "uint16 Q/DQ as written; score them with onnxruntime (a latency hook may time the device)")
 
 
 def _engine(p: Path, runtime: dict) -> str:
@@ -296,7 +309,10 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
                                            f"regular expression ({exc})") from None
                 kw[key] = tuple(str(x) for x in pats)
     if "precision" in v:
-        kw["precisions"] = _choice_list(p, v, "precision", ("int8", "float"), section)
+        kw["precisions"] = _choice_list(p, v, "precision", ("int8", "int16", "float"), section)
+        if "int16" in kw["precisions"] and "int8" not in kw["precisions"]:
+            raise ConfigError(f"{where(p, v, 'precision')}: {section}.precision: int16 is searched beside int8 "
+                              f"(each layer's int16 option widens its best int8 one): list int8 too")
     if "calibration" in v:
         kw["calibration"] = _choice_list(p, v, "calibration", METHODS, section)
     if "granularity" in v:

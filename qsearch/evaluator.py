@@ -15,13 +15,18 @@ import onnxruntime as ort
 
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
+from qsearch.model.load import PreparedModel
+from qsearch.plan.build import quantized_tensors
 from qsearch.plan.format import LayerChoice, Plan
+from qsearch.plan.recovery import smoothed_layers
+from qsearch.plan.widths import activation_widths
 from qsearch.replay import Recording, jackknife
 from qsearch.resolution import DropInterval, drop_interval
 from qsearch.scoring import model_size
 from qsearch.workbench import Workbench
 
-BITS = {"int8": 8, "int16": 16, "fp16": 16, "fp32": 32}
+BITS = {"int8": (8, 8), "int16": (8, 16), "fp16": (16, 16), "fp32": (32, 32)}  # (weight, activation) bits
+CONVERT_BITS = 16 * 16  # a conversion between uint8 and uint16 codes: one 16-bit multiply per element
 SPLITS = ("search", "test")
 
 
@@ -171,5 +176,25 @@ class Evaluator:
 
 
 def bitops(bench: Workbench, plan: Plan) -> float:
-    """Analytic cost for targets we cannot time: MACs x weight bits x activation bits (GBOPs)."""
-    return sum(la.macs * BITS[plan.choice(la.name).precision] ** 2 for la in bench.prepared.layers) / 1e9
+    """Analytic cost for targets we cannot time: MACs x weight bits x activation bits (GBOPs), plus
+    each conversion between int8 and int16 codes charged per element (`border_bitops`)."""
+    own = sum(la.macs * np.prod(BITS[plan.choice(la.name).precision]) for la in bench.prepared.layers)
+    return float(own) / 1e9 + border_bitops(bench.prepared, plan)
+
+
+def border_bitops(prepared: PreparedModel, plan: Plan) -> float:
+    """GBOPs of the plan's int8/int16 conversions: elements of each converted tensor (its writer
+    layer's output, else its reader's: shapes are per sample) x `CONVERT_BITS`. 0 without int16."""
+    choices = {la.name: plan.choice(la.name) for la in prepared.layers}
+    if not any(c.precision == "int16" for c in choices.values()):
+        return 0.0
+    smoothed = smoothed_layers(choices)
+    tensors, groups = quantized_tensors(prepared, {n for n, c in choices.items() if c.quantized}, plan.forms, smoothed)
+    widths = activation_widths(prepared, choices, tensors, groups, plan.forms, smoothed)
+    size = {la.quantized_output(plan.forms): la.output_bytes // 4 for la in prepared.layers}
+    total = 0
+    for t, readers in widths.converts.items():
+        for bits in {b for _, b in readers}:
+            n = size.get(t) or max(prepared.layer(name).output_bytes // 4 for name, b in readers if b == bits)
+            total += n * CONVERT_BITS
+    return total / 1e9

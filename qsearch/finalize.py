@@ -19,6 +19,7 @@ from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.choice import (
     BUSY_RATIO,
     busy,
+    cheapest_clear,
     clock,
     decide,
     fp32_instead,
@@ -29,7 +30,7 @@ from qsearch.choice import (
     speedup,
     why_lost,
 )
-from qsearch.evaluator import Evaluator
+from qsearch.evaluator import Evaluator, bitops
 from qsearch.plan.format import LayerChoice, Plan
 from qsearch.recovery import rounding
 from qsearch.report.markdown import Row
@@ -94,7 +95,7 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
     for e in entries:
         proto = bench.rewriter(e.plan)
         search = e.search if e.search is not None else evaluator.evaluate(proto, timing=False).score
-        n8 = sum(e.plan.choice(la.name).is_int8 for la in bench.prepared.layers)
+        n8 = sum(e.plan.choice(la.name).quantized for la in bench.prepared.layers)
         built.append((e, evaluator.session(proto), proto, n8, search))
     repeat = int(max(5, min(15, TIMING_S / max(bench.baseline.fp32_latency_ms / 1e3, 1e-6))))
 
@@ -104,9 +105,11 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
     among = [0] + [k for k in range(1, len(built)) if built[0][4] - built[k][4] <= allowed + 1e-12]
     # search scores order the margins (one FP32 and one budget for all): rounds go on only where a tie could ship
     wall, cpu = timing.interleaved(time_round, len(built), among, _busy_rounds, margins=[b[4] for b in built])
+    analytic = bench.workload.space.objective == "bitops"
     rows = [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
                 latency_spread=round_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=round_spread(cpu[i]),
-                wall_rounds=tuple(wall[i]), cpu_rounds=tuple(cpu[i]))
+                wall_rounds=tuple(wall[i]), cpu_rounds=tuple(cpu[i]),
+                bitops=bitops(bench, e.plan) if analytic else None)
             for i, (e, _, proto, n8, search) in enumerate(built)]
     return rows, [b[1] for b in built]
 
@@ -198,11 +201,17 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     entries += rounded_entries(bench, evaluator, search, log)
     rows, sessions = timed_rows(bench, evaluator, entries, search.allowed)
     on_cpu = busy(rows)
-    i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
-    checked: set[int] = set()
-    if not fp32_ships:  # the plan that ships must be clear of the budget by what the split resolves
-        i, checked = clear_choice(evaluator, entries, rows, sessions, i, search.allowed, on_cpu)
-        fp32_ships = fp32_instead(rows, i, bench.workload.target, on_cpu)  # never slower than FP32
+    objective = bench.workload.space.objective
+    if objective != "latency" and not bench.workload.latency:  # an analytic cost decides, not this CPU's time
+        i, checked = cheapest_clear(rows, search.allowed, objective, lambda k: with_interval(
+            evaluator, entries[k].plan, rows[k], sessions[k], sessions[0]))
+        fp32_ships = False
+    else:
+        i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
+        checked = set()
+        if not fp32_ships:  # the plan that ships must be clear of the budget by what the split resolves
+            i, checked = clear_choice(evaluator, entries, rows, sessions, i, search.allowed, on_cpu)
+            fp32_ships = fp32_instead(rows, i, bench.workload.target, on_cpu)  # never slower than FP32
     # test data for the rows the report shows; a baseline already over budget on search data is not
     # worth a test scoring (its row says so)
     over = {k for k in (1, 2) if rows[0].search_score - rows[k].search_score > search.allowed + 1e-12}
@@ -235,12 +244,17 @@ def within_both(evaluator: Evaluator, entries: Sequence[Entry], rows: list[Row],
                 allowed: float, cpu: bool) -> int | None:
     """Where the shipped row `i` is over budget on test data: the fastest other row within budget on
     both splits that is still decidedly faster than FP32 (scored on test here, fastest first; `rows`
-    gets their test scores), else None."""
+    gets their test scores), else None. Rows with bit-operations (an analytic objective): the
+    cheapest that costs less than the float model instead."""
     fp32 = rows[0]
     if not fp32.test_score - rows[i].test_score > allowed + 1e-12:
         return None
     within = [k for k in range(1, len(rows)) if k != i and fp32.search_score - rows[k].search_score <= allowed + 1e-12]
-    for k in sorted((k for k in within if pays(rows, k, cpu)), key=lambda k: clock(rows[k], cpu)[0]):
+    if fp32.bitops is not None:
+        ordered = sorted((k for k in within if rows[k].bitops < fp32.bitops), key=lambda k: rows[k].bitops)
+    else:
+        ordered = sorted((k for k in within if pays(rows, k, cpu)), key=lambda k: clock(rows[k], cpu)[0])
+    for k in ordered:
         if rows[k].test_score != rows[k].test_score:  # not scored on test yet
             rows[k] = scored(evaluator, entries[k].plan, rows[k], session=sessions[k])
         if fp32.test_score - rows[k].test_score <= allowed + 1e-12:

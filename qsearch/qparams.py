@@ -8,14 +8,17 @@ import numpy as np
 from qsearch.engine.isa import weight_limits
 
 
-def activation_qparams(rmin: float, rmax: float) -> tuple[np.float32, np.uint8]:
-    """uint8 asymmetric scale / zero point, the fast path for x86 VNNI kernels."""
+def activation_qparams(rmin: float, rmax: float, bits: int = 8) -> tuple[np.float32, np.unsignedinteger]:
+    """Asymmetric scale / zero point: uint8 (bits 8, the fast path of x86 int8 kernels) or uint16
+    (bits 16, an NPU's 16-bit activations); the zero point's dtype says which."""
+    dtype = np.uint16 if bits == 16 else np.uint8
+    top = float(np.iinfo(dtype).max)
     rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)
     if rmax - rmin < 1e-12:
-        return np.float32(1.0), np.uint8(0)
-    scale = (rmax - rmin) / 255.0
-    zp = int(np.clip(round(-rmin / scale), 0, 255))
-    return np.float32(scale), np.uint8(zp)
+        return np.float32(1.0), dtype(0)
+    scale = (rmax - rmin) / top
+    zp = int(np.clip(round(-rmin / scale), 0, top))
+    return np.float32(scale), dtype(zp)
 
 
 def quantize_weight(w: np.ndarray, axis: int, per_channel: bool, codes: str = "int8") -> tuple[np.ndarray, np.ndarray]:

@@ -116,7 +116,7 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     fusions = [(chosen_row.name, fusion)] + ([] if choice.candidate is chosen or not choice.verdict else
                                              [(choice.candidate_name, fusion_check(bench.rewriter(choice.candidate), bench.engine))])
     # what ORT really runs, in the plan too: candidate layers INT8, int8 kernels, unfused Q/DQ
-    int8 = {la.name for la in bench.candidates() if chosen.choice(la.name).is_int8}
+    int8 = {la.name for la in bench.candidates() if chosen.choice(la.name).quantized}
     metrics["fusion"] = {"int8_layers": len(int8), "int8_kernels": fusion.int8_kernels,
                          "unfused_qdq": fusion.unfused_qdq, "borders": search.problem.borders(int8)}
     chosen = chosen.with_info(metrics, storage=search.storage).with_why(

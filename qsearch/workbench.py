@@ -109,7 +109,7 @@ class Workbench:
 
     @property
     def float_precision(self) -> str:
-        return "fp16" if self.workload.target == "fp16" else "fp32"
+        return "fp32" if self.workload.target == "cpu" else "fp16"
 
     def plan(self, choices: Mapping[str, LayerChoice | str], forms: Mapping[str, str] | None = None) -> Plan:
         """Layers not named in `choices` (objects or labels) stay float; patterns take `forms`

@@ -43,7 +43,7 @@ def test_optimize_stops_early_runs_no_trial_and_ships_fp32(tmp_path, monkeypatch
     monkeypatch.setattr(timing, "TIE", 10.0)
     cfg = write_workload(tmp_path / "w", make_cnn(), n=96, max_drop="0.05", search=False)
     r = qsearch.optimize(cfg, budget=20, out=tmp_path / "out")
-    assert r.status == 0 and all(not c.is_int8 for c in r.plan.layers.values())
+    assert r.status == 0 and all(not c.quantized for c in r.plan.layers.values())
     assert r.evaluations < 20  # analysis, naive, the greedy fallback, test scorings: fewer than the 20 trials asked
     study = optuna.load_study(study_name=r.plan.provenance["study"], storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert study.trials == []

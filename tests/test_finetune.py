@@ -110,8 +110,8 @@ def test_mirror_matches_the_qdq_model_on_a_tiny_graph(form, tmp_path):
     choices = {la.name: LayerChoice("int8", "minmax", "per_channel", weights=EXACT_WEIGHTS)
                for la in bench.candidates() if la.name != "conv4"}
     plan = bench.plan(choices, forms={"hardswish": form})
-    assert plan.choice("conv4").precision == "fp32" and plan.choice("gap").is_int8  # a float layer between INT8 ones
-    _, groups = quantized_tensors(bench.prepared, {n for n, c in plan.layers.items() if c.is_int8}, plan.forms)
+    assert plan.choice("conv4").precision == "fp32" and plan.choice("gap").quantized  # a float layer between INT8 ones
+    _, groups = quantized_tensors(bench.prepared, {n for n, c in plan.layers.items() if c.quantized}, plan.forms)
     assert {"cat", "mp"} in groups  # the MaxPool runs on uint8: its sides share one scale
     assert_mirror_matches(bench, plan)
 

@@ -85,7 +85,7 @@ def test_the_plan_follows_the_devices_latency_not_this_machines(tmp_path):
     cfg = _workload(tmp_path, "planted_hook:measure")
     r = qsearch.optimize(cfg, budget=12, out=tmp_path / "out")
     assert r.status == 0
-    int8 = {n for n, c in r.plan.layers.items() if c.is_int8}
+    int8 = {n for n, c in r.plan.layers.items() if c.quantized}
     assert {"conv_a", "conv_b"} <= int8 and "fc" not in int8, int8  # 5 ms saved each; int8 Gemm costs 7 ms more
     assert r.speedup > 1.5  # the planted device: FP32 ~13 ms, the plan ~3 ms
     assert r.plan.provenance["latency_hook"] == "planted_hook:measure"

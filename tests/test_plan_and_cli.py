@@ -125,7 +125,7 @@ def test_schema1_plan_still_applies_to_the_same_model(workload, tmp_path):
     from dataclasses import replace
 
     # schema 1 knew only int8-coded weights (the naive plan may use 7-bit ones on this CPU's int8 path)
-    int8_coded = {n: replace(c, weights="int8") if c.is_int8 else c for n, c in plan.layers.items()}
+    int8_coded = {n: replace(c, weights="int8") if c.quantized else c for n, c in plan.layers.items()}
     replace(plan, layers={**int8_coded, "fc": LayerChoice("fp32")}).write(v2)
     assert main(["apply", str(v2), model, "-o", str(tmp_path / "v2.onnx")]) == 0
     assert (tmp_path / "v1.onnx").read_bytes() == (tmp_path / "v2.onnx").read_bytes()

@@ -37,7 +37,7 @@ def test_compounding_error_below_resolution_still_meets_budget(tmp_path):
     search.repair()
     best = search.best()
     assert best is not None and best.drop <= allowed
-    assert sum(LayerChoice.parse(c).is_int8 for c in best.choices.values()) > 0  # not just FP32
+    assert sum(LayerChoice.parse(c).quantized for c in best.choices.values()) > 0  # not just FP32
 
 
 def test_plan_is_never_slower_than_fp32_where_int8_does_not_pay(tmp_path, capsys):

@@ -75,7 +75,7 @@ def check_result(out: Path, workload: Path, study: optuna.Study | None = None, m
         labels = {plan.choice(n).label().partition("@")[0] for n in plan.layers}  # (any weight encoding)
         assert labels <= {"int8/minmax/per_tensor", "fp32"} and "int8/minmax/per_tensor" in labels  # not all float
     else:  # no INT8 plan paid: FP32 ships, said in the report
-        assert all(not plan.choice(n).is_int8 for n in plan.layers)
+        assert all(not plan.choice(n).quantized for n in plan.layers)
         assert "No INT8 plan within budget beats FP32" in (out / "report.md").read_text()
 
 

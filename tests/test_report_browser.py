@@ -62,7 +62,7 @@ def test_report_renders_sorts_filters_and_prints(workload, tmp_path):
     up = [float(v) for v in page["up"] if v]
     down = [float(v) for v in page["down"] if v]
     assert up == sorted(up) and down == sorted(down, reverse=True) and len(up) > 1
-    n_int8 = sum(plan.choice(n).is_int8 for n in plan.layers)
+    n_int8 = sum(plan.choice(n).quantized for n in plan.layers)
     assert (page["int8"], page["float"], page["all"]) == (n_int8, len(plan.layers) - n_int8, len(plan.layers))
     for cells in page["drops"]:  # drops with at most 4 significant digits
         for cell in cells:

@@ -83,7 +83,7 @@ def test_a_toy_recovery_technique_is_searched_applied_and_checked(wclip, tmp_pat
     from dataclasses import replace
 
     plan = qsearch.baseline("naive", cfg, output=tmp_path / "naive.yaml", out=tmp_path / "out")
-    weighted = next(n for n, c in plan.layers.items() if c.is_int8 and n.startswith("conv"))
+    weighted = next(n for n, c in plan.layers.items() if c.quantized and n.startswith("conv"))
     clipped = replace(plan, layers={**plan.layers, weighted: replace(plan.layers[weighted], recovery="wclip")})
     plain = replace(plan, layers={**plan.layers, weighted: replace(plan.layers[weighted], recovery="none")})
     model = str(tmp_path / "w" / "model.onnx")

@@ -64,7 +64,7 @@ def test_search_meets_budget_and_is_at_least_as_good_as_greedy(tmp_path):
     best = search.best()
     assert best is not None and best.drop <= ctx.allowed_drop()
     greedy, evals, _ = greedy_fallback(ctx, Evaluator(ctx), problem_for(ctx, profile))
-    greedy_int8 = sum(greedy.choice(n).is_int8 for n in ctx.prepared.layer_names)
+    greedy_int8 = sum(greedy.choice(n).quantized for n in ctx.prepared.layer_names)
     best_int8 = sum(lbl.startswith("int8") for lbl in best.choices.values())
     assert best_int8 >= greedy_int8 and best.cost <= bitops(ctx, greedy)
     pareto = search.result().pareto()

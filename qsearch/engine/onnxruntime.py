@@ -42,16 +42,20 @@ def make_session(model: onnx.ModelProto | bytes | str, threads: int = 1, **optio
 
 
 class OrtCpu:
-    """ONNX Runtime's CPU provider with `threads` intra-op threads."""
+    """ONNX Runtime's CPU provider with `threads` intra-op threads. `exact`: Q/DQ stays unfused (the
+    basic optimizer level), so every quantized layer computes exactly what its QDQ graph says, as an
+    NPU's integer arithmetic does, instead of on this CPU's int8 kernels (which saturate u8 x s8
+    pairs without VNNI); timings then do not show int8 kernels, so NPU targets cost bit-operations."""
 
     name = "onnxruntime"
     per_node = True  # ORT's profiler times every node: the analysis attributes time per layer
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, exact: bool = False):
         self.threads = threads
+        self.level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if exact else None
 
     def session(self, model: onnx.ModelProto | bytes | str) -> ort.InferenceSession:
-        return make_session(model, self.threads)
+        return make_session(model, self.threads, level=self.level)
 
     def time(self, session: ort.InferenceSession, feed: Mapping[str, np.ndarray], warmup: int = 3,
              repeat: int = 15) -> Timing:
@@ -71,7 +75,7 @@ class OrtCpu:
         """From ONNX Runtime's profiler, keeping the last `runs` runs (the first pay for allocation
         and caches)."""
         with tempfile.TemporaryDirectory(prefix="qsearch-prof-") as tmp:
-            sess = make_session(model, self.threads, profile_prefix=os.path.join(tmp, "profile"))
+            sess = make_session(model, self.threads, level=self.level, profile_prefix=os.path.join(tmp, "profile"))
             for _ in range(warmup + runs):
                 sess.run(None, dict(feed))
             with open(sess.end_profiling()) as f:

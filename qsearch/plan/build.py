@@ -33,7 +33,7 @@ def allowed_granularities(layer: Layer) -> tuple[str, ...]:
 
 def normalized(layer: Layer, choice: LayerChoice) -> LayerChoice:
     """The choice as this layer can take it: an allowed granularity; weight codes only with a weight."""
-    if choice.is_int8 and choice.granularity not in allowed_granularities(layer):
+    if choice.quantized and choice.granularity not in allowed_granularities(layer):
         choice = LayerChoice(choice.precision, choice.calibration, allowed_granularities(layer)[0],
                              weights=choice.weights)
     if choice.weights != "int8" and not layer.has_weight:
@@ -61,12 +61,12 @@ def tensor_methods(prepared: PreparedModel, choices: Mapping[str, LayerChoice],
     smoothed = smoothed_layers(choices)
     for layer in prepared.layers:
         c = choices.get(layer.name)
-        if c is not None and c.is_int8 and layer.name not in absorbed:
+        if c is not None and c.quantized and layer.name not in absorbed:
             for t in inputs_of(layer, forms, smoothed):
                 methods.setdefault(t, c.calibration)
     for layer in prepared.layers:
         c = choices.get(layer.name)
-        if c is not None and c.is_int8 and layer.name not in absorbed and not layer.float_output:
+        if c is not None and c.quantized and layer.name not in absorbed and not layer.float_output:
             methods.setdefault(layer.quantized_output(forms), c.calibration)
     return methods
 
@@ -164,7 +164,7 @@ def build_plan(
     listing every layer in graph order. With recovery: the pairs both of whose layers choose
     equalization are equalized, their tensors take the equalized statistics, and the scales and
     the input means of bias-corrected layers go into the plan's sidecar."""
-    float_precision = "fp16" if target == "fp16" else "fp32"
+    float_precision = "fp32" if target == "cpu" else "fp16"
     full = {la.name: normalized(la, choices.get(la.name, LayerChoice(float_precision))) for la in prepared.layers}
     forms = {p: f for p, f in (forms or {}).items() if any(la.pattern == p for la in prepared.layers)}
     for name, owner in prepared.absorbed(forms).items():  # a fused pattern's gate follows the pattern
@@ -185,7 +185,7 @@ def build_plan(
             raise PlanError(f"no calibration statistics for tensor '{t}' (stale cache?)")
         ranges[t] = tensor_range(src.tensors[t], method, percentile)
     smoothed = smoothed_layers(full)
-    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.is_int8}, forms, smoothed)
+    _, groups = quantized_tensors(prepared, {n for n, c in full.items() if c.quantized}, forms, smoothed)
     for group in groups:  # one scale per group: the union of its members' ranges (nothing clipped)
         known = [ranges[t] for t in group if t in ranges]
         shared = (min(r[0] for r in known), max(r[1] for r in known))
@@ -197,7 +197,7 @@ def build_plan(
     absorbed = prepared.absorbed(forms)
     for la in prepared.layers:
         c = full[la.name]
-        if c.is_int8 and uses(c.recovery, "bias") and la.name not in absorbed:
+        if c.quantized and uses(c.recovery, "bias") and la.name not in absorbed:
             t, src = la.activations[0], source(la.activations[0])
             if src is None or t not in src.channels:
                 raise PlanError(f"no per-channel statistics for tensor '{t}' (stale cache?)")
@@ -227,6 +227,6 @@ def weight_copies(prepared: PreparedModel, plan: Plan) -> dict[str, tuple[str, .
     forms: dict[str, set[str]] = {}
     for la in prepared.layers:
         c = plan.choice(la.name)
-        if la.weight and c.is_int8:
+        if la.weight and c.quantized:
             forms.setdefault(la.weight, set()).add(c.granularity.replace("_", "-"))
     return {w: tuple(sorted(f)) for w, f in forms.items() if len(f) > 1}

@@ -34,7 +34,7 @@ def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "p
         if name not in known:
             raise PlanError(f"{path}: layer '{name}' does not exist in model '{prepared.name}'"
                                + closest(name, known))
-        if c.precision == "fp16" and plan.target != "fp16":
+        if c.precision == "fp16" and plan.target == "cpu":
             raise PlanError(f"{path}: layer '{name}' is fp16 but target '{plan.target}' runs float layers in FP32")
     tensors_of_model = {t for n in prepared.proto.graph.node for t in (*n.input, *n.output)} | \
         {i.name for i in prepared.proto.graph.input}
@@ -50,15 +50,15 @@ def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "p
     smoothed = smoothed_layers({la.name: plan.choice(la.name) for la in prepared.layers})
     for layer in prepared.layers:
         c = plan.choice(layer.name)
-        if c.is_int8 and layer.has_weight and c.granularity not in allowed_granularities(layer):
+        if c.quantized and layer.has_weight and c.granularity not in allowed_granularities(layer):
             raise PlanError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
                                "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
-        if c.is_int8 and layer.name not in absorbed:
+        if c.quantized and layer.name not in absorbed:
             for t in (*inputs_of(layer, plan.forms, smoothed), *([] if layer.float_output else
                                                                    [layer.quantized_output(plan.forms)])):
                 if t not in plan.ranges:
                     raise PlanError(f"{path}: no activation range for tensor '{t}' of int8 layer '{layer.name}'")
-    tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if plan.choice(la.name).is_int8},
+    tensors, _ = quantized_tensors(prepared, {la.name for la in prepared.layers if plan.choice(la.name).quantized},
                                    plan.forms, smoothed)
     for t in tensors:
         if t not in plan.ranges:
@@ -86,7 +86,7 @@ def check_sidecar(plan: Plan, prepared: PreparedModel, path) -> None:
                                "not equalize (its ranges were calibrated equalized): re-run optimize instead of "
                                "editing the pair's layers")
     absorbed = prepared.absorbed(plan.forms)
-    wanted = {n for n, c in full.items() if c.is_int8 and uses(c.recovery, "bias") and n not in absorbed}
+    wanted = {n for n, c in full.items() if c.quantized and uses(c.recovery, "bias") and n not in absorbed}
     for name in wanted:
         n = input_channels(prepared, prepared.layer(name))
         if name not in means or means[name].size != n:
@@ -120,7 +120,7 @@ def _check_smoothing(plan: Plan, prepared: PreparedModel, full: Mapping[str, Lay
 def _check_rounding(plan: Plan, prepared: PreparedModel, full: Mapping[str, LayerChoice], path) -> None:
     """Learned codes for exactly the INT8 layers with `round`, one per weight value."""
     codes = plan.sidecar.of("round")
-    wanted = {n for n, c in full.items() if c.is_int8 and uses(c.recovery, "round")}
+    wanted = {n for n, c in full.items() if c.quantized and uses(c.recovery, "round")}
     sizes = {i.name: int(np.prod(i.dims)) for i in prepared.proto.graph.initializer}
     for name in wanted:
         la = prepared.layer(name)

@@ -29,8 +29,10 @@ from qsearch.recovery.techniques import recoveries
 
 MAX_RANGE = float(np.finfo(np.float32).max)  # a plan's range must be float32: its scale then stays finite
 SCHEMA_VERSION = 3  # 3: per-layer recovery and its sidecar; 1 and 2 still load
-PRECISIONS = ("int8", "fp16", "fp32")
-TARGETS = ("cpu", "fp16")  # cpu: float layers run FP32; fp16: GPU/NPU, float layers run FP16
+PRECISIONS = ("int8", "int16", "fp16", "fp32")  # int16: uint16 activations, int8 weights (NPUs)
+TARGETS = ("cpu", "fp16", "npu")  # cpu: float layers run FP32; fp16 (GPU) and npu: float layers run FP16
+WIDE_TARGETS = ("npu",)  # the targets that run int16 layers
+QUANTIZED = ("int8", "int16")
 
 
 @dataclass(frozen=True)
@@ -51,28 +53,37 @@ class LayerChoice:
                                     ("weights", self.weights, WEIGHT_CODES)):
             if value not in allowed:
                 raise PlanError(f"layer choice: {key} {value!r} is not one of {', '.join(allowed)}")
-        if self.recovery != "none" and not self.is_int8:
-            raise PlanError(f"layer choice: recovery {self.recovery!r} needs precision int8, not {self.precision}")
-        if self.weights != "int8" and not self.is_int8:
+        if self.recovery != "none" and not self.quantized:
+            raise PlanError(f"layer choice: recovery {self.recovery!r} needs precision int8 or int16, "
+                            f"not {self.precision}")
+        if self.weights != "int8" and self.precision != "int8":
+            # int7 / uint8 weights avoid the u8s8 saturation of x86 CPUs; an int16 layer runs on an NPU
             raise PlanError(f"layer choice: weights {self.weights!r} need precision int8, not {self.precision}")
 
     @property
-    def is_int8(self) -> bool:
-        return self.precision == "int8"
+    def quantized(self) -> bool:
+        """Whether the layer runs on integer kernels (int8 weights; uint8 or uint16 activations)."""
+        return self.precision in QUANTIZED
+
+    @property
+    def activation_bits(self) -> int:
+        """The width of the layer's activation codes: 16 for int16, else 8 (float layers: none, 0)."""
+        return {"int8": 8, "int16": 16}.get(self.precision, 0)
 
     def label(self) -> str:
-        if not self.is_int8:
+        if not self.quantized:
             return self.precision
-        return (f"int8/{self.calibration}/{self.granularity}" + ("" if self.recovery == "none" else f"/{self.recovery}")
+        return (f"{self.precision}/{self.calibration}/{self.granularity}"
+                + ("" if self.recovery == "none" else f"/{self.recovery}")
                 + ("" if self.weights == "int8" else f"@{self.weights}"))
 
     @classmethod
     def parse(cls, label: str) -> LayerChoice:
-        """The inverse of `label` ('int8/minmax/per_channel/cle@int7', 'fp32')."""
+        """The inverse of `label` ('int8/minmax/per_channel/cle@int7', 'int16/mse/per_tensor', 'fp32')."""
         label, _, weights = label.partition("@")
         parts = label.split("/")
-        if parts[0] == "int8" and len(parts) in (3, 4):
-            return cls("int8", *parts[1:3], parts[3] if len(parts) == 4 else "none", weights or "int8")
+        if parts[0] in QUANTIZED and len(parts) in (3, 4):
+            return cls(parts[0], *parts[1:3], parts[3] if len(parts) == 4 else "none", weights or "int8")
         return cls(parts[0])
 
 
@@ -115,6 +126,9 @@ class Plan:
         for name, c in self.layers.items():
             if not isinstance(c, LayerChoice):
                 raise PlanError(f"plan: layer '{name}': its choice must be a LayerChoice, got {c!r}"[:300])
+            if c.precision == "int16" and self.target not in WIDE_TARGETS:
+                raise PlanError(f"plan: layer '{name}' is int16 (uint16 activations), which target {self.target!r} "
+                                f"cannot run: use target {' or '.join(WIDE_TARGETS)}")
         for t, r in self.ranges.items():
             if not good_range(r):
                 raise PlanError(f"plan: tensor '{t}': range must be [min <= 0, max >= 0], finite, |values| <= "
@@ -130,7 +144,7 @@ class Plan:
 
     @property
     def float_precision(self) -> str:
-        return "fp16" if self.target == "fp16" else "fp32"
+        return "fp32" if self.target == "cpu" else "fp16"
 
     def choice(self, layer: str) -> LayerChoice:
         got = self.layers.get(layer, self.defaults)
@@ -166,7 +180,7 @@ class Plan:
             if note.op:
                 e["op"] = note.op
             e["precision"] = c.precision
-            if c.is_int8:
+            if c.quantized:
                 e["calibration"] = c.calibration
                 if note.weighted:
                     e["granularity"] = c.granularity
@@ -183,14 +197,16 @@ class Plan:
             if note.why:
                 e["why"] = note.why
             entries.append(e)
-        n8 = sum(c.is_int8 for c in self.layers.values())
+        n8 = sum(c.precision == "int8" for c in self.layers.values())
+        n16 = sum(c.precision == "int16" for c in self.layers.values())
         doc: dict[str, Any] = {
             "qsearch_plan": SCHEMA_VERSION,
             "model": {"name": self.model_name, "fingerprint": self.fingerprint,
                       **({"file": self.model_file} if self.model_file else {}),
                       **({"preparation": self.preparation} if self.preparation > 1 else {})},
             "target": self.target,
-            "summary": {"layers": len(self.layers), "int8": n8, "float": len(self.layers) - n8},
+            "summary": {"layers": len(self.layers), "int8": n8, **({"int16": n16} if n16 else {}),
+                        "float": len(self.layers) - n8 - n16},
             "calibration": {"percentile": self.percentile},
         }
         if self.forms:  # how patterns without an int8 kernel (hardswish) run inside int8 regions
@@ -290,10 +306,10 @@ def _plain(obj: Any) -> Any:
 
 def _choice_dict(c: LayerChoice, defaults: LayerChoice | None) -> dict:
     d = {"precision": c.precision}
-    if c.is_int8:
-        if defaults is None or c.calibration != defaults.calibration or not defaults.is_int8:
+    if c.quantized:
+        if defaults is None or c.calibration != defaults.calibration or not defaults.quantized:
             d["calibration"] = c.calibration
-        if defaults is None or c.granularity != defaults.granularity or not defaults.is_int8:
+        if defaults is None or c.granularity != defaults.granularity or not defaults.quantized:
             d["granularity"] = c.granularity
         if c.recovery != "none":
             d["recovery"] = c.recovery

@@ -15,7 +15,18 @@ from qsearch.engine.isa import WEIGHT_CODES
 from qsearch.errors import PlanError, as_kind
 from qsearch.files import check_keys, load_yaml, where
 from qsearch.model.load import PATTERN_FORMS, PREPARATIONS
-from qsearch.plan.format import MAX_RANGE, PRECISIONS, SCHEMA_VERSION, TARGETS, LayerChoice, LayerNote, Plan, good_range
+from qsearch.plan.format import (
+    MAX_RANGE,
+    PRECISIONS,
+    QUANTIZED,
+    SCHEMA_VERSION,
+    TARGETS,
+    WIDE_TARGETS,
+    LayerChoice,
+    LayerNote,
+    Plan,
+    good_range,
+)
 from qsearch.plan.sidecar import Sidecar
 from qsearch.recovery.techniques import recoveries
 
@@ -78,6 +89,10 @@ def plan_from_doc(doc: Any, path: str | os.PathLike = "<plan>") -> Plan:
     else:
         layers = _read_layers(path, doc, defaults, ranges, owner, notes)
         _read_ranges(path, doc, "shared_ranges", ranges, owner)
+    wide = next((n for n, c in layers.items() if c.precision == "int16"), None)
+    if wide is not None and target not in WIDE_TARGETS:
+        raise PlanError(f"{where(path, doc, 'target')}: layer '{wide}' is int16 (uint16 activations), which target "
+                        f"{target!r} cannot run: use target {' or '.join(WIDE_TARGETS)}")
     return Plan(
         model_name=str(model.get("name", "model")),
         fingerprint=model["fingerprint"],
@@ -162,7 +177,7 @@ def _read_layers(path, doc: dict, defaults: LayerChoice | None, ranges: dict, ow
                                             if k in e}, base, f"layers.{name}")
         tensors = _read_ranges(path, e, "ranges", ranges, owner, f"layers.{name}.ranges", name)
         note = LayerNote(e.get("op", ""), e.get("name", ""), e.get("why", ""),
-                         "granularity" in e or not layers[name].is_int8, tuple(tensors), e.get("recovery_factors", ""))
+                         "granularity" in e or not layers[name].quantized, tuple(tensors), e.get("recovery_factors", ""))
         if note != LayerNote():
             notes[name] = note
     return layers
@@ -199,10 +214,10 @@ def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
                 f"{where(path, d, key)}: {section}.{key} is {d[key]!r}, expected one of {', '.join(allowed)}"
             )
     precision = d.get("precision", base.precision)
-    recovery = d.get("recovery", base.recovery if precision == "int8" else "none")
-    if recovery != "none" and precision != "int8":
-        raise PlanError(f"{where(path, d, 'recovery')}: {section}.recovery {recovery!r} needs precision int8, "
-                           f"not {precision}")
+    recovery = d.get("recovery", base.recovery if precision in QUANTIZED else "none")
+    if recovery != "none" and precision not in QUANTIZED:
+        raise PlanError(f"{where(path, d, 'recovery')}: {section}.recovery {recovery!r} needs precision int8 or "
+                           f"int16, not {precision}")
     # like calibration, a float layer's weight encoding means nothing: a reviewer who turns a layer
     # float need not delete it
     weights = d.get("weights", base.weights) if precision == "int8" else "int8"

@@ -18,7 +18,7 @@ from qsearch.recovery.techniques import BUILT_IN, split, technique, uses
 
 def smoothed_layers(choices: Mapping[str, LayerChoice]) -> set[str]:
     """INT8 layers that read their group's smoothed input (`smoothing`) instead of the tensor."""
-    return {n for n, c in choices.items() if c.is_int8 and uses(c.recovery, "smooth")}
+    return {n for n, c in choices.items() if c.quantized and uses(c.recovery, "smooth")}
 
 
 def chosen_smoothing(rec: RecoveryStats, full: Mapping[str, LayerChoice]) -> dict[str, Smoothing]:

@@ -55,11 +55,15 @@ def run(config: str | None, plan_path: str | Plan, out: Path, settings: Settings
     check_eval_timeout(eval_timeout)
     if timeout is not None and not timeout > 0:
         raise QsearchError(f"--timeout must be > 0 seconds, got {timeout!r}")
-    bench = open_bench(config, out, eval_timeout, calibrate=False)
     where = "plan" if isinstance(plan_path, Plan) else str(plan_path)
     plan = plan_path if isinstance(plan_path, Plan) else read_plan(where)
+    wide = next((n for n, c in plan.layers.items() if c.precision == "int16"), None)
+    if wide is not None:  # before anything is written
+        raise QsearchError(f"{where}: layer '{wide}' is int16: finetune trains INT8 layers only (16-bit activations "
+                           "are not mirrored in training yet); make it int8 or float in the plan")
+    bench = open_bench(config, out, eval_timeout, calibrate=False)
     check_plan(plan, bench.prepared, where)
-    if not any(plan.choice(la.name).is_int8 for la in bench.prepared.layers):
+    if not any(plan.choice(la.name).quantized for la in bench.prepared.layers):
         raise QsearchError(f"{where}: the plan has no INT8 layer: there is nothing to fine-tune")
     tg = bench.rewriter.training_graph(plan)
     mirror = mirrors.build(tg, bench.prepared, settings.learn_ranges)

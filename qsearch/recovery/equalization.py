@@ -251,7 +251,7 @@ class RecoveryStats:
 
 def active_pairs(pairs: tuple[Pair, ...], choice_of) -> list[Pair]:
     """Pairs equalized by these choices: both layers INT8, both with cle."""
-    return [p for p in pairs if all(choice_of(n).is_int8 and uses(choice_of(n).recovery, "cle") for n in (p.head, p.tail))]
+    return [p for p in pairs if all(choice_of(n).quantized and uses(choice_of(n).recovery, "cle") for n in (p.head, p.tail))]
 
 
 def channel_tensors(prepared: PreparedModel) -> dict[str, int]:

@@ -266,7 +266,7 @@ def learn_for_plan(bench: RoundingBench, plan: Plan, layer_names: Sequence[str],
     from qsearch.recovery.equalization import group
     from qsearch.recovery.techniques import uses
 
-    layers = _within(bench, [n for n in layer_names if plan.choice(n).is_int8], cap_s)
+    layers = _within(bench, [n for n in layer_names if plan.choice(n).quantized], cap_s)
     start = time.perf_counter()
     floats = _float_inputs(bench, plan, layers) if layers else {}
     weights = bench.rewriter.float_weights(plan)

@@ -27,17 +27,22 @@ class Row:
     wall_rounds: tuple[float, ...] = ()  # its median wall ms in each interleaved round (`timing`)
     cpu_rounds: tuple[float, ...] = ()
     why: str = ""  # a finalist that lost: why
+    bitops: float | None = None  # GBOPs with the border charge (`evaluator.bitops`), for analytic objectives
 
 
 def rows_markdown(rows: list[Row], metric: str, fp32_latency: float, fp32_size: int) -> str:
+    """The plans side by side; a GBOPs column where the objective is bit-operations (FP16/NPU
+    targets: this CPU's latency is not the device's)."""
+    bops = any(r.bitops is not None for r in rows)
     lines = [f"| plan | {metric} search | {metric} test | latency ms (spread) | speed-up | size KiB | size ratio | "
-             "INT8 layers | evaluations |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{'GBOPs | ' if bops else ''}quantized layers | evaluations |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if bops else "")]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.search_score:.4f} | {_test(r)} | {r.latency_ms:.3f} (±{r.latency_spread:.0%}) | "
             f"{fp32_latency / r.latency_ms:.2f}x | {r.size_bytes / 1024:.1f} | {r.size_bytes / fp32_size:.2f} | "
-            f"{r.int8_layers} | {'' if r.evaluations is None else r.evaluations} |"
+            + (f"{r.bitops:.4g} | " if bops else "")
+            + f"{r.int8_layers} | {'' if r.evaluations is None else r.evaluations} |"
         )
     return "\n".join(lines)
 
@@ -71,13 +76,16 @@ def verdict_line(fp32: Row, chosen: Row, allowed: float, metric: str, fp32_ships
         ratio.value if ratio is not None else fp32.latency_ms / chosen.latency_ms)
     if ratio is not None and not fp32_ships:
         head += f" (90% interval {ratio.low:.2f}-{ratio.high:.2f}x over {ratio.rounds} interleaved rounds)"
+    if chosen.bitops and fp32.bitops:  # an analytic objective decided: this CPU's time is not the target's
+        head = (f"{fp32.bitops / chosen.bitops:.2f}x fewer bit-operations than the float model ({chosen.bitops:.4g} "
+                f"GBOPs against {fp32.bitops:.4g}, conversions charged; on this CPU {head})")
     test_drop = fp32.test_score - chosen.test_score
     miss = "" if fp32_ships or not test_drop > allowed + 1e-12 else (
         f" OVER THE BUDGET ON TEST DATA: it loses {fmt_drop(test_drop)} there against the {fmt_drop(allowed)} "
         "allowed; the search split did not represent the test data (a larger or more varied search split, "
         "or a tighter budget, is the fix). " + (f"The fastest plan within budget on both splits: {alternative}."
                                                 if alternative else "No other plan timed that beats FP32 is within "
-                                                "budget on both splits: FP32 is the safe choice."))
+                                                "budget on both splits: the float model is the safe choice."))
     warn = "The search split cannot tell whether this plan is within budget (its drop is within the split's " \
         "resolution of it): " if edge and not fp32_ships else ""
     return (f"{warn}{head}; {metric} {side(fp32.search_score - chosen.search_score, 'search')} (budget: lose at most "
@@ -188,13 +196,13 @@ def forms_line(profile) -> str:
 
 def recovery_line(plan, pairs: int) -> str:
     """What accuracy recovery the chosen plan uses, out of what the model offers."""
-    cle = sum("cle" in c.recovery for c in plan.layers.values() if c.is_int8)
+    cle = sum("cle" in c.recovery for c in plan.layers.values() if c.quantized)
     bias = len(plan.sidecar.means())
     if not plan.sidecar:
         return (f"Recovery: none in the chosen plan ({pairs} equalizable Conv pairs in the model; "
                 f"{cle} layers chose equalization without their partner)." if cle else
                 f"Recovery: none in the chosen plan ({pairs} equalizable Conv pairs in the model).")
-    smoothed = sum("smooth" in c.recovery for c in plan.layers.values() if c.is_int8)
+    smoothed = sum("smooth" in c.recovery for c in plan.layers.values() if c.quantized)
     return (f"Recovery: {len(plan.sidecar.scales())} of {pairs} Conv pairs equalized, {smoothed} layers smoothed "
             f"({len(plan.sidecar.of('smooth'))} inputs), {bias} layers bias corrected "
             f"(arrays in plan.recovery.onnx, sha256 {plan.sidecar.sha256[:12]}).")

@@ -73,7 +73,7 @@ def diff(a: Plan, b: Plan, where: tuple[str, str] = ("A", "B")) -> PlanDiff:
     for name in names:
         before, after = _label(a, name), _label(b, name)
         ranges = []
-        if a.choice(name).is_int8 and b.choice(name).is_int8:
+        if a.choice(name).quantized and b.choice(name).quantized:
             for t in dict.fromkeys((*_tensors(a, name), *_tensors(b, name))):
                 ra, rb = a.ranges.get(t), b.ranges.get(t)
                 if ra != rb:
@@ -118,7 +118,7 @@ def show_text(plan: Plan, why_width: int = 70) -> str:
     """The plan as a reviewer reads it: header, then one row per layer in graph order."""
     lines = [f"plan for '{plan.model_name}' ({plan.fingerprint}{', ' + plan.model_file if plan.model_file else ''}), "
              f"target {plan.target}"]
-    n8 = sum(c.is_int8 for c in plan.layers.values())
+    n8 = sum(c.quantized for c in plan.layers.values())
     lines.append(f"{len(plan.layers)} layers listed: {n8} INT8, {len(plan.layers) - n8} float"
                  + ("" if plan.defaults is None else f"; layers not listed: {plan.defaults.label()}"))
     figures = plan.figures.text()
@@ -139,7 +139,7 @@ def show_text(plan: Plan, why_width: int = 70) -> str:
         weighted = note.weighted if note is not None else True
         why = note.why if note is not None else ""
         rows.append((str(k), name, note.readable if note else "", note.op if note else "", c.precision,
-                     c.calibration if c.is_int8 else "", c.granularity if c.is_int8 and weighted else "",
+                     c.calibration if c.quantized else "", c.granularity if c.quantized and weighted else "",
                      c.recovery if c.recovery != "none" else "", why if len(why) <= why_width else why[:why_width - 3] + "..."))
     return "\n".join(lines + [""] + _table(rows))
 

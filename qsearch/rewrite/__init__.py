@@ -19,13 +19,14 @@ from functools import lru_cache
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, version_converter
 
 from qsearch.errors import PlanError, QsearchError
 from qsearch.model.load import Layer, PreparedModel
 from qsearch.plan.build import quantized_tensors
 from qsearch.plan.format import LayerChoice, Plan
 from qsearch.plan.recovery import smoothed_layers
+from qsearch.plan.widths import activation_widths
 from qsearch.qparams import activation_qparams, bias_scale_floor, quantize_weight, requantize_with_floor, stored_codes
 from qsearch.recovery.equalization import Pair, bias_delta, bias_slot, equalized_weights, find_pairs, group
 from qsearch.recovery.smoothing import Group, find_groups, fold_target, scaled_weight
@@ -77,6 +78,7 @@ class Rewriter:
         self._weights: dict[str, np.ndarray] = {}  # equalized weights of the plan being applied
         self._pairs: tuple[Pair, ...] | None = None
         self._groups: dict[str, Group] | None = None
+        self._wide: onnx.ModelProto | None = None  # the graph at opset 21, for int16 plans
 
     @property
     def pairs(self) -> tuple[Pair, ...]:
@@ -107,25 +109,30 @@ class Rewriter:
 
     def apply(self, plan: Plan) -> onnx.ModelProto:
         choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
-        g = EditGraph(self.prepared.proto)
-        int8 = [layer for layer in self.prepared.layers if choices[layer.name].is_int8]
+        wide = any(c.precision == "int16" for c in choices.values())
+        g = EditGraph(self.opset21() if wide else self.prepared.proto)
+        quantized = [layer for layer in self.prepared.layers if choices[layer.name].quantized]
         smoothed = smoothed_layers(choices)
-        tensors, _ = quantized_tensors(self.prepared, {layer.name for layer in int8}, plan.forms, smoothed)
+        tensors, groups = quantized_tensors(self.prepared, {layer.name for layer in quantized}, plan.forms, smoothed)
         missing = [t for t in tensors if t not in plan.ranges]
         if missing:
             raise QsearchError(f"plan has no activation range for tensor '{missing[0]}' (quantized for its int8 "
                                f"layers{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
-        act_params = {t: activation_qparams(*plan.ranges[t]) for t in tensors}
         absorbed = self.prepared.absorbed(plan.forms)
         weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
-        act_params.update({x: activation_qparams(*r) for x, r in self._smooth(g, plan, smoothed, weights).items()})
+        members: dict[str, list[str]] = {}
+        ranges = {**{t: plan.ranges[t] for t in tensors}, **self._smooth(g, plan, smoothed, weights, members)}
+        widths = activation_widths(self.prepared, choices, list(ranges), groups, plan.forms, smoothed, members)
+        act_params = {t: activation_qparams(*r, widths.bits[t]) for t, r in ranges.items()}
         means, codes = plan.sidecar.means(), plan.sidecar.of("round")
-        for layer in int8:
+        for layer in quantized:
             if layer.name in absorbed:  # inside a fused pattern's gate: swept with it
                 continue
-            node = g.node(layer.name)
+            node, bits = g.node(layer.name), choices[layer.name].activation_bits
+            x = node.input[0]  # as the layer reads it: its own width, through a conversion at a border
+            x_params = activation_qparams(*ranges[x], bits) if x in ranges else None
             delta = self._quantize_layer(g, layer, choices[layer.name], act_params, node, weights,
-                                         means.get(layer.name), act_params.get(node.input[0]), codes.get(layer.name))
+                                         means.get(layer.name), x_params, codes.get(layer.name))
             if delta is not None:  # a MatMul's bias lives in the Add after it
                 add = g.node(layer.bias_add)
                 b = next(t for t in add.input if t != layer.output)
@@ -134,8 +141,12 @@ class Rewriter:
             if layer.fused(plan.forms):
                 g.fuse_hardswish(layer)
         for t in sorted(act_params, key=g.order_of):
-            g.insert_qdq(t, *act_params[t])
-        if plan.target == "fp16":  # float layers read through a Cast: no per-tensor DQ to guard against
+            dq = g.insert_qdq(t, *act_params[t])
+            for bits in sorted({b for _, b in widths.converts.get(t, ())}):
+                readers = [g.node(n) for name, b in widths.converts[t] if b == bits
+                           for n in self.prepared.layer(name).nodes if dq in g.node(n).input]
+                g.convert(dq, readers, *activation_qparams(*ranges[t], bits))
+        if plan.target != "cpu":  # float layers read through a Cast: no per-tensor DQ to guard against
             fp16_nodes = {n for layer in self.prepared.layers if choices[layer.name].precision == "fp16"
                           for n in layer.nodes}
             g.convert_fp16(fp16_nodes)
@@ -149,10 +160,30 @@ class Rewriter:
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
         return model
 
-    def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> dict:
+    def opset21(self) -> onnx.ModelProto:
+        """The prepared graph at opset 21, whose QuantizeLinear takes uint16 (int16 layers); converted
+        once. Node and tensor names stay, so the plan's layers and ranges still name them."""
+        if self._wide is None:
+            proto = self.prepared.proto
+            version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+            try:
+                self._wide = proto if version >= 21 else version_converter.convert_version(proto, 21)
+            except Exception as exc:  # the converter raises bare RuntimeErrors on ops it cannot adapt
+                raise QsearchError(f"model '{self.prepared.name}': int16 layers need opset 21 (uint16 Q/DQ), and "
+                                   f"converting opset {version} failed: {str(exc).splitlines()[0][:200]}") from None
+            names = {n.name for n in self._wide.graph.node}
+            lost = [n for la in self.prepared.layers for n in la.nodes if n not in names]
+            if lost:
+                raise QsearchError(f"model '{self.prepared.name}': converting it to opset 21 (for int16 layers) "
+                                   f"renamed node '{lost[0]}'")
+        return self._wide
+
+    def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray],
+                members_of: dict[str, list[str]] | None = None) -> dict:
         """Each group the plan smooths: its smoothed members read x / s (one Mul; or the
         LayerNormalization writing x with the divisor in its scale and bias, when nothing else
-        reads x) and their weights' rows times s. Returns the smoothed tensors' ranges."""
+        reads x) and their weights' rows times s. Returns the smoothed tensors' ranges (and
+        fills `members_of`: smoothed tensor -> the layers reading it)."""
         out = {}
         ranges = plan.sidecar.of("smooth_range")
         for tensor, members, s in self._smoothed_weights(plan, smoothed, weights):
@@ -166,6 +197,8 @@ class Rewriter:
             for n in members:
                 g.replace_input(g.node(self.prepared.layer(n).nodes[0]), tensor, x)
             out[x] = (float(ranges[tensor][0]), float(ranges[tensor][1]))
+            if members_of is not None:
+                members_of[x] = list(members)
         return out
 
     def _smoothed_weights(self, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray]) -> list[tuple]:
@@ -187,7 +220,7 @@ class Rewriter:
         weights = equalized_weights(self.prepared, plan.sidecar.scales(), self.pairs) if plan.sidecar else {}
         self._smoothed_weights(plan, smoothed_layers(choices), weights)
         return {la.name: self._float(la.weight, weights) for la in self.prepared.layers
-                if la.weight and choices[la.name].is_int8}
+                if la.weight and choices[la.name].quantized}
 
     def training_graph(self, plan: Plan) -> TrainingGraph:
         """The float graph fine-tuning mirrors: the plan's float weights (equalized, smoothed, registered
@@ -197,7 +230,7 @@ class Rewriter:
         choices = {layer.name: plan.choice(layer.name) for layer in self.prepared.layers}
         g = EditGraph(self.prepared.proto)
         absorbed = self.prepared.absorbed(plan.forms)
-        int8 = [la for la in self.prepared.layers if choices[la.name].is_int8 and la.name not in absorbed]
+        int8 = [la for la in self.prepared.layers if choices[la.name].quantized and la.name not in absorbed]
         smoothed = smoothed_layers(choices)
         tensors, groups = quantized_tensors(self.prepared, {la.name for la in int8}, plan.forms, smoothed)
         missing = [t for t in tensors if t not in plan.ranges]

@@ -148,11 +148,13 @@ class EditGraph:
         self._consts[key] = out
         return out
 
-    def insert_qdq(self, tensor: str, scale: np.float32, zp: np.uint8) -> None:
-        """Q/DQ after `tensor`; the DQ output keeps the tensor's name (see module docstring)."""
+    def insert_qdq(self, tensor: str, scale: np.float32, zp: np.unsignedinteger) -> str:
+        """Q/DQ after `tensor`; the DQ output keeps the tensor's name (see module docstring; a
+        graph input's is new), returned. The zero point's dtype is the codes' (uint8; uint16 needs
+        opset 21)."""
         names = self.names
         sn = self._init(names.fresh(f"{tensor}_scale"), np.asarray(scale, np.float32).reshape(()))
-        zn = self._init(names.fresh(f"{tensor}_zero_point"), np.asarray(zp, np.uint8).reshape(()))
+        zn = self._init(names.fresh(f"{tensor}_zero_point"), self._zero_point(zp))
         q_out, dq_out = names.fresh(f"{tensor}_quantized"), tensor
         src = tensor
         prod = self.producer.get(tensor)
@@ -173,6 +175,7 @@ class EditGraph:
         self.extra.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out],
                                            name=names.fresh(f"{tensor}_DequantizeLinear")))
         self.producer[dq_out] = self.extra[-1]
+        return dq_out
 
     def mark(self, tensor: str, op: str, **attrs) -> None:
         """One node of the `qsearch` domain in place of a Q/DQ pair (the fine-tuning mirror's fake
@@ -223,13 +226,31 @@ class EditGraph:
             self.producer[out] = self.extra[-1]
             n.input[0] = out
 
-    def fake_quant(self, tensor: str, base: str, scale: np.float32, zp: np.uint8) -> str:
+    def _zero_point(self, zp: np.unsignedinteger) -> np.ndarray:
+        """A scalar zero point of the codes' dtype; 16-bit codes need opset 21's Q/DQ."""
+        zp = np.asarray(zp)
+        if zp.dtype == np.uint16:
+            self.min_opset = max(self.min_opset, 21)
+        return zp.reshape(())
+
+    def convert(self, tensor: str, readers: Iterable[onnx.NodeProto], scale: np.float32,
+                zp: np.unsignedinteger) -> str:
+        """Where an int8 region meets an int16 one: `readers` read `tensor` (a DQ's output) through a
+        Q/DQ of the other width, as ONNX Runtime's QNN flow converts (Q1 DQ1 Q2 DQ2)."""
+        bits = np.asarray(zp).dtype.itemsize * 8
+        out = self.fake_quant(tensor, f"{tensor}_as_u{bits}", scale, zp)
+        for n in readers:
+            self.replace_input(n, tensor, out)
+        self.producer[out] = self.extra[-1]
+        return out
+
+    def fake_quant(self, tensor: str, base: str, scale: np.float32, zp: np.unsignedinteger) -> str:
         """Q/DQ reading `tensor` into a new tensor (named from `base`), leaving existing consumers
         alone (probes); returns the new tensor's name."""
         names = self.names
         out, q = names.fresh(base), names.fresh(f"{base}_q")
         sn = self._init(names.fresh(f"{base}_scale"), np.asarray(scale, np.float32).reshape(()))
-        zn = self._init(names.fresh(f"{base}_zero_point"), np.asarray(zp, np.uint8).reshape(()))
+        zn = self._init(names.fresh(f"{base}_zero_point"), self._zero_point(zp))
         self.extra.append(helper.make_node("QuantizeLinear", [tensor, sn, zn], [q], name=names.fresh(f"{base}_Q")))
         self.extra.append(helper.make_node("DequantizeLinear", [q, sn, zn], [out], name=names.fresh(f"{base}_DQ")))
         return out

@@ -12,13 +12,14 @@ from qsearch.search.problem import LayerFacts, Problem
 from qsearch.workbench import Workbench
 
 
-def benefit(objective: str, s: LayerSensitivity) -> float:
-    """What a layer saves in INT8, in the objective's units (measured ms for latency)."""
+def benefit(objective: str, s: LayerSensitivity, float_bits: int = 32) -> float:
+    """What a layer saves in INT8, in the objective's units (measured ms for latency; for bit-operations
+    against its float precision's, FP16 on FP16 and NPU targets)."""
     if objective == "latency":
         return s.gain_ms
     if objective == "size":
-        return 0.75 * s.weight_bytes
-    return s.macs * (32 * 32 - 8 * 8) / 1e9
+        return (float_bits - 8) / 32 * s.weight_bytes  # weight_bytes: FP32 bytes
+    return s.macs * (float_bits * float_bits - 8 * 8) / 1e9
 
 
 def problem_for(bench: Workbench, profile: SensitivityProfile) -> Problem:
@@ -26,12 +27,14 @@ def problem_for(bench: Workbench, profile: SensitivityProfile) -> Problem:
     the tensors that join them and, for latency, the measured cost of one float/INT8 border."""
     rank = {x.name: i for i, x in enumerate(profile.layers)}
     objective = bench.workload.space.objective
+    float_bits = 32 if bench.float_precision == "fp32" else 16
     facts = []
     for la in bench.candidates():
         if la.name not in rank:
             raise QsearchError(f"sensitivity profile has no entry for layer '{la.name}' (re-run analyze)")
         s = profile.layers[rank[la.name]]
-        facts.append(LayerFacts(la.name, tuple(s.ranked_options()), benefit(objective, s), s.noise, rank[la.name]))
+        facts.append(LayerFacts(la.name, tuple(s.ranked_options()), benefit(objective, s, float_bits), s.noise,
+                                rank[la.name]))
     edges, outer = graph_edges(bench)
     glue = profile.meta.get("int8_by_kind", {}).get("Q/DQ glue", 0.0)
     # all-INT8 leaves Q/DQ standing only where candidates meet other ops: its glue time per such

@@ -65,9 +65,26 @@ class Problem:
         return {x.name: x.options[0] for x in self.layers}
 
     @property
+    def wide(self) -> bool:
+        """Whether layers may also take int16 (uint16 activations, NPU targets): each layer's int16
+        option widens its best INT8 option (`widened`)."""
+        return "int16" in self.space.precisions
+
+    def gentler(self, label: str) -> str:
+        """Where a layer goes when it is too sensitive for `label`: its int16 option when the space
+        has int16 and `label` is INT8, else float."""
+        return widened(label) if self.wide and label.startswith("int8/") else self.float_label
+
+    @property
     def mixable(self) -> bool:
         """Whether layers can be INT8 or float (else every layer is fixed to the one precision)."""
         return "int8" in self.space.precisions and "float" in self.space.precisions
+
+
+def widened(label: str) -> str:
+    """An INT8 option label as int16: the same calibration, granularity and recovery; int16 layers
+    keep int8 weights, so weight codes chosen against a CPU's saturation ('@int7') go."""
+    return "int16/" + label.partition("@")[0].split("/", 1)[1]
 
 
 @dataclass(frozen=True)

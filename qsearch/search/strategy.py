@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from qsearch.search import regions
-from qsearch.search.problem import Dimensions, FixDecision, Incumbent, LayerFacts, MeasureDrop, Problem
+from qsearch.search.problem import Dimensions, FixDecision, Incumbent, LayerFacts, MeasureDrop, Problem, widened
 
 
 def _first(x: LayerFacts, *wanted: str) -> str | None:
@@ -103,7 +103,8 @@ def build_dimensions(problem: Problem, fixed_int8: tuple[str, ...] = ()) -> Dime
         elif "float" not in space.precisions or x.name in fixed_int8:
             fixed[x.name] = options[0]
         else:
-            searched[x.name] = (*options, problem.float_label)
+            wide = (widened(options[0]),) if problem.wide else ()
+            searched[x.name] = (*options, *wide, problem.float_label)
     return Dimensions(fixed, searched)
 
 
@@ -135,6 +136,11 @@ def warm_start_plans(problem: Problem, dims: Dimensions, decision: FixDecision) 
     for k in (1, 2, 3, 5, 8):
         if k <= len(ranked):
             plans.append({**pays, **{n: fp for n in ranked[:k]}})
+    if problem.wide:  # int16 where float would go: all-INT8 with its noisiest layers widened, and all-int16
+        for k in (1, 2, 3, 5, 8):
+            if k <= len(ranked):
+                plans.append({**best, **{n: widened(best[n]) for n in ranked[:k]}})
+        plans.append({n: widened(lbl) for n, lbl in best.items()})
     return [dict(t) for t in dict.fromkeys(tuple(sorted(p.items())) for p in plans)]
 
 

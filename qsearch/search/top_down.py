@@ -1,6 +1,6 @@
 """Down from all-INT8: where the closed loop builds up from FP32, this walk starts from the fast
 end. When all-INT8 (every layer at its best option) misses the budget, the most sensitive layers
-go float first, their number found by bisection on the *measured* drop; then INT8 islands left
+go float first (int16 where the search space has it), their number found by bisection on the *measured* drop; then INT8 islands left
 between float layers (each pays a Q and a DQ it cannot fuse) go float too, measured once.
 
 It never reads single-layer savings: at batch 1 a layer alone in INT8 often measures slower (its
@@ -31,13 +31,12 @@ def top_down(problem: Problem, measure: MeasureDrop, start: Start) -> list[dict[
     all_int8 = start.decision.all_int8_drop
     if not problem.mixable or all_int8 is None or all_int8 <= problem.allowed or start.max_evals < 2:
         return []
-    fp = problem.float_label
     order = [x.name for x in sorted(problem.layers, key=lambda x: x.rank) if x.name not in start.fixed]
     best = {**problem.best, **start.fixed}
     left = start.max_evals
 
-    def plan(k: int) -> dict[str, str]:
-        return {**best, **dict.fromkeys(order[:k], fp)}
+    def plan(k: int) -> dict[str, str]:  # the k most sensitive float (int16 where the space has it)
+        return {**best, **{n: problem.gentler(best[n]) for n in order[:k]}}
 
     lo, hi = 0, len(order)  # lo: over budget (all-INT8, measured by the fixing step); hi: every free layer float
     found: int | None = None
@@ -51,8 +50,8 @@ def top_down(problem: Problem, measure: MeasureDrop, start: Start) -> list[dict[
     if found is None or left <= 0:
         return []
     chosen = plan(found)
-    int8 = {n for n, lbl in chosen.items() if lbl != fp}
+    int8 = {n for n, lbl in chosen.items() if lbl.startswith("int8/")}
     lonely = islands(problem, int8) - set(start.fixed)
     if lonely:  # border glue: an isolated INT8 layer pays two unfused Q/DQ
-        measure({**chosen, **dict.fromkeys(lonely, fp)})
+        measure({**chosen, **{n: problem.gentler(chosen[n]) for n in lonely}})
     return []
