@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from qsearch.cli import main
 from qsearch.errors import PlanError
@@ -184,7 +184,7 @@ def _problem(wide: bool) -> Problem:
     from qsearch.config import SearchSpace
 
     names = [f"l{i}" for i in range(6)]
-    layers = tuple(LayerFacts(n, (f"int8/minmax/per_channel@int7", "int8/mse/per_tensor"), 1.0, 0.1 * (6 - i), i)
+    layers = tuple(LayerFacts(n, ("int8/minmax/per_channel@int7", "int8/mse/per_tensor"), 1.0, 0.1 * (6 - i), i)
                    for i, n in enumerate(names))
     space = SearchSpace(precisions=("int8", "int16", "float") if wide else ("int8", "float"), min_searched=0)
     return Problem(layers, "fp16", 0.01, space, tuple(zip(names, names[1:])))
