@@ -16,10 +16,8 @@ import onnxruntime as ort
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.model.load import PreparedModel
-from qsearch.plan.build import quantized_tensors
 from qsearch.plan.format import LayerChoice, Plan
-from qsearch.plan.recovery import smoothed_layers
-from qsearch.plan.widths import activation_widths
+from qsearch.plan.widths import plan_widths
 from qsearch.replay import Recording, jackknife
 from qsearch.resolution import DropInterval, drop_interval
 from qsearch.scoring import model_size
@@ -185,12 +183,7 @@ def bitops(bench: Workbench, plan: Plan) -> float:
 def border_bitops(prepared: PreparedModel, plan: Plan) -> float:
     """GBOPs of the plan's int8/int16 conversions: elements of each converted tensor (its writer
     layer's output, else its reader's: shapes are per sample) x `CONVERT_BITS`. 0 without int16."""
-    choices = {la.name: plan.choice(la.name) for la in prepared.layers}
-    if not any(c.precision == "int16" for c in choices.values()):
-        return 0.0
-    smoothed = smoothed_layers(choices)
-    tensors, groups = quantized_tensors(prepared, {n for n, c in choices.items() if c.quantized}, plan.forms, smoothed)
-    widths = activation_widths(prepared, choices, tensors, groups, plan.forms, smoothed)
+    widths = plan_widths(prepared, plan)
     size = {la.quantized_output(plan.forms): la.output_bytes // 4 for la in prepared.layers}
     total = 0
     for t, readers in widths.converts.items():

@@ -22,6 +22,7 @@ from qsearch.limits import Stage
 from qsearch.plan.build import weight_copies
 from qsearch.plan.format import Plan
 from qsearch.plan.io import read_plan
+from qsearch.plan.widths import plan_widths
 from qsearch.progress import log, say
 from qsearch.report import html as htmlreport
 from qsearch.report.markdown import (
@@ -119,6 +120,13 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     int8 = {la.name for la in bench.candidates() if chosen.choice(la.name).quantized}
     metrics["fusion"] = {"int8_layers": len(int8), "int8_kernels": fusion.int8_kernels,
                          "unfused_qdq": fusion.unfused_qdq, "borders": search.problem.borders(int8)}
+    if chosen_row.bitops is not None:  # an analytic cost decided: the plan says what it costs
+        metrics["plan"]["gbops"] = chosen_row.bitops
+        metrics["fp32"]["gbops"] = fp32_row.bitops
+    wide = plan_widths(bench.prepared, chosen)
+    if wide.bits:  # int16 layers: how many, and the int8/int16 conversions they cost
+        metrics["fusion"]["int16_layers"] = sum(chosen.choice(n).precision == "int16" for n in int8)
+        metrics["fusion"]["int8_int16_conversions"] = wide.borders
     chosen = chosen.with_info(metrics, storage=search.storage).with_why(
         layer_reasons(chosen, profile, search.dims.fixed, bench.prepared.absorbed(chosen.forms)))
     chosen.write(res.path("plan.yaml"))  # (with its recovery sidecar)

@@ -7,7 +7,7 @@ _EXPORTS = {
     "sidecar": ("SIDECAR_KINDS", "SIDECAR_NAME", "Sidecar", "sidecar_name",),
     "io": ("read_plan", "plan_from_doc",),
     "build": ("allowed_granularities", "normalized", "inputs_of", "tensor_methods", "quantized_tensors", "build_plan", "weight_copies",),
-    "widths": ("Widths", "activation_widths",),
+    "widths": ("Widths", "activation_widths", "plan_widths",),
     "check": ("check_plan", "check_sidecar",),
     "recovery": ("smoothed_layers", "chosen_smoothing", "smoothing_arrays", "recovery_notes", "check_recovery",),
 }

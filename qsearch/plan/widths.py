@@ -11,8 +11,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from qsearch.model.load import PreparedModel
-from qsearch.plan.build import inputs_of
-from qsearch.plan.format import LayerChoice
+from qsearch.plan.build import inputs_of, quantized_tensors
+from qsearch.plan.format import LayerChoice, Plan
+from qsearch.plan.recovery import smoothed_layers
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,6 @@ class Widths:
     def borders(self) -> int:
         """Conversions the model runs: one per (tensor, width) read in a width it is not written in."""
         return sum(len({b for _, b in v}) for v in self.converts.values())
-
-    @property
-    def wide(self) -> bool:
-        return any(b == 16 for b in self.bits.values())
 
 
 def activation_widths(prepared: PreparedModel, choices: Mapping[str, LayerChoice], tensors: Collection[str],
@@ -65,3 +62,14 @@ def activation_widths(prepared: PreparedModel, choices: Mapping[str, LayerChoice
         if other:
             converts[t] = other
     return Widths(bits, converts)
+
+
+def plan_widths(prepared: PreparedModel, plan: Plan) -> Widths:
+    """The widths of a plan's quantized activations (its smoothed inputs aside: the rewriter adds
+    those tensors); empty for a plan without int16 layers (every width 8, nothing to convert)."""
+    choices = {la.name: plan.choice(la.name) for la in prepared.layers}
+    if not any(c.precision == "int16" for c in choices.values()):
+        return Widths()
+    smoothed = smoothed_layers(choices)
+    tensors, groups = quantized_tensors(prepared, {n for n, c in choices.items() if c.quantized}, plan.forms, smoothed)
+    return activation_widths(prepared, choices, tensors, groups, plan.forms, smoothed)
