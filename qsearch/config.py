@@ -14,6 +14,7 @@ from typing import Any
 
 from qsearch.calibration import GRANULARITIES, METHODS
 from qsearch.data import DataSpec
+from qsearch.engine import EXACT_TARGETS
 from qsearch.engine.isa import WEIGHT_CODES, safe_weights
 from qsearch.errors import ConfigError, as_kind
 from qsearch.files import LinedDict, check_keys, load_yaml, where
@@ -158,6 +159,12 @@ def load_workload(path: str | Path | None) -> Workload:
     engine = _engine(p, runtime)
     space = load_space(p, doc.get("search_space", "default"), base, "search_space", doc)
     _check_wide(p, doc, runtime, space, target, engine)
+    if target in EXACT_TARGETS and not hook and space.objective == "latency":
+        # this CPU's time, with Q/DQ unfused, says nothing about an NPU: without the device's own
+        # time (a latency hook) the cost is bit-operations
+        from dataclasses import replace
+
+        space = replace(space, objective="bitops")
     return Workload(
         path=p, name=str(doc.get("name", model.stem)), model=model, calibration=splits["calibration"],
         search=splits["search"], test=splits["test"], metric=metric, max_drop=max_drop, relative=relative,
