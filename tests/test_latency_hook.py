@@ -116,3 +116,27 @@ def test_a_bad_hook_is_one_line_naming_the_key_before_any_analysis(hook, said, t
     line = last_error(capsys)
     assert said in line and "runtime.latency" in line, line
     assert not (out / "sensitivity.yaml").exists()
+
+
+NPU_DELAY = '''
+        inits = {i.name: i.data_type for i in m.graph.initializer}
+        wide = {o for n in m.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[2]) == 4
+                for o in n.output}
+        delay = sum(0.001 if n.input[0] in wide else 0.006 for n in m.graph.node if n.op_type == "Conv")
+'''
+
+
+def test_an_npu_plan_follows_the_devices_latency_not_bit_operations(tmp_path):
+    """A planted NPU on which a Conv reading uint16 codes is fast and one reading uint8 codes (or
+    float) slow: with the hook, target npu searches on the device's time, and both Convs go int16,
+    which bit-operations alone (int16 costs twice INT8's) would never choose."""
+    cfg = write_workload(tmp_path / "w", make_cnn(opset=21), n=64, max_drop="0.1",
+                         extra="target: npu\nsearch_space: {extends: npu}\n")
+    start = HOOK.index("        delay = 0.0")
+    end = HOOK.index("        sessions[model_path] =")
+    (cfg.parent / "planted_hook.py").write_text(HOOK[:start] + NPU_DELAY.lstrip("\n") + HOOK[end:])
+    cfg.write_text(cfg.read_text() + 'runtime: {latency: "planted_hook:measure"}\n')
+    r = qsearch.optimize(cfg, budget=12, out=tmp_path / "out")
+    assert r.status == 0
+    assert {n for n, c in r.plan.layers.items() if c.precision == "int16"} >= {"conv_a", "conv_b"}, r.plan.layers
+    assert r.speedup > 2  # the planted device: ~12 ms for the float Convs, ~2 ms for int16 ones
