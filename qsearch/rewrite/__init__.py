@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, version_converter
+from onnx import helper, numpy_helper
 
 from qsearch.errors import PlanError, QsearchError
 from qsearch.model.load import Layer, PreparedModel
@@ -32,6 +32,7 @@ from qsearch.recovery.equalization import Pair, bias_delta, bias_slot, equalized
 from qsearch.recovery.smoothing import Group, find_groups, fold_target, scaled_weight
 from qsearch.recovery.techniques import uses, weight_transforms
 from qsearch.rewrite.graph import EditGraph
+from qsearch.rewrite.opset import at_opset
 
 # Bumped whenever the QDQ layouts the rewriter writes change: a study's trials were scored on the
 # models of one layout, so it is part of the study key.
@@ -161,21 +162,9 @@ class Rewriter:
         return model
 
     def opset21(self) -> onnx.ModelProto:
-        """The prepared graph at opset 21, whose QuantizeLinear takes uint16 (int16 layers); converted
-        once. Node and tensor names stay, so the plan's layers and ranges still name them."""
+        """The prepared graph at opset 21, whose Q/DQ take uint16 (int16 layers); converted once."""
         if self._wide is None:
-            proto = self.prepared.proto
-            version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-            try:
-                self._wide = proto if version >= 21 else version_converter.convert_version(proto, 21)
-            except Exception as exc:  # the converter raises bare RuntimeErrors on ops it cannot adapt
-                raise QsearchError(f"model '{self.prepared.name}': int16 layers need opset 21 (uint16 Q/DQ), and "
-                                   f"converting opset {version} failed: {str(exc).splitlines()[0][:200]}") from None
-            names = {n.name for n in self._wide.graph.node}
-            lost = [n for la in self.prepared.layers for n in la.nodes if n not in names]
-            if lost:
-                raise QsearchError(f"model '{self.prepared.name}': converting it to opset 21 (for int16 layers) "
-                                   f"renamed node '{lost[0]}'")
+            self._wide = at_opset(self.prepared, 21)
         return self._wide
 
     def _smooth(self, g: EditGraph, plan: Plan, smoothed: set[str], weights: dict[str, np.ndarray],
