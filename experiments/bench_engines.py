@@ -47,6 +47,7 @@ def optimize(cfg: Path, out: Path, budget: int) -> float:
     r = subprocess.run([sys.executable, "-m", "qsearch", "optimize", "--config", str(cfg), "--budget", str(budget),
                         "--out", str(out)], capture_output=True, text=True)
     (out / "stderr.log").write_text(r.stderr)
+    (out / "stdout.log").write_text(r.stdout)
     if r.returncode not in (0, 1):
         raise SystemExit(f"optimize on {cfg} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1]}")
     return time.perf_counter() - t

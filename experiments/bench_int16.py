@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_engines import optimize  # noqa: E402  (runs `qsearch optimize`, keeps its logs)
+
 SPACES = {"int8/int16/fp16": "npu", "int8/fp16": "{extends: npu, precision: [int8, float]}"}
 
 
@@ -32,17 +33,6 @@ def config(workload: str, name: str, space: str) -> Path:
     out = src.parent / f"workload-npu-{name.replace('/', '-')}.yaml"
     out.write_text(text + f"target: npu\nsearch_space: {space}\n")
     return out
-
-
-def optimize(cfg: Path, out: Path, budget: int) -> float:
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "qsearch", "optimize", "--config", str(cfg), "--budget", str(budget),
-                        "--out", str(out)], capture_output=True, text=True)
-    (out / "stderr.log").write_text(r.stderr)
-    (out / "stdout.log").write_text(r.stdout)
-    if r.returncode not in (0, 1):
-        raise SystemExit(f"optimize on {cfg} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1]}")
-    return time.perf_counter() - t
 
 
 def row(bench, evaluator, name: str, plan, seconds: float | None = None, evals: str = "") -> str:
