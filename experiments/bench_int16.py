@@ -22,16 +22,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_engines import optimize  # noqa: E402  (runs `qsearch optimize`, keeps its logs)
 
-SPACES = {"int8/int16/fp16": "npu", "int8/fp16": "{extends: npu, precision: [int8, float]}"}
+SPACES = {"int8/int16/fp16": "[int8, int16, float]", "int8/fp16": "[int8, float]"}
 
 
-def config(workload: str, name: str, space: str) -> Path:
-    """The workload's config as built, retargeted to `npu` with the given search space."""
+def config(workload: str, name: str, precision: str) -> Path:
+    """The workload's config as built, retargeted to `npu`: its own search space (the shipped `npu`
+    space's settings on the workload's candidates: a transformer's MatMuls, a CNN's layers) with
+    these precisions and int8 weight codes."""
     src = Path(importlib.import_module(f"qsearch.examples.{workload}").build())
     text = re.sub(r"^target:.*\n", "", src.read_text(), flags=re.M)
+    m = re.search(r"^search_space: *(\w+) *$", text, flags=re.M)
+    base = m.group(1) if m else "default"
     text = re.sub(r"^search_space:.*\n(?:[ \t]+.*\n)*", "", text, flags=re.M)
     out = src.parent / f"workload-npu-{name.replace('/', '-')}.yaml"
-    out.write_text(text + f"target: npu\nsearch_space: {space}\n")
+    out.write_text(text + f"target: npu\nsearch_space: {{extends: {base}, precision: {precision}, weights: [int8]}}\n")
     return out
 
 
@@ -85,8 +89,9 @@ def main() -> None:
         "int16 | FP16 | evaluations | minutes |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         row(bench, ev, "FP16 everywhere", bench.plan({})),
-        row(bench, ev, "all-INT8 (MinMax)", bench.plan({la.name: "int8/minmax/per_channel" for la in cands})),
-        row(bench, ev, "all-int16 (MinMax)", bench.plan({la.name: "int16/minmax/per_channel" for la in cands})),
+        row(bench, ev, "all-INT8 (MinMax, per-channel)", bench.plan({la.name: "int8/minmax/per_channel" for la in cands})),
+        row(bench, ev, "all-int16 (MinMax, per-channel)", bench.plan({la.name: "int16/minmax/per_channel"
+                                                                       for la in cands})),
     ]
     for name, (_, out, seconds) in runs.items():
         log = (out / "stdout.log").read_text() + (out / "stderr.log").read_text()

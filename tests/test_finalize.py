@@ -135,3 +135,33 @@ def test_a_plan_over_budget_on_test_gets_the_fastest_plan_within_on_both_splits_
         f"{ALTERNATIVE}.")
     assert "no other plan" in test_miss(rows[0], rows[3], 0.005, None)
     assert test_miss(rows[0], rows[5], 0.005, None) == ""  # within on test: nothing to add
+
+
+def test_an_analytic_cost_ships_the_cheapest_plan_clear_of_the_budget():
+    """Bit-operations decide for NPU targets: the cheapest plan within budget whose drop is clear
+    of it by what the split resolves; intervals are computed cheapest first, only as needed."""
+    from qsearch.choice import cheapest_clear
+
+    def b(name, search, gbops, resolution):
+        return dataclasses.replace(row(name, search, 1.0, resolution=None), bitops=gbops), resolution
+
+    planted = [b("float", 0.90, 80.0, 0.001), b("naive", 0.80, 20.0, 0.001), b("edge", 0.8955, 25.0, 0.002),
+               b("clear", 0.899, 30.0, 0.002), b("clear, dearer", 0.8995, 40.0, 0.002)]
+    rows = [r for r, _ in planted]
+    asked = []
+
+    def interval(k):
+        asked.append(k)
+        return dataclasses.replace(rows[k], resolution=planted[k][1])
+
+    i, checked = cheapest_clear(rows, 0.005, "bitops", interval)
+    # naive is over budget; "edge" (drop 0.0045) is within it but not clear (0.0045 + 0.002 > 0.005)
+    assert i == 3 and checked == {2, 3} and asked == [2, 3]
+    # none clear: the cheapest within budget ships (the verdict says the split cannot tell)
+    rows = [dataclasses.replace(r, resolution=None) for r, _ in planted]
+    i, _ = cheapest_clear(rows, 0.005, "bitops", lambda k: dataclasses.replace(rows[k], resolution=0.01))
+    assert i == 2
+    # the size objective reads bytes, not bit-operations: the row with more GBOPs but fewer bytes ships
+    sized = [rows[0], dataclasses.replace(rows[3], size_bytes=500), dataclasses.replace(rows[4], size_bytes=300)]
+    assert cheapest_clear(sized, 0.005, "size", lambda k: dataclasses.replace(sized[k], resolution=0.0))[0] == 2
+    assert cheapest_clear(sized, 0.005, "bitops", lambda k: dataclasses.replace(sized[k], resolution=0.0))[0] == 1
