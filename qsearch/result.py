@@ -56,8 +56,9 @@ def _analysis_cost(profile: SensitivityProfile, seconds: float, total_s: float) 
     options = sum(len(x.proxy_sqnr) for x in profile.layers)
     return (f"Analysis: {seconds / layers:.2f}s and {profile.meta.get('evaluations', 0) / layers:.2f} evaluations "
             f"per layer, {options} options probed ({options / layers:.1f} per layer, recovery variants included) "
-            f"in {profile.meta.get('proxy_passes', 0)} proxy passes ({seconds / max(options, 1) * 1e3:.0f} ms per "
-            f"option); {seconds / max(total_s, 1e-9):.0%} of the run."
+            f"in {profile.meta.get('proxy_passes', 0)} proxy passes"
+            + (f" on {profile.meta['proxy_samples']} samples" if "proxy_samples" in profile.meta else "")
+            + f" ({seconds / max(options, 1) * 1e3:.0f} ms per option); {seconds / max(total_s, 1e-9):.0%} of the run."
             + (f" The screen ran on {profile.meta['screen_samples']} samples per layer (at most half of what the "
                "search's trials cost)." if "screen_samples" in profile.meta else ""))
 

@@ -142,3 +142,21 @@ def test_the_screen_spends_a_share_of_the_search_and_still_finds_the_outlier(tmp
     assert profile.meta["screen_samples"] == MIN_METRIC_SAMPLES
     assert {x.name for x in profile.layers[:2]} == {"conv_b", "add_res"}  # the outlier, found on 32 of 128 samples
     assert "screen_samples" not in analyze(ctx, cache_dir=tmp_path / "cache").meta  # no spend given: all samples
+
+
+def test_the_proxy_reads_as_many_input_values_as_it_needs_not_more():
+    """A layer's output SQNR is a statistic over its values: large pages reach the proxy's count in
+    fewer samples; small inputs keep every sample of the screen's subset; never under the floor."""
+    import numpy as np
+
+    from qsearch.analysis.screen import MIN_SAMPLES, PROXY_ELEMENTS, proxy_samples
+    from qsearch.data import Dataset
+
+    def ds(n, shape, per_batch=1):
+        batches = tuple({"x": np.zeros((per_batch, *shape), np.float32)} for _ in range(n // per_batch))
+        return Dataset("search", batches, (None,) * len(batches), n, "planted")
+
+    assert proxy_samples(ds(48, (3, 800, 608))) == -(-PROXY_ELEMENTS // (3 * 800 * 608)) == 11
+    assert proxy_samples(ds(64, (3, 48, 320), per_batch=8)) == 64  # 2.9M values in all: every sample
+    assert proxy_samples(ds(64, (3, 256, 256))) == 64  # 81 would reach the count: the subset holds 64
+    assert proxy_samples(ds(16, (3, 4000, 4000))) == MIN_SAMPLES

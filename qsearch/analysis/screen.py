@@ -18,6 +18,15 @@ SCREEN_SAMPLES = 64  # enough to rank layers by output noise, cheap for 100 laye
 SEARCH_SHARE = 0.5  # `optimize`: the screen may cost at most half of the search's trial evaluations
 MIN_SAMPLES = 8  # the fewest a screen runs: output noise over whole feature maps still ranks layers
 MIN_METRIC_SAMPLES = 32  # ... where a built-in metric's drop is read from the same outputs
+PROXY_ELEMENTS = 16_000_000  # input values the proxy reads: 81 pages of 3x256x256, 11 of 3x800x608
+
+
+def proxy_samples(dataset: data.Dataset) -> int:
+    """Samples the proxy's passes run on: a layer's output SQNR is a statistic over its values, so
+    a model with large inputs reaches the same count in fewer samples (a 800x608 page holds as many
+    as 30 text lines of 48x320); never fewer than MIN_SAMPLES nor more than the screen's subset."""
+    per_sample = sum(int(np.prod(v.shape[1:])) for v in dataset.batches[0].values()) if dataset.batches else 1
+    return int(min(dataset.samples, max(MIN_SAMPLES, -(-PROXY_ELEMENTS // max(per_sample, 1)))))
 
 
 def samples_within(spend: float, layers: int, have: int, metric: bool) -> int:

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from qsearch import data
 from qsearch.analysis.proxy import rank_options
-from qsearch.analysis.screen import Screen, run_jobs, samples_within
+from qsearch.analysis.screen import Screen, proxy_samples, run_jobs, samples_within
 from qsearch.calibration import RANGES_VERSION
 from qsearch.engine.base import profiles_nodes
 from qsearch.files import atomic_write_text, save_figure
@@ -198,7 +199,10 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
     bench = bench.with_forms(forms)  # every later model is built in the measured forms
     layers = bench.candidates()  # a fused pattern's gate layers follow it: nothing to analyse on their own
     screen = Screen(bench, samples)
-    proxies, best, passes = rank_options(bench, layers, screen.data, queue, progress)
+    n_proxy = proxy_samples(screen.data)
+    proxy_data = screen.data if n_proxy >= screen.data.samples else \
+        data.rechunked(screen.data.head(n_proxy), bench.run_samples)
+    proxies, best, passes = rank_options(bench, layers, proxy_data, queue, progress)
     timing = _attribute(bench, layers, best, queue, progress)
     fp32_ms, int8_ms = timing[4], timing[5]
     # fidelity screen, where a decision needs it: each layer whose INT8 form pays, alone at its
@@ -224,7 +228,8 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
         evaluations += len(rev)
         for la, (noise, _) in zip(layers, rev[1:]):
             restore[la.name] = float(rev[0][0] - noise)  # output noise removed by keeping this layer float
-    meta = {"evaluations": evaluations, "proxy_passes": passes, "screened": len(jobs), "workers": workers,
+    meta = {"evaluations": evaluations, "proxy_passes": passes, "proxy_samples": proxy_data.samples,
+            "screened": len(jobs), "workers": workers,
             **({"form_ms": form_ms} if form_ms else {}), **({"region_calls": timing[6]} if len(timing) > 6 else {}),
             **({"screen_samples": n} if fewer is not screen else {})}
     profile = _assemble(bench, layers, proxies, best, measured, restore, timing[:6], meta, screen.data.samples, forms,
