@@ -256,3 +256,16 @@ def test_optimize_for_an_npu_ships_the_cheapest_plan_within_budget_in_bit_operat
     if any(c.precision == "int16" for c in res.plan.layers.values()):  # its model is the QNN-style layout
         model = onnx.load(tmp_path / "out" / "model.qsearch.onnx")
         assert _qdq(model)["opset"] == 21
+
+
+def test_show_and_diff_count_int16_layers_apart(npu_bench):
+    from qsearch.report.review import diff, diff_text, show_text
+
+    bench, _ = npu_bench
+    mixed, all16 = bench.plan(MIXED), bench.plan(ALL16)
+    assert "5 layers listed: 2 INT8, 3 int16, 0 float" in show_text(mixed)
+    d = diff(mixed, all16)
+    assert {(c.layer, c.before, c.after) for c in d.layers if c.option_changed} == {
+        ("conv_b", "int8/minmax/per_channel", "int16/minmax/per_channel"),
+        ("add_res", "int8/minmax/per_tensor", "int16/minmax/per_tensor")}
+    assert "2 layer(s) changed option (0 to INT8, 2 to int16, 0 to float, 0 option changes" in diff_text(d)

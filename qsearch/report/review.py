@@ -102,11 +102,16 @@ def diff_text(d: PlanDiff, where: tuple[str, str] = ("A", "B")) -> str:
     lines = [f"--- {where[0]}", f"+++ {where[1]}"]
     lines += [f"{k}: {x} -> {y}" for k, x, y in d.header]
     moved = [c for c in d.layers if c.option_changed]
-    to_float = sum(not c.after.startswith("int8") for c in moved if c.before.startswith("int8"))
-    to_int8 = sum(c.after.startswith("int8") for c in moved if not c.before.startswith("int8"))
-    lines.append(f"{len(moved)} layer(s) changed option ({to_int8} to INT8, {to_float} to float, "
-                 f"{len(moved) - to_int8 - to_float} INT8 option changes); "
-                 f"{sum(bool(c.ranges) for c in d.layers)} INT8 layer(s) with other ranges")
+
+    def width(label: str) -> str:  # int8, int16 or float
+        return label.split("/")[0] if label.startswith(("int8/", "int16/")) else "float"
+
+    counts = {w: sum(width(c.after) == w for c in moved if width(c.before) != w) for w in ("int8", "int16", "float")}
+    same = len(moved) - sum(counts.values())
+    lines.append(f"{len(moved)} layer(s) changed option ({counts['int8']} to INT8, "
+                 + (f"{counts['int16']} to int16, " if counts["int16"] else "")
+                 + f"{counts['float']} to float, {same} option changes at the same precision); "
+                 f"{sum(bool(c.ranges) for c in d.layers)} quantized layer(s) with other ranges")
     rows = [("layer", "name", "before", "after", "ranges")]
     for c in d.layers:
         rng = "; ".join(f"{t} {_fmt_range(x)} -> {_fmt_range(y)}" for t, x, y in c.ranges)
@@ -118,8 +123,10 @@ def show_text(plan: Plan, why_width: int = 70) -> str:
     """The plan as a reviewer reads it: header, then one row per layer in graph order."""
     lines = [f"plan for '{plan.model_name}' ({plan.fingerprint}{', ' + plan.model_file if plan.model_file else ''}), "
              f"target {plan.target}"]
-    n8 = sum(c.quantized for c in plan.layers.values())
-    lines.append(f"{len(plan.layers)} layers listed: {n8} INT8, {len(plan.layers) - n8} float"
+    n8 = sum(c.precision == "int8" for c in plan.layers.values())
+    n16 = sum(c.precision == "int16" for c in plan.layers.values())
+    lines.append(f"{len(plan.layers)} layers listed: {n8} INT8, " + (f"{n16} int16, " if n16 else "")
+                 + f"{len(plan.layers) - n8 - n16} float"
                  + ("" if plan.defaults is None else f"; layers not listed: {plan.defaults.label()}"))
     figures = plan.figures.text()
     if figures:
