@@ -98,8 +98,10 @@ def _num(v: float | None, fmt: str) -> tuple[str, str]:
 
 
 def comparison_table(rows: Sequence[Row], metric: str, fp32_latency: float, fp32_size: int) -> str:
+    bops = any(r.bitops is not None for r in rows)  # an analytic objective: GBOPs decided
     out = ["<table id='plans'><tr><th>plan</th><th>search drop</th><th>test drop</th><th>latency ms</th>"
-           "<th>speed-up</th><th>size</th><th>INT8 layers</th><th>evaluations</th></tr>"]
+           "<th>speed-up</th><th>size</th>" + ("<th>GBOPs</th>" if bops else "")
+           + "<th>quantized layers</th><th>evaluations</th></tr>"]
     fp = rows[0]
     for k, r in enumerate(rows):
         test = "over budget: not scored" if r.test_score != r.test_score else fmt_drop(fp.test_score - r.test_score)
@@ -109,7 +111,8 @@ def comparison_table(rows: Sequence[Row], metric: str, fp32_latency: float, fp32
         out.append(f"<tr class='{'chosen' if k == len(rows) - 1 else ''}'><td>{html.escape(r.name)}</td>"
                    f"<td>{fmt_drop(fp.search_score - r.search_score)}</td><td>{test}</td>"
                    f"<td>{r.latency_ms:.3g} ±{r.latency_spread:.0%}{badge}</td><td>{fp32_latency / r.latency_ms:.2f}x</td>"
-                   f"<td>{r.size_bytes / fp32_size:.2f}x</td><td>{r.int8_layers}</td>"
+                   f"<td>{r.size_bytes / fp32_size:.2f}x</td>" + (f"<td>{r.bitops:.4g}</td>" if bops else "")
+                   + f"<td>{r.int8_layers}</td>"
                    f"<td>{'' if r.evaluations is None else r.evaluations}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
