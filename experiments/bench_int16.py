@@ -25,7 +25,7 @@ from bench_engines import optimize  # noqa: E402  (runs `qsearch optimize`, keep
 SPACES = {"int8/int16/fp16": "[int8, int16, float]", "int8/fp16": "[int8, float]"}
 
 
-def config(workload: str, name: str, precision: str) -> Path:
+def config(workload: str, name: str, precision: str, max_drop: str | None = None) -> Path:
     """The workload's config as built, retargeted to `npu`: its own search space (the shipped `npu`
     space's settings on the workload's candidates: a transformer's MatMuls, a CNN's layers) with
     these precisions and int8 weight codes."""
@@ -34,7 +34,9 @@ def config(workload: str, name: str, precision: str) -> Path:
     m = re.search(r"^search_space: *(\w+) *$", text, flags=re.M)
     base = m.group(1) if m else "default"
     text = re.sub(r"^search_space:.*\n(?:[ \t]+.*\n)*", "", text, flags=re.M)
-    out = src.parent / f"workload-npu-{name.replace('/', '-')}.yaml"
+    if max_drop is not None:
+        text = re.sub(r"^max_drop:.*$", f"max_drop: {max_drop}", text, flags=re.M)
+    out = src.parent / f"workload-npu-{name.replace('/', '-')}{'-' + max_drop if max_drop else ''}.yaml"
     out.write_text(text + f"target: npu\nsearch_space: {{extends: {base}, precision: {precision}, weights: [int8]}}\n")
     return out
 
@@ -56,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", required=True)
     ap.add_argument("--budget", type=int, default=30)
+    ap.add_argument("--max-drop", help="the workload's budget replaced (e.g. 0.001)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/qsearch-bench-int16"))
     args = ap.parse_args()
     from qsearch.config import load_workload
@@ -66,18 +69,20 @@ def main() -> None:
 
     runs = {}
     for name, space in SPACES.items():
-        cfg = config(args.workload, name, space)
-        out = args.out / args.workload / name.replace("/", "-")
+        cfg = config(args.workload, name, space, args.max_drop)
+        out = args.out / f"{args.workload}{args.max_drop or ''}" / name.replace("/", "-")
         out.mkdir(parents=True, exist_ok=True)
         runs[name] = (cfg, out, optimize(cfg, out, args.budget))
     cfg = runs["int8/int16/fp16"][0]
-    bench = open_workbench(load_workload(cfg), cache_dir=args.out / args.workload / "cache", log=lambda *a: None)
+    bench = open_workbench(load_workload(cfg), cache_dir=args.out / f"{args.workload}{args.max_drop or ''}" / "cache",
+                           log=lambda *a: None)
     ev = Evaluator(bench)
     cands = bench.candidates()
     lines = [
         f"# int16 on an NPU target: {args.workload}",
         "",
-        f"{date.today()}, `python experiments/bench_int16.py --workload {args.workload} --budget {args.budget}`. "
+        f"{date.today()}, `python experiments/bench_int16.py --workload {args.workload} --budget {args.budget}"
+        + (f" --max-drop {args.max_drop}" if args.max_drop else "") + "`. "
         f"Machine: {isa.detect().describe()}; ONNX Runtime with Q/DQ unfused (target npu scores the QDQ graph as "
         "written). Budget: drop <= "
         f"{bench.allowed_drop():g} ({bench.workload.metric.name}). Cost: GBOPs per sample, MACs x weight bits x "
@@ -99,7 +104,8 @@ def main() -> None:
         plan = read_plan(out / "plan.yaml")
         lines.append(row(bench, ev, f"qsearch, {name}", plan, seconds, m.group(1) if m else ""))
     lines.append("")
-    (HERE / f"int16_{args.workload}.md").write_text("\n".join(lines) + "\n")
+    suffix = f"_budget_{args.max_drop}" if args.max_drop else ""
+    (HERE / f"int16_{args.workload}{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
