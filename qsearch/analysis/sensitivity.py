@@ -295,8 +295,8 @@ def _assemble(bench: Workbench, layers, proxies, best, measured, restore, timing
     rho = spearman([-x.proxy_sqnr[x.best_option] for x in result if x.screened],
                    [x.noise for x in result if x.screened])
     form_ms, calls, fewer = meta.pop("form_ms", None), meta.pop("region_calls", None), meta.pop("screen_samples", None)
-    meta = {"evaluations": meta["evaluations"], "proxy_passes": meta["proxy_passes"], "screened": meta["screened"],
-            "noise_per_layer_noise": gain, "profiled_models": 2 if calls is None else calls, "workers": meta["workers"],
+    meta = {"evaluations": meta["evaluations"], "proxy_passes": meta["proxy_passes"],
+            "proxy_samples": meta["proxy_samples"], "screened": meta["screened"], "noise_per_layer_noise": gain, "profiled_models": 2 if calls is None else calls, "workers": meta["workers"],
             **({"region_calls": calls} if calls is not None else {}),
             **({"screen_samples": fewer} if fewer is not None else {}),
             "fp32_ms": round(fp32_total, 4), "int8_ms": round(int8_total, 4),
