@@ -184,7 +184,7 @@ def _problem(wide: bool) -> Problem:
     from qsearch.config import SearchSpace
 
     names = [f"l{i}" for i in range(6)]
-    layers = tuple(LayerFacts(n, ("int8/minmax/per_channel@int7", "int8/mse/per_tensor"), 1.0, 0.1 * (6 - i), i)
+    layers = tuple(LayerFacts(n, ("int8/mse/per_channel@int7", "int8/minmax/per_tensor"), 1.0, 0.1 * (6 - i), i)
                    for i, n in enumerate(names))
     space = SearchSpace(precisions=("int8", "int16", "float") if wide else ("int8", "float"), min_searched=0)
     return Problem(layers, "fp16", 0.01, space, tuple(zip(names, names[1:])))
@@ -192,15 +192,16 @@ def _problem(wide: bool) -> Problem:
 
 def test_the_search_offers_each_layer_its_best_int8_option_widened():
     assert widened("int8/minmax/per_channel/bias@int7") == "int16/minmax/per_channel/bias"
+    assert widened("int8/percentile/per_tensor") == "int16/minmax/per_tensor"  # 65536 steps: nothing to clip for
     dims = build_dimensions(_problem(True))
-    assert dims.searched["l0"] == ("int8/minmax/per_channel@int7", "int8/mse/per_tensor", "int16/minmax/per_channel",
+    assert dims.searched["l0"] == ("int8/mse/per_channel@int7", "int8/minmax/per_tensor", "int16/minmax/per_channel",
                                    "fp16")
     assert "int16/minmax/per_channel" not in build_dimensions(_problem(False)).searched["l0"]
     from qsearch.search.problem import FixDecision
 
     plans = warm_start_plans(_problem(True), dims, FixDecision((), None, 0.05, 1))
     assert {n: "int16/minmax/per_channel" for n in dims.searched} in plans  # all-int16
-    assert {**{n: "int8/minmax/per_channel@int7" for n in dims.searched}, "l0": "int16/minmax/per_channel"} in plans
+    assert {**{n: "int8/mse/per_channel@int7" for n in dims.searched}, "l0": "int16/minmax/per_channel"} in plans
 
 
 def test_walking_down_from_all_int8_widens_the_sensitive_layers_to_int16_before_float():
