@@ -119,6 +119,8 @@ def warm_start_plans(problem: Problem, dims: Dimensions, decision: FixDecision) 
     facts = {n: problem.facts(n) for n in searched}
     pays = {n: best[n] if facts[n].saving > 0 else fp for n in searched}
     plans = [pays, best]
+    if problem.wide:  # the accurate quantized end: every searched layer int16
+        plans.append({n: widened(lbl) for n, lbl in best.items()})
     int8_fixed = [n for n, lbl in dims.fixed.items() if lbl != fp]
     fixed_noise = sum(problem.facts(n).noise for n in int8_fixed)
     total = sum(x.noise for x in problem.layers)
@@ -136,11 +138,10 @@ def warm_start_plans(problem: Problem, dims: Dimensions, decision: FixDecision) 
     for k in (1, 2, 3, 5, 8):
         if k <= len(ranked):
             plans.append({**pays, **{n: fp for n in ranked[:k]}})
-    if problem.wide:  # int16 where float would go: all-INT8 with its noisiest layers widened, and all-int16
+    if problem.wide:  # int16 where float would go: all-INT8 with its noisiest layers widened
         for k in (1, 2, 3, 5, 8):
             if k <= len(ranked):
                 plans.append({**best, **{n: widened(best[n]) for n in ranked[:k]}})
-        plans.append({n: widened(lbl) for n, lbl in best.items()})
     return [dict(t) for t in dict.fromkeys(tuple(sorted(p.items())) for p in plans)]
 
 
