@@ -144,6 +144,23 @@ def show_plan(plan: Plan | str, model_path: str | None = None) -> str:
     return show_text(plan)
 
 
+def _check_wide_model(model, model_path: str, bench) -> None:
+    """A model with 16-bit Q/DQ (an NPU plan's int16 layers) is scored as written only by ONNX
+    Runtime: refused on another engine; on a CPU target its int8 layers run this CPU's kernels (said)."""
+    from onnx import TensorProto
+
+    wide = {i.name for i in model.graph.initializer if i.data_type in (TensorProto.UINT16, TensorProto.INT16)}
+    if not any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in wide for n in model.graph.node):
+        return
+    if bench.workload.engine != "onnxruntime":
+        raise QsearchError(f"{model_path}: it has 16-bit Q/DQ (int16 layers), which runtime.engine "
+                           f"{bench.workload.engine} does not compute as written; score it with onnxruntime "
+                           f"({bench.workload.path})")
+    if bench.workload.target != "npu":
+        log(f"{model_path}: it has 16-bit Q/DQ (int16 layers, an NPU plan); target {bench.workload.target} scores its "
+            "int8 layers on this CPU's int8 kernels, target npu as the Q/DQ graph says")
+
+
 def run_evaluate(model_path: str, config: str | None, out: Path, *, eval_timeout=None,
                  engine: Engine | None = None) -> EvaluationResult:
     check_eval_timeout(eval_timeout)
@@ -166,6 +183,7 @@ def run_evaluate(model_path: str, config: str | None, out: Path, *, eval_timeout
     if warning:
         log(warning)
     check_engine(props.get(ENGINE_KEY), model_path)
+    _check_wide_model(model, model_path, bench)
     if props.get(ENGINE_KEY, "onnxruntime") != bench.workload.engine:
         log(f"{model_path}: its plan was searched on {props.get(ENGINE_KEY, 'onnxruntime')}; scored and timed here on "
             f"{bench.workload.engine} (runtime.engine in {bench.workload.path})")

@@ -270,3 +270,16 @@ def test_show_and_diff_count_int16_layers_apart(npu_bench):
         ("conv_b", "int8/minmax/per_channel", "int16/minmax/per_channel"),
         ("add_res", "int8/minmax/per_tensor", "int16/minmax/per_tensor")}
     assert "2 layer(s) changed option (0 to INT8, 2 to int16, 0 to float, 0 option changes" in diff_text(d)
+
+
+def test_evaluating_an_int16_model_on_openvino_is_one_line(npu_bench, tmp_path, capsys):
+    from qsearch.engine import installed
+
+    if not installed("openvino"):
+        pytest.skip("the openvino wheel is not installed (extra: openvino)")
+    bench, _ = npu_bench
+    model = tmp_path / "m.onnx"
+    onnx.save(bench.rewriter(bench.plan(MIXED)), model)
+    cfg = write_workload(tmp_path / "w", make_cnn(opset=21), n=32, extra="target: npu\nruntime: {engine: openvino}\n")
+    assert main(["evaluate", str(model), "--config", str(cfg), "--out", str(tmp_path / "eval")]) == 2
+    assert "16-bit Q/DQ (int16 layers), which runtime.engine openvino does not compute as written" in last_error(capsys)
