@@ -18,7 +18,7 @@ from qsearch.evaluator import CONVERT_BITS, bitops
 from qsearch.plan.build import quantized_tensors
 from qsearch.plan.format import LayerChoice, Plan
 from qsearch.plan.widths import activation_widths
-from qsearch.search.problem import LayerFacts, Problem, Start, widened
+from qsearch.search.problem import LayerFacts, Problem, Start
 from qsearch.search.strategy import build_dimensions, warm_start_plans
 from qsearch.search.top_down import top_down
 from tests.conftest import last_error, make_cnn, open_bench, write_workload
@@ -190,9 +190,12 @@ def _problem(wide: bool) -> Problem:
     return Problem(layers, "fp16", 0.01, space, tuple(zip(names, names[1:])))
 
 
-def test_the_search_offers_each_layer_its_best_int8_option_widened():
-    assert widened("int8/minmax/per_channel/bias@int7") == "int16/minmax/per_channel/bias"
-    assert widened("int8/percentile/per_tensor") == "int16/minmax/per_tensor"  # 65536 steps: nothing to clip for
+def test_the_search_offers_each_layer_an_int16_option():
+    # MinMax (65536 steps: nothing worth clipping for), per-channel where the layer has it, bias
+    # correction kept, smoothing dropped (it moves range into the int8 weights), no weight codes
+    planted = Problem((LayerFacts("a", ("int8/percentile/per_tensor", "int8/mse/per_channel/smooth+bias@int7"), 1, 0),
+                       LayerFacts("b", ("int8/entropy/per_tensor/bias",), 1, 0)), "fp16", 0.01, _problem(True).space)
+    assert planted.int16("a") == "int16/minmax/per_channel" and planted.int16("b") == "int16/minmax/per_tensor/bias"
     dims = build_dimensions(_problem(True))
     assert dims.searched["l0"] == ("int8/mse/per_channel@int7", "int8/minmax/per_tensor", "int16/minmax/per_channel",
                                    "fp16")

@@ -66,28 +66,31 @@ class Problem:
 
     @property
     def wide(self) -> bool:
-        """Whether layers may also take int16 (uint16 activations, NPU targets): each layer's int16
-        option widens its best INT8 option (`widened`)."""
+        """Whether layers may also take int16 (uint16 activations, NPU targets; `int16`)."""
         return "int16" in self.space.precisions
 
-    def gentler(self, label: str) -> str:
+    def int16(self, name: str) -> str:
+        """A layer's int16 option: MinMax ranges, per-channel weights where the layer has them, and
+        of its best option's recovery only bias correction. With 65536 steps a range's rounding
+        error is negligible: clipping is all a percentile, entropy or MSE range adds, and smoothing
+        only moves range into the int8 weights (MiniLM's MatMuls all int16, MinMax per-channel:
+        drop 0.0003; with percentile ranges 0.12; with their best INT8 options' smoothing 0.0016)."""
+        options = self.facts(name).options
+        granularity = "per_channel" if any(o.split("/")[2].startswith("per_channel") for o in options) \
+            else "per_tensor"
+        best = options[0].partition("@")[0].split("/")  # int8 / method / granularity [/ recovery]
+        bias = len(best) > 3 and "bias" in best[3].split("+")
+        return f"int16/minmax/{granularity}" + ("/bias" if bias else "")
+
+    def gentler(self, name: str, label: str) -> str:
         """Where a layer goes when it is too sensitive for `label`: its int16 option when the space
         has int16 and `label` is INT8, else float."""
-        return widened(label) if self.wide and label.startswith("int8/") else self.float_label
+        return self.int16(name) if self.wide and label.startswith("int8/") else self.float_label
 
     @property
     def mixable(self) -> bool:
         """Whether layers can be INT8 or float (else every layer is fixed to the one precision)."""
         return "int8" in self.space.precisions and "float" in self.space.precisions
-
-
-def widened(label: str) -> str:
-    """An INT8 option label as int16: MinMax ranges, the same granularity and recovery. With 65536
-    steps a range's rounding error is negligible and clipping is all a percentile, entropy or MSE
-    range would add (MiniLM's MatMuls all int16: drop 0.0003 with MinMax, 0.12 with percentile).
-    int16 layers keep int8 weights, so weight codes chosen against a CPU's saturation ('@int7') go."""
-    _, _, granularity, *recovery = label.partition("@")[0].split("/")
-    return "/".join(["int16", "minmax", granularity, *recovery])
 
 
 @dataclass(frozen=True)

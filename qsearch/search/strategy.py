@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from qsearch.search import regions
-from qsearch.search.problem import Dimensions, FixDecision, Incumbent, LayerFacts, MeasureDrop, Problem, widened
+from qsearch.search.problem import Dimensions, FixDecision, Incumbent, LayerFacts, MeasureDrop, Problem
 
 
 def _first(x: LayerFacts, *wanted: str) -> str | None:
@@ -103,7 +103,7 @@ def build_dimensions(problem: Problem, fixed_int8: tuple[str, ...] = ()) -> Dime
         elif "float" not in space.precisions or x.name in fixed_int8:
             fixed[x.name] = options[0]
         else:
-            wide = (widened(options[0]),) if problem.wide else ()
+            wide = (problem.int16(x.name),) if problem.wide else ()
             searched[x.name] = (*options, *wide, problem.float_label)
     return Dimensions(fixed, searched)
 
@@ -120,7 +120,7 @@ def warm_start_plans(problem: Problem, dims: Dimensions, decision: FixDecision) 
     pays = {n: best[n] if facts[n].saving > 0 else fp for n in searched}
     plans = [pays, best]
     if problem.wide:  # the accurate quantized end: every searched layer int16
-        plans.append({n: widened(lbl) for n, lbl in best.items()})
+        plans.append({n: problem.int16(n) for n in best})
     int8_fixed = [n for n, lbl in dims.fixed.items() if lbl != fp]
     fixed_noise = sum(problem.facts(n).noise for n in int8_fixed)
     total = sum(x.noise for x in problem.layers)
@@ -141,7 +141,7 @@ def warm_start_plans(problem: Problem, dims: Dimensions, decision: FixDecision) 
     if problem.wide:  # int16 where float would go: all-INT8 with its noisiest layers widened
         for k in (1, 2, 3, 5, 8):
             if k <= len(ranked):
-                plans.append({**best, **{n: widened(best[n]) for n in ranked[:k]}})
+                plans.append({**best, **{n: problem.int16(n) for n in ranked[:k]}})
     return [dict(t) for t in dict.fromkeys(tuple(sorted(p.items())) for p in plans)]
 
 

@@ -36,7 +36,7 @@ def top_down(problem: Problem, measure: MeasureDrop, start: Start) -> list[dict[
     left = start.max_evals
 
     def plan(k: int) -> dict[str, str]:  # the k most sensitive float (int16 where the space has it)
-        return {**best, **{n: problem.gentler(best[n]) for n in order[:k]}}
+        return {**best, **{n: problem.gentler(n, best[n]) for n in order[:k]}}
 
     lo, hi = 0, len(order)  # lo: over budget (all-INT8, measured by the fixing step); hi: every free layer float
     found: int | None = None
@@ -53,5 +53,5 @@ def top_down(problem: Problem, measure: MeasureDrop, start: Start) -> list[dict[
     int8 = {n for n, lbl in chosen.items() if lbl.startswith("int8/")}
     lonely = islands(problem, int8) - set(start.fixed)
     if lonely:  # border glue: an isolated INT8 layer pays two unfused Q/DQ
-        measure({**chosen, **{n: problem.gentler(chosen[n]) for n in lonely}})
+        measure({**chosen, **{n: problem.gentler(n, chosen[n]) for n in lonely}})
     return []
