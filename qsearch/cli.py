@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -197,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     threading.excepthook = lambda a: None if INTERRUPTED.is_set() else thread_hook(a)
     try:
         return _main(args)
+    except BrokenPipeError:  # `qsearch show plan.yaml | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush there
+        return 1
     finally:
         sys.unraisablehook = hook
         threading.excepthook = thread_hook

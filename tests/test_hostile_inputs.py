@@ -235,3 +235,19 @@ def test_a_plan_naming_an_unknown_int8_path_is_applied_and_said(workload, tmp_pa
     plan.write_text(yaml.safe_dump(doc, sort_keys=False))
     assert main(["apply", str(plan), str(workload.parent / "model.onnx"), "-o", str(tmp_path / "m.onnx")]) == 0
     assert "names int8 path '[1, 2]', which is none of" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_traceback(workload, tmp_path):
+    """`qsearch show plan.yaml | head -1`: the pipe closes before qsearch writes; one quiet exit."""
+    import os
+    import subprocess
+    import sys
+
+    plan = tmp_path / "naive.yaml"
+    assert main(["baseline", "fp32", "--config", str(workload), "-o", str(plan)]) == 0
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    p = subprocess.run([sys.executable, "-m", "qsearch", "show", str(plan)], stdout=w, stderr=subprocess.PIPE,
+                       text=True, timeout=120)
+    os.close(w)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
