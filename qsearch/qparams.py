@@ -50,16 +50,20 @@ def stored_codes(q: np.ndarray, codes: str) -> tuple[np.ndarray, np.generic]:
 
 INT32_MAX = 2**31 - 1
 BIAS_MARGIN = 2.0  # room for a bias correction added after the weight scale is fixed
+TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32: a bias scale below it is 0 or denormal
 
 
 def bias_scale_floor(bias: np.ndarray | None, x_scale: float, per_channel: bool) -> np.ndarray | None:
     """The smallest weight scale whose int32 bias (scale s_x * s_w) holds `bias`: a channel whose
     weights are all but zero (a dead channel after BatchNorm folding: 1e-40) gets a scale so small
     that its bias overflows int32 and is clipped away (PP-OCRv4's recognizer lost a -0.65 bias so).
-    ONNX Runtime's quantizer raises such scales too. None: no floor needed."""
+    ONNX Runtime's quantizer raises such scales too. The bias scale s_x * s_w must also stay a
+    normal float32: a zero (or denormal) scale is no scale (a uint16 input's s_x times a dead
+    channel's 1e-40 underflowed to 0). None: no floor needed."""
     if bias is None:
         return None
-    need = BIAS_MARGIN * np.abs(np.asarray(bias, np.float64)) / (float(x_scale) * INT32_MAX)
+    need = np.maximum(BIAS_MARGIN * np.abs(np.asarray(bias, np.float64)) / (float(x_scale) * INT32_MAX),
+                      TINY / float(x_scale))
     return need if per_channel else np.asarray(need.max(initial=0.0))
 
 

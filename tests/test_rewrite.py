@@ -444,3 +444,28 @@ def test_a_dead_channel_keeps_its_bias(tmp_path):
         ["a_relu"], dict(bench.search_data.batches[0]))[0]
     lo, hi = bench.plan({"conv_a": LayerChoice("int8", "minmax", "per_channel")}).ranges["a_relu"]
     assert np.abs(out[:, 0] - 0.7).max() <= (hi - lo) / 255  # within one output step of the float 0.7
+
+
+@pytest.mark.parametrize("precision, target", [("int8", "cpu"), ("int16", "npu")])
+def test_a_dead_channel_without_bias_still_has_a_normal_bias_scale(precision, target, tmp_path):
+    """A dead channel (weights 1e-40) whose bias is 0: its bias scale s_x * s_w underflowed float32 to
+    0 (a uint16 input's s_x is 256x smaller than a uint8 one's), a scale no runtime should be given
+    and a division by zero while quantizing. Every scale the rewriter writes is a normal float32."""
+    import warnings
+
+    from .conftest import open_bench, write_workload
+
+    model = make_cnn(opset=21)
+    for init in model.graph.initializer:
+        if init.name in ("wa", "ba"):
+            a = numpy_helper.to_array(init).copy()
+            a[0] = 1e-40 if init.name == "wa" else 0.0
+            init.CopyFrom(numpy_helper.from_array(a, init.name))
+    bench = open_bench(write_workload(tmp_path / "w", model, n=64, extra=f"target: {target}\n"), tmp_path / "c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero on the way
+        qdq = bench.rewriter(bench.plan({"conv_a": LayerChoice(precision, "minmax", "per_channel")}))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    scales = [inits[n.input[1]] for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
+    tiny = np.finfo(np.float32).tiny
+    assert scales and all(np.all(s >= tiny) for s in scales)

@@ -38,8 +38,9 @@ from qsearch.rewrite.opset import at_opset
 # models of one layout, so it is part of the study key.
 INT8_PATH_KEY = "qsearch.int8_path"  # model metadata: the int8 path its plan was measured on
 ENGINE_KEY = "qsearch.engine"  # model metadata: the engine its plan was searched on (absent: ONNX Runtime)
-LAYOUT_VERSION = 6  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own;
-# 6: a weight scale too small for its int32 bias is raised (`qparams.bias_scale_floor`)
+LAYOUT_VERSION = 7  # 4: MatMul/Gemm outputs stay float; 5: float Conv/Gemm read a DQ of their own;
+# 6: a weight scale too small for its int32 bias is raised (`qparams.bias_scale_floor`); 7: ... or
+# whose bias scale would underflow float32; int16 layers (uint16 Q/DQ, opset 21)
 
 
 @dataclass(frozen=True)
