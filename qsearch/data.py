@@ -81,11 +81,25 @@ def rechunked(ds: Dataset, samples: int | None) -> Dataset:
                    f"{ds.fingerprint}/{samples}")
 
 
+def _forget_other_folders(mod_name: str, base: Path | None) -> None:
+    """A module of this name imported earlier in this process from another config's folder (two
+    workloads with their own `hook.py`, one Python session) would answer for this one: when the
+    config's folder has its own file of that name, it is imported afresh."""
+    cached = sys.modules.get(mod_name)
+    if base is None or cached is None or "." in mod_name:
+        return
+    local = Path(base) / f"{mod_name}.py"
+    here = getattr(cached, "__file__", None)
+    if local.is_file() and (here is None or Path(here).resolve() != local.resolve()):
+        del sys.modules[mod_name]
+
+
 def import_entry(spec: str, where: str, base: Path | None = None):
     """Import `package.module:function` from the config's folder or PYTHONPATH."""
     if ":" not in spec:
         raise DataError(f"{where}: entry point '{spec}' must look like 'package.module:function'")
     mod_name, func_name = spec.split(":", 1)
+    _forget_other_folders(mod_name, base)
     added = False
     if base is not None and str(base) not in sys.path:
         sys.path.insert(0, str(base))

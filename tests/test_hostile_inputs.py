@@ -251,3 +251,16 @@ def test_a_reader_that_leaves_the_pipe_gets_no_traceback(workload, tmp_path):
                        text=True, timeout=120)
     os.close(w)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_two_configs_with_entry_modules_of_one_name_each_get_their_own(tmp_path):
+    """Two workloads in one Python session, each with its own `hook.py` beside its config: the
+    second must not be answered by the first's module, cached in sys.modules."""
+    from qsearch.data import import_entry
+
+    for k in (1, 2):
+        (tmp_path / f"w{k}").mkdir()
+        (tmp_path / f"w{k}" / "qsearch_test_entry.py").write_text(f"def f():\n    return {k}\n")
+    assert import_entry("qsearch_test_entry:f", "w1", tmp_path / "w1")() == 1
+    assert import_entry("qsearch_test_entry:f", "w2", tmp_path / "w2")() == 2
+    assert import_entry("qsearch_test_entry:f", "w2", tmp_path / "w2")() == 2  # cached when it is its own

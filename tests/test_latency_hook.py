@@ -134,8 +134,9 @@ def test_an_npu_plan_follows_the_devices_latency_not_bit_operations(tmp_path):
                          extra="target: npu\nsearch_space: {extends: npu}\n")
     start = HOOK.index("        delay = 0.0")
     end = HOOK.index("        sessions[model_path] =")
-    (cfg.parent / "planted_hook.py").write_text(HOOK[:start] + NPU_DELAY.lstrip("\n") + HOOK[end:])
-    cfg.write_text(cfg.read_text() + 'runtime: {latency: "planted_hook:measure"}\n')
+    # a module name of its own: `planted_hook`, imported by the tests above, stays in sys.modules
+    (cfg.parent / "npu_hook.py").write_text(HOOK[:start] + NPU_DELAY.lstrip("\n") + HOOK[end:])
+    cfg.write_text(cfg.read_text() + 'runtime: {latency: "npu_hook:measure"}\n')
     r = qsearch.optimize(cfg, budget=12, out=tmp_path / "out")
     assert r.status == 0
     assert {n for n, c in r.plan.layers.items() if c.precision == "int16"} >= {"conv_a", "conv_b"}, r.plan.layers
