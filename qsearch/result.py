@@ -87,6 +87,24 @@ def no_plan(res: OutputSet, out: Path, evaluator: Evaluator, search: SearchResul
     res.commit()
 
 
+def _metrics(bench: Workbench, profile: SensitivityProfile, search: SearchResult, choice: FinalChoice,
+             stage: Stage) -> dict:
+    """What the shipped plan records of its run: scores, latency, size (and GBOPs where an analytic
+    cost decided), evaluations and seconds per stage."""
+    fp32_row, chosen_row = choice.fp32, choice.chosen
+    rows = {"fp32": fp32_row, "plan": chosen_row}
+    return {
+        "metric": bench.workload.metric.name,
+        **{k: {"search": r.search_score, "test": r.test_score, "latency_ms": r.latency_ms, "size_bytes": r.size_bytes,
+               **({"gbops": r.bitops} if r.bitops is not None else {})} for k, r in rows.items()},
+        "max_drop": search.allowed,
+        "test_drop": fp32_row.test_score - chosen_row.test_score,
+        "evaluations": {"analysis": profile.meta["evaluations"], "fixing": search.decision.evaluations,
+                        "trials": len(search.trials), "final": choice.evaluations, "layers": len(bench.candidates())},
+        "seconds": {k: round(v, 3) for k, v in stage.seconds.items()},
+    }
+
+
 def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluator, profile: SensitivityProfile,
                   search: SearchResult, choice: FinalChoice, stage: Stage, t_start: float) -> Plan:
     """plan.yaml, the model, the Pareto plans, the report; returns the shipped plan."""
@@ -99,19 +117,7 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
         choice.candidate.write(res.path("pareto/" + (f"plan-trial{trial.number:04d}.yaml" if trial
                                                      else "plan-baseline.yaml")))
     chosen = choice.plan
-    fixing = search.decision.evaluations
-    metrics = {
-        "metric": bench.workload.metric.name,
-        "fp32": {"search": fp32_row.search_score, "test": fp32_row.test_score, "latency_ms": fp32_row.latency_ms,
-                 "size_bytes": fp32_row.size_bytes},
-        "plan": {"search": chosen_row.search_score, "test": chosen_row.test_score, "latency_ms": chosen_row.latency_ms,
-                 "size_bytes": chosen_row.size_bytes},
-        "max_drop": search.allowed,
-        "test_drop": fp32_row.test_score - chosen_row.test_score,
-        "evaluations": {"analysis": profile.meta["evaluations"], "fixing": fixing, "trials": len(results),
-                        "final": choice.evaluations, "layers": len(bench.candidates())},
-        "seconds": {k: round(v, 3) for k, v in stage.seconds.items()},
-    }
+    metrics = _metrics(bench, profile, search, choice, stage)
     chosen_model = bench.rewriter(chosen)
     fusion = fusion_check(chosen_model, bench.engine)
     naive_fusion = fusion_check(bench.rewriter(naive), bench.engine)
@@ -121,9 +127,6 @@ def write_result(res: OutputSet, out: Path, bench: Workbench, evaluator: Evaluat
     int8 = {la.name for la in bench.candidates() if chosen.choice(la.name).quantized}
     metrics["fusion"] = {"int8_layers": len(int8), "int8_kernels": fusion.int8_kernels,
                          "unfused_qdq": fusion.unfused_qdq, "borders": search.problem.borders(int8)}
-    if chosen_row.bitops is not None:  # an analytic cost decided: the plan says what it costs
-        metrics["plan"]["gbops"] = chosen_row.bitops
-        metrics["fp32"]["gbops"] = fp32_row.bitops
     wide = plan_widths(bench.prepared, chosen)
     if wide.bits:  # int16 layers: how many, and the int8/int16 conversions they cost
         metrics["fusion"]["int16_layers"] = sum(chosen.choice(n).precision == "int16" for n in int8)
