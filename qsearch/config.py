@@ -8,7 +8,7 @@ with overrides (`search_space: {extends: cnn_cpu, calibration: [minmax]}`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,13 +158,7 @@ def load_workload(path: str | Path | None) -> Workload:
                           f"'package.module:function', not {hook!r}")
     engine = _engine(p, runtime)
     space = load_space(p, doc.get("search_space", "default"), base, "search_space", doc)
-    _check_wide(p, doc, runtime, space, target, engine)
-    if target in EXACT_TARGETS and not hook and space.objective == "latency":
-        # this CPU's time, with Q/DQ unfused, says nothing about an NPU: without the device's own
-        # time (a latency hook) the cost is bit-operations
-        from dataclasses import replace
-
-        space = replace(space, objective="bitops")
+    space = _target_space(p, doc, runtime, space, target, engine, hook)
     return Workload(
         path=p, name=str(doc.get("name", model.stem)), model=model, calibration=splits["calibration"],
         search=splits["search"], test=splits["test"], metric=metric, max_drop=max_drop, relative=relative,
@@ -174,16 +168,22 @@ def load_workload(path: str | Path | None) -> Workload:
     )
 
 
-def _check_wide(p: Path, doc: dict, runtime: dict, space: SearchSpace, target: str, engine: str) -> None:
-    """int16 layers (uint16 activations) need a target that runs them and an engine that scores them."""
+def _target_space(p: Path, doc: dict, runtime: dict, space: SearchSpace, target: str, engine: str,
+                  hook: str | None) -> SearchSpace:
+    """The search space as the target takes it: int16 layers (uint16 activations) need a target that
+    runs them and an engine that scores them; on an NPU target without a latency hook the cost is
+    bit-operations (this CPU's time, with Q/DQ unfused, says nothing about an NPU)."""
+    if target in EXACT_TARGETS and not hook and space.objective == "latency":
+        space = replace(space, objective="bitops")
     if "int16" not in space.precisions:
-        return
+        return space
     if target not in WIDE_TARGETS:
         raise ConfigError(f"{where(p, doc, 'search_space')}: search_space.precision lists int16 (uint16 activations), "
                           f"which target {target!r} cannot run: set target: {' or '.join(WIDE_TARGETS)}")
     if engine != "onnxruntime":
         raise ConfigError(f"{where(p, runtime, 'engine')}: runtime.engine {engine} does not compute int16 layers' "
                           "uint16 Q/DQ as written; score them with onnxruntime (a latency hook may time the device)")
+    return space
 
 
 def _engine(p: Path, runtime: dict) -> str:
@@ -350,8 +350,6 @@ def load_space(p: Path, v: Any, base: Path, section: str = "search_space", paren
             if not isinstance(v[key], bool):
                 raise ConfigError(f"{where(p, v, key)}: {section}.{key} must be true or false")
             kw[key] = v[key]
-    from dataclasses import replace
-
     return replace(s, **kw)
 
 
