@@ -286,3 +286,13 @@ def test_evaluating_an_int16_model_on_openvino_is_one_line(npu_bench, tmp_path, 
     cfg = write_workload(tmp_path / "w", make_cnn(opset=21), n=32, extra="target: npu\nruntime: {engine: openvino}\n")
     assert main(["evaluate", str(model), "--config", str(cfg), "--out", str(tmp_path / "eval")]) == 2
     assert "16-bit Q/DQ (int16 layers), which runtime.engine openvino does not compute as written" in last_error(capsys)
+
+
+def test_an_int16_layer_with_other_weight_codes_in_a_plan_file_is_one_line(npu_bench, tmp_path, capsys):
+    bench, _ = npu_bench
+    written = tmp_path / "plan.yaml"
+    bench.plan(MIXED).write(written)
+    text = written.read_text().replace("precision: int16\n", "precision: int16\n  weights: int7\n", 1)
+    written.write_text(text)
+    assert main(["show", str(written)]) == 2
+    assert "weights 'int7' needs precision int8: an int16 layer's weights are int8" in last_error(capsys)

@@ -51,7 +51,7 @@ def check_plan(plan: Plan, prepared: PreparedModel, path: str | os.PathLike = "p
     for layer in prepared.layers:
         c = plan.choice(layer.name)
         if c.quantized and layer.has_weight and c.granularity not in allowed_granularities(layer):
-            raise PlanError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be int8 {c.granularity}: "
+            raise PlanError(f"{path}: layer '{layer.name}' ({layer.op_type}) cannot be {c.precision} {c.granularity}: "
                                "ONNX Runtime's fused per-channel QGemm computes wrong results; use per_tensor")
         if c.quantized and layer.name not in absorbed:
             for t in (*inputs_of(layer, plan.forms, smoothed), *([] if layer.float_output else

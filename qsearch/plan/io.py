@@ -218,6 +218,9 @@ def _parse_choice(path, d: Any, base: LayerChoice, section: str) -> LayerChoice:
     if recovery != "none" and precision not in QUANTIZED:
         raise PlanError(f"{where(path, d, 'recovery')}: {section}.recovery {recovery!r} needs precision int8 or "
                            f"int16, not {precision}")
+    if precision == "int16" and d.get("weights", "int8") != "int8":  # an NPU's int16 layer keeps int8 weights
+        raise PlanError(f"{where(path, d, 'weights')}: {section}.weights {d['weights']!r} needs precision int8: "
+                        "an int16 layer's weights are int8")
     # like calibration, a float layer's weight encoding means nothing: a reviewer who turns a layer
     # float need not delete it
     weights = d.get("weights", base.weights) if precision == "int8" else "int8"
