@@ -197,8 +197,7 @@ class Search:
 
     def _objective(self, trial: optuna.Trial):
         try:
-            with limits.limit(limits.remaining(self.deadline), "stopped at the --timeout deadline"):
-                return self._trial(trial)
+            return self._trial(trial)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
@@ -231,8 +230,11 @@ class Search:
                 self.trial_seconds += time.perf_counter() - t0
                 raise optuna.TrialPruned(f"drop {est:.4f} on the first {batches} batches")
 
-        ev = self.evaluator.evaluate(self.evaluator.plan(choices), check=check if self.space.prune else None,
-                                     prune_fraction=self.space.prune_fraction)
+        # the --timeout deadline stops the scoring, never a write to the study's storage: a timer that
+        # fired inside SQLite's commit left the run stalled past the command's own deadline
+        with limits.limit(limits.remaining(self.deadline), "stopped at the --timeout deadline"):
+            ev = self.evaluator.evaluate(self.evaluator.plan(choices), check=check if self.space.prune else None,
+                                         prune_fraction=self.space.prune_fraction)
         cost = ev.cost(self.space.objective)
         for k, v in self._attrs(ev, cost).items():
             trial.set_user_attr(k, v)
