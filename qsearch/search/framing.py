@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from qsearch.analysis.sensitivity import LayerSensitivity, SensitivityProfile
 from qsearch.errors import QsearchError
+from qsearch.evaluator import BITS
 from qsearch.search.problem import LayerFacts, Problem
 from qsearch.workbench import Workbench
 
 
-def benefit(objective: str, s: LayerSensitivity, float_bits: int = 32) -> float:
-    """What a layer saves in INT8, in the objective's units (measured ms for latency; for bit-operations
-    against its float precision's, FP16 on FP16 and NPU targets)."""
+def benefit(objective: str, s: LayerSensitivity, float_precision: str = "fp32") -> float:
+    """What a layer saves in INT8, in the objective's units (measured ms for latency; for size and
+    bit-operations against its float precision's, FP16 on FP16 and NPU targets: `evaluator.BITS`)."""
     if objective == "latency":
         return s.gain_ms
+    (w_float, a_float), (w_int8, a_int8) = BITS[float_precision], BITS["int8"]
     if objective == "size":
-        return (float_bits - 8) / 32 * s.weight_bytes  # weight_bytes: FP32 bytes
-    return s.macs * (float_bits * float_bits - 8 * 8) / 1e9
+        return (w_float - w_int8) / 32 * s.weight_bytes  # weight_bytes: FP32 bytes
+    return s.macs * (w_float * a_float - w_int8 * a_int8) / 1e9
 
 
 def problem_for(bench: Workbench, profile: SensitivityProfile) -> Problem:
@@ -27,13 +29,12 @@ def problem_for(bench: Workbench, profile: SensitivityProfile) -> Problem:
     the tensors that join them and, for latency, the measured cost of one float/INT8 border."""
     rank = {x.name: i for i, x in enumerate(profile.layers)}
     objective = bench.workload.space.objective
-    float_bits = 32 if bench.float_precision == "fp32" else 16
     facts = []
     for la in bench.candidates():
         if la.name not in rank:
             raise QsearchError(f"sensitivity profile has no entry for layer '{la.name}' (re-run analyze)")
         s = profile.layers[rank[la.name]]
-        facts.append(LayerFacts(la.name, tuple(s.ranked_options()), benefit(objective, s, float_bits), s.noise,
+        facts.append(LayerFacts(la.name, tuple(s.ranked_options()), benefit(objective, s, bench.float_precision), s.noise,
                                 rank[la.name]))
     edges, outer = graph_edges(bench)
     glue = profile.meta.get("int8_by_kind", {}).get("Q/DQ glue", 0.0)
