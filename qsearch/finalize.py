@@ -205,7 +205,7 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     if objective != "latency" and not bench.workload.latency:  # an analytic cost decides, not this CPU's time
         i, checked = cheapest_clear(rows, search.allowed, objective, lambda k: with_interval(
             evaluator, entries[k].plan, rows[k], sessions[k], sessions[0]))
-        fp32_ships = False
+        fp32_ships = fp32_instead(rows, i, bench.workload.target, on_cpu)  # on a CPU, never slower than FP32
     else:
         i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
         checked = set()
