@@ -127,12 +127,12 @@ def with_interval(evaluator: Evaluator, plan: Plan, row: Row, session=None, fp32
 
 
 def clear_choice(evaluator: Evaluator, entries: Sequence[Entry], rows: list[Row], sessions: list, i: int,
-                 allowed: float, cpu: bool) -> tuple[int, set[int]]:
+                 allowed: float, cpu: bool, compared: int) -> tuple[int, set[int]]:
     """`choice.prefer_clear` with intervals measured here (one more search evaluation each)."""
     def interval(k: int) -> Row:
         return with_interval(evaluator, entries[k].plan, rows[k], sessions[k], sessions[0])
 
-    return prefer_clear(rows, i, allowed, cpu, interval)
+    return prefer_clear(rows, i, allowed, cpu, interval, compared)
 
 
 def scored(evaluator: Evaluator, plan: Plan, row: Row, interval: bool = False, session=None, fp32_session=None) -> Row:
@@ -201,16 +201,17 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     entries += rounded_entries(bench, evaluator, search, log)
     rows, sessions = timed_rows(bench, evaluator, entries, search.allowed)
     on_cpu = busy(rows)
+    compared = n_trials + hybrid_evals + 1  # plans scored on the search split the choice is made among
     objective = bench.workload.space.objective
     if objective != "latency" and not bench.workload.latency:  # an analytic cost decides, not this CPU's time
         i, checked = cheapest_clear(rows, search.allowed, objective, lambda k: with_interval(
-            evaluator, entries[k].plan, rows[k], sessions[k], sessions[0]))
+            evaluator, entries[k].plan, rows[k], sessions[k], sessions[0]), compared)
         fp32_ships = fp32_instead(rows, i, bench.workload.target, on_cpu)  # on a CPU, never slower than FP32
     else:
         i, fp32_ships = decide(rows, search.allowed, bench.workload.target, on_cpu)
         checked = set()
         if not fp32_ships:  # the plan that ships must be clear of the budget by what the split resolves
-            i, checked = clear_choice(evaluator, entries, rows, sessions, i, search.allowed, on_cpu)
+            i, checked = clear_choice(evaluator, entries, rows, sessions, i, search.allowed, on_cpu, compared)
             fp32_ships = fp32_instead(rows, i, bench.workload.target, on_cpu)  # never slower than FP32
     # test data for the rows the report shows; a baseline already over budget on search data is not
     # worth a test scoring (its row says so)
@@ -231,10 +232,10 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
         chosen = fp32_plan.with_info(study=search.study_name, trial=None)
         row = _renamed(fp32, "qsearch: FP32 (no INT8 plan pays)", n_trials, int8_layers=0)
     alt = None if verdict else within_both(evaluator, entries, rows, sessions, i, search.allowed, on_cpu)
-    lost = tuple(dataclasses.replace(rows[k], why=why_lost(rows, i, k, search.allowed, on_cpu))
+    lost = tuple(dataclasses.replace(rows[k], why=why_lost(rows, i, k, search.allowed, on_cpu, compared))
                  for k in range(3, len(rows)) if k != i or verdict)
     return FinalChoice((*rows[:3], row), chosen, candidate, candidate_name, trial if not verdict else None, verdict,
-                       evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed, rows[0]),
+                       evaluator.evaluations - start, on_cpu, resolution_note(rows[i], search.allowed, rows[0], compared),
                        finalists=lost, speedup=None if verdict else speedup(rows[0], rows[i], on_cpu),
                        alternative=None if alt is None else entries[alt].plan,
                        alternative_name="" if alt is None else rows[alt].name)

@@ -126,9 +126,29 @@ def test_a_clear_plan_that_does_not_pay_is_no_answer_and_fp32_ships_before_a_slo
         return replace(rows[k], resolution=resolutions[k])
 
     i, checked = prefer_clear(rows, 3, 0.01, False, interval)
-    assert i == 3 and checked == {2, 3, 4}  # the hybrid is clear but slower than FP32: no answer
+    # the hybrid is clear but slower than FP32: no answer; of the two that pay, neither clear, the
+    # larger margin ships (trial 35: drop 0.0 against trial 22's 0.009, the same resolution)
+    assert i == 4 and checked == {2, 3, 4}
     assert not pays(rows, 2) and pays(rows, 3)
     assert fp32_instead(rows, 2, "cpu") and not fp32_instead(rows, 3, "cpu")
+    resolutions[4] = 0.06  # trial 35's drop is wider: 0.0 + 0.06 against 0.009 + 0.034
+    assert prefer_clear(rows, 3, 0.01, False, interval)[0] == 3
+    resolutions[4] = 0.034
     rows[4] = replace(rows[4], resolution=None)
     resolutions[4] = 0.001  # a clear trial that pays: it ships instead
     assert prefer_clear(rows, 3, 0.01, False, interval)[0] == 4
+
+
+def test_the_best_of_many_plans_needs_a_wider_margin_to_be_clear():
+    """The best of 50 noisy drops is the luckiest: a margin of two standard errors clears a plan
+    measured alone, not the winner among 50 (Bonferroni, one-sided: z = 3.09 at 5%/50)."""
+    from qsearch.choice import selection_factor
+
+    assert selection_factor(1) == 1.0 and selection_factor(0) == 1.0
+    assert abs(selection_factor(50) - 3.0902 / 2) < 1e-3
+    assert selection_factor(10) < selection_factor(50) < selection_factor(500)
+    fp32, plan = _row("fp32", 0.70, 10.0), _row("trial 20", 0.7027, 6.0, resolution=0.0098)  # seed 1's numbers
+    assert clear(plan, fp32, 0.01) is True  # -0.0027 + 0.0098 <= 0.01
+    assert clear(plan, fp32, 0.01, compared=60) is False  # -0.0027 + 0.0098 * 1.58 > 0.01
+    note = resolution_note(plan, 0.01, fp32, compared=60)
+    assert note.startswith("the search split cannot tell") and "among 60 plans" in note
