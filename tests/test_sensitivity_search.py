@@ -160,3 +160,17 @@ def test_the_proxy_reads_as_many_input_values_as_it_needs_not_more():
     assert proxy_samples(ds(64, (3, 48, 320), per_batch=8)) == 64  # 2.9M values in all: every sample
     assert proxy_samples(ds(64, (3, 256, 256))) == 64  # 81 would reach the count: the subset holds 64
     assert proxy_samples(ds(16, (3, 4000, 4000))) == MIN_SAMPLES
+
+
+def test_a_screen_of_output_noise_reads_as_many_input_values_as_it_needs():
+    """Screening each layer alone on large pages: output noise over SCREEN_ELEMENTS input values,
+    whatever the spend allows (the layout detector: 4 pages of 800x608, not 8); a built-in metric
+    read from the same outputs keeps its floor; small inputs are untouched."""
+    from qsearch.analysis.screen import MIN_METRIC_SAMPLES, MIN_VALUE_SAMPLES, SCREEN_ELEMENTS, samples_within
+
+    page = 3 * 800 * 608
+    assert samples_within(0.5 * 50 * 48, 138, 48, metric=False, per_sample=page) == SCREEN_ELEMENTS // page == 4
+    assert samples_within(0.5 * 50 * 48, 138, 48, metric=True, per_sample=page) == MIN_METRIC_SAMPLES
+    assert samples_within(0.5 * 50 * 96, 70, 64, metric=False, per_sample=3 * 256 * 256) == 30  # 6M values: 30 pages
+    assert samples_within(0.5 * 50 * 96, 70, 64, metric=False, per_sample=3 * 48 * 320) == 34  # spend decides
+    assert samples_within(1e9, 10, 64, metric=False, per_sample=3 * 4000 * 4000) == MIN_VALUE_SAMPLES

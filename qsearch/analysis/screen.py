@@ -19,22 +19,33 @@ SEARCH_SHARE = 0.5  # `optimize`: the screen may cost at most half of the search
 MIN_SAMPLES = 8  # the fewest a screen runs: output noise over whole feature maps still ranks layers
 MIN_METRIC_SAMPLES = 32  # ... where a built-in metric's drop is read from the same outputs
 PROXY_ELEMENTS = 16_000_000  # input values the proxy reads: 81 pages of 3x256x256, 11 of 3x800x608
+SCREEN_ELEMENTS = 6_000_000  # input values a layer's screen needs for its output noise: 4 pages of 3x800x608
+MIN_VALUE_SAMPLES = 2  # ... never fewer samples than this
+
+
+def values_per_sample(dataset: data.Dataset) -> int:
+    """Input values one sample holds (every input together)."""
+    return sum(int(np.prod(v.shape[1:])) for v in dataset.batches[0].values()) if dataset.batches else 1
 
 
 def proxy_samples(dataset: data.Dataset) -> int:
     """Samples the proxy's passes run on: a layer's output SQNR is a statistic over its values, so
     a model with large inputs reaches the same count in fewer samples (a 800x608 page holds as many
     as 30 text lines of 48x320); never fewer than MIN_SAMPLES nor more than the screen's subset."""
-    per_sample = sum(int(np.prod(v.shape[1:])) for v in dataset.batches[0].values()) if dataset.batches else 1
+    per_sample = values_per_sample(dataset)
     return int(min(dataset.samples, max(MIN_SAMPLES, -(-PROXY_ELEMENTS // max(per_sample, 1)))))
 
 
-def samples_within(spend: float, layers: int, have: int, metric: bool) -> int:
+def samples_within(spend: float, layers: int, have: int, metric: bool, per_sample: int = 1) -> int:
     """Samples per screened layer so that `layers` screens cost at most `spend` sample-runs (the
     search's share: on a 300-layer detector, 64 samples each cost four times the whole search),
-    never more than `have` nor fewer than the floor."""
-    floor = MIN_METRIC_SAMPLES if metric else MIN_SAMPLES
-    return int(min(have, max(floor, spend // max(1, layers))))
+    never more than `have` nor fewer than the floor. Output noise alone (no built-in metric read
+    from the same outputs) is a statistic over values: SCREEN_ELEMENTS input values are enough,
+    so a model with large inputs screens each layer on a few pages (the layout detector: 4 of 800x608)."""
+    if metric:
+        return int(min(have, max(MIN_METRIC_SAMPLES, spend // max(1, layers))))
+    by_values = max(MIN_VALUE_SAMPLES, SCREEN_ELEMENTS // max(per_sample, 1))
+    return int(min(have, by_values, max(min(MIN_SAMPLES, by_values), spend // max(1, layers))))
 
 
 class Screen:

@@ -30,7 +30,7 @@ import yaml
 
 from qsearch import data
 from qsearch.analysis.proxy import rank_options
-from qsearch.analysis.screen import Screen, proxy_samples, run_jobs, samples_within
+from qsearch.analysis.screen import Screen, proxy_samples, run_jobs, samples_within, values_per_sample
 from qsearch.calibration import RANGES_VERSION
 from qsearch.engine.base import profiles_nodes
 from qsearch.files import atomic_write_text, save_figure
@@ -211,7 +211,8 @@ def analyze(bench: Workbench, samples: int | None = None, reverse: bool = False,
     pays = [la for la, f, i in zip(layers, fp32_ms, int8_ms) if screen_all or f - i > 0]
     jobs = [{la.name: best[la.name]} for la in pays]
     n = screen.data.samples if screen_spend is None else \
-        samples_within(screen_spend, len(jobs), screen.data.samples, screen.metric is not None)
+        samples_within(screen_spend, len(jobs), screen.data.samples, screen.metric is not None,
+                       values_per_sample(screen.data))
     fewer = Screen(bench, n) if n < screen.data.samples else screen
     if queue is not None:
         results = queue.map(jobs, fewer.run, progress)
