@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qsearch import timing as timing_rules
 from qsearch.errors import QsearchError
 from qsearch.limits import EvaluationTimeout
 from qsearch.model.load import PreparedModel
@@ -26,6 +27,7 @@ from qsearch.workbench import Workbench
 BITS = {"int8": (8, 8), "int16": (8, 16), "fp16": (16, 16), "fp32": (32, 32)}  # (weight, activation) bits
 CONVERT_BITS = 16 * 16  # a conversion between uint8 and uint16 codes: one 16-bit multiply per element
 SPLITS = ("search", "test")
+TRIAL_TIMING_S = 0.3  # seconds of runs per timing in a trial's three rounds (3 to 5 runs)
 
 
 @dataclass(frozen=True)
@@ -102,21 +104,23 @@ class Evaluator:
         bops = bitops(self.bench, model) if isinstance(model, Plan) else float("nan")
         return Evaluation(score, fp32 - score, lat, model_size(proto), bops, cpu, rel)
 
-    def timed(self, sess, rounds: int = 3, repeat: int = 5) -> tuple[float, float, float]:
+    def timed(self, sess, rounds: int = 3) -> tuple[float, float, float]:
         """(median wall ms, median CPU ms, relative ms) of a session on the latency batch, timed in
         `rounds` interleaved with the FP32 model's session: relative ms is the median per-round
         ratio to FP32 times FP32's reference time (the best of five careful timings, taken once),
-        on the CPU clock with one thread, else the wall clock."""
+        on the CPU clock with one thread, else the wall clock. Each timing runs about TRIAL_TIMING_S
+        (3 to 5 runs): the session was warmed by scoring, FP32's by the timings before."""
         feed, engine = self.bench.latency_feed, self.bench.engine
         cpu_clock = self.bench.workload.threads == 1
         if self._fp32_session is None:
             self._fp32_session = engine.session(self.bench.prepared.proto)
             best = [engine.time(self._fp32_session, feed, warmup=5) for _ in range(5)]
             self._fp32_ref_ms = min(t.cpu_ms if cpu_clock else t.wall_ms for t in best)
+        repeat = timing_rules.runs_within(TRIAL_TIMING_S, self._fp32_ref_ms / 1e3, 5)
         own, ref = [], []
         for k in range(rounds):
-            own.append(engine.time(sess, feed, warmup=3 if k == 0 else 1, repeat=repeat))
-            ref.append(engine.time(self._fp32_session, feed, warmup=3 if k == 0 else 1, repeat=repeat))
+            own.append(engine.time(sess, feed, warmup=2 if k == 0 else 1, repeat=repeat))
+            ref.append(engine.time(self._fp32_session, feed, warmup=1, repeat=repeat))
         ratios = [(a.cpu_ms / b.cpu_ms) if cpu_clock else (a.wall_ms / b.wall_ms) for a, b in zip(own, ref)]
         wall = float(np.median([t.wall_ms for t in own]))
         cpu = float(np.median([t.cpu_ms for t in own]))

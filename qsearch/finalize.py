@@ -43,7 +43,7 @@ from qsearch.workbench import Workbench
 
 RESCUE_FACTOR = 2.0  # learned rounding tries a cheaper trial over budget by at most this factor
 ROUNDED_LAYERS = 24  # the most sensitive INT8 layers it fits
-TIMING_S = 0.35  # seconds of runs per plan per timing round (5-15 runs)
+TIMING_S = 0.35  # seconds of runs per plan per timing round (`timing.MIN_RUNS` to 15 runs)
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,13 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
         search = e.search if e.search is not None else evaluator.evaluate(proto, timing=False).score
         n8 = sum(e.plan.choice(la.name).quantized for la in bench.prepared.layers)
         built.append((e, evaluator.session(proto), proto, n8, search))
-    repeat = int(max(5, min(15, TIMING_S / max(bench.baseline.fp32_latency_ms / 1e3, 1e-6))))
+    repeat = timing.runs_within(TIMING_S, bench.baseline.fp32_latency_ms / 1e3, 15)
+    done = [0]  # rounds so far: the first warms every session up (twice), later ones once
 
     def time_round() -> list[tuple[float, float]]:
-        return [astuple(bench.engine.time(b[1], bench.latency_feed, warmup=2, repeat=repeat)) for b in built]
+        warmup = 2 if done[0] == 0 else 1
+        done[0] += 1
+        return [astuple(bench.engine.time(b[1], bench.latency_feed, warmup=warmup, repeat=repeat)) for b in built]
 
     among = [0] + [k for k in range(1, len(built)) if built[0][4] - built[k][4] <= allowed + 1e-12]
     # search scores order the margins (one FP32 and one budget for all): rounds go on only where a tie could ship
@@ -336,6 +339,6 @@ def final_stage_seconds(bench: Workbench) -> float:
     seconds = bench.baseline.score_seconds
     batch_s = bench.baseline.fp32_latency_ms / 1e3
     greedy = math.ceil(math.log2(len(bench.prepared.layers) + 1)) + 1
-    repeat = max(5, min(15, TIMING_S / max(batch_s, 1e-6)))
+    repeat = timing.runs_within(TIMING_S, batch_s, 15)
     timed = 6 * 2 * timing.MIN_ROUNDS * (repeat + 2) * batch_s
     return seconds["search"] * (greedy + 5) + 4 * seconds["test"] + timed + 30 * batch_s + 3.0

@@ -18,10 +18,18 @@ import numpy as np
 
 MIN_ROUNDS = 3
 CAP_ROUNDS = 12  # the stated cap: after it an undecided pair ties
+MIN_RUNS = 3  # runs per timing: their median survives one disturbed run
 TIE = 0.02  # a difference smaller than 2% decides nothing, however sure
 # one-sided 95% Student t quantiles by degrees of freedom (a 90% two-sided interval)
 _T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
         11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 20: 1.725, 30: 1.697}
+
+
+def runs_within(seconds: float, run_s: float, most: int) -> int:
+    """Runs per timing so that one timing takes about `seconds` (a slow model's runs each average
+    its noise over many kernels already: PP-OCRv4's recognizer at batch 8, 200 ms a run, was timed
+    5 runs a plan a round, 8 s of every 12 s trial): at least MIN_RUNS, at most `most`."""
+    return int(max(MIN_RUNS, min(most, round(seconds / max(run_s, 1e-6)))))
 
 
 def _t(df: int) -> float:

@@ -78,3 +78,15 @@ def test_ratio_and_its_interval():
     assert r.value == pytest.approx(1.5) and r.low == pytest.approx(1.5) and r.high == pytest.approx(1.5)
     r = timing.ratio([1.0, 1.1, 0.9, 1.0], [1.2, 1.25, 1.1, 1.22])
     assert r.low < r.value < r.high and r.rounds == 4 and "90% interval" in r.text()
+
+
+def test_a_timing_runs_about_its_seconds_and_never_under_three_runs():
+    """A slow model's timing is a few long runs (PP-OCRv4 rec at batch 8: 200 ms each), a fast
+    model's many short ones; the median always has three runs to survive a disturbed one."""
+    from qsearch.timing import MIN_RUNS, runs_within
+
+    assert runs_within(0.35, 0.2, 15) == MIN_RUNS == 3  # was 5: 1 s of runs per plan per round
+    assert runs_within(0.35, 0.025, 15) == 14
+    assert runs_within(0.35, 0.001, 15) == 15
+    assert runs_within(0.3, 0.05, 5) == 5
+    assert runs_within(0.3, 0.0, 5) == 5  # an unmeasured (zero) time never divides by zero
