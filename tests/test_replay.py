@@ -131,6 +131,8 @@ def test_a_clear_plan_that_does_not_pay_is_no_answer_and_fp32_ships_before_a_slo
     assert i == 4 and checked == {2, 3, 4}
     assert not pays(rows, 2) and pays(rows, 3)
     assert fp32_instead(rows, 2, "cpu") and not fp32_instead(rows, 3, "cpu")
+    from qsearch.choice import why_lost
+    assert why_lost(rows, 4, 3, 0.01, False).startswith("neither is clear of the budget; the shipped plan has the larger")
     resolutions[4] = 0.06  # trial 35's drop is wider: 0.0 + 0.06 against 0.009 + 0.034
     assert prefer_clear(rows, 3, 0.01, False, interval)[0] == 3
     resolutions[4] = 0.034
