@@ -333,12 +333,12 @@ def layer_reasons(plan: Plan, profile: SensitivityProfile, fixed: Mapping[str, s
 def final_stage_seconds(bench: Workbench) -> float:
     """What the final stage costs, from the FP32 model's measured times: naive INT8 and the
     greedy fallback's bisection (about log2 L evaluations) on search data, the chosen plan's
-    interval (and up to two more where it is not clear of the budget), four test scorings, six
+    interval (and up to two more where it is not clear of the budget), four test scorings, seven
     plans timed in interleaved rounds (typically twice `timing.MIN_ROUNDS`), three per-node
     profiles, the report. Reserved out of `--timeout` so the result can still be written."""
     seconds = bench.baseline.score_seconds
     batch_s = bench.baseline.fp32_latency_ms / 1e3
     greedy = math.ceil(math.log2(len(bench.prepared.layers) + 1)) + 1
     repeat = timing.runs_within(TIMING_S, batch_s, 15)
-    timed = 6 * 2 * timing.MIN_ROUNDS * (repeat + 2) * batch_s
+    timed = 7 * 2 * timing.MIN_ROUNDS * (repeat + 2) * batch_s
     return seconds["search"] * (greedy + 5) + 4 * seconds["test"] + timed + 30 * batch_s + 3.0

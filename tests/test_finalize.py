@@ -83,6 +83,12 @@ def test_finalists_keep_the_widest_feasible_plan_beside_the_cheapest():
                           5, 0, 0.0)
     assert [r.number for r in result.finalists()] == [1, 2, 0]  # two cheapest, then all six INT8 (infeasible 4 not)
     assert [r.number for r in result.finalists(n=2)] == [1, 0]
+    # a plan with a larger margin within 10% of the cheapest's cost is a finalist too (76 <= 74 * 1.1)
+    safer = TrialResult(3, trials[3].choices, 0.905, -0.005, 76.0, 76.0, 0, 0.0, True)
+    result = dataclasses.replace(result, trials=(*trials[:3], safer, trials[4]))
+    assert [r.number for r in result.finalists()] == [1, 2, 0, 3]
+    slow = dataclasses.replace(safer, cost=82.0)  # beyond the span: not re-timed
+    assert [r.number for r in dataclasses.replace(result, trials=(*trials[:3], slow)).finalists()] == [1, 2, 0]
 
 
 def test_report_numbers_read_as_meant():

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from qsearch.search.problem import Dimensions, FixDecision, Problem
 from qsearch.search.stopping import Ceiling
 
+MARGIN_SPAN = 0.10  # the largest-margin finalist costs at most this much more than the cheapest
+
 
 @dataclass(frozen=True)
 class TrialResult:
@@ -52,14 +54,19 @@ class SearchResult:
 
     def finalists(self, n: int = 3) -> list[TrialResult]:
         """What the final stage re-times side by side: the cheapest feasible trials (each was timed
-        once, alone, so the cheapest is a noisy argmin) and the feasible trial with the most INT8
+        once, alone, so the cheapest is a noisy argmin), the feasible trial with the most INT8
         layers (on PP-OCRv4's recognizer trials timed all-INT8 10% slower than a 130-layer plan
-        that side by side was 5% slower than it)."""
+        that side by side was 5% slower than it), and the one with the largest margin within
+        MARGIN_SPAN of the cheapest's cost: where the split cannot tell whether the fastest are
+        within budget, the largest margin that still pays ships (`choice.prefer_clear`)."""
         feasible = sorted((r for r in self.trials if r.feasible), key=lambda r: (r.cost, -r.score, r.number))
-        widest = max(feasible, key=lambda r: (self.int8_layers(r), -r.cost), default=None)
-        if widest is None or widest in feasible[:n]:
-            return feasible[:n]
-        return [*feasible[: n - 1], widest]
+        if not feasible:
+            return []
+        widest = max(feasible, key=lambda r: (self.int8_layers(r), -r.cost))
+        chosen = feasible[:n] if widest in feasible[:n] else [*feasible[: n - 1], widest]
+        span = [r for r in feasible if r.cost <= feasible[0].cost * (1 + MARGIN_SPAN)]
+        safest = min(span, key=lambda r: (r.drop, r.cost, r.number))
+        return chosen if safest in chosen else [*chosen, safest]
 
     def int8_layers(self, r: TrialResult) -> int:
         return sum(lbl != self.problem.float_label for lbl in r.choices.values())
