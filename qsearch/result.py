@@ -60,7 +60,7 @@ def _analysis_cost(profile: SensitivityProfile, seconds: float, total_s: float) 
             + (f" on {profile.meta['proxy_samples']} samples" if "proxy_samples" in profile.meta else "")
             + f" ({seconds / max(options, 1) * 1e3:.0f} ms per option); {seconds / max(total_s, 1e-9):.0%} of the run."
             + (f" The screen ran on {profile.meta['screen_samples']} samples per layer (at most half of what the "
-               "search's trials cost)." if "screen_samples" in profile.meta else ""))
+               "search's trials cost, counting at most twice the ceiling stop's patience)." if "screen_samples" in profile.meta else ""))
 
 
 def no_plan(res: OutputSet, out: Path, evaluator: Evaluator, search: SearchResult, timeout) -> None:

@@ -31,6 +31,7 @@ from qsearch.report.markdown import (
 from qsearch.result import RESULT_FILES, no_plan, trials_csv, write_result
 from qsearch.search.jobs import StudyQueue, check_study, heartbeat, open_storage
 from qsearch.search.seeds import Strategy
+from qsearch.search.stopping import trials_to_plan_for
 from qsearch.search.study import Search, default_study_name
 from qsearch.workbench import Workbench
 
@@ -193,7 +194,8 @@ def _analysis(bench: Workbench, out: Path, name: str, storage, samples, workers,
     bench = bench.calibrated(None if queue is None else queue.stage("calibration"), Progress("1/3 analyze"), log=log)
     profile = sensitivity.analyze(bench, samples=samples, workers=workers, cache_dir=out / "cache",
                                   progress=Progress("1/3 analyze"), queue=queue, screen_all=False,
-                                  screen_spend=SEARCH_SHARE * budget * bench.search_data.samples)
+                                  screen_spend=SEARCH_SHARE * bench.search_data.samples
+                                  * trials_to_plan_for(budget, bench.workload.space.stop_at_ceiling))
     sensitivity.save_profile(profile, out)
     pays = sum(x.gain_ms > 0 for x in profile.layers)
     log(f"analysis: {profile.meta['evaluations']} evaluations on {profile.samples} samples; INT8 pays (measured, "

@@ -108,3 +108,12 @@ def test_optimize_stops_at_the_ceiling_and_says_so(tmp_path):
     study = optuna.load_study(study_name=r.plan.provenance["study"], storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert r.status == 0 and len(study.trials) < 30
     assert "stopped early: trial" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_stage_sized_against_the_search_counts_the_trials_the_ceiling_stop_lets_run():
+    from qsearch.search.stopping import trials_to_plan_for
+
+    assert trials_to_plan_for(50, stop_at_ceiling=False) == 50
+    assert trials_to_plan_for(50, stop_at_ceiling=True) == 2 * patience_for(50) == 20
+    assert trials_to_plan_for(200, stop_at_ceiling=True) == 80  # patience is a fifth of a large budget
+    assert trials_to_plan_for(12, stop_at_ceiling=True) == 12  # never more than the budget

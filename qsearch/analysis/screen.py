@@ -16,6 +16,7 @@ from qsearch.workbench import Workbench
 
 SCREEN_SAMPLES = 64  # enough to rank layers by output noise, cheap for 100 layers
 SEARCH_SHARE = 0.5  # `optimize`: the screen may cost at most half of the search's trial evaluations
+# (`stopping.trials_to_plan_for`: the trials the ceiling stop lets a study run)
 MIN_SAMPLES = 8  # the fewest a screen runs: output noise over whole feature maps still ranks layers
 MIN_METRIC_SAMPLES = 32  # ... where a built-in metric's drop is read from the same outputs
 PROXY_ELEMENTS = 16_000_000  # input values the proxy reads: 81 pages of 3x256x256, 11 of 3x800x608
