@@ -117,3 +117,16 @@ def test_a_stage_sized_against_the_search_counts_the_trials_the_ceiling_stop_let
     assert trials_to_plan_for(50, stop_at_ceiling=True) == 2 * patience_for(50) == 20
     assert trials_to_plan_for(200, stop_at_ceiling=True) == 80  # patience is a fifth of a large budget
     assert trials_to_plan_for(12, stop_at_ceiling=True) == 12  # never more than the budget
+
+
+def test_a_record_far_below_every_trial_within_budget_is_timed_again():
+    """The recognizer's trial 7: 135.7 where all-INT8 trials timed 164-168; one timing decides nothing."""
+    from qsearch.search.stopping import is_record
+
+    trials = planted([164.5, 165.7, 167.5])
+    assert is_record(135.7, 0.0, trials, 0.01)
+    assert not is_record(160.0, 0.0, trials, 0.01)  # within 4% of the fastest: noise either way
+    assert not is_record(135.7, 0.02, trials, 0.01)  # over budget: it sets no record
+    assert not is_record(135.7, 0.0, [], 0.01)  # the first trial has nothing to beat
+    over = optuna.trial.create_trial(value=100.0, user_attrs={"cost": 100.0, "drop": 0.5, "choices": {}})
+    assert is_record(135.7, 0.0, [*trials, over], 0.01)  # a faster trial over budget is no record to beat
