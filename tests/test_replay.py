@@ -154,3 +154,26 @@ def test_the_best_of_many_plans_needs_a_wider_margin_to_be_clear():
     assert clear(plan, fp32, 0.01, compared=60) is False  # -0.0027 + 0.0098 * 1.58 > 0.01
     note = resolution_note(plan, 0.01, fp32, compared=60)
     assert note.startswith("the search split cannot tell") and "among 60 plans" in note
+
+
+def test_a_gain_on_a_split_that_cannot_tell_is_no_margin():
+    """The detector at batch 4: trials 0.02-0.03 above FP32 on search lost 0.015-0.02 on test. Where
+    no paying plan is clear, a measured gain counts as no drop, and the plan whose outputs move
+    least (the smaller resolution) ships; the finalists' table states each drop once."""
+    from qsearch.choice import prefer_clear, selection_factor, upper_drop
+    from qsearch.report.markdown import finalists_table
+
+    rows = [_timed("fp32", 0.737, 14.3), _timed("naive", 0.30, 12.3), _timed("hybrid", 0.741, 14.5),
+            _timed("lucky", 0.767, 12.5), _timed("quiet", 0.742, 12.9)]
+    resolutions = {2: 0.001, 3: 0.03, 4: 0.02}  # lucky: -0.03 +- 0.03; quiet: -0.005 +- 0.02
+
+    def interval(k):
+        return replace(rows[k], resolution=resolutions[k], interval=f"{rows[0].search_score - rows[k].search_score:.3g} "
+                       "(90% interval a to b)")
+
+    i, _ = prefer_clear(rows, 3, 0.01, False, interval, compared=60)  # neither clear among 60 plans
+    f = selection_factor(60)
+    assert i == 4 and abs(upper_drop(rows[3], rows[0], 60) - 0.03 * f) < 1e-12
+    assert abs(upper_drop(rows[4], rows[0], 60) - 0.02 * f) < 1e-12  # without the gain counted as none: 0.047 - 0.03
+    table = finalists_table([rows[3]], "custom", rows[0])
+    assert "| -0.03 (90% interval a to b) |" in table and "-0.03 -0.03" not in table

@@ -252,6 +252,6 @@ def finalists_table(rows: Sequence[Row], metric: str, fp32: Row) -> str:
     if not rows:
         return "\n".join([*lines, "| (none) | | | | no other finalist: the plans compared are in the table above |"])
     for r in rows:
-        lines.append(f"| {r.name} | {fmt_drop(fp32.search_score - r.search_score)}"
-                     f"{' ' + r.interval if r.interval else ''} | {r.latency_ms:.3f} | {len(r.wall_rounds)} | {r.why} |")
+        drop = r.interval or fmt_drop(fp32.search_score - r.search_score)  # the interval's text starts with the drop
+        lines.append(f"| {r.name} | {drop} | {r.latency_ms:.3f} | {len(r.wall_rounds)} | {r.why} |")
     return "\n".join(lines)

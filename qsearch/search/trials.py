@@ -65,7 +65,8 @@ class SearchResult:
         widest = max(feasible, key=lambda r: (self.int8_layers(r), -r.cost))
         chosen = feasible[:n] if widest in feasible[:n] else [*feasible[: n - 1], widest]
         span = [r for r in feasible if r.cost <= feasible[0].cost * (1 + MARGIN_SPAN)]
-        safest = min(span, key=lambda r: (r.drop, r.cost, r.number))
+        # a gain counts as no drop (`choice.upper_drop`); then the fewest INT8 layers: outputs that move least
+        safest = min(span, key=lambda r: (max(r.drop, 0.0), self.int8_layers(r), r.cost, r.number))
         return chosen if safest in chosen else [*chosen, safest]
 
     def int8_layers(self, r: TrialResult) -> int:
