@@ -26,6 +26,7 @@ from qsearch.evaluator import Evaluation, Evaluator
 from qsearch.search import jobs, strategy
 from qsearch.search.framing import problem_for
 from qsearch.search.problem import Dimensions, FixDecision
+from qsearch.search.samplers import default_sampler
 from qsearch.search.seeds import STRATEGIES, Start, Strategy
 from qsearch.search.stopping import BudgetPruner, CeilingStop, is_record, patience_for
 from qsearch.search.trials import SearchResult, TrialResult
@@ -34,24 +35,6 @@ from qsearch.workbench import Workbench
 # heartbeats and stale-trial retries are what make interrupted runs resumable; they are stable
 # enough for us even though Optuna still labels them experimental
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def default_sampler(bench: Workbench, budget: int) -> optuna.samplers.BaseSampler:
-    """The sampler the search space names (`search_space.sampler`), sized for `budget` trials."""
-    space = bench.workload.space
-    startup = max(4, min(10, budget // 5))
-    if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, seed=space.seed, n_startup_trials=startup)
-    if space.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=space.seed, population_size=max(8, min(30, budget // 4)))
-    if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=space.seed)
-    if space.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=space.seed)
-    try:
-        return optuna.samplers.GPSampler(seed=space.seed, n_startup_trials=startup)
-    except Exception as exc:
-        raise QsearchError(f"sampler 'gp' is not usable here ({exc}); pick tpe, nsga2, random or qmc") from None
 
 
 def default_study_name(bench: Workbench) -> str:
