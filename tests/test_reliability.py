@@ -80,10 +80,10 @@ def check_result(out: Path, workload: Path, study: optuna.Study | None = None, m
 
 
 def _wait_for_running_trial(url: str, proc: subprocess.Popen, complete: int, timeout: float = 120,
-                            own: bool = False) -> None:
-    """Poll the study until `complete` trials are done and another one is running (`own`: one that
-    `proc` runs). The study is loaded once: a slow poll on a busy machine would miss the short
-    windows of a running trial."""
+                            own: bool = False, after: int = -1) -> int:
+    """Poll the study until `complete` trials are done and another one (numbered above `after`) is
+    running (`own`: one that `proc` runs); returns its number. The study is loaded once: a slow
+    poll on a busy machine would miss the short windows of a running trial."""
     t = time.time()
     study = None
     while time.time() - t < timeout:
@@ -94,9 +94,10 @@ def _wait_for_running_trial(url: str, proc: subprocess.Popen, complete: int, tim
         except Exception:  # the study is being created
             trials = []
         done = sum(tr.state in FINISHED for tr in trials)
-        if done >= complete and any(tr.state == TrialState.RUNNING and tr.params and (
-                not own or tr.user_attrs.get("worker", "").endswith(f":{proc.pid}")) for tr in trials):
-            return
+        running = [tr.number for tr in trials if tr.state == TrialState.RUNNING and tr.params and tr.number > after
+                   and (not own or tr.user_attrs.get("worker", "").endswith(f":{proc.pid}"))]
+        if done >= complete and running:
+            return running[0]
         time.sleep(0.01)
     raise AssertionError("the search never reached the expected trial")
 
@@ -210,9 +211,7 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path):
     with _postgres(bindir, tmp_path) as url:
         budget, env = 24, {"QSEARCH_HEARTBEAT_S": "1"}  # stale after 3 s, while the other still runs trials
         procs = [_optimize(workload, tmp_path / f"out{i}", budget, "--storage", url, env=env) for i in range(2)]
-        _wait_for_running_trial(url, procs[0], complete=3, own=True)
-        procs[0].kill()
-        procs[0].communicate(timeout=60)
+        _kill_inside_a_trial(url, procs[0])
         _, err = procs[1].communicate(timeout=300)
         assert procs[1].returncode == 0, err
         study = _study(url)
@@ -232,6 +231,23 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path):
                 and optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) is None]
         assert len(warm) == len(set(warm))  # each warm-start plan ran once, not once per worker
         check_result(tmp_path / "out1", workload, study)
+
+
+def _kill_inside_a_trial(url: str, proc: subprocess.Popen, tries: int = 20) -> None:
+    """SIGKILL `proc` while one of its trials runs. A trial seen running may finish before a signal
+    lands (a pruned one lasts milliseconds), so the worker is frozen first (SIGSTOP), the trial's
+    state read again, and the worker killed only if the trial is still running; else it resumes."""
+    seen = -1
+    for _ in range(tries):
+        seen = _wait_for_running_trial(url, proc, complete=3, own=True, after=seen)
+        proc.send_signal(signal.SIGSTOP)
+        state = _study(url).trials[seen].state
+        if state == TrialState.RUNNING:
+            proc.kill()
+            proc.communicate(timeout=60)
+            return
+        proc.send_signal(signal.SIGCONT)
+    raise AssertionError(f"no trial of worker {proc.pid} was still running when frozen, in {tries} tries")
 
 
 @contextlib.contextmanager
