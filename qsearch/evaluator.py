@@ -126,6 +126,20 @@ class Evaluator:
         cpu = float(np.median([t.cpu_ms for t in own]))
         return wall, cpu, float(np.median(ratios)) * self._fp32_ref_ms
 
+    def race(self, sess, incumbent) -> timing_rules.Ratio:
+        """The incumbent session's time over `sess`'s on the latency batch, in interleaved rounds
+        until they decide whether `sess` is faster by more than the tie (`timing.race`); the CPU
+        clock with one thread, else the wall clock. Each timing runs about TRIAL_TIMING_S."""
+        feed, engine = self.bench.latency_feed, self.bench.engine
+        cpu_clock = self.bench.workload.threads == 1
+        repeat = timing_rules.runs_within(TRIAL_TIMING_S, self.bench.baseline.fp32_latency_ms / 1e3, 5)
+
+        def one_round(k: int) -> tuple[float, float]:
+            a, b = (engine.time(s, feed, warmup=2 if k == 0 else 1, repeat=repeat) for s in (sess, incumbent))
+            return (a.cpu_ms, b.cpu_ms) if cpu_clock else (a.wall_ms, b.wall_ms)
+
+        return timing_rules.race(one_round)
+
     def search_with_interval(self, model: Plan | onnx.ModelProto, session: ort.InferenceSession | None = None,
                              fp32_session: ort.InferenceSession | None = None) -> tuple[float, DropInterval | None]:
         """The search score and the drop's interval against FP32 on the same runs: a paired

@@ -123,3 +123,19 @@ def interleaved(time_round: Callable[[], Sequence[tuple[float, float]]], n: int,
     while len(wall[0]) < CAP_ROUNDS and undecided(cpu if busy(wall, cpu) else wall, among, margins=margins):
         one()
     return wall, cpu
+
+
+def race(time_round: Callable[[int], tuple[float, float]]) -> Ratio:
+    """Whether a challenger is faster than an incumbent by more than `TIE`: `time_round(k)` times
+    both once, back to back, in round k, and returns (challenger's time, incumbent's); MIN_ROUNDS,
+    then one more while the interval of the incumbent's time over the challenger's holds both
+    1 + TIE and something else, up to CAP_ROUNDS (after which the pair ties). Returns that ratio."""
+    own: list[float] = []
+    ref: list[float] = []
+    while True:
+        a, b = time_round(len(own))
+        own.append(a)
+        ref.append(b)
+        r = ratio(own, ref)
+        if len(own) >= CAP_ROUNDS or (len(own) >= MIN_ROUNDS and not r.low <= 1 + TIE < r.high):
+            return r

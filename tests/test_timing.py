@@ -90,3 +90,55 @@ def test_a_timing_runs_about_its_seconds_and_never_under_three_runs():
     assert runs_within(0.35, 0.001, 15) == 15
     assert runs_within(0.3, 0.05, 5) == 5
     assert runs_within(0.3, 0.0, 5) == 5  # an unmeasured (zero) time never divides by zero
+
+
+def _pair(challenger: float, incumbent: float, seed: int, **jitter):
+    """A planted clock for `timing.race`: (challenger's time, incumbent's) per round."""
+    time_round, calls = _planted([challenger, incumbent], seed, **jitter)
+    return (lambda k: tuple(t[0] for t in time_round())), calls
+
+
+def test_a_record_race_tells_10_percent_from_a_lucky_timing():
+    """A trial's single timing put the recognizer's plans 6-9% below all-INT8 where side by side
+    they were 7% slower; the race against the incumbent must not be fooled the same way (+-25%
+    machine swings between rounds, 3% jitter, 5% spikes x1.5), on 200 planted clocks: a challenger
+    10% faster wins decidedly on 95% of them (else it ties: never counted slower than it is by more
+    than the tie); an equal one wins on at most 5% (a one-sided 95% interval), and then by little."""
+    from qsearch.search.stopping import record_cost
+
+    won, lucky = 0, []
+    for seed in range(200):
+        r = timing.race(_pair(9.0, 10.0, seed)[0])
+        won += r.low > 1 + timing.TIE
+        assert record_cost(100.0, r) <= 100.0 * (1 - timing.TIE) and timing.MIN_ROUNDS <= r.rounds <= timing.CAP_ROUNDS
+        r = timing.race(_pair(10.0, 10.0, seed)[0])
+        if r.low > 1 + timing.TIE:
+            lucky.append(r.value)
+        else:  # within the tie: it beats the incumbent by nothing
+            assert record_cost(100.0, r) >= 100.0 * (1 - timing.TIE)
+    assert won >= 190 and len(lucky) <= 10 and max(lucky, default=1.0) < 1.10, (won, lucky)
+
+
+def test_a_record_slower_side_by_side_counts_slower_than_the_incumbent():
+    from qsearch.search.stopping import record_cost
+
+    slower = timing.Ratio(0.93, 0.90, 0.96, 5)  # the incumbent's time over the record's: the record is slower
+    assert record_cost(158.7, slower) == pytest.approx(158.7 / 0.93)
+    undecided = timing.Ratio(1.03, 0.99, 1.07, timing.CAP_ROUNDS)  # the cap reached: a tie
+    assert record_cost(158.7, undecided) == pytest.approx(158.7 * (1 - timing.TIE))
+
+
+def test_a_real_session_raced_against_itself_ties(tmp_path):
+    """Two ONNX Runtime sessions of one model, on the evaluator's own clock: never a record."""
+    from qsearch.config import load_workload
+    from qsearch.evaluator import Evaluator
+    from qsearch.workbench import open_workbench
+
+    from .conftest import make_cnn, write_workload
+
+    bench = open_workbench(load_workload(write_workload(tmp_path, make_cnn(), n=16)), cache_dir=tmp_path / "c",
+                           log=lambda *a: None)
+    ev = Evaluator(bench)
+    proto = bench.prepared.proto
+    r = ev.race(ev.session(proto), ev.session(proto))
+    assert timing.MIN_ROUNDS <= r.rounds <= timing.CAP_ROUNDS and r.low <= 1 + timing.TIE

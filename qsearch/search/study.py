@@ -28,7 +28,7 @@ from qsearch.search.framing import problem_for
 from qsearch.search.problem import Dimensions, FixDecision
 from qsearch.search.samplers import default_sampler
 from qsearch.search.seeds import STRATEGIES, Start, Strategy
-from qsearch.search.stopping import BudgetPruner, CeilingStop, is_record, patience_for
+from qsearch.search.stopping import BudgetPruner, CeilingStop, incumbent, is_record, patience_for, record_cost
 from qsearch.search.trials import SearchResult, TrialResult
 from qsearch.workbench import Workbench
 
@@ -229,14 +229,20 @@ class Search:
         return (ev.score, cost) if self.space.multi_objective else cost
 
     def _confirmed(self, plan, ev: Evaluation) -> Evaluation:
-        """A record (`stopping.is_record`) is timed once more and counts at the slower of its two
-        timings: one more timing, no scoring."""
+        """A record (`stopping.is_record`) races the incumbent in interleaved rounds before it counts
+        (`Evaluator.race`, `stopping.record_cost`): its cost becomes the incumbent's over their
+        paired ratio. Timing only, no scoring; records are rare."""
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if self.space.objective != "latency" or ev.relative_ms is None or not is_record(
                 ev.relative_ms, ev.drop, trials, self.allowed):
             return ev
-        wall, cpu, rel = self.evaluator.timed(self.evaluator.session(plan))
-        return ev if rel <= ev.relative_ms else dataclasses.replace(ev, latency_ms=wall, cpu_ms=cpu, relative_ms=rel)
+        best = incumbent(trials, self.allowed)
+        ref = self.evaluator.session(self.evaluator.plan(best.user_attrs["choices"]))
+        faster = self.evaluator.race(self.evaluator.session(plan), ref)
+        cost = record_cost(best.user_attrs["cost"], faster)
+        self.log(f"a record: timed {ev.relative_ms:.4g} against the fastest within budget's {best.user_attrs['cost']:.4g} "
+            f"(trial {best.number}); side by side it is {faster.text()} faster: counts {cost:.4g}")
+        return dataclasses.replace(ev, relative_ms=cost)
 
     def _attrs(self, ev: Evaluation, cost: float) -> dict:
         return {"score": ev.score, "drop": ev.drop, "latency_ms": ev.latency_ms, "cpu_ms": ev.cpu_ms,
