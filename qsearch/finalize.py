@@ -204,7 +204,9 @@ def finalize(bench: Workbench, evaluator: Evaluator, search: SearchResult, log=p
     entries += rounded_entries(bench, evaluator, search, log)
     rows, sessions = timed_rows(bench, evaluator, entries, search.allowed)
     on_cpu = busy(rows)
-    compared = n_trials + hybrid_evals + 1  # plans scored on the search split the choice is made among
+    # distinct plans scored on the search split the choice is made among (a plan the sampler drew
+    # again scores the same: no second draw of the split's noise)
+    compared = len({frozenset(r.choices.items()) for r in search.trials}) + hybrid_evals + 1
     objective = bench.workload.space.objective
     if objective != "latency" and not bench.workload.latency:  # an analytic cost decides, not this CPU's time
         i, checked = cheapest_clear(rows, search.allowed, objective, lambda k: with_interval(
