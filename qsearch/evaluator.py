@@ -112,19 +112,18 @@ class Evaluator:
         taken once: 100 runs of the recognizer's 220 ms batch took 28 s of every run before),
         on the CPU clock with one thread, else the wall clock. Each timing runs about TRIAL_TIMING_S
         (3 to 5 runs): the session was warmed by scoring, FP32's by the timings before."""
-        feed, engine = self.bench.latency_feed, self.bench.engine
-        cpu_clock = self.bench.workload.threads == 1
+        feed, engine, ms = self.bench.latency_feed, self.bench.engine, self._clock_ms
         if self._fp32_session is None:  # the reference scales every trial's cost alike: it ranks nothing
             self._fp32_session = engine.session(self.bench.prepared.proto)
             runs = timing_rules.runs_within(REFERENCE_S, self.bench.baseline.fp32_latency_ms / 1e3, 15)
             best = [engine.time(self._fp32_session, feed, warmup=2, repeat=runs) for _ in range(3)]
-            self._fp32_ref_ms = min(t.cpu_ms if cpu_clock else t.wall_ms for t in best)
+            self._fp32_ref_ms = min(ms(t) for t in best)
         repeat = timing_rules.runs_within(TRIAL_TIMING_S, self._fp32_ref_ms / 1e3, 5)
         own, ref = [], []
         for k in range(rounds):
             own.append(engine.time(sess, feed, warmup=2 if k == 0 else 1, repeat=repeat))
             ref.append(engine.time(self._fp32_session, feed, warmup=1, repeat=repeat))
-        ratios = [(a.cpu_ms / b.cpu_ms) if cpu_clock else (a.wall_ms / b.wall_ms) for a, b in zip(own, ref)]
+        ratios = [ms(a) / ms(b) for a, b in zip(own, ref)]
         wall = float(np.median([t.wall_ms for t in own]))
         cpu = float(np.median([t.cpu_ms for t in own]))
         return wall, cpu, float(np.median(ratios)) * self._fp32_ref_ms
@@ -133,15 +132,19 @@ class Evaluator:
         """The incumbent session's time over `sess`'s on the latency batch, in interleaved rounds
         until they decide whether `sess` is faster by more than the tie (`timing.race`); the CPU
         clock with one thread, else the wall clock. Each timing runs about TRIAL_TIMING_S."""
-        feed, engine = self.bench.latency_feed, self.bench.engine
-        cpu_clock = self.bench.workload.threads == 1
+        feed, engine, ms = self.bench.latency_feed, self.bench.engine, self._clock_ms
         repeat = timing_rules.runs_within(TRIAL_TIMING_S, self.bench.baseline.fp32_latency_ms / 1e3, 5)
 
         def one_round(k: int) -> tuple[float, float]:
             a, b = (engine.time(s, feed, warmup=2 if k == 0 else 1, repeat=repeat) for s in (sess, incumbent))
-            return (a.cpu_ms, b.cpu_ms) if cpu_clock else (a.wall_ms, b.wall_ms)
+            return ms(a), ms(b)
 
         return timing_rules.race(one_round)
+
+    def _clock_ms(self, t) -> float:
+        """A timing on the clock comparisons use: the thread's CPU time with one intra-op thread
+        (ONNX Runtime computes on the calling thread alone), else the wall clock."""
+        return t.cpu_ms if self.bench.workload.threads == 1 else t.wall_ms
 
     def search_with_interval(self, model: Plan | onnx.ModelProto, session: ort.InferenceSession | None = None,
                              fp32_session: ort.InferenceSession | None = None) -> tuple[float, DropInterval | None]:
