@@ -3,7 +3,7 @@ with several sampler seeds, then every shipped model timed side by side with FP3
 (MinMax, per-tensor) and all-INT8 (every candidate at its best option, in the measured forms) in
 interleaved rounds in this run. Reports each plan's speed-up over FP32 as a share of all-INT8's
 (the issue's 90% rule), its drops on search and test data, the run's wall time, the final stage's
-share and the model evaluations. Writes closed_loop_<workload>.md.
+share and the model evaluations. Writes closed_loop_<workload>[_variant]_<int8 path>.md.
 
     python experiments/bench_closed_loop.py --workload ocr_rec --seeds 0 1 2
     python experiments/bench_closed_loop.py --workload ocr_det --max-drop 0.004 --seeds 0
@@ -177,8 +177,10 @@ def main() -> None:
         if r["rc"] == 0:
             models[f"qsearch seed {seed}"] = onnx.load(str(out / "model.qsearch.onnx"))
     lines = report(bench, models, runs, args)
+    from qsearch.engine import isa
+
     variant = (f"_batch{args.latency_batch}" if args.latency_batch else "") + ("_noparts" if args.no_parts else "")
-    path = HERE / f"closed_loop_{args.workload}{variant}.md"
+    path = HERE / f"closed_loop_{args.workload}{variant}_{isa.detect().name}.md"  # one file per int8 path
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

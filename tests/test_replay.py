@@ -112,7 +112,7 @@ def _timed(name, score, ms, resolution=None, rounds=6):
 
 
 def test_a_clear_plan_that_does_not_pay_is_no_answer_and_fp32_ships_before_a_slower_plan():
-    """The detector at batch 1 (`experiments/closed_loop_ocr_det_lines_batch1_noparts.md`): the fast
+    """The detector at batch 1 (`experiments/closed_loop_ocr_det_lines_batch1_noparts_avx2.md`): the fast
     trials are within budget but not clear of it (a wide replay interval); the only clear plan, a
     greedy fallback with six INT8 layers, runs slower than FP32. It must not ship: the fast plan
     stays, said to be at the edge; and a plan slower than FP32 never ships."""

@@ -4,11 +4,16 @@ and a toy search strategy, each through `qsearch.optimize` on a small workload."
 
 from __future__ import annotations
 
+import csv
+import io
+import math
+
 import numpy as np
 import optuna
 import pytest
 
 import qsearch
+from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.engine import OrtCpu
 from qsearch.errors import ConfigError, DataError, ModelError, PlanError, QsearchError
 from qsearch.plan.io import read_plan
@@ -77,8 +82,13 @@ def test_a_toy_recovery_technique_is_searched_applied_and_checked(wclip, tmp_pat
                          extra="search_space: {recovery: [wclip], calibration: [minmax]}\n")
     assert "wclip" in techniques.recoveries()
     r = qsearch.optimize(cfg, budget=3, out=tmp_path / "out")
-    prof = (tmp_path / "out" / "sensitivity.csv").read_text()
-    assert "/wclip" in prof  # ranked beside the plain options
+    prof = SensitivityProfile.from_yaml((tmp_path / "out" / "sensitivity.yaml").read_text())
+    for x in prof.layers:  # ranked beside the plain options where a layer has weights, never elsewhere
+        clipped = [k for k in x.proxy_sqnr if k.endswith("/wclip")]
+        assert bool(clipped) == x.name.startswith(("conv", "fc")), (x.name, sorted(x.proxy_sqnr))
+        assert all(math.isfinite(x.proxy_sqnr[k]) for k in clipped)
+    columns = next(csv.reader(io.StringIO((tmp_path / "out" / "sensitivity.csv").read_text())))
+    assert "sqnr_db[int8/minmax/per_channel/wclip]" in columns  # the reviewer's table shows it too
     assert r.status == 0
     from dataclasses import replace
 

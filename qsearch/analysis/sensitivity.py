@@ -113,7 +113,8 @@ class SensitivityProfile:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        options = sorted({k for x in self.layers for k in x.drops})
+        # every option the proxy ranked (a reviewer sees why the screened one won), drops where screened
+        options = sorted({k for x in self.layers for k in (*x.drops, *x.proxy_sqnr)})
         w.writerow(["rank", "layer", "op_type", "macs", "weight_bytes", "best_option", "best_drop", "output_sqnr_db",
                     "fp32_ms", "int8_ms", "int8_gain_ms", "restore",
                     *[f"drop[{o}]" for o in options], *[f"sqnr_db[{o}]" for o in options]])

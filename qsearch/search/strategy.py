@@ -244,7 +244,7 @@ def closed_loop(problem: Problem, measure: MeasureDrop, fixed: Mapping[str, str]
     kept within budget. `fixed` (e.g. `choose_fixed`'s INT8 set) stays as it is. Every plan
     measured is one `measure` call (the caller records it).
 
-    (Measured on the PP-OCRv4 recognizer, `experiments/closed_loop_ocr_rec.md`: also bisecting
+    (Measured on the PP-OCRv4 recognizer, `experiments/closed_loop_ocr_rec_avx2.md`: also bisecting
     from all-INT8 down, the k noisiest layers float, spent half the evaluations without finding a
     plan: reverting even 115 of 230 layers by single-layer noise left the drop at 2-3 points, so
     the search reached 80-90% of all-INT8's speed-up instead of 80-98%.)"""
