@@ -4,6 +4,7 @@ decides. A simpler plan that is as good wins; FP32 ships where no INT8 plan is f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from statistics import NormalDist
 
@@ -53,7 +54,7 @@ def round_spread(times: Sequence[float]) -> float:
     """How far the best round (the time compared) may be off: the gap to the second-best round.
     One disturbed round (a VM hiccup) leaves it alone; the full range would have made every plan
     of a 2 ms model a tie at ±40% and shipped the most accurate instead of the fastest."""
-    best = sorted(times)[:2]
+    best = sorted(t for t in times if math.isfinite(t))[:2]  # (NaN: a round that left the plan out)
     return (best[-1] - best[0]) / max(best[0], 1e-12)
 
 

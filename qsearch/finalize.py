@@ -100,17 +100,18 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
     repeat = timing.runs_within(TIMING_S, bench.baseline.fp32_latency_ms / 1e3, 15)
     done = [0]  # rounds so far: the first warms every session up (twice), later ones once
 
-    def time_round() -> list[tuple[float, float]]:
+    def time_round(active: Sequence[int]) -> list[tuple[float, float]]:
         warmup = 2 if done[0] == 0 else 1
         done[0] += 1
-        return [astuple(bench.engine.time(b[1], bench.latency_feed, warmup=warmup, repeat=repeat)) for b in built]
+        return [astuple(bench.engine.time(built[k][1], bench.latency_feed, warmup=warmup, repeat=repeat))
+                for k in active]
 
     among = [0] + [k for k in range(1, len(built)) if built[0][4] - built[k][4] <= allowed + 1e-12]
     # search scores order the margins (one FP32 and one budget for all): rounds go on only where a tie could ship
     wall, cpu = timing.interleaved(time_round, len(built), among, _busy_rounds, margins=[b[4] for b in built])
     analytic = bench.workload.space.objective == "bitops"
-    rows = [Row(e.name, search, float("nan"), min(wall[i]), model_size(proto), n8, e.evaluations,
-                latency_spread=round_spread(wall[i]), cpu_ms=min(cpu[i]), cpu_spread=round_spread(cpu[i]),
+    rows = [Row(e.name, search, float("nan"), float(np.nanmin(wall[i])), model_size(proto), n8, e.evaluations,
+                latency_spread=round_spread(wall[i]), cpu_ms=float(np.nanmin(cpu[i])), cpu_spread=round_spread(cpu[i]),
                 wall_rounds=tuple(wall[i]), cpu_rounds=tuple(cpu[i]),
                 bitops=bitops(bench, e.plan) if analytic else None)
             for i, (e, _, proto, n8, search) in enumerate(built)]
@@ -119,7 +120,7 @@ def timed_rows(bench: Workbench, evaluator: Evaluator, entries: Sequence[Entry],
 
 def _busy_rounds(wall: list[list[float]], cpu: list[list[float]]) -> bool:
     """Whether the machine took the core away while timing (median wall / CPU time per plan)."""
-    return float(np.median([np.median(w) / max(np.median(c), 1e-9) for w, c in zip(wall, cpu)])) > BUSY_RATIO
+    return float(np.median([np.nanmedian(w) / max(np.nanmedian(c), 1e-9) for w, c in zip(wall, cpu)])) > BUSY_RATIO
 
 
 def with_interval(evaluator: Evaluator, plan: Plan, row: Row, session=None, fp32_session=None) -> Row:

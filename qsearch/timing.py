@@ -62,9 +62,10 @@ def _disturbed(d: np.ndarray) -> np.ndarray:
 
 
 def ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:
-    """b over a, paired by round (both lists in round order, the same length); disturbed rounds
-    left out, `rounds` counts the ones kept."""
+    """b over a, paired by round (both lists in round order, the same length; NaN where a round did
+    not time that entry); disturbed rounds left out, `rounds` counts the ones kept."""
     d = np.log(np.asarray(b, np.float64)) - np.log(np.asarray(a, np.float64))
+    d = d[np.isfinite(d)]  # rounds that timed only one of the two (`interleaved`: NaN) pair nothing
     d = d[~_disturbed(d)]
     n = len(d)
     mean = float(d.mean()) if n else 0.0
@@ -103,25 +104,33 @@ def undecided(times: Sequence[Sequence[float]], among: Sequence[int], tie: float
     return out
 
 
-def interleaved(time_round: Callable[[], Sequence[tuple[float, float]]], n: int, among: Sequence[int],
+def interleaved(time_round: Callable[[Sequence[int]], Sequence[tuple[float, float]]], n: int, among: Sequence[int],
                 busy: Callable[[list, list], bool], margins: Sequence[float] | None = None
                 ) -> tuple[list[list[float]], list[list[float]]]:
-    """Per-entry (wall, CPU) times, one per round: `time_round()` times every entry once, in order.
-    MIN_ROUNDS, then one more while `undecided` among `among` (given `margins`, only where the
-    choice could change) on the clock the choice will use (`busy(wall, cpu)`: CPU time), up to
-    CAP_ROUNDS."""
+    """Per-entry (wall, CPU) times, one per round (NaN where a round left the entry out):
+    `time_round(active)` times the entries `active` once each, in order. MIN_ROUNDS of every entry,
+    then one more while `undecided` among `among` (given `margins`, only where the choice could
+    change) on the clock the choice will use (`busy(wall, cpu)`: CPU time), up to CAP_ROUNDS. Those
+    later rounds time only what they can still decide: entry 0 (the reference every speed-up is
+    paired with), the fastest and the undecided; a decided entry's further rounds would change nothing."""
     wall: list[list[float]] = [[] for _ in range(n)]
     cpu: list[list[float]] = [[] for _ in range(n)]
 
-    def one() -> None:
-        for i, (w, c) in enumerate(time_round()):
+    def one(active: Sequence[int]) -> None:
+        timed = dict(zip(active, time_round(active)))
+        for i in range(n):
+            w, c = timed.get(i, (math.nan, math.nan))
             wall[i].append(w)
             cpu[i].append(c)
 
     for _ in range(MIN_ROUNDS):
-        one()
-    while len(wall[0]) < CAP_ROUNDS and undecided(cpu if busy(wall, cpu) else wall, among, margins=margins):
-        one()
+        one(range(n))
+    while len(wall[0]) < CAP_ROUNDS:
+        times = cpu if busy(wall, cpu) else wall
+        open_ = undecided(times, among, margins=margins)
+        if not open_:
+            break
+        one(sorted({0, fastest(times, among), *open_}))
     return wall, cpu
 
 

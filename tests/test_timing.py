@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsearch import timing
-from qsearch.choice import pick
+from qsearch.choice import pick, round_spread, speedup
 from qsearch.report.markdown import Row
 
 
@@ -18,21 +18,21 @@ def _planted(true_ms: list[float], seed: int, machine: float = 0.25, own: float 
     rng = np.random.default_rng(seed)
     calls = [0]
 
-    def time_round():
+    def time_round(active):
         calls[0] += 1
         common = rng.lognormal(0, machine)
         out = []
-        for t in true_ms:
-            x = t * common * rng.lognormal(0, own) * (1.5 if rng.random() < spikes else 1.0)
+        for k in active:
+            x = true_ms[k] * common * rng.lognormal(0, own) * (1.5 if rng.random() < spikes else 1.0)
             out.append((x, x))
         return out
 
     return time_round, calls
 
 
-def _rows(wall, scores):
-    return [Row(name, s, s, min(w), 1000, 3, None, cpu_ms=min(w), wall_rounds=tuple(w), cpu_rounds=tuple(w))
-            for name, s, w in zip(("fp32", "fast", "slow by 10%"), scores, wall)]
+def _rows(wall, scores, names=("fp32", "fast", "slow by 10%")):
+    return [Row(name, s, s, np.nanmin(w), 1000, 3, None, cpu_ms=np.nanmin(w), wall_rounds=tuple(w), cpu_rounds=tuple(w))
+            for name, s, w in zip(names, scores, wall)]
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -73,6 +73,23 @@ def test_rounds_stop_when_no_undecided_plan_could_ship():
     assert calls[0] > timing.MIN_ROUNDS
 
 
+def test_rounds_past_the_first_time_only_what_they_can_still_decide():
+    """FP32 (the reference), the fastest, and a finalist 2% slower (on the tie's edge: never
+    settled) go on to the cap; a finalist 50% slower is decided after MIN_ROUNDS and is left out
+    of the later rounds (NaN there), its speed-up paired over the rounds it was timed in."""
+    scores = [0.90, 0.897, 0.899, 0.899]
+    time_round, calls = _planted([10.0, 6.0, 6.12, 9.0], seed=3, machine=0.0, own=0.03, spikes=0.0)
+    wall, cpu = timing.interleaved(time_round, 4, [0, 1, 2, 3], busy=lambda w, c: False)
+    n = calls[0]
+    assert n > timing.MIN_ROUNDS
+    for k in (0, 1, 2):
+        assert np.isfinite(wall[k]).all() and len(wall[k]) == n
+    assert np.isfinite(wall[3][:timing.MIN_ROUNDS]).all() and np.isnan(wall[3][timing.MIN_ROUNDS:]).all()
+    rows = _rows(wall, scores, ("fp32", "fast", "tie", "slow"))
+    assert speedup(rows[0], rows[3]).rounds == timing.MIN_ROUNDS and speedup(rows[0], rows[1]).rounds >= n - 1
+    assert pick(rows, allowed=0.005) in (1, 2) and round_spread(wall[3]) >= 0
+
+
 def test_ratio_and_its_interval():
     r = timing.ratio([2.0, 2.0, 2.0], [3.0, 3.0, 3.0])
     assert r.value == pytest.approx(1.5) and r.low == pytest.approx(1.5) and r.high == pytest.approx(1.5)
@@ -95,7 +112,7 @@ def test_a_timing_runs_about_its_seconds_and_never_under_three_runs():
 def _pair(challenger: float, incumbent: float, seed: int, **jitter):
     """A planted clock for `timing.race`: (challenger's time, incumbent's) per round."""
     time_round, calls = _planted([challenger, incumbent], seed, **jitter)
-    return (lambda k: tuple(t[0] for t in time_round())), calls
+    return (lambda k: tuple(t[0] for t in time_round((0, 1)))), calls
 
 
 def test_a_record_race_tells_10_percent_from_a_lucky_timing():

@@ -72,8 +72,8 @@ def measure(bench, plans: list[tuple[str, Plan, int]]) -> list[Measured]:
         engine.time(s, feed, warmup=3, repeat=1)
     cpu_clock = bench.workload.threads == 1
 
-    def one_round() -> list[tuple[float, float]]:
-        return [(t.wall_ms, t.cpu_ms) for t in (engine.time(s, feed, warmup=1, repeat=5) for s in sessions)]
+    def one_round(active) -> list[tuple[float, float]]:
+        return [(t.wall_ms, t.cpu_ms) for t in (engine.time(sessions[k], feed, warmup=1, repeat=5) for k in active)]
 
     wall, cpu = timing.interleaved(one_round, len(sessions), range(len(sessions)), lambda w, c: cpu_clock)
     times = cpu if cpu_clock else wall

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,5 +254,5 @@ def finalists_table(rows: Sequence[Row], metric: str, fp32: Row) -> str:
         return "\n".join([*lines, "| (none) | | | | no other finalist: the plans compared are in the table above |"])
     for r in rows:
         drop = r.interval or fmt_drop(fp32.search_score - r.search_score)  # the interval's text starts with the drop
-        lines.append(f"| {r.name} | {drop} | {r.latency_ms:.3f} | {len(r.wall_rounds)} | {r.why} |")
+        lines.append(f"| {r.name} | {drop} | {r.latency_ms:.3f} | {sum(map(math.isfinite, r.wall_rounds))} | {r.why} |")
     return "\n".join(lines)
