@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from qsearch.search.stopping import CeilingStop, patience_for
+from qsearch.timing import Ratio
 
 LAYERS = ("a", "b", "c", "d")
 SEARCHED = {n: ("float", "int8") for n in LAYERS}
@@ -87,6 +88,30 @@ def test_a_plan_below_the_ceiling_within_its_noise_stops_it_too():
     assert "within 4% of the fastest plan found (trial 4)" in found.text()
     # 6% faster than every all-INT8 plan: a real gain below the ceiling, so the search goes on
     assert stop.check(planted([10.0] * 4 + [9.4] + [10.2] * 20, float_at=(4,))) is None
+
+
+def test_a_ceiling_timed_beyond_near_races_the_fastest_once():
+    """PP-OCRv4's recognizer on an AMX machine, seed 1: all-INT8 (trial 0) timed once 5.8% above
+    the fastest of 50 single timings and the study ran all 50 trials. Now, once patience has run
+    out, the two race side by side (planted ratios here): a tie stops the study, a decided gap
+    does not, and each pair races once."""
+    calls = []
+
+    def race(ratio):
+        def run(a, b):
+            calls.append((a.number, b.number))
+            return ratio
+        return run
+
+    trials = planted([10.0] * 4 + [9.4] + [10.2] * 10, float_at=(4,))
+    tie = CeilingStop(SEARCHED, "float", 0.01, patience=10, race=race(Ratio(1.01, 0.99, 1.03, 5)))
+    assert tie.check(trials[:12]) is None and calls == []  # patience not yet run out: nothing to race
+    found = tie.check(trials)
+    assert (found.trial, found.fastest, found.since) == (0, 4, 10) and calls == [(0, 4)]
+    assert "side by side it takes 1.01x" in found.text()
+    slower = CeilingStop(SEARCHED, "float", 0.01, patience=10, race=race(Ratio(1.06, 1.05, 1.07, 12)))
+    assert slower.check(trials) is None and slower.check([*trials, *planted([10.2] * 16)[15:]]) is None
+    assert calls == [(0, 4), (0, 4)]  # the decided pair is not raced again
 
 
 @pytest.mark.parametrize("budget, expected", [(10, 10), (50, 10), (100, 20), (200, 40)])

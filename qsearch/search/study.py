@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from qsearch import limits
 from qsearch.analysis.sensitivity import SensitivityProfile
@@ -30,6 +30,7 @@ from qsearch.search.samplers import default_sampler
 from qsearch.search.seeds import STRATEGIES, Start, Strategy
 from qsearch.search.stopping import BudgetPruner, CeilingStop, incumbent, is_record, patience_for, record_cost
 from qsearch.search.trials import SearchResult, TrialResult
+from qsearch.timing import Ratio
 from qsearch.workbench import Workbench
 
 # heartbeats and stale-trial retries are what make interrupted runs resumable; they are stable
@@ -244,6 +245,14 @@ class Search:
             f"(trial {best.number}); side by side it is {faster.text()} faster: counts {cost:.4g}")
         return dataclasses.replace(ev, relative_ms=cost)
 
+    def _race(self, a: FrozenTrial, b: FrozenTrial) -> Ratio:
+        """Trial `a`'s plan's time over trial `b`'s, in interleaved rounds (`Evaluator.race`)."""
+        sa, sb = (self.evaluator.session(self.evaluator.plan(t.user_attrs["choices"])) for t in (a, b))
+        r = self.evaluator.race(sb, sa)
+        self.log(f"the ceiling (trial {a.number}, cost {a.user_attrs['cost']:.4g}) against the fastest (trial {b.number}, "
+                 f"{b.user_attrs['cost']:.4g}) side by side: it takes {r.text()} its time")
+        return r
+
     def _attrs(self, ev: Evaluation, cost: float) -> dict:
         return {"score": ev.score, "drop": ev.drop, "latency_ms": ev.latency_ms, "cpu_ms": ev.cpu_ms,
                 "relative_ms": ev.relative_ms,
@@ -302,7 +311,9 @@ class Search:
         self.warm_start(budget)
         callbacks = [MaxTrialsCallback(budget, states=(TrialState.COMPLETE, TrialState.PRUNED)), _check_interrupt]
         if self.space.stop_at_ceiling:
-            self.ceiling = CeilingStop(self.dims.searched, self.problem.float_label, self.allowed, patience_for(budget))
+            race = self._race if self.space.objective == "latency" else None  # analytic costs need no rounds
+            self.ceiling = CeilingStop(self.dims.searched, self.problem.float_label, self.allowed, patience_for(budget),
+                                       race)
             callbacks.append(self.ceiling)
         if progress is not None:
             callbacks.append(lambda study, trial: progress(study, trial))
