@@ -9,7 +9,6 @@ A trial never recalibrates: plan -> rewrite with cached ranges -> session -> sco
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import warnings
@@ -17,20 +16,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from qsearch import limits
 from qsearch.analysis.sensitivity import SensitivityProfile
 from qsearch.errors import INTERRUPTED, QsearchError
 from qsearch.evaluator import Evaluation, Evaluator
-from qsearch.search import jobs, strategy
+from qsearch.search import jobs, racing, strategy
 from qsearch.search.framing import problem_for
 from qsearch.search.problem import Dimensions, FixDecision
 from qsearch.search.samplers import default_sampler
 from qsearch.search.seeds import STRATEGIES, Start, Strategy
-from qsearch.search.stopping import BudgetPruner, CeilingStop, incumbent, is_record, patience_for, record_cost
+from qsearch.search.stopping import BudgetPruner, CeilingStop, patience_for
 from qsearch.search.trials import SearchResult, TrialResult
-from qsearch.timing import Ratio
 from qsearch.workbench import Workbench
 
 # heartbeats and stale-trial retries are what make interrupted runs resumable; they are stable
@@ -219,8 +217,11 @@ class Search:
         # fired inside SQLite's commit left the run stalled past the command's own deadline
         with limits.limit(limits.remaining(self.deadline), "stopped at the --timeout deadline"):
             plan = self.evaluator.plan(choices)
-            ev = self._confirmed(plan, self.evaluator.evaluate(plan, check=check if self.space.prune else None,
-                                                               prune_fraction=self.space.prune_fraction))
+            ev = self.evaluator.evaluate(plan, check=check if self.space.prune else None,
+                                         prune_fraction=self.space.prune_fraction)
+            if self.space.objective == "latency":  # a record is timed again against the incumbent
+                done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                ev = racing.confirmed(self.evaluator, plan, ev, done, self.allowed, self.log)
         cost = ev.cost(self.space.objective)
         for k, v in self._attrs(ev, cost).items():
             trial.set_user_attr(k, v)
@@ -228,30 +229,6 @@ class Search:
         trial.set_constraint("max_drop", ev.drop - self.allowed)  # the accuracy budget, as Optuna's constraint
         self.trial_seconds += time.perf_counter() - t0
         return (ev.score, cost) if self.space.multi_objective else cost
-
-    def _confirmed(self, plan, ev: Evaluation) -> Evaluation:
-        """A record (`stopping.is_record`) races the incumbent in interleaved rounds before it counts
-        (`Evaluator.race`, `stopping.record_cost`): its cost becomes the incumbent's over their
-        paired ratio. Timing only, no scoring; records are rare."""
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if self.space.objective != "latency" or ev.relative_ms is None or not is_record(
-                ev.relative_ms, ev.drop, trials, self.allowed):
-            return ev
-        best = incumbent(trials, self.allowed)
-        ref = self.evaluator.session(self.evaluator.plan(best.user_attrs["choices"]))
-        faster = self.evaluator.race(self.evaluator.session(plan), ref)
-        cost = record_cost(best.user_attrs["cost"], faster)
-        self.log(f"a record: timed {ev.relative_ms:.4g} against the fastest within budget's {best.user_attrs['cost']:.4g} "
-            f"(trial {best.number}); side by side it is {faster.text()} faster: counts {cost:.4g}")
-        return dataclasses.replace(ev, relative_ms=cost)
-
-    def _race(self, a: FrozenTrial, b: FrozenTrial) -> Ratio:
-        """Trial `a`'s plan's time over trial `b`'s, in interleaved rounds (`Evaluator.race`)."""
-        sa, sb = (self.evaluator.session(self.evaluator.plan(t.user_attrs["choices"])) for t in (a, b))
-        r = self.evaluator.race(sb, sa)
-        self.log(f"the ceiling (trial {a.number}, cost {a.user_attrs['cost']:.4g}) against the fastest (trial {b.number}, "
-                 f"{b.user_attrs['cost']:.4g}) side by side: it takes {r.text()} its time")
-        return r
 
     def _attrs(self, ev: Evaluation, cost: float) -> dict:
         return {"score": ev.score, "drop": ev.drop, "latency_ms": ev.latency_ms, "cpu_ms": ev.cpu_ms,
@@ -311,7 +288,7 @@ class Search:
         self.warm_start(budget)
         callbacks = [MaxTrialsCallback(budget, states=(TrialState.COMPLETE, TrialState.PRUNED)), _check_interrupt]
         if self.space.stop_at_ceiling:
-            race = self._race if self.space.objective == "latency" else None  # analytic costs need no rounds
+            race = racing.trials_race(self.evaluator, self.log) if self.space.objective == "latency" else None
             self.ceiling = CeilingStop(self.dims.searched, self.problem.float_label, self.allowed, patience_for(budget),
                                        race)
             callbacks.append(self.ceiling)
