@@ -159,3 +159,31 @@ def test_a_real_session_raced_against_itself_ties(tmp_path):
     proto = bench.prepared.proto
     r = ev.race(ev.session(proto), ev.session(proto))
     assert timing.MIN_ROUNDS <= r.rounds <= timing.CAP_ROUNDS and r.low <= 1 + timing.TIE
+
+
+def test_a_lucky_record_is_raced_and_counts_no_faster_than_the_tie(tmp_path):
+    """`racing.confirmed` on real sessions: a plan timed 40% below the incumbent (the same plan, so
+    a lucky timing) races it and counts within the tie of the incumbent's cost, not its own;
+    a trial that sets no record keeps its timing untouched."""
+    import dataclasses
+
+    import optuna
+
+    from qsearch.config import load_workload
+    from qsearch.evaluator import Evaluator
+    from qsearch.search import racing
+    from qsearch.workbench import open_workbench
+
+    from .conftest import make_cnn, write_workload
+
+    bench = open_workbench(load_workload(write_workload(tmp_path, make_cnn(), n=16)), cache_dir=tmp_path / "c",
+                           log=lambda *a: None)
+    ev = Evaluator(bench)
+    plan = ev.plan({})
+    said = []
+    incumbent = optuna.trial.create_trial(value=10.0, user_attrs={"cost": 10.0, "drop": 0.0, "choices": {}})
+    lucky = dataclasses.replace(ev.evaluate(plan, timing=False), drop=0.0, relative_ms=6.0)
+    counted = racing.confirmed(ev, plan, lucky, [incumbent], 0.01, said.append)
+    assert counted.relative_ms >= 10.0 * (1 - timing.TIE) - 1e-9 and said and "a record" in said[0]
+    usual = dataclasses.replace(lucky, relative_ms=9.9)
+    assert racing.confirmed(ev, plan, usual, [incumbent], 0.01, said.append) is usual and len(said) == 1

@@ -24,8 +24,7 @@ def confirmed(evaluator: Evaluator, plan, ev: Evaluation, trials: Sequence[Froze
     if ev.relative_ms is None or not is_record(ev.relative_ms, ev.drop, trials, allowed):
         return ev
     best = incumbent(trials, allowed)
-    ref = evaluator.session(evaluator.plan(best.user_attrs["choices"]))
-    faster = evaluator.race(evaluator.session(plan), ref)
+    faster = evaluator.race(evaluator.session(plan), _session(evaluator, best))
     cost = record_cost(best.user_attrs["cost"], faster)
     log(f"a record: timed {ev.relative_ms:.4g} against the fastest within budget's {best.user_attrs['cost']:.4g} "
         f"(trial {best.number}); side by side it is {faster.text()} faster: counts {cost:.4g}")
@@ -36,10 +35,14 @@ def trials_race(evaluator: Evaluator, log: Callable[[str], None]) -> Callable[[F
     """`race(a, b)`: trial `a`'s plan's time over trial `b`'s, in interleaved rounds (what
     `stopping.CeilingStop` asks of the ceiling against the fastest)."""
     def race(a: FrozenTrial, b: FrozenTrial) -> Ratio:
-        sa, sb = (evaluator.session(evaluator.plan(t.user_attrs["choices"])) for t in (a, b))
-        r = evaluator.race(sb, sa)
+        r = evaluator.race(_session(evaluator, b), _session(evaluator, a))
         log(f"the ceiling (trial {a.number}, cost {a.user_attrs['cost']:.4g}) against the fastest (trial {b.number}, "
             f"{b.user_attrs['cost']:.4g}) side by side: it takes {r.text()} its time")
         return r
 
     return race
+
+
+def _session(evaluator: Evaluator, trial: FrozenTrial):
+    """A finished trial's plan, rewritten and loaded (its own session is not kept past the trial)."""
+    return evaluator.session(evaluator.plan(trial.user_attrs["choices"]))

@@ -43,11 +43,10 @@ class Ceiling:
     raced: Ratio | None = None  # the ceiling's time over the fastest's, paired by round
 
     def text(self) -> str:
-        near = "" if self.fastest == self.trial else \
-            f", within {NEAR:.0%} of the fastest plan found (trial {self.fastest}"
-        if near and self.raced is not None:
-            near += f"; side by side it takes {self.raced.text()} the fastest's time"
-        near += ")," if near else ""
+        near = ""
+        if self.fastest != self.trial:
+            side = "" if self.raced is None else f"; side by side it takes {self.raced.text()} the fastest's time"
+            near = f", within {NEAR:.0%} of the fastest plan found (trial {self.fastest}{side}),"
         return (f"stopped early: trial {self.trial} puts every searched layer in INT8 within half the budget{near} and "
                 f"{self.since} trials since trial {self.fastest} did not beat it by more than {TIE:.0%} "
                 f"(patience {self.patience})")
